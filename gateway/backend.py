@@ -1,0 +1,168 @@
+"""The shared boto3 client and the one AWS call, retried within the deadline.
+
+One client serves every RPC: boto3 clients are thread-safe and creating one costs
+tens of milliseconds. botocore's own retries are off (one attempt per call)
+because they cannot see the caller's gRPC deadline; this module retries instead,
+only what the error table marks retryable, never starting an attempt or a sleep
+that the deadline cannot hold, and always with the same ClientToken, so a retried
+request is the same request. ``adaptive`` mode keeps botocore's client-side rate
+limiter, which works per attempt.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import boto3
+import structlog
+from botocore.config import Config
+from botocore.exceptions import (
+    ClientError,
+    ConnectionClosedError,
+    ConnectTimeoutError,
+    CredentialRetrievalError,
+    EndpointConnectionError,
+    NoCredentialsError,
+    ParamValidationError,
+    PartialCredentialsError,
+    ReadTimeoutError,
+)
+
+from gateway import errors
+from gateway.config import Settings
+
+SERVICE = "meteringmarketplace"
+DRY_RUN_OK = "DryRunOperation"
+# Below this much time left there is no point starting an AWS attempt.
+MIN_ATTEMPT_SECONDS = 0.005
+
+_TRANSPORT_ERRORS = (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError, ConnectionClosedError)
+_CREDENTIAL_ERRORS = (NoCredentialsError, PartialCredentialsError, CredentialRetrievalError)
+
+log = structlog.get_logger("gateway.backend")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What AWS said to a MeterUsage call that succeeded (or a dry run it accepted)."""
+
+    metering_record_id: str
+    dry_run: bool
+    attempts: int
+    aws_request_id: str | None
+    client_token: str
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    max_attempts: int = 4
+    base: float = 0.1
+    cap: float = 5.0
+
+    def delay(self, attempt: int, rand: Callable[[], float] = random.random) -> float:
+        """Full-jitter exponential backoff before attempt ``attempt + 1``."""
+        return rand() * min(self.cap, self.base * (2 ** (attempt - 1)))
+
+    def hint(self, attempt: int) -> float:
+        """The delay a caller is told to wait (RetryInfo), without jitter."""
+        return min(self.cap, self.base * (2 ** (attempt - 1)))
+
+
+def make_client(
+    settings: Settings,
+    *,
+    endpoint_url: str | None = None,
+    session: boto3.session.Session | None = None,
+) -> Any:
+    """The one shared client: default credential chain, region from the env."""
+    session = session or boto3.session.Session()
+    config = Config(
+        retries={"mode": settings.aws_retry_mode, "total_max_attempts": 1},
+        max_pool_connections=settings.max_workers,
+        connect_timeout=settings.aws_connect_timeout,
+        read_timeout=settings.aws_read_timeout,
+        user_agent_appid="metering-gateway",
+        tcp_keepalive=True,
+    )
+    return session.client(SERVICE, endpoint_url=endpoint_url, config=config)
+
+
+def _request_id(response: dict[str, Any]) -> str | None:
+    meta = response.get("ResponseMetadata") or {}
+    return meta.get("RequestId") or (meta.get("HTTPHeaders") or {}).get("x-amzn-requestid")
+
+
+class Backend:
+    """Calls MeterUsage and turns every failure into a GatewayError."""
+
+    def __init__(
+        self,
+        client: Any,
+        policy: RetryPolicy = RetryPolicy(),
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.client = client
+        self.policy = policy
+        self._clock = clock
+        self._sleep = sleep
+
+    def meter_usage(self, params: dict[str, Any], *, deadline: float | None = None) -> Outcome:
+        """One MeterUsage, retried while it can help and the deadline allows.
+
+        ``deadline`` is on this object's clock (monotonic seconds); None means no
+        deadline. The ClientToken is fixed before the first attempt.
+        """
+        params = dict(params)
+        params.setdefault("ClientToken", str(uuid.uuid4()))
+        attempt = 0
+        while True:
+            attempt += 1
+            structlog.contextvars.bind_contextvars(attempts=attempt)
+            try:
+                response = self.client.meter_usage(**params)
+            except ClientError as exc:
+                failure = self._from_client_error(exc, attempt)
+                if isinstance(failure, Outcome):
+                    return failure
+            except _TRANSPORT_ERRORS as exc:
+                failure = errors.GatewayError(
+                    "AWS_UNREACHABLE", f"AWS Marketplace Metering is unreachable: {exc}", retry_delay=self.policy.hint(attempt)
+                )
+            except _CREDENTIAL_ERRORS as exc:
+                raise errors.GatewayError(
+                    "NO_CREDENTIALS",
+                    f"the gateway has no usable AWS credentials ({exc}); it needs the EC2 instance role, "
+                    "the ECS task role or, on EKS, IRSA",
+                ) from None
+            except ParamValidationError as exc:
+                raise errors.GatewayError("INVALID_REQUEST", f"refused by botocore: {exc}") from None
+            else:
+                request_id = _request_id(response)
+                structlog.contextvars.bind_contextvars(aws_request_id=request_id)
+                return Outcome(response.get("MeteringRecordId", ""), False, attempt, request_id, params["ClientToken"])
+
+            if not failure.retryable or attempt >= self.policy.max_attempts:
+                raise failure
+            pause = self.policy.delay(attempt)
+            if deadline is not None:
+                left = deadline - self._clock()
+                if left - pause < MIN_ATTEMPT_SECONDS:
+                    raise failure  # no time for another attempt: say what stopped us
+            log.info("aws_retry", reason=failure.reason, attempt=attempt, pause_ms=round(pause * 1000, 1))
+            self._sleep(pause)
+
+    def _from_client_error(self, exc: ClientError, attempt: int) -> Outcome | errors.GatewayError:
+        error = exc.response.get("Error") or {}
+        code = str(error.get("Code") or "Unknown")
+        request_id = _request_id(exc.response)
+        structlog.contextvars.bind_contextvars(aws_request_id=request_id)
+        if code == DRY_RUN_OK:
+            return Outcome("", True, attempt, request_id, "")
+        return errors.from_aws(code, str(error.get("Message") or ""), request_id, retry_delay=self.policy.hint(attempt))

@@ -1,0 +1,190 @@
+"""The ``metering-gateway`` command: serve, health, local-aws."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from datetime import timedelta
+
+import boto3
+import grpc
+import structlog
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from gateway import credentials, logs
+from gateway.backend import SERVICE, Backend, RetryPolicy, make_client
+from gateway.config import ConfigError, Settings, add_settings_arguments, parse_listen, settings_from
+from gateway.local_aws import BANNER, LocalAws
+from gateway.server import METERING_SERVICE, Gateway, Servicer
+from gateway.service import MeteringServicer
+from marketplace.metering.v1 import metering_pb2_grpc as pb_grpc
+
+log = structlog.get_logger("gateway")
+LOCAL_REGION = "us-east-1"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="metering-gateway",
+        description="A gRPC gateway that meters usage to AWS Marketplace (MeterUsage).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser(
+        "serve",
+        help="run the gateway",
+        description="Serve MeteringService (and UsageRecorderService with --spool), gRPC health and "
+        "reflection. AWS credentials, region and endpoint come from boto3's conventions: the default "
+        "credential chain, AWS_REGION / AWS_DEFAULT_REGION, AWS_ENDPOINT_URL_MARKETPLACE_METERING.",
+    )
+    add_settings_arguments(serve)
+    check = sub.add_parser("health", help="exit 0 only when a gateway reports SERVING")
+    check.add_argument("--target", default=os.environ.get("METERING_GATEWAY_HEALTH_TARGET", "127.0.0.1:50051"),
+                       help="HOST:PORT of the gateway [env METERING_GATEWAY_HEALTH_TARGET; default 127.0.0.1:50051]")
+    check.add_argument("--service", default="", help="service name to check; default the whole server")
+    check.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for an answer [default 3]")
+    check.add_argument("--tls-ca", default=os.environ.get("METERING_GATEWAY_HEALTH_TLS_CA", ""),
+                       help="PEM CA to trust: check over TLS [env METERING_GATEWAY_HEALTH_TLS_CA]")
+    check.add_argument("--tls-cert", default=os.environ.get("METERING_GATEWAY_HEALTH_TLS_CERT", ""),
+                       help="PEM client certificate for mTLS [env METERING_GATEWAY_HEALTH_TLS_CERT]")
+    check.add_argument("--tls-key", default=os.environ.get("METERING_GATEWAY_HEALTH_TLS_KEY", ""),
+                       help="PEM client key for mTLS [env METERING_GATEWAY_HEALTH_TLS_KEY]")
+    local = sub.add_parser("local-aws", help="run only the local AWS Metering stand-in (nothing is billed)")
+    local.add_argument("--host", default="127.0.0.1", help="address to listen on [default 127.0.0.1]")
+    local.add_argument("--port", type=int, default=4599, help="port to listen on [default 4599]")
+    local.add_argument("--product", action="append", default=[], metavar="CODE=DIM[,DIM...]",
+                       help="a known product and its dimensions; repeat. Without any, every product exists")
+    local.add_argument("--max-rps", type=float, default=0.0, help="throttle above this many calls a second (0: never)")
+    return parser
+
+
+def aws_session(settings: Settings, env: dict[str, str] | os._Environ[str]) -> boto3.session.Session:
+    """The boto3 session: the default chain, or fixed dummy keys for --local."""
+    if settings.local:
+        return boto3.session.Session(aws_access_key_id="local", aws_secret_access_key="local", region_name=LOCAL_REGION)
+    session = boto3.session.Session()
+    region = session.region_name
+    if not region:
+        raise ConfigError("no AWS region: set AWS_REGION (or AWS_DEFAULT_REGION) to the Region the software runs in")
+    known = {r for p in session.get_available_partitions() for r in session.get_available_regions(SERVICE, p)}
+    if known and region not in known:
+        raise ConfigError(f"unknown AWS region {region!r} for AWS Marketplace Metering (AWS_REGION)")
+    return session
+
+
+def serve(settings: Settings) -> int:
+    logs.configure(settings.log_level)
+    local: LocalAws | None = None
+    if settings.local:
+        try:
+            local = LocalAws(port=settings.local_port).start()
+        except OSError as exc:
+            raise ConfigError(f"cannot start the local backend on port {settings.local_port}: {exc}") from None
+    session = aws_session(settings, os.environ)
+    client = make_client(settings, endpoint_url=local.endpoint_url if local else None, session=session)
+    if not settings.local:
+        for warning in credentials.diagnose(session.get_credentials(), os.environ):
+            log.warning("aws_credentials", problem=warning)
+    backend = Backend(client, RetryPolicy(settings.aws_max_attempts, settings.aws_backoff_base, settings.aws_backoff_max))
+    servicers = [
+        Servicer(METERING_SERVICE, MeteringServicer(backend, future_skew=timedelta(seconds=settings.timestamp_skew)),
+                 pb_grpc.add_MeteringServiceServicer_to_server),
+    ]
+    gateway = Gateway(settings, servicers)
+    port = gateway.start()
+    host, _ = parse_listen(settings.listen)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("shutdown_requested", signal=signal.Signals(signum).name, grace_s=settings.grace)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    log.info(
+        "serving",
+        listen=f"{host}:{port}",
+        status="SERVING",
+        backend=local.endpoint_url if local else "aws",
+        region=session.region_name,
+        tls=bool(settings.tls_cert),
+        mtls=bool(settings.tls_client_ca),
+    )
+    if local:
+        log.warning("local_backend", notice=BANNER)
+    while not stop.wait(3600):
+        pass
+    gateway.stop()
+    if local:
+        local.stop()
+    log.info("stopped")
+    return 0
+
+
+def _channel(args: argparse.Namespace) -> grpc.Channel:
+    if not args.tls_ca:
+        return grpc.insecure_channel(args.target)
+    key = open(args.tls_key, "rb").read() if args.tls_key else None
+    cert = open(args.tls_cert, "rb").read() if args.tls_cert else None
+    creds = grpc.ssl_channel_credentials(open(args.tls_ca, "rb").read(), key, cert)
+    return grpc.secure_channel(args.target, creds)
+
+
+def health_check(args: argparse.Namespace) -> int:
+    try:
+        with _channel(args) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+            )
+    except grpc.RpcError as exc:
+        print(f"{args.target}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"{args.target}: {exc}", file=sys.stderr)
+        return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(f"{args.target}: {status}")
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
+def local_aws(args: argparse.Namespace) -> int:
+    logs.configure("info")
+    products = None
+    if args.product:
+        products = {}
+        for spec in args.product:
+            code, _, dims = spec.partition("=")
+            products[code] = [d for d in dims.split(",") if d]
+    try:
+        backend = LocalAws(args.host, args.port, products=products, max_rps=args.max_rps or None)
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {args.host}:{args.port}: {exc}") from None
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    backend.start()
+    while not stop.wait(3600):
+        pass
+    backend.stop()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "serve":
+            return serve(settings_from(args))
+        if args.command == "health":
+            return health_check(args)
+        return local_aws(args)
+    except ConfigError as exc:
+        print(f"metering-gateway: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""Server interceptors: the access log and the turning of errors into statuses.
+
+Servicers raise :class:`gateway.errors.GatewayError`; this is the one place that
+turns it (or any unexpected exception) into a gRPC status with details, and
+writes the one log line per RPC. It also decodes request bytes itself, so that a
+request that is not a valid protobuf gets INVALID_ARGUMENT with an ErrorInfo
+instead of grpcio's bare INTERNAL.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+import structlog
+from google.protobuf.message import DecodeError
+
+from gateway import errors
+from gateway.validation import Violation
+
+REQUEST_ID_KEY = "x-request-id"
+_MAX_REQUEST_ID = 128
+
+log = structlog.get_logger("gateway.rpc")
+
+
+def _request_id(context: grpc.ServicerContext) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_KEY and isinstance(value, str) and 0 < len(value) <= _MAX_REQUEST_ID and value.isprintable():
+            return value
+    return uuid.uuid4().hex
+
+
+class GatewayInterceptor(grpc.ServerInterceptor):
+    """Wraps the unary-unary methods of the given services."""
+
+    def __init__(self, services: set[str]) -> None:
+        self._services = services
+
+    def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None], details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(details)
+        method = details.method  # "/package.Service/Method"
+        if handler is None or handler.unary_unary is None or method.split("/")[1] not in self._services:
+            return handler
+        behavior = handler.unary_unary
+        deserialize = handler.request_deserializer
+
+        def wrapped(raw: bytes, context: grpc.ServicerContext) -> Any:
+            structlog.contextvars.clear_contextvars()
+            request_id = _request_id(context)
+            structlog.contextvars.bind_contextvars(request_id=request_id, method=method)
+            context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
+            started = time.perf_counter()
+            code = grpc.StatusCode.OK
+            try:
+                try:
+                    request = deserialize(raw) if deserialize else raw
+                except (DecodeError, ValueError, RuntimeError) as exc:
+                    raise errors.GatewayError(
+                        "INVALID_REQUEST",
+                        f"the request is not a valid {method.split('/')[2]} message: {exc}",
+                        violations=[Violation("", "is not a valid protobuf encoding of the request")],
+                    ) from None
+                return behavior(request, context)
+            except errors.GatewayError as exc:
+                code = exc.code
+                structlog.contextvars.bind_contextvars(reason=exc.reason)
+                context.abort_with_status(exc.to_grpc_status())
+            except Exception as exc:
+                if isinstance(exc, grpc.RpcError) or context.code() not in (None, grpc.StatusCode.OK):
+                    code = context.code() or grpc.StatusCode.UNKNOWN  # aborted by the servicer itself
+                    raise
+                code = grpc.StatusCode.INTERNAL
+                log.exception("rpc_failed")
+                context.abort_with_status(errors.internal("the gateway failed unexpectedly; see its log").to_grpc_status())
+            finally:
+                log.info("rpc", code=code.name, duration_ms=round((time.perf_counter() - started) * 1000, 3))
+                structlog.contextvars.clear_contextvars()
+
+        return grpc.unary_unary_rpc_method_handler(
+            wrapped, request_deserializer=None, response_serializer=handler.response_serializer
+        )

@@ -19,6 +19,7 @@ from gateway import credentials, logs
 from gateway.backend import SERVICE, Backend, RetryPolicy, make_client
 from gateway.config import ConfigError, Settings, add_settings_arguments, parse_listen, settings_from
 from gateway.local_aws import BANNER, LocalAws
+from gateway.recorder import open_recording
 from gateway.server import METERING_SERVICE, Gateway, Servicer
 from gateway.service import MeteringServicer
 from marketplace.metering.v1 import metering_pb2_grpc as pb_grpc
@@ -93,6 +94,9 @@ def serve(settings: Settings) -> int:
         Servicer(METERING_SERVICE, MeteringServicer(backend, future_skew=timedelta(seconds=settings.timestamp_skew)),
                  pb_grpc.add_MeteringServiceServicer_to_server),
     ]
+    recording = open_recording(settings, client) if settings.spool else None
+    if recording:
+        servicers.append(recording.servicer)
     gateway = Gateway(settings, servicers)
     port = gateway.start()
     host, _ = parse_listen(settings.listen)
@@ -118,6 +122,8 @@ def serve(settings: Settings) -> int:
     while not stop.wait(3600):
         pass
     gateway.stop()
+    if recording:  # after the server drained RecordUsage calls, before AWS goes away
+        recording.close(flush=settings.flush_on_shutdown, budget=max(settings.grace, 5.0))
     if local:
         local.stop()
     log.info("stopped")

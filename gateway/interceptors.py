@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 import structlog
@@ -32,6 +32,21 @@ def _request_id(context: grpc.ServicerContext) -> str:
         if key == REQUEST_ID_KEY and isinstance(value, str) and 0 < len(value) <= _MAX_REQUEST_ID and value.isprintable():
             return value
     return uuid.uuid4().hex
+
+
+class _Status(NamedTuple("_Status", [("code", grpc.StatusCode), ("details", str), ("trailing_metadata", Any)]), grpc.Status):
+    pass
+
+
+def _abort(context: grpc.ServicerContext, status: grpc.Status, request_id: str) -> None:
+    """Fail with the request id in the trailers, not in headers sent first.
+
+    Response headers commit a call: the caller's gRPC retry policy (gRFC A6) then
+    no longer retries UNAVAILABLE or RESOURCE_EXHAUSTED, so errors leave as
+    trailers-only responses.
+    """
+    trailers = (*status.trailing_metadata, (REQUEST_ID_KEY, request_id))
+    context.abort_with_status(_Status(status.code, status.details, trailers))
 
 
 class GatewayInterceptor(grpc.ServerInterceptor):
@@ -54,7 +69,6 @@ class GatewayInterceptor(grpc.ServerInterceptor):
             structlog.contextvars.clear_contextvars()
             request_id = _request_id(context)
             structlog.contextvars.bind_contextvars(request_id=request_id, method=method)
-            context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
             started = time.perf_counter()
             code = grpc.StatusCode.OK
             try:
@@ -66,18 +80,20 @@ class GatewayInterceptor(grpc.ServerInterceptor):
                         f"the request is not a valid {method.split('/')[2]} message: {exc}",
                         violations=[Violation("", "is not a valid protobuf encoding of the request")],
                     ) from None
-                return behavior(request, context)
+                response = behavior(request, context)
+                context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
+                return response
             except errors.GatewayError as exc:
                 code = exc.code
                 structlog.contextvars.bind_contextvars(reason=exc.reason)
-                context.abort_with_status(exc.to_grpc_status())
+                _abort(context, exc.to_grpc_status(), request_id)
             except Exception as exc:
                 if isinstance(exc, grpc.RpcError) or context.code() not in (None, grpc.StatusCode.OK):
                     code = context.code() or grpc.StatusCode.UNKNOWN  # aborted by the servicer itself
                     raise
                 code = grpc.StatusCode.INTERNAL
                 log.exception("rpc_failed")
-                context.abort_with_status(errors.internal("the gateway failed unexpectedly; see its log").to_grpc_status())
+                _abort(context, errors.internal("the gateway failed unexpectedly; see its log").to_grpc_status(), request_id)
             finally:
                 log.info("rpc", code=code.name, duration_ms=round((time.perf_counter() - started) * 1000, 3))
                 structlog.contextvars.clear_contextvars()

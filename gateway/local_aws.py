@@ -40,6 +40,7 @@ import structlog
 
 from gateway import params as aws_params
 from gateway import validation
+from gateway.ratelimit import RateLimiter
 
 TARGET_PREFIX = "AWSMPMeteringService."
 CONTENT_TYPE = "application/x-amz-json-1.1"
@@ -178,23 +179,6 @@ def _aws_field(proto_path: str) -> str:
     )
 
 
-class RateLimiter:
-    """A token bucket: ``rate`` calls a second with a burst of ``rate``."""
-
-    def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self.rate, self._clock = rate, clock
-        self._tokens, self._last = rate, clock()
-
-    def allow(self) -> bool:
-        now = self._clock()
-        self._tokens = min(self.rate, self._tokens + (now - self._last) * self.rate)
-        self._last = now
-        if self._tokens >= 1:
-            self._tokens -= 1
-            return True
-        return False
-
-
 class LocalAws:
     """The local backend: start(), use ``endpoint_url``, stop()."""
 
@@ -236,7 +220,9 @@ class LocalAws:
         return self
 
     def stop(self) -> None:
-        self._server.shutdown()
+        if self._thread is not None:  # shutdown() waits for a loop that must have started
+            self._server.shutdown()
+            self._thread = None
         self._server.server_close()
 
     def __enter__(self) -> LocalAws:

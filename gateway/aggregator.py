@@ -1,0 +1,218 @@
+"""Hourly buckets as pure functions: grouping, placement (carry-over), requests.
+
+Nothing here does I/O or reads a clock; the spool and the sender call these with
+rows and times, and the property tests call them with generated ones. Times are
+epoch seconds; an *hour* is the epoch second its hour starts at.
+
+- :func:`group` turns events into *pieces*: the usage of one product, dimension
+  and own hour, split by tag set. A piece always fits in an empty record.
+- :func:`place` picks the hour a piece goes to: its own hour when that hour can
+  still take it, else the next hour that can (the carry rule).
+- :func:`build_request` makes the one MeterUsage request for a bucket, with a
+  ClientToken derived from the bucket, so a resend is the same request.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from decimal import Decimal
+
+from gateway import validation
+from marketplace.metering.v1 import metering_pb2 as pb
+
+HOUR = 3600
+# The most one record can carry: AWS's decimal quantity has 10 integer digits and 6
+# decimals. Whole totals above QUANTITY_MAX are sent as decimals (no fraction).
+MAX_TOTAL = Decimal("9999999999.999999")
+# A record for an hour is only planned while that hour starts this long inside
+# AWS's six-hour window, so there is time to send (and resend) it.
+SAFETY_MARGIN = 30 * 60
+# Bounds the carry search; reaching it means a bug, not a busy hour.
+_MAX_CARRY_HOURS = 24 * 366
+_TOKEN_NAMESPACE = uuid.UUID("6f1d2a0e-8f5c-4c43-9a51-2f4f5d3e7b10")
+
+Key = tuple[str, str]  # (product_code, usage_dimension)
+
+
+def hour_of(seconds: float) -> int:
+    """The start of the hour ``seconds`` falls in."""
+    whole = int(seconds // 1)
+    return whole - whole % HOUR
+
+
+def earliest_hour(now: float, margin: float = SAFETY_MARGIN) -> int:
+    """The first hour a record may still be planned for at ``now``.
+
+    AWS refuses timestamps older than six hours; records are sent with their
+    hour's start as timestamp, so that start must be newer than now − 6h, with
+    ``margin`` to spare for sending and retrying.
+    """
+    oldest = now - validation.MAX_AGE.total_seconds() + margin
+    start = hour_of(oldest)
+    return start if start >= oldest else start + HOUR
+
+
+def tags_key(tags: Iterable[tuple[str, str]]) -> str:
+    """A tag set as canonical text (order ignored); "" for untagged usage."""
+    pairs = sorted(tags)
+    return json.dumps(pairs, separators=(",", ":")) if pairs else ""
+
+
+def tags_of(key: str) -> list[tuple[str, str]]:
+    return [(k, v) for k, v in json.loads(key)] if key else []
+
+
+def format_decimal(value: Decimal) -> str:
+    """Plain notation without trailing zeros: 17, 17.5, never 1.7E+1."""
+    text = format(value, "f")
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return text or "0"
+
+
+@dataclass
+class Content:
+    """The usage of a bucket: quantity per tag set, and whether all of it is whole."""
+
+    allocations: dict[str, Decimal] = field(default_factory=dict)
+    whole: bool = True
+
+    @property
+    def total(self) -> Decimal:
+        return sum(self.allocations.values(), Decimal(0))
+
+    @property
+    def is_whole(self) -> bool:
+        """Sent as whole quantities: every event was whole and the total fits."""
+        return bool(self.whole) and self.total <= validation.QUANTITY_MAX
+
+    def fits(self, other: Content) -> bool:
+        """Whether ``other`` can join this bucket without breaking AWS's limits."""
+        if self.total + other.total > MAX_TOTAL:
+            return False
+        new_keys = other.allocations.keys() - self.allocations.keys()
+        return len(self.allocations) + len(new_keys) <= validation.ALLOCATIONS_MAX
+
+    def add(self, other: Content) -> None:
+        for key, quantity in other.allocations.items():
+            self.allocations[key] = self.allocations.get(key, Decimal(0)) + quantity
+        self.whole = bool(self.whole and other.whole)
+
+    def to_json(self) -> str:
+        return json.dumps({k: format_decimal(v) for k, v in sorted(self.allocations.items())}, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str, whole: bool) -> Content:
+        return cls({k: Decimal(v) for k, v in json.loads(text).items()}, whole)
+
+
+@dataclass(frozen=True)
+class EventRow:
+    """One validated event as the spool stores it."""
+
+    event_id: str
+    product_code: str
+    usage_dimension: str
+    hour: int
+    tags: str  # tags_key()
+    quantity: str  # exact, as the caller sent it
+    whole: bool
+
+
+@dataclass
+class Piece:
+    """Usage of one product, dimension and own hour that moves as one unit."""
+
+    product_code: str
+    usage_dimension: str
+    hour: int
+    content: Content = field(default_factory=Content)
+    ids: list[int] = field(default_factory=list)  # the events' row ids in the spool
+
+
+def group(rows: Iterable[tuple[int, str, str, int, str, str, bool]]) -> list[Piece]:
+    """Sum events ``(row_id, product, dimension, hour, tags, quantity, whole)`` into pieces.
+
+    Usually one piece per product, dimension and hour; a piece is cut in two when
+    the next event would push it past what one record may carry (the total, or
+    2500 tag sets), so every piece fits in an empty record. Ordered by hour.
+    """
+    open_pieces: dict[tuple[str, str, int], Piece] = {}
+    done: list[Piece] = []
+    for row_id, product, dimension, hour, tags, quantity, whole in rows:
+        event = Content({tags: Decimal(quantity)}, bool(whole))
+        piece = open_pieces.get((product, dimension, hour))
+        if piece is None or not piece.content.fits(event):
+            if piece is not None:
+                done.append(piece)
+            piece = open_pieces[(product, dimension, hour)] = Piece(product, dimension, hour)
+        piece.content.add(event)
+        piece.ids.append(row_id)
+    done.extend(open_pieces.values())
+    return sorted(done, key=lambda p: (p.hour, p.product_code, p.usage_dimension))
+
+
+def place(own_hour: int, earliest: int, can_take: Callable[[int], bool]) -> int:
+    """The hour usage of ``own_hour`` goes to: the first hour from it on that is
+    inside the window (``earliest``) and can take it."""
+    hour = max(own_hour, earliest)
+    for _ in range(_MAX_CARRY_HOURS):
+        if can_take(hour):
+            return hour
+        hour += HOUR
+    raise RuntimeError(f"no hour within {_MAX_CARRY_HOURS} hours after {own_hour} can take the usage")
+
+
+def client_token(product_code: str, usage_dimension: str, hour: int, content: Content) -> str:
+    """Derived from the bucket alone: the same bucket always gets the same token."""
+    name = "\x1f".join((product_code, usage_dimension, str(hour), content.to_json(), str(content.is_whole)))
+    return str(uuid.uuid5(_TOKEN_NAMESPACE, name))
+
+
+def allocations(content: Content) -> list[pb.UsageAllocation]:
+    """The UsageAllocations of a bucket; none when all its usage is untagged."""
+    if set(content.allocations) <= {""}:
+        return []
+    whole = content.is_whole
+    out = []
+    for key, quantity in sorted(content.allocations.items()):
+        alloc = pb.UsageAllocation(tags=[pb.Tag(key=k, value=v) for k, v in tags_of(key)])
+        if whole:
+            alloc.allocated_usage_quantity = int(quantity)
+        else:
+            alloc.allocated_usage_quantity_as_decimal = format_decimal(quantity)
+        out.append(alloc)
+    return out
+
+
+def timestamp_of(hour: int) -> datetime:
+    return datetime.fromtimestamp(hour, tz=timezone.utc)
+
+
+def build_request(product_code: str, usage_dimension: str, hour: int, content: Content, token: str) -> pb.MeterUsageRequest:
+    """The MeterUsage request for a bucket, timestamped at its hour's start."""
+    request = pb.MeterUsageRequest(
+        product_code=product_code,
+        usage_dimension=usage_dimension,
+        usage_allocations=allocations(content),
+        client_token=token,
+    )
+    request.timestamp.FromDatetime(timestamp_of(hour))
+    if content.is_whole:
+        request.usage_quantity = int(content.total)
+    else:
+        request.usage_quantity_as_decimal = format_decimal(content.total)
+    return request
+
+
+def totals(pieces: Iterable[Piece]) -> Mapping[Key, Decimal]:
+    """Sum per product and dimension (for checks and tests)."""
+    out: dict[Key, Decimal] = {}
+    for p in pieces:
+        key = (p.product_code, p.usage_dimension)
+        out[key] = out.get(key, Decimal(0)) + p.content.total
+    return out

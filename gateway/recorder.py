@@ -1,0 +1,196 @@
+"""The UsageRecorderService servicer: glue between gRPC and the spool.
+
+RecordUsage: validate the whole batch (every violation, named ``events[i].<field>``)
+→ one spool transaction → OK, which means durable. ListMeteringRecords: the
+hourly records, newest hour first, filtered and paged.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import sqlite3
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import grpc
+import structlog
+
+from gateway import aggregator, errors, validation
+from gateway.aggregator import EventRow
+from gateway.backend import Backend, RetryPolicy
+from gateway.config import ConfigError, Settings
+from gateway.sender import Sender
+from gateway.server import RECORDER_SERVICE, Servicer
+from gateway.service import utcnow
+from gateway.spool import FAILED, LATE, PENDING, SENT, RecordRow, Spool
+from marketplace.metering.v1 import metering_pb2 as pb
+from marketplace.metering.v1 import metering_pb2_grpc as pb_grpc
+
+BATCH_MAX = 1000
+PAGE_SIZE_DEFAULT = 100
+PAGE_SIZE_MAX = 1000
+# Old events are accepted and carried into an hour AWS still takes; this only
+# refuses timestamps that cannot be meant (a century back).
+EVENT_MAX_AGE = timedelta(days=36500)
+
+_STATE_NAMES = {pb.MeteringRecord.STATE_PENDING: PENDING, pb.MeteringRecord.STATE_SENT: SENT,
+                pb.MeteringRecord.STATE_FAILED: FAILED}
+_STATE_VALUES = {name: value for value, name in _STATE_NAMES.items()}
+
+
+def check_event(event: pb.UsageEvent, window: validation.Window, path: str) -> list[validation.Violation]:
+    """Every violation of one event, by its path in the request."""
+    out = []
+    if not 1 <= len(event.event_id) <= validation.EVENT_ID_MAX:
+        out.append(validation.Violation(f"{path}.event_id", f"must be 1-{validation.EVENT_ID_MAX} characters, got {len(event.event_id)}"))
+    out += validation.check_product_code(event.product_code, f"{path}.product_code")
+    out += validation.check_usage_dimension(event.usage_dimension, f"{path}.usage_dimension")
+    out += validation.check_timestamp(event, window, f"{path}.timestamp")
+    kind, _, errs = validation.quantity_of(event, path)
+    out += errs
+    if kind is None:
+        out.append(validation.Violation(f"{path}.quantity", "must be set (usage_quantity or usage_quantity_as_decimal)"))
+    out += validation.check_tags(event.tags, f"{path}.tags")
+    return out
+
+
+def check_batch(events: Sequence[pb.UsageEvent], window: validation.Window) -> list[validation.Violation]:
+    if not 1 <= len(events) <= BATCH_MAX:
+        return [validation.Violation("events", f"must hold 1-{BATCH_MAX} events, got {len(events)}")]
+    out: list[validation.Violation] = []
+    for i, event in enumerate(events):
+        out += check_event(event, window, f"events[{i}]")
+    return out
+
+
+def event_row(event: pb.UsageEvent) -> EventRow:
+    """A validated event as the spool stores it."""
+    if event.WhichOneof("quantity") == "usage_quantity":
+        quantity, whole = str(event.usage_quantity), True
+    else:
+        quantity, whole = event.usage_quantity_as_decimal, False
+    return EventRow(
+        event_id=event.event_id,
+        product_code=event.product_code,
+        usage_dimension=event.usage_dimension,
+        hour=aggregator.hour_of(event.timestamp.seconds),
+        tags=aggregator.tags_key((t.key, t.value) for t in event.tags),
+        quantity=quantity,
+        whole=whole,
+    )
+
+
+def record_message(row: RecordRow) -> pb.MeteringRecord:
+    content = row.content
+    msg = pb.MeteringRecord(
+        product_code=row.product_code,
+        usage_dimension=row.usage_dimension,
+        quantity=row.quantity,
+        allocations=aggregator.allocations(content),
+        state=_STATE_VALUES[row.state],
+        metering_record_id=row.metering_record_id,
+        attempts=row.attempts,
+        last_error=row.last_error,
+        client_token=row.client_token,
+    )
+    msg.hour.FromDatetime(aggregator.timestamp_of(row.hour))
+    for hour in row.carried_hours:
+        msg.carried_from.add().FromDatetime(aggregator.timestamp_of(hour))
+    return msg
+
+
+def encode_token(row: RecordRow) -> str:
+    return base64.urlsafe_b64encode(json.dumps([row.hour, row.id]).encode()).decode()
+
+
+def decode_token(token: str) -> tuple[int, int]:
+    try:
+        hour, record_id = json.loads(base64.urlsafe_b64decode(token.encode()))
+        return int(hour), int(record_id)
+    except (ValueError, TypeError, binascii.Error):
+        raise errors.invalid([validation.Violation("page_token", "is not a token this server returned")]) from None
+
+
+class RecorderServicer(pb_grpc.UsageRecorderServiceServicer):
+    def __init__(
+        self,
+        spool: Spool,
+        *,
+        future_skew: timedelta,
+        now: Callable[[], datetime] = utcnow,
+        margin: float = aggregator.SAFETY_MARGIN,
+    ) -> None:
+        self._spool = spool
+        self._future_skew = future_skew
+        self._now = now
+        self._margin = margin
+
+    def RecordUsage(self, request: pb.RecordUsageRequest, context: grpc.ServicerContext) -> pb.RecordUsageResponse:  # noqa: N802
+        structlog.contextvars.bind_contextvars(events=len(request.events))
+        window = validation.Window(self._now(), self._future_skew, EVENT_MAX_AGE)
+        violations = check_batch(request.events, window)
+        if violations:
+            raise errors.invalid(violations, "batch")
+        accepted, duplicates = self._spool.record([event_row(e) for e in request.events])
+        structlog.contextvars.bind_contextvars(accepted=accepted, duplicates=duplicates)
+        return pb.RecordUsageResponse(accepted=accepted, duplicates=duplicates)
+
+    def ListMeteringRecords(  # noqa: N802
+        self, request: pb.ListMeteringRecordsRequest, context: grpc.ServicerContext
+    ) -> pb.ListMeteringRecordsResponse:
+        if request.page_size < 0:
+            raise errors.invalid([validation.Violation("page_size", "must not be negative")])
+        size = min(request.page_size or PAGE_SIZE_DEFAULT, PAGE_SIZE_MAX)
+        after = decode_token(request.page_token) if request.page_token else None
+        # Place events recorded since the sender's last pass, so the listing is current.
+        for carry in self._spool.assign(self._now().timestamp(), self._margin):
+            carry.log(LATE)
+        rows = self._spool.list(
+            state=_STATE_NAMES.get(request.state), product_code=request.product_code or None, after=after, limit=size + 1
+        )
+        more = len(rows) > size
+        rows = rows[:size]
+        return pb.ListMeteringRecordsResponse(
+            records=[record_message(r) for r in rows],
+            next_page_token=encode_token(rows[-1]) if more else "",
+        )
+
+
+@dataclass
+class Recording:
+    """The recorded-usage parts of a running gateway: spool, servicer, sender."""
+
+    spool: Spool
+    servicer: Servicer
+    sender: Sender
+
+    def close(self, *, flush: bool, budget: float) -> None:
+        """After the server drained its calls: stop the sender (flushing the open
+        hour if asked), then close the spool, which is consistent at every commit."""
+        try:
+            self.sender.stop(flush=flush, budget=budget)
+        finally:
+            self.spool.close()
+
+
+def open_recording(settings: Settings, client: Any) -> Recording:
+    """Open ``--spool`` and build the servicer and the (started) sender.
+
+    The sender gets its own Backend with one attempt per call: it retries on its
+    own schedule, so every call it makes passes its rate limiter.
+    """
+    try:
+        spool = Spool(settings.spool)
+    except sqlite3.Error as exc:
+        raise ConfigError(f"spool: cannot open {settings.spool!r}: {exc}") from None
+    skew = timedelta(seconds=settings.timestamp_skew)
+    servicer = Servicer(RECORDER_SERVICE, RecorderServicer(spool, future_skew=skew),
+                        pb_grpc.add_UsageRecorderServiceServicer_to_server)
+    backend = Backend(client, RetryPolicy(1, settings.aws_backoff_base, settings.aws_backoff_max))
+    sender = Sender(spool, backend, interval=settings.flush_interval, grace=settings.flush_grace,
+                    max_rps=settings.aws_max_rps, future_skew=skew, call_timeout=settings.aws_read_timeout * 2)
+    return Recording(spool, servicer, sender.start())

@@ -1,0 +1,214 @@
+"""The sender: a background thread that meters closed hourly records to AWS.
+
+Every ``interval`` it places new events into records (:meth:`Spool.assign`),
+then sends each PENDING record whose hour closed ``grace`` ago through the same
+path as MeteringService (validate → ``params.to_aws`` → ``Backend.meter_usage``),
+at most ``max_rps`` calls a second. What happens to a record depends only on the
+answer's reason (:func:`disposition`):
+
+- OK → SENT, with AWS's record id.
+- retryable (throttling, AWS down, credentials missing) → stays PENDING, tried
+  again after a backoff with the *same* request and ClientToken.
+- the hour cannot take it (DUPLICATE_REQUEST: someone else's record holds the
+  hour; TIMESTAMP_OUT_OF_BOUNDS) → carried into the next hour that can.
+- anything else → FAILED with the error; the record stays listed.
+
+A PENDING record whose hour is about to leave AWS's six-hour window (an outage)
+is carried forward before AWS refuses it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+
+import structlog
+
+from gateway import aggregator, errors, params, validation
+from gateway.backend import Backend
+from gateway.ratelimit import RateLimiter
+from gateway.spool import LATE, RecordRow, Spool
+
+RETRY, CARRY, FAIL = "retry", "carry", "fail"
+# Conditions that block sending without saying anything about the record itself:
+# an operator can fix them, so the usage waits (and is carried) instead of failing.
+_WAIT_FOR_FIX = frozenset({"NO_CREDENTIALS", "UNAUTHORIZED", "ACCESS_DENIED", "DEADLINE_EXCEEDED"})
+_HOUR_UNUSABLE = frozenset({"DUPLICATE_REQUEST", "TIMESTAMP_OUT_OF_BOUNDS"})
+STATS_EVERY = 60.0  # seconds between spool_stats lines
+BACKOFF_CAP = 300.0
+
+log = structlog.get_logger("gateway.sender")
+
+
+def disposition(error: errors.GatewayError) -> str:
+    """What to do with a record AWS (or the transport) refused with ``error``."""
+    if error.reason in _HOUR_UNUSABLE:
+        return CARRY
+    if error.retryable or error.reason in _WAIT_FOR_FIX:
+        return RETRY
+    return FAIL
+
+
+def backoff(attempts: int, base: float, cap: float = BACKOFF_CAP) -> float:
+    """Seconds to wait after ``attempts`` failed attempts: doubling, capped."""
+    return min(max(cap, base), base * 2 ** max(0, attempts - 1))
+
+
+@dataclass
+class TickResult:
+    sent: int = 0
+    retried: int = 0
+    carried: int = 0
+    failed: int = 0
+
+
+def _iso(hour: int) -> str:
+    return aggregator.timestamp_of(hour).isoformat()
+
+
+class Sender:
+    """Start with :meth:`start`; :meth:`stop` ends the loop (and can flush)."""
+
+    def __init__(
+        self,
+        spool: Spool,
+        backend: Backend,
+        *,
+        interval: float,
+        grace: float,
+        max_rps: float,
+        future_skew: timedelta = timedelta(minutes=5),
+        margin: float = aggregator.SAFETY_MARGIN,
+        now: Callable[[], float] = time.time,
+        sleep: Callable[[float], None] = time.sleep,
+        call_timeout: float = 30.0,
+    ) -> None:
+        self.spool = spool
+        self.backend = backend
+        self.interval = interval
+        self.grace = grace
+        self.margin = margin
+        self.future_skew = future_skew
+        self.limiter = RateLimiter(max_rps)
+        self.call_timeout = call_timeout
+        self._now = now
+        self._sleep = sleep
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._last_stats = float("-inf")
+
+    # -- the loop --------------------------------------------------------------
+
+    def start(self) -> Sender:
+        self._thread = threading.Thread(target=self._run, name="sender", daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while True:
+            try:
+                self.tick()
+            except Exception:  # the loop must outlive any one bad tick
+                log.exception("sender_tick_failed")
+            if self._stop.wait(self.interval):
+                return
+
+    def stop(self, *, flush: bool = False, budget: float = 10.0) -> TickResult | None:
+        """End the loop; with ``flush``, also send every PENDING record up to the
+        current, still open hour (one attempt each, within ``budget`` seconds)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        result = self.tick(final=True, budget=budget) if flush else None
+        self.log_stats(force=True)
+        return result
+
+    # -- one pass --------------------------------------------------------------
+
+    def tick(self, *, final: bool = False, budget: float | None = None) -> TickResult:
+        """Place new events, then send what is due. Returns what happened."""
+        started = time.monotonic()
+        now = self._now()
+        for carry in self.spool.assign(now, self.margin):
+            carry.log(LATE)
+        result = TickResult()
+        for row in self.spool.due(now, self.grace, final=final):
+            if budget is not None and time.monotonic() - started > budget:
+                log.warning("flush_budget_exhausted", budget_s=budget)
+                break
+            if not final and self._stop.is_set():
+                break
+            self._handle(row, result)
+        self.log_stats()
+        return result
+
+    def _handle(self, row: RecordRow, result: TickResult) -> None:
+        now = self._now()
+        if row.hour < aggregator.earliest_hour(now, self.margin):
+            self._carry(row, "six_hour_limit", now, result)
+            return
+        frozen = self.spool.begin_attempt(row.id)  # committed before AWS hears of it
+        if frozen is None:
+            return
+        request = aggregator.build_request(
+            frozen.product_code, frozen.usage_dimension, frozen.hour, frozen.content, frozen.client_token
+        )
+        fields = {"product_code": frozen.product_code, "usage_dimension": frozen.usage_dimension,
+                  "hour": _iso(frozen.hour), "quantity": frozen.quantity, "attempt": frozen.attempts,
+                  "client_token": frozen.client_token}
+        try:
+            violations = validation.validate_meter_usage(
+                request, validation.Window(datetime.fromtimestamp(now, timezone.utc), self.future_skew)
+            )
+            if violations:
+                raise errors.invalid(violations, "hourly record")
+            self.limiter.acquire(self._sleep)
+            structlog.contextvars.clear_contextvars()
+            outcome = self.backend.meter_usage(params.to_aws(request), deadline=time.monotonic() + self.call_timeout)
+        except errors.GatewayError as exc:
+            self._refused(frozen, exc, fields, result)
+            return
+        finally:
+            structlog.contextvars.clear_contextvars()
+        self.spool.mark_sent(frozen.id, outcome.metering_record_id)
+        result.sent += 1
+        log.info("record_sent", metering_record_id=outcome.metering_record_id, aws_request_id=outcome.aws_request_id, **fields)
+
+    def _refused(self, row: RecordRow, exc: errors.GatewayError, fields: dict[str, object], result: TickResult) -> None:
+        error = f"{exc.reason}: {exc.message}"
+        what = disposition(exc)
+        if what == CARRY:
+            log.warning("record_refused", reason=exc.reason, error=exc.message, then="carry", **fields)
+            self._carry(row, exc.reason, self._now(), result)
+        elif what == RETRY:
+            delay = backoff(row.attempts, max(self.interval, 0.05))
+            self.spool.retry_later(row.id, error, self._now() + delay)
+            result.retried += 1
+            log.warning("record_retry", reason=exc.reason, error=exc.message, retry_in_s=round(delay, 3), **fields)
+        else:
+            self.spool.mark_failed(row.id, error)
+            result.failed += 1
+            log.error("record_failed", reason=exc.reason, error=exc.message, **fields)
+
+    def _carry(self, row: RecordRow, reason: str, now: float, result: TickResult) -> None:
+        for carry in self.spool.carry(row.id, reason, now, self.margin):
+            carry.log(reason)
+        result.carried += 1
+
+    def log_stats(self, *, force: bool = False) -> None:
+        """The ``spool_stats`` line: pending records and the age of the oldest."""
+        if not force and time.monotonic() - self._last_stats < STATS_EVERY:
+            return
+        self._last_stats = time.monotonic()
+        stats = self.spool.stats()
+        oldest = stats.oldest_pending_hour
+        log.info(
+            "spool_stats",
+            pending_records=stats.pending,
+            unassigned_events=stats.unassigned_events,
+            oldest_pending_hour=None if oldest is None else _iso(oldest),
+            oldest_pending_age_s=None if oldest is None else round(self._now() - oldest, 1),
+        )

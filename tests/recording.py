@@ -1,0 +1,120 @@
+"""Helpers for the recorded-usage tests: events, and AWS's rules in process."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from decimal import Decimal
+from typing import Any
+
+from support import local_session
+
+from gateway import errors
+from gateway.backend import Outcome, make_client
+from gateway.config import Settings
+from gateway.recorder import Recording, open_recording
+from gateway.server import Gateway
+from gateway.local_aws import AwsError, Record, State
+from marketplace.metering.v1 import metering_pb2 as pb
+
+IDENTITY = "AKIDLOCALTEST"
+
+
+def event(event_id: str, when: float, quantity: int | str = 1, product: str = "prod-a", dimension: str = "requests",
+          **tags: str) -> pb.UsageEvent:
+    ev = pb.UsageEvent(event_id=event_id, product_code=product, usage_dimension=dimension,
+                       tags=[pb.Tag(key=k, value=v) for k, v in tags.items()])
+    ev.timestamp.FromDatetime(datetime.fromtimestamp(when, timezone.utc))
+    if isinstance(quantity, str):
+        ev.usage_quantity_as_decimal = quantity
+    else:
+        ev.usage_quantity = quantity
+    return ev
+
+
+def event_value(ev: pb.UsageEvent) -> Decimal:
+    return Decimal(ev.usage_quantity_as_decimal) if ev.WhichOneof("quantity") == "usage_quantity_as_decimal" else Decimal(ev.usage_quantity)
+
+
+def sums_of_events(events: Iterable[pb.UsageEvent]) -> dict[tuple[str, str], Decimal]:
+    out: dict[tuple[str, str], Decimal] = defaultdict(Decimal)
+    for ev in events:
+        out[(ev.product_code, ev.usage_dimension)] += event_value(ev)
+    return dict(out)
+
+
+def sums_of_records(records: Iterable[Record], identity: str | None = IDENTITY) -> dict[tuple[str, str], Decimal]:
+    out: dict[tuple[str, str], Decimal] = defaultdict(Decimal)
+    for r in records:
+        if identity is None or r.identity == identity:
+            out[(r.product_code, r.usage_dimension)] += r.quantity
+    return dict(out)
+
+
+class FakeAws:
+    """Backend.meter_usage's contract over local_aws.State, on a fake clock.
+
+    ``down`` answers InternalServiceError; ``refusals`` counts what AWS refused.
+    """
+
+    def __init__(self, clock: Any) -> None:
+        self.state = State()
+        self.clock = clock
+        self.down = False
+        self.calls = 0
+        self.refusals: dict[str, int] = defaultdict(int)
+
+    def meter_usage(self, params: dict[str, Any], *, deadline: float | None = None) -> Outcome:
+        self.calls += 1
+        if self.down:
+            self.refusals["InternalServiceErrorException"] += 1
+            raise errors.from_aws("InternalServiceErrorException", "down", "req-x", retry_delay=0.1)
+        try:
+            record = self.state.meter_usage(params, IDENTITY, datetime.fromtimestamp(self.clock(), timezone.utc))
+        except AwsError as exc:
+            self.refusals[exc.code] += 1
+            raise errors.from_aws(exc.code, exc.message, "req-x") from None
+        assert record is not None
+        return Outcome(record.metering_record_id, False, 1, "req-x", params.get("ClientToken", ""))
+
+    def take_hour(self, product: str, dimension: str, hour: int) -> None:
+        """Someone else (an earlier life of the pod) already metered this hour."""
+        when = datetime.fromtimestamp(hour, timezone.utc)
+        self.state.meter_usage({"ProductCode": product, "UsageDimension": dimension, "Timestamp": when,
+                                "UsageQuantity": 999_999}, IDENTITY, when)
+
+    def ours(self) -> list[Record]:
+        return [r for r in self.state.records if r.quantity != 999_999]
+
+
+@contextmanager
+def running_recorder(endpoint_url: str, spool: str, *, flush_on_close: bool = False, **settings: Any) -> Iterator[tuple[str, Recording]]:
+    """A real gateway with UsageRecorderService on 127.0.0.1:<free port>; yields (target, recording)."""
+    base = {"listen": "127.0.0.1:0", "max_workers": 8, "grace": 1.0, "spool": spool,
+            "flush_interval": 0.1, "flush_grace": 0.0, "aws_max_rps": 50.0}
+    conf = dataclasses.replace(Settings(), **{**base, **settings}).check()
+    client = make_client(conf, endpoint_url=endpoint_url, session=local_session())
+    recording = open_recording(conf, client)
+    gateway = Gateway(conf, [recording.servicer])
+    port = gateway.start()
+    try:
+        yield f"127.0.0.1:{port}", recording
+    finally:
+        gateway.stop(0.5)
+        recording.close(flush=flush_on_close, budget=5.0)
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
+    """Poll until ``condition()`` is truthy; fail with ``what`` after ``timeout``."""
+    end = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)

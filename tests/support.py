@@ -1,0 +1,108 @@
+"""Helpers shared by the tests: a live gateway on loopback, status details."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import boto3
+import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from gateway.backend import Backend, RetryPolicy, make_client
+from gateway.config import Settings
+from gateway.server import METERING_SERVICE, Gateway, Servicer
+from gateway.service import MeteringServicer
+from marketplace.metering.v1 import metering_pb2 as pb
+from marketplace.metering.v1 import metering_pb2_grpc as pb_grpc
+
+LOCAL_CREDS = {"aws_access_key_id": "AKIDLOCALTEST", "aws_secret_access_key": "local-secret-never-logged"}
+
+
+def local_session(**overrides: Any) -> boto3.session.Session:
+    return boto3.session.Session(region_name="us-east-1", **{**LOCAL_CREDS, **overrides})
+
+
+@contextmanager
+def running_gateway(
+    endpoint_url: str,
+    *,
+    session: boto3.session.Session | None = None,
+    **settings: Any,
+) -> Iterator[str]:
+    """A real gateway on 127.0.0.1:<free port> calling ``endpoint_url``; yields the target."""
+    base = {"listen": "127.0.0.1:0", "max_workers": 8, "aws_backoff_base": 0.01, "aws_backoff_max": 0.05, "grace": 1.0}
+    conf = dataclasses.replace(Settings(), **{**base, **settings}).check()
+    client = make_client(conf, endpoint_url=endpoint_url, session=session or local_session())
+    backend = Backend(client, RetryPolicy(conf.aws_max_attempts, conf.aws_backoff_base, conf.aws_backoff_max))
+    servicer = MeteringServicer(backend, future_skew=timedelta(seconds=conf.timestamp_skew))
+    gateway = Gateway(conf, [Servicer(METERING_SERVICE, servicer, pb_grpc.add_MeteringServiceServicer_to_server)])
+    port = gateway.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        gateway.stop(0.5)
+
+
+def request(**fields: Any) -> pb.MeterUsageRequest:
+    """A valid request (now, 1 unit) with fields overridden."""
+    when = fields.pop("when", datetime.now(timezone.utc))
+    req = pb.MeterUsageRequest(product_code=fields.pop("product_code", "prod-abc123"),
+                               usage_dimension=fields.pop("usage_dimension", "requests"))
+    req.timestamp.FromDatetime(when)
+    if "usage_quantity" not in fields and "usage_quantity_as_decimal" not in fields:
+        fields["usage_quantity"] = 1
+    for name, value in fields.items():
+        if name == "usage_allocations":
+            req.usage_allocations.extend(value)
+        else:
+            setattr(req, name, value)
+    return req
+
+
+def allocation(quantity: int | str, **tags: str) -> pb.UsageAllocation:
+    alloc = pb.UsageAllocation(tags=[pb.Tag(key=k, value=v) for k, v in tags.items()])
+    if isinstance(quantity, str):
+        alloc.allocated_usage_quantity_as_decimal = quantity
+    else:
+        alloc.allocated_usage_quantity = quantity
+    return alloc
+
+
+@dataclass
+class Details:
+    code: grpc.StatusCode
+    message: str
+    info: error_details_pb2.ErrorInfo
+    bad_request: error_details_pb2.BadRequest | None
+    retry: error_details_pb2.RetryInfo | None
+    infos: int
+
+    @property
+    def fields(self) -> list[str]:
+        return [v.field for v in self.bad_request.field_violations] if self.bad_request else []
+
+
+def details(exc: grpc.RpcError) -> Details:
+    """The google.rpc.Status details of a failed call, unpacked."""
+    status = rpc_status.from_call(exc)  # type: ignore[arg-type]
+    assert status is not None, f"no grpc-status-details-bin on {exc.code()}: {exc.details()}"
+    found: dict[str, Any] = {"info": [], "bad": None, "retry": None}
+    for any_msg in status.details:
+        if any_msg.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            m = error_details_pb2.ErrorInfo()
+            any_msg.Unpack(m)
+            found["info"].append(m)
+        elif any_msg.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            found["bad"] = error_details_pb2.BadRequest()
+            any_msg.Unpack(found["bad"])
+        elif any_msg.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            found["retry"] = error_details_pb2.RetryInfo()
+            any_msg.Unpack(found["retry"])
+    assert found["info"], "no ErrorInfo in the status details"
+    return Details(exc.code(), exc.details(), found["info"][0], found["bad"], found["retry"], len(found["info"]))

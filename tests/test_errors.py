@@ -1,0 +1,97 @@
+"""The status table (CONTRACT.md section 3), row by row, as pure functions."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+
+from gateway import errors
+from gateway.validation import TIMESTAMP_OUT_OF_BOUNDS, Violation
+
+C = grpc.StatusCode
+
+CONTRACT_ROWS = [
+    ("InvalidProductCodeException", C.INVALID_ARGUMENT, "INVALID_PRODUCT_CODE"),
+    ("InvalidUsageDimensionException", C.INVALID_ARGUMENT, "INVALID_USAGE_DIMENSION"),
+    ("InvalidTagException", C.INVALID_ARGUMENT, "INVALID_TAG"),
+    ("InvalidUsageAllocationsException", C.INVALID_ARGUMENT, "INVALID_USAGE_ALLOCATIONS"),
+    ("TimestampOutOfBoundsException", C.OUT_OF_RANGE, "TIMESTAMP_OUT_OF_BOUNDS"),
+    ("DuplicateRequestException", C.ALREADY_EXISTS, "DUPLICATE_REQUEST"),
+    ("IdempotencyConflictException", C.ALREADY_EXISTS, "IDEMPOTENCY_CONFLICT"),
+    ("CustomerNotEntitledException", C.FAILED_PRECONDITION, "CUSTOMER_NOT_ENTITLED"),
+    ("InvalidEndpointRegionException", C.FAILED_PRECONDITION, "INVALID_ENDPOINT_REGION"),
+    ("DisabledApiException", C.FAILED_PRECONDITION, "DISABLED_API"),
+    ("UnauthorizedException", C.PERMISSION_DENIED, "UNAUTHORIZED"),
+    ("AccessDeniedException", C.PERMISSION_DENIED, "ACCESS_DENIED"),
+    ("ThrottlingException", C.RESOURCE_EXHAUSTED, "THROTTLING"),
+    ("InternalServiceErrorException", C.UNAVAILABLE, "INTERNAL_SERVICE_ERROR"),
+    ("QuotaRedesignException", C.INTERNAL, "QUOTA_REDESIGN"),
+]
+
+
+def unpack(status: object, kind: type) -> list:
+    out = []
+    for any_msg in status.details:  # type: ignore[attr-defined]
+        if any_msg.Is(kind.DESCRIPTOR):
+            m = kind()
+            any_msg.Unpack(m)
+            out.append(m)
+    return out
+
+
+@pytest.mark.parametrize(("aws_code", "code", "reason"), CONTRACT_ROWS)
+def test_aws_exception_row(aws_code: str, code: grpc.StatusCode, reason: str) -> None:
+    err = errors.from_aws(aws_code, "said AWS", "req-123", retry_delay=0.25)
+    assert (err.code, err.reason, err.domain) == (code, reason, errors.AWS_DOMAIN)
+    status = err.to_status_proto()
+    assert status.code == code.value[0] and status.message == "said AWS"
+    [info] = unpack(status, error_details_pb2.ErrorInfo)
+    assert info.reason == reason and info.domain == "metering.marketplace.amazonaws.com"
+    assert dict(info.metadata) == {"awsErrorCode": aws_code, "awsRequestId": "req-123"}
+    retry = unpack(status, error_details_pb2.RetryInfo)
+    assert bool(retry) is (code in (C.RESOURCE_EXHAUSTED, C.UNAVAILABLE))
+
+
+def test_namespaced_and_suffixless_codes() -> None:
+    assert errors.reason_for_aws("com.amazonaws.marketplace#ThrottlingException") == "THROTTLING"
+    assert errors.reason_for_aws("DryRunOperation") == "DRY_RUN_OPERATION"
+    assert errors.reason_for_aws("KMSInvalidStateException") == "KMS_INVALID_STATE"
+
+
+def test_botocore_throttling_codes_are_resource_exhausted() -> None:
+    err = errors.from_aws("TooManyRequestsException", "", None, retry_delay=1.0)
+    assert err.code == C.RESOURCE_EXHAUSTED and err.reason == "TOO_MANY_REQUESTS" and err.retryable
+
+
+def test_retry_info_carries_the_delay() -> None:
+    [retry] = unpack(errors.from_aws("ThrottlingException", "", None, retry_delay=1.5).to_status_proto(), error_details_pb2.RetryInfo)
+    assert retry.retry_delay.ToNanoseconds() == 1_500_000_000
+
+
+def test_gateway_conditions_have_their_own_domain_and_no_aws_metadata() -> None:
+    for reason, code in [("INVALID_REQUEST", C.INVALID_ARGUMENT), ("NO_CREDENTIALS", C.FAILED_PRECONDITION),
+                         ("AWS_UNREACHABLE", C.UNAVAILABLE), ("DEADLINE_EXCEEDED", C.DEADLINE_EXCEEDED)]:
+        err = errors.GatewayError(reason, "msg")
+        [info] = unpack(err.to_status_proto(), error_details_pb2.ErrorInfo)
+        assert (err.code, info.domain, dict(info.metadata)) == (code, "metering-gateway", {})
+
+
+def test_validation_refusal_lists_every_field() -> None:
+    err = errors.invalid([Violation("product_code", "is required"), Violation("usage_allocations[2].tags[0].key", "bad")])
+    status = err.to_status_proto()
+    [bad] = unpack(status, error_details_pb2.BadRequest)
+    assert [f.field for f in bad.field_violations] == ["product_code", "usage_allocations[2].tags[0].key"]
+    assert (err.code, err.reason) == (C.INVALID_ARGUMENT, "INVALID_REQUEST")
+
+
+def test_timestamp_outside_window_gets_the_aws_code_and_reason() -> None:
+    err = errors.invalid([Violation("timestamp", "is too old", TIMESTAMP_OUT_OF_BOUNDS)])
+    assert (err.code, err.reason, err.domain) == (C.OUT_OF_RANGE, "TIMESTAMP_OUT_OF_BOUNDS", "metering-gateway")
+    mixed = errors.invalid([Violation("timestamp", "old", TIMESTAMP_OUT_OF_BOUNDS), Violation("product_code", "x")])
+    assert mixed.code == C.INVALID_ARGUMENT
+
+
+def test_every_reason_in_the_table_is_upper_snake() -> None:
+    for reason in errors.RULES:
+        assert reason == reason.upper() and " " not in reason and not reason.endswith("_EXCEPTION")

@@ -1,0 +1,219 @@
+"""UsageRecorderService over a real gRPC channel, metering to LocalAws over boto3."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from decimal import Decimal
+from pathlib import Path
+
+import grpc
+import pytest
+from recording import event, running_recorder, sums_of_events, sums_of_records, wait_for
+from support import details, local_session
+
+from gateway import aggregator
+from gateway.local_aws import DROP, LocalAws
+from gateway.recorder import Recording
+from marketplace.metering.v1 import metering_pb2 as pb
+from marketplace.metering.v1 import metering_pb2_grpc as pb_grpc
+
+HOUR = 3600
+State = pb.MeteringRecord.State
+
+
+def hours_ago(n: float) -> float:
+    """A time inside the hour that started ``n`` hours before the current one."""
+    return aggregator.hour_of(time.time()) - n * HOUR + 60
+
+
+@pytest.fixture
+def recorder(local_aws: LocalAws, tmp_path: Path) -> Iterator[tuple[pb_grpc.UsageRecorderServiceStub, Recording]]:
+    with running_recorder(local_aws.endpoint_url, str(tmp_path / "spool.db")) as (target, recording):
+        with grpc.insecure_channel(target) as channel:
+            yield pb_grpc.UsageRecorderServiceStub(channel), recording
+
+
+def record(stub: pb_grpc.UsageRecorderServiceStub, *events: pb.UsageEvent) -> pb.RecordUsageResponse:
+    return stub.RecordUsage(pb.RecordUsageRequest(events=events), timeout=10)
+
+
+def listed(stub: pb_grpc.UsageRecorderServiceStub, **filters: object) -> list[pb.MeteringRecord]:
+    return list(stub.ListMeteringRecords(pb.ListMeteringRecordsRequest(**filters), timeout=10).records)
+
+
+def metered(local_aws: LocalAws, expected: dict) -> bool:
+    return sums_of_records(local_aws.records()) == expected
+
+
+def test_invalid_batch_names_every_event_field_and_stores_nothing(recorder: tuple, local_aws: LocalAws) -> None:
+    stub, _ = recorder
+    no_time = pb.UsageEvent(event_id="e3", product_code="p", usage_dimension="d", usage_quantity=1)
+    bad = [
+        event("", hours_ago(1)),
+        event("e1", hours_ago(1), product="bad code!"),
+        event("e2", hours_ago(1), quantity="1.1234567"),
+        no_time,
+        pb.UsageEvent(event_id="e4", product_code="p", usage_dimension="d", timestamp=event("x", time.time()).timestamp),
+        event("e5", hours_ago(1), **{"": "v"}),
+        event("e6", time.time() + 3600),
+        event("x" * 129, hours_ago(1)),
+        event("ok", hours_ago(1)),
+    ]
+    with pytest.raises(grpc.RpcError) as err:
+        record(stub, *bad)
+    got = details(err.value)
+    assert got.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert got.info.reason == "INVALID_REQUEST"
+    assert got.fields == [
+        "events[0].event_id",
+        "events[1].product_code",
+        "events[2].usage_quantity_as_decimal",
+        "events[3].timestamp",
+        "events[4].quantity",
+        "events[5].tags[0].key",
+        "events[6].timestamp",
+        "events[7].event_id",
+    ]
+    assert listed(stub) == []  # all or nothing: the valid event was not kept either
+    for events in ([], [event(f"e{i}", time.time()) for i in range(1001)]):
+        with pytest.raises(grpc.RpcError) as err:
+            record(stub, *events)
+        assert details(err.value).fields == ["events"]
+
+
+def test_duplicates_add_nothing(recorder: tuple) -> None:
+    stub, _ = recorder
+    first = [event(f"e{i}", time.time(), 2) for i in range(3)]
+    assert record(stub, *first) == pb.RecordUsageResponse(accepted=3, duplicates=0)
+    again = record(stub, *first, event("e3", time.time(), 5), event("e3", time.time(), 5))
+    assert again == pb.RecordUsageResponse(accepted=1, duplicates=4)
+    (only,) = listed(stub)
+    assert Decimal(only.quantity) == 11
+
+
+def test_closed_hours_are_metered_once_with_allocations(recorder: tuple, local_aws: LocalAws) -> None:
+    stub, _ = recorder
+    events = [
+        event("a", hours_ago(2), 3, tenant="t1"),
+        event("b", hours_ago(2), 4, tenant="t2"),
+        event("c", hours_ago(2), 5),
+        event("d", hours_ago(1), "0.25", product="prod-b", dimension="gb"),
+        event("e", hours_ago(1), "1.5", product="prod-b", dimension="gb"),
+    ]
+    assert record(stub, *events).accepted == 5
+    expected = sums_of_events(events)
+    wait_for(lambda: metered(local_aws, expected), what="both hours metered")
+    sent = {(r.product_code, r.hour.ToSeconds()): r for r in listed(stub, state=State.STATE_SENT)}
+    by_id = {r.metering_record_id: r for r in local_aws.records()}
+    tagged = sent[("prod-a", aggregator.hour_of(hours_ago(2)))]
+    assert tagged.quantity == "12"
+    assert tagged.metering_record_id in by_id and tagged.attempts == 1
+    assert {(tuple((t.key, t.value) for t in a.tags), a.allocated_usage_quantity) for a in tagged.allocations} == {
+        ((), 5), ((("tenant", "t1"),), 3), ((("tenant", "t2"),), 4)
+    }
+    decimal = sent[("prod-b", aggregator.hour_of(hours_ago(1)))]
+    assert decimal.quantity == "1.75" and not decimal.allocations
+    assert by_id[decimal.metering_record_id].quantity == Decimal("1.75")
+    assert len(local_aws.records()) == 2
+
+
+def test_late_events_are_carried_to_the_next_open_hour(recorder: tuple, local_aws: LocalAws) -> None:
+    stub, _ = recorder
+    first = [event("a", hours_ago(3), 10)]
+    record(stub, *first)
+    wait_for(lambda: metered(local_aws, sums_of_events(first)), what="the first record")
+    late = [event("b", hours_ago(3), 7)]
+    record(stub, *late)
+    wait_for(lambda: metered(local_aws, sums_of_events(first + late)), what="the carried record")
+    carried = [r for r in listed(stub) if r.carried_from]
+    assert len(carried) == 1
+    assert carried[0].hour.ToSeconds() == aggregator.hour_of(hours_ago(2))
+    assert [t.ToSeconds() for t in carried[0].carried_from] == [aggregator.hour_of(hours_ago(3))]
+    hours = [(r.product_code, r.usage_dimension, r.hour) for r in local_aws.records()]
+    assert len(hours) == len(set(hours)) == 2
+
+
+def test_an_hour_taken_by_someone_else_is_carried(recorder: tuple, local_aws: LocalAws) -> None:
+    stub, _ = recorder
+    taken = datetime.fromtimestamp(aggregator.hour_of(hours_ago(2)), timezone.utc)
+    client = local_session().client("meteringmarketplace", endpoint_url=local_aws.endpoint_url)
+    client.meter_usage(ProductCode="prod-a", UsageDimension="requests", Timestamp=taken, UsageQuantity=999)
+    events = [event("a", hours_ago(2), 4), event("b", hours_ago(2), 6)]
+    record(stub, *events)
+    wait_for(lambda: listed(stub, state=State.STATE_SENT), what="the carried record sent")
+    (sent,) = listed(stub)
+    assert sent.hour.ToSeconds() == taken.timestamp() + HOUR
+    assert [t.ToSeconds() for t in sent.carried_from] == [taken.timestamp()]
+    assert sorted(r.quantity for r in local_aws.records()) == [Decimal(10), Decimal(999)]
+
+
+def test_throttling_then_an_outage_then_recovery_meters_exact_sums(recorder: tuple, local_aws: LocalAws) -> None:
+    stub, recording = recorder
+    local_aws.inject("ThrottlingException", 3)
+    local_aws.inject(DROP, 2)
+    local_aws.inject("InternalServiceErrorException", 3)
+    recording.sender.interval = 0.02
+    events = [event(f"e{i}", hours_ago(1 + i % 3), i, product=f"prod-{i % 2}") for i in range(60)]
+    record(stub, *events)
+    wait_for(lambda: metered(local_aws, sums_of_events(events)), what="all hours metered after the outage")
+    records = listed(stub)
+    assert {r.state for r in records} == {State.STATE_SENT}
+    assert max(r.attempts for r in records) > 1
+    assert not local_aws.faults
+    assert len(local_aws.records()) == 6
+
+
+def test_events_older_than_aws_takes_are_carried_not_refused(recorder: tuple, local_aws: LocalAws) -> None:
+    stub, _ = recorder
+    old = [event("old", time.time() - 8 * HOUR, 5)]
+    assert record(stub, *old).accepted == 1
+    (rec,) = wait_for(lambda: listed(stub))
+    assert rec.carried_from[0].ToSeconds() == aggregator.hour_of(time.time() - 8 * HOUR)
+    assert rec.hour.ToSeconds() >= aggregator.earliest_hour(time.time())
+
+
+def test_flush_on_shutdown_sends_the_open_hour(local_aws: LocalAws, tmp_path: Path) -> None:
+    events = [event(f"e{i}", time.time(), 1) for i in range(5)]
+    with running_recorder(local_aws.endpoint_url, str(tmp_path / "s.db"), flush_on_close=True) as (target, _):
+        with grpc.insecure_channel(target) as channel:
+            record(pb_grpc.UsageRecorderServiceStub(channel), *events)
+        assert local_aws.records() == []
+    assert sums_of_records(local_aws.records()) == sums_of_events(events)
+
+
+def test_listing_filters_and_pages(recorder: tuple) -> None:
+    stub, _ = recorder
+    events = [event(f"e{p}{h}", time.time() - h * HOUR, 1, product=f"prod-{p}") for p in range(2) for h in range(4)]
+    record(stub, *events)
+    pages, token = [], ""
+    while True:
+        reply = stub.ListMeteringRecords(pb.ListMeteringRecordsRequest(page_size=3, page_token=token), timeout=10)
+        pages.append(list(reply.records))
+        token = reply.next_page_token
+        if not token:
+            break
+    flat = [r for page in pages for r in page]
+    assert [len(p) for p in pages] == [3, 3, 2]
+    assert len({(r.product_code, r.hour.ToSeconds()) for r in flat}) == 8
+    assert [r.hour.ToSeconds() for r in flat] == sorted((r.hour.ToSeconds() for r in flat), reverse=True)
+    assert {r.product_code for r in listed(stub, product_code="prod-1")} == {"prod-1"}
+    wait_for(lambda: len(listed(stub, state=State.STATE_SENT)) == 6, what="closed hours sent")
+    assert len(listed(stub, state=State.STATE_PENDING)) == 2
+    for bad in (pb.ListMeteringRecordsRequest(page_token="not-a-token"), pb.ListMeteringRecordsRequest(page_size=-1)):
+        with pytest.raises(grpc.RpcError) as err:
+            stub.ListMeteringRecords(bad, timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_events_survive_a_restart_and_duplicates_are_still_known(local_aws: LocalAws, tmp_path: Path) -> None:
+    spool = str(tmp_path / "spool.db")
+    events = [event(f"e{i}", time.time(), 3) for i in range(4)]
+    with running_recorder(local_aws.endpoint_url, spool) as (target, _):
+        with grpc.insecure_channel(target) as channel:
+            record(pb_grpc.UsageRecorderServiceStub(channel), *events)
+    with running_recorder(local_aws.endpoint_url, spool, flush_on_close=True) as (target, _):
+        with grpc.insecure_channel(target) as channel:
+            assert record(pb_grpc.UsageRecorderServiceStub(channel), *events).duplicates == 4
+    assert sums_of_records(local_aws.records()) == sums_of_events(events)

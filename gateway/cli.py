@@ -7,7 +7,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import timedelta
 
 import boto3
@@ -62,11 +62,12 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def aws_session(settings: Settings, env: dict[str, str] | os._Environ[str]) -> boto3.session.Session:
+def aws_session(settings: Settings, env: Mapping[str, str]) -> boto3.session.Session:
     """The boto3 session: the default chain, or fixed dummy keys for --local."""
     if settings.local:
         return boto3.session.Session(aws_access_key_id="local", aws_secret_access_key="local", region_name=LOCAL_REGION)
-    session = boto3.session.Session()
+    # boto3 reads AWS_DEFAULT_REGION; AWS_REGION is what the other SDKs and ECS/Lambda set.
+    session = boto3.session.Session(region_name=env.get("AWS_REGION") or None)
     region = session.region_name
     if not region:
         raise ConfigError("no AWS region: set AWS_REGION (or AWS_DEFAULT_REGION) to the Region the software runs in")

@@ -81,7 +81,8 @@ class GatewayInterceptor(grpc.ServerInterceptor):
                         violations=[Violation("", "is not a valid protobuf encoding of the request")],
                     ) from None
                 response = behavior(request, context)
-                context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
+                if context.is_active():  # the caller may have gone (deadline) while AWS answered
+                    context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
                 return response
             except errors.GatewayError as exc:
                 code = exc.code

@@ -45,6 +45,7 @@ from gateway.ratelimit import RateLimiter
 TARGET_PREFIX = "AWSMPMeteringService."
 CONTENT_TYPE = "application/x-amz-json-1.1"
 DROP = "drop"  # a fault that closes the connection without an answer
+SLOW = "slow"  # a fault that only delays the answer (with ``delay``): a slow AWS
 BANNER = "LOCAL AWS BACKEND: nothing sent here reaches AWS and nothing is billed"
 
 log = structlog.get_logger("gateway.local_aws")
@@ -59,10 +60,11 @@ class AwsError(Exception):
 
 @dataclass
 class Fault:
-    error: str  # an AWS error code, or DROP
+    error: str  # an AWS error code, DROP or SLOW
     remaining: int
     message: str = "injected by the local backend"
     status: int = 400
+    delay: float = 0.0  # seconds to wait before failing (or, for SLOW, answering)
 
 
 @dataclass(frozen=True)
@@ -213,7 +215,7 @@ class LocalAws:
         return f"http://{host}:{self.port}"
 
     def start(self) -> LocalAws:
-        self._thread = threading.Thread(target=self._server.serve_forever, name="local-aws", daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), name="local-aws", daemon=True)
         self._thread.start()
         if not self.quiet:
             log.warning("local_aws_started", endpoint=self.endpoint_url, notice=BANNER)
@@ -231,12 +233,18 @@ class LocalAws:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def inject(self, error: str, count: int = 1, *, message: str = "injected by the local backend", status: int | None = None) -> None:
-        """The next ``count`` MeterUsage calls fail with ``error`` (or DROP)."""
+    def inject(
+        self, error: str, count: int = 1, *, message: str = "injected by the local backend", status: int | None = None,
+        delay: float = 0.0,
+    ) -> None:
+        """The next ``count`` MeterUsage calls fail with ``error`` (or DROP), after ``delay`` seconds.
+
+        ``inject(SLOW, delay=2)`` answers the next call normally, two seconds late.
+        """
         if status is None:
             status = 500 if error in ("InternalServiceErrorException",) else 400
         with self.lock:
-            self.faults.append(Fault(error, count, message, status))
+            self.faults.append(Fault(error, count, message, status, delay))
 
     def clear_faults(self) -> None:
         with self.lock:
@@ -256,12 +264,16 @@ class LocalAws:
         """One API call → (HTTP status, JSON body). Raises AwsError or returns."""
         with self.lock:
             self.calls += 1
-            if self.faults:
-                fault = self.faults[0]
+            fault = self.faults[0] if self.faults else None
+            if fault is not None:
                 fault.remaining -= 1
                 if fault.remaining <= 0:
                     self.faults.popleft()
+        if fault is not None:
+            time.sleep(fault.delay)  # outside the lock: other calls go on meanwhile
+            if fault.error != SLOW:
                 raise AwsError(fault.error, fault.message, fault.status)
+        with self.lock:
             if self.limiter is not None and not self.limiter.allow():
                 raise AwsError("ThrottlingException", "Rate exceeded")
             if target != TARGET_PREFIX + "MeterUsage":
@@ -276,7 +288,8 @@ class LocalAws:
         if path == "/_local/records" and method == "GET":
             return 200, [r.to_json() for r in self.records()]
         if path == "/_local/faults" and method == "POST":
-            self.inject(str(body["error"]), int(body.get("count", 1)), message=str(body.get("message", "injected")), status=body.get("status"))
+            self.inject(str(body["error"]), int(body.get("count", 1)), message=str(body.get("message", "injected")),
+                        status=body.get("status"), delay=float(body.get("delay", 0.0)))
             return 200, {"ok": True}
         if path == "/_local/faults" and method == "DELETE":
             self.clear_faults()

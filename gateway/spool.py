@@ -83,8 +83,9 @@ CREATE TABLE IF NOT EXISTS taken (
 """
 
 _INSERT_EVENT = (
-    "INSERT OR IGNORE INTO events (event_id, product_code, usage_dimension, hour, tags, quantity, whole) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?)"
+    # Only a repeated event_id is skipped; any other constraint fails the whole batch.
+    "INSERT INTO events (event_id, product_code, usage_dimension, hour, tags, quantity, whole) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (event_id) DO NOTHING"
 )
 _RECORD_COLUMNS = (
     "id, product_code, usage_dimension, hour, state, allocations, whole, quantity, client_token, "

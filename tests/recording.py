@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from collections import defaultdict
@@ -84,8 +85,9 @@ class FakeAws:
     def take_hour(self, product: str, dimension: str, hour: int) -> None:
         """Someone else (an earlier life of the pod) already metered this hour."""
         when = datetime.fromtimestamp(hour, timezone.utc)
-        self.state.meter_usage({"ProductCode": product, "UsageDimension": dimension, "Timestamp": when,
-                                "UsageQuantity": 999_999}, IDENTITY, when)
+        with contextlib.suppress(AwsError):  # we metered that hour ourselves already
+            self.state.meter_usage({"ProductCode": product, "UsageDimension": dimension, "Timestamp": when,
+                                    "UsageQuantity": 999_999}, IDENTITY, when)
 
     def ours(self) -> list[Record]:
         return [r for r in self.state.records if r.quantity != 999_999]

@@ -1,0 +1,142 @@
+"""Properties of aggregation and carry-over, on generated events and schedules.
+
+The last test runs the real Spool and Sender on a fake clock against AWS's
+rules in process (local_aws.State): random events, late events, outages longer
+than six hours and hours taken by someone else, then checks that AWS holds
+exactly the sum of the unique events, never two records per product, dimension
+and hour, and never a refusal for the six-hour window.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from recording import FakeAws, event, sums_of_events, sums_of_records
+
+from gateway import aggregator, validation
+from gateway.aggregator import HOUR, Content
+from gateway.recorder import event_row
+from gateway.sender import Sender
+from gateway.spool import FAILED, PENDING, Spool
+from marketplace.metering.v1 import metering_pb2 as pb
+
+NOW = 1_750_000_000.0
+
+whole = st.integers(0, validation.QUANTITY_MAX)
+decimal = st.builds(lambda i, f: f"{i}.{f:06d}".rstrip("0").rstrip(".") if f else str(i),
+                    st.integers(0, 9_999_999_999), st.integers(0, 999_999))
+tag_keys = st.sampled_from(["", '[["t","1"]]', '[["t","2"]]', '[["a","x"],["t","1"]]'])
+rows = st.lists(
+    st.tuples(st.sampled_from(["p1", "p2"]), st.sampled_from(["d1", "d2"]), st.integers(0, 8), tag_keys,
+              st.one_of(whole.map(lambda q: (str(q), True)), decimal.map(lambda q: (q, False)))),
+    max_size=60,
+)
+
+
+def as_rows(generated: list) -> list[tuple[int, str, str, int, str, str, bool]]:
+    return [(i, p, d, int(NOW) - h * HOUR, t, q, w) for i, (p, d, h, t, (q, w)) in enumerate(generated)]
+
+
+@given(rows)
+def test_grouping_keeps_every_unit_and_respects_aws_limits(generated: list) -> None:
+    data = as_rows(generated)
+    pieces = aggregator.group(data)
+    expected: dict[tuple[str, str], Decimal] = {}
+    for _, p, d, _, _, q, _ in data:
+        expected[(p, d)] = expected.get((p, d), Decimal(0)) + Decimal(q)
+    assert aggregator.totals(pieces) == expected
+    assert sorted(i for piece in pieces for i in piece.ids) == list(range(len(data)))
+    for piece in pieces:
+        assert piece.content.total <= aggregator.MAX_TOTAL
+        assert len(piece.content.allocations) <= validation.ALLOCATIONS_MAX
+        request = aggregator.build_request(piece.product_code, piece.usage_dimension, int(NOW) // HOUR * HOUR,
+                                           piece.content, aggregator.client_token(piece.product_code, piece.usage_dimension, 0, piece.content))
+        window = validation.Window(aggregator.timestamp_of(int(NOW)))
+        assert validation.validate_meter_usage(request, window) == []  # sums, kinds, unique tag sets, limits
+        tag_sets = [validation.tag_set(a.tags) for a in request.usage_allocations]
+        assert len(tag_sets) == len(set(tag_sets))
+
+
+@given(st.lists(st.integers(0, validation.QUANTITY_MAX), min_size=1, max_size=8))
+def test_whole_totals_beyond_the_limit_go_out_as_exact_decimals(quantities: list[int]) -> None:
+    content = Content()
+    for q in quantities:
+        content.add(Content({"": Decimal(q)}, True))
+    request = aggregator.build_request("p", "d", 0, content, "t")
+    if sum(quantities) <= validation.QUANTITY_MAX:
+        assert request.usage_quantity == sum(quantities)
+    else:
+        assert Decimal(request.usage_quantity_as_decimal) == sum(quantities)
+
+
+@given(st.integers(-20, 20), st.integers(0, 7 * HOUR), st.sets(st.integers(-20, 30), max_size=20))
+def test_placement_is_the_first_usable_hour_inside_the_window(own: int, offset: int, closed: set[int]) -> None:
+    now = NOW + offset
+    earliest = aggregator.earliest_hour(now)
+    own_hour = aggregator.hour_of(now) + own * HOUR
+    closed_hours = {aggregator.hour_of(now) + c * HOUR for c in closed}
+    hour = aggregator.place(own_hour, earliest, lambda h: h not in closed_hours)
+    assert hour % HOUR == 0 and hour >= own_hour and hour not in closed_hours
+    assert hour - now > -validation.MAX_AGE.total_seconds() + aggregator.SAFETY_MARGIN - 1
+    assert all(h in closed_hours for h in range(max(own_hour, earliest), hour, HOUR))
+
+
+@given(st.integers(0, 10**9), st.sampled_from(["", '[["t","1"]]']), decimal)
+def test_the_same_bucket_always_gets_the_same_token(hour: int, tags: str, quantity: str) -> None:
+    a = Content({tags: Decimal(quantity)}, False)
+    b = Content.from_json(a.to_json(), False)
+    assert aggregator.client_token("p", "d", hour, a) == aggregator.client_token("p", "d", hour, b)
+    assert aggregator.client_token("p", "d", hour + HOUR, a) != aggregator.client_token("p", "d", hour, a)
+    assert len(aggregator.client_token("p", "d", hour, a)) <= validation.CLIENT_TOKEN_MAX
+
+
+step = st.one_of(
+    st.tuples(st.just("record"), st.lists(st.tuples(st.integers(0, 9), st.integers(0, 3), st.integers(0, 50),
+                                                     st.sampled_from(["p1", "p2"])), min_size=1, max_size=8)),
+    st.tuples(st.just("advance"), st.integers(60, 4 * HOUR)),
+    st.tuples(st.just("outage"), st.booleans()),
+    st.tuples(st.just("take"), st.integers(-3, 2), st.sampled_from(["p1", "p2"])),
+    st.tuples(st.just("tick"), st.just(0)),
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(step, max_size=40), st.integers(0, HOUR - 1))
+def test_every_schedule_meters_each_unit_exactly_once(steps: list, start_offset: int) -> None:
+    clock = [NOW + start_offset]
+    aws = FakeAws(lambda: clock[0])
+    spool = Spool(":memory:")
+    sender = Sender(spool, aws, interval=60, grace=300, max_rps=1e9, now=lambda: clock[0], sleep=lambda _: None)  # type: ignore[arg-type]
+    recorded = []
+    for n, (kind, *args) in enumerate(steps):
+        if kind == "record":
+            # hours_back up to 9 (beyond six hours: carried), some ids repeat (duplicates)
+            batch = [event(f"e{i % 40}-{n if i % 3 else 0}", clock[0] - back * HOUR + minute * 60, qty, product=prod)
+                     for i, (back, minute, qty, prod) in enumerate(args[0])]
+            spool.record([event_row(e) for e in batch])
+            recorded += batch
+        elif kind == "advance":
+            clock[0] += args[0]
+        elif kind == "outage":
+            aws.down = args[0]
+        elif kind == "take":
+            hour = aggregator.hour_of(clock[0]) + args[0] * HOUR
+            if aggregator.earliest_hour(clock[0]) <= hour <= clock[0]:
+                aws.take_hour(args[1], "requests", hour)
+        else:
+            sender.tick()
+    aws.down = False
+    for _ in range(12):  # after recovery: a few hours of ticks send the rest
+        clock[0] += 20 * 60
+        sender.tick()
+    first: dict[str, pb.UsageEvent] = {}
+    for e in recorded:
+        first.setdefault(e.event_id, e)  # the first time an id was recorded wins; the rest are duplicates
+    assert sums_of_records(aws.ours()) == sums_of_events(first.values())
+    assert not spool.list(state=PENDING) and not spool.list(state=FAILED)
+    hours = [(r.product_code, r.usage_dimension, r.hour) for r in aws.state.records]
+    assert len(hours) == len(set(hours))
+    assert "TimestampOutOfBoundsException" not in aws.refusals
+    assert "IdempotencyConflictException" not in aws.refusals

@@ -1,0 +1,149 @@
+"""The command line as an operator meets it: serve, health, logs, bad settings."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import IO, Any
+
+import grpc
+import pytest
+from support import request
+
+from gateway.local_aws import LocalAws
+from marketplace.metering.v1 import metering_pb2_grpc as pb_grpc
+
+SECRET = "wJalrXUtnFEMI-K7MDENG-never-in-logs"
+
+
+def gateway_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "gateway", *args]
+
+
+def read_until(stream: IO[str], event: str, limit: int = 200, into: list[str] | None = None) -> dict[str, Any]:
+    """Read JSON log lines until one has this event; return it (all lines read go ``into``)."""
+    for _ in range(limit):
+        line = stream.readline()
+        if not line:
+            break
+        if into is not None:
+            into.append(line)
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if entry.get("event") == event:
+            return entry
+    raise AssertionError(f"no {event!r} log line")
+
+
+@contextmanager
+def serve(*args: str, env: dict[str, str] | None = None, lines: list[str] | None = None) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    proc = subprocess.Popen(
+        gateway_cmd("serve", "--listen", "127.0.0.1:0", *args),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})},
+    )
+    try:
+        assert proc.stdout is not None
+        line = read_until(proc.stdout, "serving", into=lines)
+        assert line["status"] == "SERVING"
+        yield proc, line["listen"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+def health(target: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(gateway_cmd("health", "--target", target, "--timeout", "2"), capture_output=True, text=True, timeout=30)
+
+
+def test_serve_local_reports_serving_and_health_agrees() -> None:
+    with serve("--local") as (proc, target):
+        result = health(target)
+        assert result.returncode == 0 and "SERVING" in result.stdout
+        assert pb_grpc.MeteringServiceStub(grpc.insecure_channel(target)).MeterUsage(request(), timeout=10).metering_record_id
+    assert proc.returncode == 0
+
+
+def test_health_fails_without_a_server() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = health(f"127.0.0.1:{port}")
+    assert result.returncode != 0 and "UNAVAILABLE" in result.stderr
+
+
+def test_one_log_line_per_rpc_with_its_fields_and_no_secret() -> None:
+    with LocalAws(quiet=True) as backend:
+        env = {
+            "AWS_ACCESS_KEY_ID": "AKIAEXAMPLEKEY123456",
+            "AWS_SECRET_ACCESS_KEY": SECRET,
+            "AWS_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL_MARKETPLACE_METERING": backend.endpoint_url,
+        }
+        lines: list[str] = []
+        with serve(env=env, lines=lines) as (proc, target):
+            stub = pb_grpc.MeteringServiceStub(grpc.insecure_channel(target))
+            stub.MeterUsage(request(usage_dimension="logged"), metadata=[("x-request-id", "req-from-caller")], timeout=10)
+            assert proc.stdout is not None
+            line = read_until(proc.stdout, "rpc", into=lines)
+        rest, err = proc.communicate(timeout=20)
+    out = "".join(lines) + rest
+    assert line["method"] == "/marketplace.metering.v1.MeteringService/MeterUsage"
+    assert line["code"] == "OK" and line["attempts"] == 1 and line["aws_request_id"]
+    assert (line["product_code"], line["usage_dimension"], line["request_id"]) == ("prod-abc123", "logged", "req-from-caller")
+    assert isinstance(line["duration_ms"], float)
+    assert SECRET not in out + err + json.dumps(line)
+    assert "long-term keys" in out  # the startup warning about access keys
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (["--listen", "nonsense"], {}, "is not HOST:PORT"),
+        (["--listen", "127.0.0.1:70000"], {}, "outside 0-65535"),
+        (["--grace", "soon"], {}, "--grace: 'soon' is not a duration"),
+        ([], {"METERING_GATEWAY_MAX_WORKERS": "many"}, "METERING_GATEWAY_MAX_WORKERS"),
+        (["--tls-cert", "/nonexistent.pem", "--tls-key", "/nonexistent.key"], {}, "no such file"),
+        ([], {"AWS_REGION": "mars-north-1", "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y"}, "unknown AWS region 'mars-north-1'"),
+    ],
+)
+def test_bad_configuration_is_one_clear_line(args: list[str], env: dict[str, str], message: str) -> None:
+    result = subprocess.run(gateway_cmd("serve", *args), capture_output=True, text=True, timeout=30,
+                            env={**os.environ, **env})
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("metering-gateway: error:") and message in lines[0], result.stderr
+
+
+def test_port_in_use_is_refused() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        result = subprocess.run(gateway_cmd("serve", "--local", "--listen", f"127.0.0.1:{port}"),
+                                capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and "cannot listen on" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_flags_beat_environment() -> None:
+    from gateway.cli import _parser
+    from gateway.config import settings_from
+
+    args = _parser().parse_args(["serve", "--grace", "2s", "--local"])
+    settings = settings_from(args, env={"METERING_GATEWAY_GRACE": "1m", "METERING_GATEWAY_FLUSH_GRACE": "0s"})
+    assert (settings.grace, settings.flush_grace, settings.local) == (2.0, 0.0, True)
+
+
+def test_help_names_every_env_variable() -> None:
+    from gateway.config import SETTINGS_FIELDS, env_name
+
+    text = subprocess.run(gateway_cmd("serve", "--help"), capture_output=True, text=True, timeout=30).stdout
+    flat = " ".join(text.split())
+    for f in SETTINGS_FIELDS:
+        assert env_name(f.name) in flat, f.name

@@ -1,0 +1,258 @@
+"""MeteringClient against a live gateway on loopback, backed by the local AWS stand-in."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from concurrent import futures
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+
+import grpc
+import pytest
+from support import running_gateway
+
+from gateway import errors as gateway_errors
+from gateway.local_aws import SLOW, LocalAws
+from marketplace.metering.v1 import metering_pb2 as pb
+from marketplace.metering.v1 import metering_pb2_grpc as pb_grpc
+from metering_client import (
+    REASONS,
+    AccessDenied,
+    AlreadyExists,
+    Allocation,
+    DeadlineExceeded,
+    DuplicateRequest,
+    IdempotencyConflict,
+    Internal,
+    InvalidArgument,
+    InvalidRequest,
+    MeteringClient,
+    MeteringError,
+    PermissionDenied,
+    RetryPolicy,
+    Throttled,
+    TimestampOutOfBounds,
+    Unavailable,
+    UsageEvent,
+)
+from metering_client.errors import CODES
+
+PRODUCT, DIMENSION = "prod-abc123", "requests"
+
+
+@pytest.fixture
+def client(gateway_target: str) -> MeteringClient:
+    with MeteringClient(gateway_target, default_timeout=10) as c:
+        yield c
+
+
+def meter(client: MeteringClient, **kw: object):
+    return client.meter_usage(**{"product_code": PRODUCT, "usage_dimension": DIMENSION, "quantity": 1, **kw})
+
+
+def test_whole_quantity_is_metered_with_a_generated_token(client: MeteringClient, local_aws: LocalAws) -> None:
+    first = meter(client, quantity=7)
+    second = meter(client, quantity=3, usage_dimension="other")
+    [r1, r2] = local_aws.records()
+    assert (r1.metering_record_id, r1.quantity, r1.client_token) == (first.metering_record_id, 7, first.client_token)
+    assert r2.client_token == second.client_token != first.client_token
+    assert uuid.UUID(first.client_token).version == 4
+
+
+def test_decimal_and_datetime_keywords(client: MeteringClient, local_aws: LocalAws) -> None:
+    when = datetime.now(timezone.utc) - timedelta(hours=2)
+    meter(client, quantity=Decimal("1E+2"), timestamp=when)
+    meter(client, quantity="2.500001", usage_dimension="other", timestamp=when)
+    [hundred, fraction] = local_aws.records()
+    assert hundred.quantity == Decimal(100) and fraction.quantity == Decimal("2.500001")
+    assert hundred.timestamp == when.replace(microsecond=hundred.timestamp.microsecond)
+    assert hundred.hour == when.replace(minute=0, second=0, microsecond=0)
+
+
+def test_allocations_carry_tags(client: MeteringClient, local_aws: LocalAws) -> None:
+    meter(client, quantity=Decimal("3.5"), allocations=[
+        Allocation(Decimal("1.5"), {"team": "a"}),
+        Allocation("2", {"team": "b", "env": "prod"}),
+    ])
+    [record] = local_aws.records()
+    assert {tuple(sorted(tags)): q for tags, q in record.allocations} == {
+        (("team", "a"),): Decimal("1.5"),
+        (("env", "prod"), ("team", "b")): Decimal(2),
+    }
+
+
+def test_a_given_token_is_kept_and_replays_are_idempotent(client: MeteringClient, local_aws: LocalAws) -> None:
+    when = datetime.now(timezone.utc)
+    first = meter(client, client_token="order-42", timestamp=when)
+    again = meter(client, client_token="order-42", timestamp=when)
+    assert first == again and first.client_token == "order-42"
+    assert len(local_aws.records()) == 1
+
+
+def test_dry_run(client: MeteringClient, local_aws: LocalAws) -> None:
+    result = meter(client, dry_run=True)
+    assert result.dry_run and result.metering_record_id == ""
+    assert local_aws.records() == []
+
+
+def test_invalid_request_names_every_field(client: MeteringClient, local_aws: LocalAws) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        meter(client, product_code="bad code!", quantity=2,
+              allocations=[Allocation(1, {"": "x"}), Allocation(2, {"team": "a"})])
+    err = caught.value
+    assert isinstance(err, InvalidArgument) and isinstance(err, MeteringError)
+    assert (err.code, err.reason, err.domain) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_REQUEST", "metering-gateway")
+    fields = {v.field for v in err.field_violations}
+    assert {"product_code", "usage_allocations[0].tags[0].key", "usage_allocations"} <= fields
+    assert err.aws_request_id is None and err.retry_delay is None
+    assert local_aws.calls == 0
+
+
+def test_duplicate_request_comes_from_aws(client: MeteringClient, local_aws: LocalAws) -> None:
+    when = datetime.now(timezone.utc)
+    meter(client, quantity=1, timestamp=when)
+    with pytest.raises(DuplicateRequest) as caught:
+        meter(client, quantity=2, timestamp=when)
+    err = caught.value
+    assert isinstance(err, AlreadyExists) and err.code == grpc.StatusCode.ALREADY_EXISTS
+    assert err.domain == "metering.marketplace.amazonaws.com"
+    assert err.aws_error_code == "DuplicateRequestException" and err.aws_request_id
+
+
+def test_idempotency_conflict(client: MeteringClient) -> None:
+    meter(client, client_token="tok-1", quantity=1)
+    with pytest.raises(IdempotencyConflict):
+        meter(client, client_token="tok-1", quantity=5)
+
+
+def test_timestamp_out_of_bounds(client: MeteringClient) -> None:
+    with pytest.raises(TimestampOutOfBounds) as caught:
+        meter(client, timestamp=datetime.now(timezone.utc) - timedelta(hours=7))
+    assert caught.value.code == grpc.StatusCode.OUT_OF_RANGE
+
+
+def test_access_denied_is_a_permission_denied(client: MeteringClient, local_aws: LocalAws) -> None:
+    local_aws.inject("AccessDeniedException")
+    with pytest.raises(AccessDenied) as caught:
+        meter(client)
+    assert isinstance(caught.value, PermissionDenied)
+    assert caught.value.metadata["awsErrorCode"] == "AccessDeniedException"
+
+
+def test_unknown_reason_falls_back_to_its_code(client: MeteringClient, local_aws: LocalAws) -> None:
+    local_aws.inject("QuotaRedesignException")
+    with pytest.raises(Internal) as caught:
+        meter(client)
+    assert caught.value.reason == "QUOTA_REDESIGN" and type(caught.value) is Internal
+
+
+def test_grpc_retries_throttling_with_the_same_token(local_aws: LocalAws) -> None:
+    # The gateway gives up after one AWS attempt; gRPC's retry policy in the client tries again.
+    local_aws.inject("ThrottlingException", count=2)
+    with running_gateway(local_aws.endpoint_url, aws_max_attempts=1) as target, \
+            MeteringClient(target, retry=RetryPolicy(max_attempts=3, initial_backoff=0.01)) as client:
+        result = meter(client)
+    assert local_aws.calls == 3
+    [record] = local_aws.records()
+    assert (record.metering_record_id, record.client_token) == (result.metering_record_id, result.client_token)
+
+
+def test_throttled_after_every_retry_carries_the_retry_delay(local_aws: LocalAws) -> None:
+    local_aws.inject("ThrottlingException", count=100)
+    with running_gateway(local_aws.endpoint_url, aws_max_attempts=1) as target, \
+            MeteringClient(target, retry=RetryPolicy(max_attempts=2, initial_backoff=0.01)) as client:
+        with pytest.raises(Throttled) as caught:
+            meter(client)
+    assert local_aws.calls == 2
+    assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert caught.value.retry_delay is not None and caught.value.retry_delay > 0
+
+
+def test_retries_can_be_turned_off(local_aws: LocalAws) -> None:
+    local_aws.inject("InternalServiceErrorException", count=100)
+    with running_gateway(local_aws.endpoint_url, aws_max_attempts=1) as target, \
+            MeteringClient(target, retry=None) as client:
+        with pytest.raises(Unavailable) as caught:
+            meter(client)
+    assert local_aws.calls == 1 and caught.value.reason == "INTERNAL_SERVICE_ERROR"
+
+
+def test_the_default_deadline_applies(local_aws: LocalAws) -> None:
+    local_aws.inject(SLOW, delay=1.0)
+    with running_gateway(local_aws.endpoint_url) as target, MeteringClient(target, default_timeout=0.2) as client:
+        with pytest.raises(DeadlineExceeded) as caught:
+            meter(client)
+    assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_no_server_is_unavailable_without_details() -> None:
+    with MeteringClient("127.0.0.1:1", retry=None, default_timeout=5) as client:
+        with pytest.raises(Unavailable) as caught:
+            meter(client)
+    assert caught.value.reason == "" and caught.value.field_violations == ()
+
+
+def test_every_gateway_reason_has_a_class_under_its_code() -> None:
+    for reason, rule in gateway_errors.RULES.items():
+        assert issubclass(REASONS[reason], CODES[rule.code]), reason
+    assert set(REASONS) == set(gateway_errors.RULES)
+
+
+@pytest.mark.parametrize("bad", [1.5, True, None])
+def test_inexact_or_odd_quantities_are_refused_locally(bad: object) -> None:
+    with MeteringClient("127.0.0.1:1") as client, pytest.raises(TypeError):
+        meter(client, quantity=bad)
+
+
+def test_naive_datetimes_are_refused_locally() -> None:
+    with MeteringClient("127.0.0.1:1") as client, pytest.raises(ValueError, match="timezone-aware"):
+        meter(client, timestamp=datetime.now())
+
+
+class _FakeRecorder(pb_grpc.UsageRecorderServiceServicer):
+    """Stands in for the recorder: the test is about the client's conversions."""
+
+    def __init__(self) -> None:
+        self.seen: list[pb.RecordUsageRequest] = []
+
+    def RecordUsage(self, request: pb.RecordUsageRequest, context: grpc.ServicerContext) -> pb.RecordUsageResponse:  # noqa: N802
+        self.seen.append(request)
+        return pb.RecordUsageResponse(accepted=len(request.events) - 1, duplicates=1)
+
+    def ListMeteringRecords(self, request: pb.ListMeteringRecordsRequest, context: grpc.ServicerContext) -> pb.ListMeteringRecordsResponse:  # noqa: N802
+        return pb.ListMeteringRecordsResponse(
+            records=[pb.MeteringRecord(product_code=request.product_code, state=request.state)], next_page_token="p2"
+        )
+
+
+def test_recorder_calls_convert_events() -> None:
+    fake = _FakeRecorder()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    pb_grpc.add_UsageRecorderServiceServicer_to_server(fake, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    when = datetime(2026, 1, 1, 12, 30, tzinfo=timezone.utc)
+    try:
+        with MeteringClient(f"127.0.0.1:{port}") as client:
+            result = client.record_usage([
+                UsageEvent("e1", PRODUCT, DIMENSION, 2, when, {"team": "a"}),
+                UsageEvent("e2", PRODUCT, DIMENSION, Decimal("0.25"), when),
+            ])
+            page = client.list_metering_records(state=pb.MeteringRecord.STATE_SENT, product_code=PRODUCT)
+    finally:
+        server.stop(0)
+    assert (result.accepted, result.duplicates) == (1, 1)
+    [e1, e2] = fake.seen[0].events
+    assert (e1.event_id, e1.usage_quantity, e1.tags[0].key, e1.timestamp.ToDatetime(tzinfo=timezone.utc)) == ("e1", 2, "team", when)
+    assert (e2.WhichOneof("quantity"), e2.usage_quantity_as_decimal) == ("usage_quantity_as_decimal", "0.25")
+    assert page.next_page_token == "p2" and page.records[0].state == pb.MeteringRecord.STATE_SENT
+
+
+def test_one_client_serves_many_threads(client: MeteringClient, local_aws: LocalAws) -> None:
+    threads = [threading.Thread(target=meter, args=(client,), kwargs={"usage_dimension": f"d{i}"}) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len({r.client_token for r in local_aws.records()}) == 8

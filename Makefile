@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 LISTEN ?= 127.0.0.1:50051
 PYTEST_ARGS ?=
 
-.PHONY: serve test proto bench clean
+.PHONY: serve test proto bench docs clean
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,3 +33,7 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info clients/python/build clients/python/src/*.egg-info
+
+## docs: rewrite the README's settings table from gateway/config.py
+docs: $(STAMP)
+	$(BIN)/python tools/settings_table.py

@@ -121,6 +121,8 @@ class Backend:
         """
         params = dict(params)
         params.setdefault("ClientToken", str(uuid.uuid4()))
+        if deadline is not None and deadline - self._clock() < MIN_ATTEMPT_SECONDS:
+            raise errors.GatewayError("DEADLINE_EXCEEDED", "the caller's deadline ran out before AWS could be called")
         attempt = 0
         while True:
             attempt += 1

@@ -253,26 +253,36 @@ def _parser_for(f: dataclasses.Field[Any]) -> Callable[[str], Any]:
     return as_choice
 
 
+def shown_default(f: dataclasses.Field[Any]) -> str:
+    """A setting's default as a person would type it (``5m``, ``true``, ``unset``)."""
+    default = f.default
+    if isinstance(default, bool):
+        return "true" if default else "false"
+    if f.metadata.get("parse") is parse_duration:
+        return format_duration(float(default))  # type: ignore[arg-type]
+    return str(default) if default != "" else "unset"
+
+
+def _metavar(f: dataclasses.Field[Any]) -> str | None:
+    if f.metadata.get("metavar"):
+        return str(f.metadata["metavar"])
+    if f.metadata.get("choices"):
+        return "{" + ",".join(f.metadata["choices"]) + "}"
+    parse = f.metadata.get("parse")
+    return {parse_duration: "DURATION", int: "N", float: "NUMBER"}.get(parse)  # type: ignore[arg-type]
+
+
 def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per setting; the value is parsed later, with the env fallback."""
     for f in SETTINGS_FIELDS:
-        default = f.default
-        if isinstance(default, bool):
-            shown = "true" if default else "false"
-        elif f.metadata.get("parse") is parse_duration:
-            shown = format_duration(float(default))  # type: ignore[arg-type]
-        else:
-            shown = str(default) if default != "" else "unset"
-        help_text = f"{f.metadata['help']} [env {env_name(f.name)}; default {shown}]"
+        help_text = f"{f.metadata['help']} [env {env_name(f.name)}; default {shown_default(f)}]"
         kwargs: dict[str, Any] = {"dest": f.name, "default": None, "help": help_text}
         if f.type in ("bool", bool):
             kwargs["nargs"] = "?"
             kwargs["const"] = "true"
             kwargs["metavar"] = "BOOL"
-        elif f.metadata.get("metavar"):
-            kwargs["metavar"] = f.metadata["metavar"]
-        elif f.metadata.get("choices"):
-            kwargs["metavar"] = "{" + ",".join(f.metadata["choices"]) + "}"
+        elif _metavar(f):
+            kwargs["metavar"] = _metavar(f)
         parser.add_argument(flag_name(f.name), **kwargs)
 
 

@@ -1,0 +1,33 @@
+"""Print the configuration table of README.md from gateway.config.Settings.
+
+`make docs` rewrites the table between the README's settings markers; a test fails
+when the README and the settings disagree.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from gateway.config import SETTINGS_FIELDS, env_name, flag_name, shown_default
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+BEGIN, END = "<!-- settings:begin -->", "<!-- settings:end -->"
+
+
+def table() -> str:
+    rows = ["| flag | environment variable | default | what it does |", "|---|---|---|---|"]
+    for f in SETTINGS_FIELDS:
+        rows.append(f"| `{flag_name(f.name)}` | `{env_name(f.name)}` | `{shown_default(f)}` | {f.metadata['help']} |")
+    return "\n".join(rows)
+
+
+def render(text: str) -> str:
+    head, _, rest = text.partition(BEGIN)
+    _, _, tail = rest.partition(END)
+    return f"{head}{BEGIN}\n{table()}\n{END}{tail}"
+
+
+if __name__ == "__main__":
+    README.write_text(render(README.read_text()))
+    sys.exit(0)

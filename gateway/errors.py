@@ -57,7 +57,6 @@ RULES: Mapping[str, Rule] = {
     "THROTTLING": Rule(Code.RESOURCE_EXHAUSTED, retryable=True),
     "INTERNAL_SERVICE_ERROR": Rule(Code.UNAVAILABLE, retryable=True),
     "AWS_UNREACHABLE": Rule(Code.UNAVAILABLE, retryable=True),
-    "SHUTTING_DOWN": Rule(Code.UNAVAILABLE, retryable=True),
     "DEADLINE_EXCEEDED": Rule(Code.DEADLINE_EXCEEDED),
     # Anything else.
     "INTERNAL": Rule(Code.INTERNAL),

@@ -89,8 +89,9 @@ class GatewayInterceptor(grpc.ServerInterceptor):
                 structlog.contextvars.bind_contextvars(reason=exc.reason)
                 _abort(context, exc.to_grpc_status(), request_id)
             except Exception as exc:
-                if isinstance(exc, grpc.RpcError) or context.code() not in (None, grpc.StatusCode.OK):
-                    code = context.code() or grpc.StatusCode.UNKNOWN  # aborted by the servicer itself
+                aborted = context.code()  # type: ignore[attr-defined]  # grpcio has it; the stubs lag
+                if isinstance(exc, grpc.RpcError) or aborted not in (None, grpc.StatusCode.OK):
+                    code = aborted or grpc.StatusCode.UNKNOWN  # aborted by the servicer itself
                     raise
                 code = grpc.StatusCode.INTERNAL
                 log.exception("rpc_failed")

@@ -211,7 +211,7 @@ class LocalAws:
 
     @property
     def endpoint_url(self) -> str:
-        host = self._server.server_address[0]
+        host = str(self._server.server_address[0])
         return f"http://{host}:{self.port}"
 
     def start(self) -> LocalAws:

@@ -6,8 +6,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 LISTEN ?= 127.0.0.1:50051
 PYTEST_ARGS ?=
+BUF_DIR := tools/buf
+BUF := $(BUF_DIR)/node_modules/.bin/buf
 
-.PHONY: serve test proto bench docs clean
+.PHONY: serve test proto lint-proto bench docs clean
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,20 +21,33 @@ $(STAMP): pyproject.toml clients/python/pyproject.toml
 serve: $(STAMP)
 	$(BIN)/metering-gateway serve --local --listen $(LISTEN)
 
-## test: run every test
-test: $(STAMP)
+## test: run every test (and lint the proto when node is installed)
+test: $(STAMP) lint-proto
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+## lint-proto: Buf's STANDARD lint on protos/ (Buf's CLI from npm, pinned in tools/buf)
+lint-proto:
+	@if command -v npm >/dev/null 2>&1; then \
+		$(MAKE) --no-print-directory --silent $(BUF) && $(BUF) lint && $(BUF) build -o /dev/null && echo "lint-proto: buf lint passed"; \
+	else \
+		echo "lint-proto skipped: node not found (npm is needed to install @bufbuild/buf)"; \
+	fi
+
+$(BUF): $(BUF_DIR)/package.json $(BUF_DIR)/package-lock.json
+	npm ci --prefix $(BUF_DIR) --no-audit --no-fund --loglevel=error
+	touch $@
 
 ## proto: regenerate the Python code from protos/ (never edit it by hand)
 proto: $(STAMP)
 	$(BIN)/python tools/genproto.py
 
-## bench: the pass-through benchmark (figures in README.md)
+## bench: the pass-through and RecordUsage benchmarks (figures in README.md)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/passthrough.py
+	$(BIN)/python benchmarks/record_usage.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info clients/python/build clients/python/src/*.egg-info
+	rm -rf $(VENV) build *.egg-info clients/python/build clients/python/src/*.egg-info $(BUF_DIR)/node_modules clients/node/node_modules
 
 ## docs: rewrite the README's settings table from gateway/config.py
 docs: $(STAMP)

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from decimal import Decimal
+from typing import NamedTuple
 
 from gateway import validation
 from marketplace.metering.v1 import metering_pb2 as pb
@@ -110,9 +111,8 @@ class Content:
         return cls({k: Decimal(v) for k, v in json.loads(text).items()}, whole)
 
 
-@dataclass(frozen=True)
-class EventRow:
-    """One validated event as the spool stores it."""
+class EventRow(NamedTuple):
+    """One validated event as the spool stores it (a tuple: it goes to SQLite as is)."""
 
     event_id: str
     product_code: str

@@ -9,6 +9,7 @@ import sys
 import threading
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
+from typing import NoReturn
 
 import boto3
 import grpc
@@ -28,6 +29,21 @@ log = structlog.get_logger("gateway")
 LOCAL_REGION = "us-east-1"
 
 
+def health_target(env: Mapping[str, str]) -> str:
+    """Where ``health`` looks by default: METERING_GATEWAY_HEALTH_TARGET, else the
+    loopback end of METERING_GATEWAY_LISTEN, so that one variable moves both the
+    server and the container's HEALTHCHECK."""
+    if env.get("METERING_GATEWAY_HEALTH_TARGET"):
+        return env["METERING_GATEWAY_HEALTH_TARGET"]
+    try:
+        host, port = parse_listen(env.get("METERING_GATEWAY_LISTEN", "127.0.0.1:50051"))
+    except ConfigError:
+        return "127.0.0.1:50051"
+    if host in ("0.0.0.0", "::"):  # every address: this host's loopback is one of them
+        host = "127.0.0.1" if host == "0.0.0.0" else "::1"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="metering-gateway",
@@ -43,8 +59,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     add_settings_arguments(serve)
     check = sub.add_parser("health", help="exit 0 only when a gateway reports SERVING")
-    check.add_argument("--target", default=os.environ.get("METERING_GATEWAY_HEALTH_TARGET", "127.0.0.1:50051"),
-                       help="HOST:PORT of the gateway [env METERING_GATEWAY_HEALTH_TARGET; default 127.0.0.1:50051]")
+    check.add_argument("--target", default=health_target(os.environ),
+                       help="HOST:PORT of the gateway [env METERING_GATEWAY_HEALTH_TARGET; default the local end of "
+                       "METERING_GATEWAY_LISTEN, else 127.0.0.1:50051]")
     check.add_argument("--service", default="", help="service name to check; default the whole server")
     check.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for an answer [default 3]")
     check.add_argument("--tls-ca", default=os.environ.get("METERING_GATEWAY_HEALTH_TLS_CA", ""),
@@ -179,12 +196,25 @@ def local_aws(args: argparse.Namespace) -> int:
     return 0
 
 
+def exit_now(code: int) -> NoReturn:
+    """End the process once serve() has drained and closed everything.
+
+    A call still blocked on AWS when the grace ran out has already been
+    cancelled for its caller; a normal interpreter exit would join its worker
+    thread and so outlive the grace, which is the promise the platform relies on
+    (terminationGracePeriodSeconds).
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
         if args.command == "serve":
-            return serve(settings_from(args))
+            exit_now(serve(settings_from(args)))
         if args.command == "health":
             return health_check(args)
         return local_aws(args)

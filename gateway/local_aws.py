@@ -18,7 +18,7 @@ keeps AWS's rules:
 For tests of the callers it can also refuse unknown products and dimensions,
 throttle above a rate, and inject errors or dropped connections on demand, in
 process (:meth:`LocalAws.inject`) or over HTTP (``POST /_local/faults``).
-``GET /_local/records`` lists what it recorded.
+``GET /_local/records`` lists what it recorded, ``GET /_local/faults`` the faults not yet taken.
 """
 
 from __future__ import annotations
@@ -287,6 +287,9 @@ class LocalAws:
     def control(self, method: str, path: str, body: Mapping[str, Any]) -> tuple[int, Any]:
         if path == "/_local/records" and method == "GET":
             return 200, [r.to_json() for r in self.records()]
+        if path == "/_local/faults" and method == "GET":  # what is still to come; empty once taken
+            with self.lock:
+                return 200, [{"error": f.error, "remaining": f.remaining, "delay": f.delay} for f in self.faults]
         if path == "/_local/faults" and method == "POST":
             self.inject(str(body["error"]), int(body.get("count", 1)), message=str(body.get("message", "injected")),
                         status=body.get("status"), delay=float(body.get("delay", 0.0)))

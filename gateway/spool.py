@@ -190,10 +190,9 @@ class Spool:
 
     def record(self, events: Sequence[EventRow]) -> tuple[int, int]:
         """Store a batch in one transaction → (accepted, duplicates). Durable on return."""
-        rows = [(e.event_id, e.product_code, e.usage_dimension, e.hour, e.tags, e.quantity, int(e.whole)) for e in events]
         with self._transaction() as db:
-            accepted = db.executemany(_INSERT_EVENT, rows).rowcount
-        return accepted, len(rows) - accepted
+            accepted = db.executemany(_INSERT_EVENT, events).rowcount
+        return accepted, len(events) - accepted
 
     # -- placing usage into records ------------------------------------------
 

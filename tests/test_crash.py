@@ -179,3 +179,5 @@ def test_sigkill_and_restart_meter_every_acknowledged_event_once(tmp_path: Path,
     hours = [(r["ProductCode"], r["UsageDimension"], r["Hour"]) for r in records]
     assert len(hours) == len(set(hours))
     assert not second.lines("record_failed")
+    print(f"batches {len(batches)}, without OK before the kill {acked.count(False)}, duplicates on resend "
+          f"{duplicates}, carries {len(first.lines('usage_carried') + second.lines('usage_carried'))}, records {len(records)}")

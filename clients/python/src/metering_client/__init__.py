@@ -1,1 +1,53 @@
-"""Python client for the metering gateway."""
+"""Python client for the metering gateway.
+
+    from metering_client import MeteringClient, DuplicateRequest
+
+    with MeteringClient("127.0.0.1:50051") as client:
+        result = client.meter_usage(product_code="prod-abc123", usage_dimension="requests", quantity=3)
+"""
+
+from metering_client.client import MeteringClient, MeterResult, RecordResult, RetryPolicy
+from metering_client.convert import Allocation, UsageEvent
+from metering_client.errors import (
+    REASONS,
+    AccessDenied,
+    AlreadyExists,
+    AwsUnreachable,
+    Cancelled,
+    CustomerNotEntitled,
+    DeadlineExceeded,
+    DisabledApi,
+    DuplicateRequest,
+    FailedPrecondition,
+    FieldViolation,
+    IdempotencyConflict,
+    Internal,
+    InternalServiceError,
+    InvalidArgument,
+    InvalidEndpointRegion,
+    InvalidProductCode,
+    InvalidRequest,
+    InvalidTag,
+    InvalidUsageAllocations,
+    InvalidUsageDimension,
+    MeteringError,
+    NoCredentials,
+    OutOfRange,
+    PermissionDenied,
+    ResourceExhausted,
+    Throttled,
+    TimestampOutOfBounds,
+    Unauthenticated,
+    Unauthorized,
+    Unavailable,
+)
+
+__all__ = [
+    "REASONS", "AccessDenied", "Allocation", "AlreadyExists", "AwsUnreachable", "Cancelled",
+    "CustomerNotEntitled", "DeadlineExceeded", "DisabledApi", "DuplicateRequest", "FailedPrecondition",
+    "FieldViolation", "IdempotencyConflict", "Internal", "InternalServiceError", "InvalidArgument",
+    "InvalidEndpointRegion", "InvalidProductCode", "InvalidRequest", "InvalidTag", "InvalidUsageAllocations",
+    "InvalidUsageDimension", "MeterResult", "MeteringClient", "MeteringError", "NoCredentials", "OutOfRange",
+    "PermissionDenied", "RecordResult", "ResourceExhausted", "RetryPolicy", "Throttled",
+    "TimestampOutOfBounds", "Unauthenticated", "Unauthorized", "Unavailable", "UsageEvent",
+]

@@ -1,0 +1,182 @@
+"""Typed exceptions built from the gateway's status details.
+
+Every refusal from the gateway carries a ``google.rpc.Status`` with one
+``ErrorInfo``; its ``reason`` picks the exception class from :data:`REASONS`, so a
+caller writes ``except DuplicateRequest:`` instead of comparing codes and strings.
+A reason this client does not know yet (a new AWS exception, say) still gets the
+class of its gRPC code, and a status without details (the transport's own
+UNAVAILABLE, a deadline that ran out in the client) gets one too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import grpc
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    """One refused field, named by its proto path (``usage_allocations[2].tags[0].key``)."""
+
+    field: str
+    description: str
+
+
+class MeteringError(Exception):
+    """A failed call. ``reason`` and ``domain`` come from ErrorInfo (AIP-193)."""
+
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        message: str,
+        *,
+        reason: str = "",
+        domain: str = "",
+        metadata: Mapping[str, str] | None = None,
+        field_violations: Sequence[FieldViolation] = (),
+        retry_delay: float | None = None,
+    ) -> None:
+        super().__init__(f"{code.name}: {reason + ': ' if reason else ''}{message}")
+        self.code = code
+        self.message = message
+        self.reason = reason
+        self.domain = domain
+        self.metadata: Mapping[str, str] = dict(metadata or {})
+        self.field_violations: tuple[FieldViolation, ...] = tuple(field_violations)
+        self.retry_delay = retry_delay  # seconds, from RetryInfo; None when a retry cannot help
+
+    @property
+    def aws_error_code(self) -> str | None:
+        """The exception name as AWS sent it, when AWS answered."""
+        return self.metadata.get("awsErrorCode")
+
+    @property
+    def aws_request_id(self) -> str | None:
+        """AWS's request id, for a support case, when AWS answered."""
+        return self.metadata.get("awsRequestId")
+
+
+# One class per gRPC code the gateway uses ...
+class InvalidArgument(MeteringError): ...
+class OutOfRange(MeteringError): ...
+class AlreadyExists(MeteringError): ...
+class FailedPrecondition(MeteringError): ...
+class PermissionDenied(MeteringError): ...
+class ResourceExhausted(MeteringError): ...
+class Unavailable(MeteringError): ...
+class DeadlineExceeded(MeteringError): ...
+class Internal(MeteringError): ...
+class Unauthenticated(MeteringError): ...
+class Cancelled(MeteringError): ...
+
+
+# ... and one per reason, under the class of its code.
+class InvalidRequest(InvalidArgument):
+    """The gateway refused the request before calling AWS; see ``field_violations``."""
+class InvalidProductCode(InvalidArgument): ...
+class InvalidUsageDimension(InvalidArgument): ...
+class InvalidTag(InvalidArgument): ...
+class InvalidUsageAllocations(InvalidArgument): ...
+class TimestampOutOfBounds(OutOfRange): ...
+class DuplicateRequest(AlreadyExists):
+    """The hour already has a record for this dimension, with another quantity."""
+class IdempotencyConflict(AlreadyExists):
+    """The ClientToken was used before for a different request."""
+class CustomerNotEntitled(FailedPrecondition): ...
+class InvalidEndpointRegion(FailedPrecondition): ...
+class DisabledApi(FailedPrecondition): ...
+class NoCredentials(FailedPrecondition): ...
+class Unauthorized(PermissionDenied): ...
+class AccessDenied(PermissionDenied): ...
+class Throttled(ResourceExhausted):
+    """AWS kept throttling after the gateway's and this client's retries; see ``retry_delay``."""
+class InternalServiceError(Unavailable): ...
+class AwsUnreachable(Unavailable): ...
+
+
+# The table: ErrorInfo.reason → class. Reasons are the gateway's (contract §3).
+REASONS: Mapping[str, type[MeteringError]] = {
+    "INVALID_REQUEST": InvalidRequest,
+    "INVALID_PRODUCT_CODE": InvalidProductCode,
+    "INVALID_USAGE_DIMENSION": InvalidUsageDimension,
+    "INVALID_TAG": InvalidTag,
+    "INVALID_USAGE_ALLOCATIONS": InvalidUsageAllocations,
+    "TIMESTAMP_OUT_OF_BOUNDS": TimestampOutOfBounds,
+    "DUPLICATE_REQUEST": DuplicateRequest,
+    "IDEMPOTENCY_CONFLICT": IdempotencyConflict,
+    "CUSTOMER_NOT_ENTITLED": CustomerNotEntitled,
+    "INVALID_ENDPOINT_REGION": InvalidEndpointRegion,
+    "DISABLED_API": DisabledApi,
+    "NO_CREDENTIALS": NoCredentials,
+    "UNAUTHORIZED": Unauthorized,
+    "ACCESS_DENIED": AccessDenied,
+    "THROTTLING": Throttled,
+    "INTERNAL_SERVICE_ERROR": InternalServiceError,
+    "AWS_UNREACHABLE": AwsUnreachable,
+    "DEADLINE_EXCEEDED": DeadlineExceeded,
+    "INTERNAL": Internal,
+}
+
+# The fallback for an unknown reason or a status without details.
+CODES: Mapping[grpc.StatusCode, type[MeteringError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
+    grpc.StatusCode.OUT_OF_RANGE: OutOfRange,
+    grpc.StatusCode.ALREADY_EXISTS: AlreadyExists,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+    grpc.StatusCode.INTERNAL: Internal,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.CANCELLED: Cancelled,
+}
+
+
+def _class_for(code: grpc.StatusCode, reason: str) -> type[MeteringError]:
+    cls = REASONS.get(reason)
+    if cls is not None and issubclass(cls, CODES.get(code, MeteringError)):
+        return cls
+    return CODES.get(code, MeteringError)  # a reason under an unexpected code: trust the code
+
+
+def from_status(code: grpc.StatusCode, message: str, status: status_pb2.Status | None) -> MeteringError:
+    """The exception for a status and its (optional) ``google.rpc.Status`` details."""
+    info = error_details_pb2.ErrorInfo()
+    violations: list[FieldViolation] = []
+    retry_delay: float | None = None
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            detail.Unpack(info)
+        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            violations.extend(FieldViolation(v.field, v.description) for v in bad.field_violations)
+        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            retry = error_details_pb2.RetryInfo()
+            detail.Unpack(retry)
+            retry_delay = retry.retry_delay.ToNanoseconds() / 1e9
+    cls = _class_for(code, info.reason)
+    return cls(
+        code,
+        message,
+        reason=info.reason,
+        domain=info.domain,
+        metadata=dict(info.metadata),
+        field_violations=violations,
+        retry_delay=retry_delay,
+    )
+
+
+def from_rpc_error(exc: grpc.RpcError) -> MeteringError:
+    """The typed exception for a failed call (``exc`` is a grpc.Call too)."""
+    call: grpc.Call = exc  # type: ignore[assignment]
+    try:
+        status = rpc_status.from_call(call)
+    except ValueError:  # details that contradict the status: keep the code, drop the details
+        status = None
+    return from_status(call.code(), call.details() or "", status)

@@ -1,0 +1,96 @@
+"""SIGTERM: health goes NOT_SERVING, new calls are refused, the call in flight finishes, exit 0."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+from concurrent import futures
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from helpers_clients import GatewayProcess, gateway_process
+
+from gateway.local_aws import SLOW
+from metering_client import MeteringClient, MeterResult, MeteringError
+
+pytestmark = pytest.mark.slow
+
+
+def local_aws_url(gw: GatewayProcess) -> str:
+    return str(gw.wait_for(lambda e: e.get("event") == "local_aws_started")["endpoint"])
+
+
+def control(url: str, method: str, body: Any = None) -> Any:
+    data = None if body is None else json.dumps(body).encode()
+    with urllib.request.urlopen(urllib.request.Request(url, data=data, method=method), timeout=10) as reply:
+        return json.loads(reply.read())
+
+
+def slow_call_in_flight(gw: GatewayProcess, delay: float, pool: futures.Executor, client: MeteringClient) -> futures.Future[MeterResult]:
+    """Start a MeterUsage call that AWS answers ``delay`` seconds late; return once AWS has it."""
+    url = local_aws_url(gw) + "/_local/faults"
+    control(url, "POST", {"error": SLOW, "delay": delay})
+    call = pool.submit(client.meter_usage, product_code="prod-abc123", usage_dimension="slow", quantity=1, timeout=120)
+    while control(url, "GET"):  # the fault is taken when the call reaches the local AWS
+        assert not call.done(), call.exception()
+        time.sleep(0.02)
+    return call
+
+
+def refused_call(target: str) -> str:
+    """Call until the server refuses; the dimension of the refused call.
+
+    NOT_SERVING comes first and the refusal right after it, so a call may still
+    get in between; the first refusal must come while the slow call is in flight.
+    """
+    with MeteringClient(target, retry=None, default_timeout=5) as late:
+        for n in range(1000):
+            try:
+                late.meter_usage(product_code="prod-abc123", usage_dimension=f"late-{n}", quantity=1)
+            except MeteringError as exc:
+                # UNAVAILABLE on a fresh connection, or CANCELLED when the call
+                # raced the server's shutdown on an accepted one.
+                assert exc.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED), exc
+                return f"late-{n}"
+    raise AssertionError("new calls were never refused")
+
+
+def test_sigterm_drains_the_call_in_flight_and_exits_0() -> None:
+    with gateway_process("--grace", "20s", "--aws-read-timeout", "60s") as gw, \
+            futures.ThreadPoolExecutor(2) as pool, MeteringClient(gw.target, retry=None) as client, \
+            grpc.insecure_channel(gw.target) as watch_channel:
+        watch = health_pb2_grpc.HealthStub(watch_channel).Watch(health_pb2.HealthCheckRequest(service=""), timeout=60)
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        call = slow_call_in_flight(gw, 3.0, pool, client)
+
+        gw.proc.send_signal(15)
+        assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        watch.cancel()  # a stream in flight too: left open, it would hold the drain to the full grace
+        gw.wait_for(lambda e: e.get("event") == "shutdown_requested")
+        refused = refused_call(gw.target)
+        assert not call.done(), "the slow call is still in flight while new ones are refused"
+
+        result = call.result(timeout=30)
+        assert result.metering_record_id
+        assert gw.proc.wait(timeout=30) == 0
+    assert gw.wait_for(lambda e: e.get("event") == "stopped")
+    [rpc] = [e for e in gw.lines if e.get("event") == "rpc" and e.get("usage_dimension") == "slow"]
+    assert rpc["code"] == "OK"
+    assert not [e for e in gw.lines if e.get("usage_dimension") == refused], "the refused call never reached the servicer"
+
+
+def test_a_call_longer_than_the_grace_does_not_hold_the_exit() -> None:
+    with gateway_process("--grace", "1s", "--aws-read-timeout", "60s") as gw, \
+            futures.ThreadPoolExecutor(2) as pool, MeteringClient(gw.target, retry=None) as client:
+        call = slow_call_in_flight(gw, 40.0, pool, client)
+        started = time.monotonic()
+        gw.proc.send_signal(15)
+        assert gw.proc.wait(timeout=30) == 0
+        took = time.monotonic() - started
+        with pytest.raises(MeteringError) as cut:
+            call.result(timeout=30)
+    assert cut.value.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+    assert took < 20, f"exit took {took:.1f}s; the grace is 1s and the call would take 40s"

@@ -1,0 +1,165 @@
+"""TLS (--tls-cert/--tls-key) and mTLS (--tls-client-ca), with certificates made here."""
+
+from __future__ import annotations
+
+import ipaddress
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from helpers_clients import GatewayProcess, gateway_process, tool_env
+
+from metering_client import MeteringClient, MeteringError
+
+pytestmark = pytest.mark.slow
+
+
+@dataclass(frozen=True)
+class Pair:
+    cert: Path
+    key: Path
+
+
+def _write(path: Path, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> Pair:
+    path.with_suffix(".crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    path.with_suffix(".key").write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return Pair(path.with_suffix(".crt"), path.with_suffix(".key"))
+
+
+class Authority:
+    """A throwaway CA that signs server and client certificates."""
+
+    def __init__(self, directory: Path, name: str) -> None:
+        self.dir, self.name = directory, name
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{name} test CA")])
+        self.cert = (
+            self._builder(subject, self.key.public_key())
+            .issuer_name(subject)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
+            .sign(self.key, hashes.SHA256())
+        )
+        self.pem = _write(directory / f"{name}-ca", self.cert, self.key).cert
+
+    @staticmethod
+    def _builder(subject: x509.Name, public_key: ec.EllipticCurvePublicKey) -> x509.CertificateBuilder:
+        now = datetime.now(timezone.utc)
+        return (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(minutes=5))
+            .not_valid_after(now + timedelta(days=1))
+        )
+
+    def issue(self, common_name: str, *, server: bool) -> Pair:
+        key = ec.generate_private_key(ec.SECP256R1())
+        builder = (
+            self._builder(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]), key.public_key())
+            .issuer_name(self.cert.subject)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]),
+                critical=False,
+            )
+        )
+        if server:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                critical=False,
+            )
+        return _write(self.dir / f"{self.name}-{common_name}", builder.sign(self.key, hashes.SHA256()), key)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    directory = tmp_path_factory.mktemp("pki")
+    ca, rogue = Authority(directory, "good"), Authority(directory, "rogue")
+    return {
+        "ca": ca,
+        "rogue": rogue,
+        "server": ca.issue("gateway", server=True),
+        "client": ca.issue("billing-service", server=False),
+        "rogue_client": rogue.issue("billing-service", server=False),
+    }
+
+
+def meter(target: str, **tls: object) -> str:
+    with MeteringClient(target, retry=None, default_timeout=10, **tls) as client:  # type: ignore[arg-type]
+        return client.meter_usage(product_code="prod-abc123", usage_dimension="tls", quantity=1).metering_record_id
+
+
+def health(target: str, *flags: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["metering-gateway", "health", "--target", target, *flags], env=tool_env(),
+                          capture_output=True, text=True, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def tls_gateway(pki: dict) -> Iterator[GatewayProcess]:
+    server: Pair = pki["server"]
+    with gateway_process("--tls-cert", str(server.cert), "--tls-key", str(server.key)) as gw:
+        yield gw
+
+
+@pytest.fixture(scope="module")
+def mtls_gateway(pki: dict) -> Iterator[GatewayProcess]:
+    server: Pair = pki["server"]
+    with gateway_process("--tls-cert", str(server.cert), "--tls-key", str(server.key),
+                         "--tls-client-ca", str(pki["ca"].pem)) as gw:
+        yield gw
+
+
+def test_tls_serves_a_client_that_trusts_the_ca(tls_gateway: GatewayProcess, pki: dict) -> None:
+    assert meter(tls_gateway.target, root_certificates=pki["ca"].pem)
+    assert meter(tls_gateway.target, root_certificates=pki["ca"].pem.read_bytes())
+    serving = next(e for e in tls_gateway.lines if e.get("event") == "serving")
+    assert (serving["tls"], serving["mtls"]) == (True, False)
+
+
+@pytest.mark.parametrize("tls", [{}, {"root_certificates": "rogue"}], ids=["plaintext", "untrusted-ca"])
+def test_tls_refuses_plaintext_and_an_untrusted_server(tls_gateway: GatewayProcess, pki: dict, tls: dict) -> None:
+    kwargs = {k: pki[v].pem for k, v in tls.items()}
+    with pytest.raises(MeteringError) as caught:
+        meter(tls_gateway.target, **kwargs)
+    assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+def test_health_over_tls(tls_gateway: GatewayProcess, pki: dict) -> None:
+    ok = health(tls_gateway.target, "--tls-ca", str(pki["ca"].pem))
+    assert ok.returncode == 0 and "SERVING" in ok.stdout, ok.stderr
+    assert health(tls_gateway.target).returncode != 0  # plaintext against TLS
+
+
+def test_mtls_accepts_a_client_certificate_from_the_ca(mtls_gateway: GatewayProcess, pki: dict) -> None:
+    client: Pair = pki["client"]
+    assert meter(mtls_gateway.target, root_certificates=pki["ca"].pem,
+                 certificate_chain=client.cert, private_key=client.key)
+    ok = health(mtls_gateway.target, "--tls-ca", str(pki["ca"].pem), "--tls-cert", str(client.cert),
+                "--tls-key", str(client.key))
+    assert ok.returncode == 0, ok.stderr
+
+
+@pytest.mark.parametrize("who", [None, "rogue_client"], ids=["no-certificate", "certificate-from-another-ca"])
+def test_mtls_refuses_other_clients(mtls_gateway: GatewayProcess, pki: dict, who: str | None) -> None:
+    creds: dict[str, object] = {"root_certificates": pki["ca"].pem}
+    flags = ["--tls-ca", str(pki["ca"].pem)]
+    if who is not None:
+        pair: Pair = pki[who]
+        creds.update(certificate_chain=pair.cert, private_key=pair.key)
+        flags += ["--tls-cert", str(pair.cert), "--tls-key", str(pair.key)]
+    with pytest.raises(MeteringError) as caught:
+        meter(mtls_gateway.target, **creds)
+    assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+    assert health(mtls_gateway.target, *flags).returncode != 0

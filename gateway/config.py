@@ -242,7 +242,7 @@ def env_name(name: str) -> str:
 def _parser_for(f: dataclasses.Field[Any]) -> Callable[[str], Any]:
     parse = f.metadata.get("parse")
     if parse is not None:
-        return parse  # type: ignore[no-any-return]
+        return parse
     choices = f.metadata.get("choices")
 
     def as_choice(text: str) -> str:
@@ -269,7 +269,7 @@ def _metavar(f: dataclasses.Field[Any]) -> str | None:
     if f.metadata.get("choices"):
         return "{" + ",".join(f.metadata["choices"]) + "}"
     parse = f.metadata.get("parse")
-    return {parse_duration: "DURATION", int: "N", float: "NUMBER"}.get(parse)  # type: ignore[arg-type]
+    return {parse_duration: "DURATION", int: "N", float: "NUMBER"}.get(parse)
 
 
 def add_settings_arguments(parser: argparse.ArgumentParser) -> None:

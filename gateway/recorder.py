@@ -152,7 +152,7 @@ class RecorderServicer(pb_grpc.UsageRecorderServiceServicer):
         # Place events recorded since the sender's last pass, so the listing is current.
         for carry in self._spool.assign(self._now().timestamp(), self._margin):
             carry.log(LATE)
-        rows = self._spool.list(
+        rows = self._spool.list_records(
             state=_STATE_NAMES.get(request.state), product_code=request.product_code or None, after=after, limit=size + 1
         )
         more = len(rows) > size

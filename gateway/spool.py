@@ -323,10 +323,11 @@ class Spool:
             rows = self._records(self._db, "id = ?", (record_id,))
         return rows[0] if rows else None
 
-    def list(self, *, state: str | None = None, product_code: str | None = None,
+    def list_records(self, *, state: str | None = None, product_code: str | None = None,
              after: tuple[int, int] | None = None, limit: int = 100) -> list[RecordRow]:
         """Records newest hour first; ``after`` is the (hour, id) of the last one seen."""
-        where, args = ["1"], []
+        where: list[str] = ["1"]
+        args: list[Any] = []
         if state:
             where.append("state = ?")
             args.append(state)

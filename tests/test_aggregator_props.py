@@ -135,7 +135,7 @@ def test_every_schedule_meters_each_unit_exactly_once(steps: list, start_offset:
     for e in recorded:
         first.setdefault(e.event_id, e)  # the first time an id was recorded wins; the rest are duplicates
     assert sums_of_records(aws.ours()) == sums_of_events(first.values())
-    assert not spool.list(state=PENDING) and not spool.list(state=FAILED)
+    assert not spool.list_records(state=PENDING) and not spool.list_records(state=FAILED)
     hours = [(r.product_code, r.usage_dimension, r.hour) for r in aws.state.records]
     assert len(hours) == len(set(hours))
     assert "TimestampOutOfBoundsException" not in aws.refusals

@@ -51,26 +51,26 @@ def test_a_record_is_frozen_before_aws_hears_of_it(tmp_path: Path) -> None:
     spool = Spool(path)
     spool.record([row("late", quantity="4")])
     carries = spool.assign(NOW)
-    (again,) = [r for r in spool.list() if r.id == record.id]
+    (again,) = [r for r in spool.list_records() if r.id == record.id]
     assert again.quantity == "3" and again.client_token == record.client_token  # the resend is the same request
     assert [(c.from_hour, c.to_hour, c.quantity) for c in carries] == [(record.hour, record.hour + HOUR, "4")]
     spool.mark_sent(again.id, "mr-1")
-    assert {r.state for r in spool.list()} == {SENT, PENDING}
+    assert {r.state for r in spool.list_records()} == {SENT, PENDING}
 
 
 def test_carry_moves_usage_and_marks_the_hour(tmp_path: Path) -> None:
     spool = Spool(str(tmp_path / "spool.db"))
     spool.record([row("a", 2, "5", tags='[["t","1"]]'), row("b", 2, "6")])
     spool.assign(NOW)
-    (record,) = spool.list()
+    (record,) = spool.list_records()
     carries = spool.carry(record.id, "DUPLICATE_REQUEST", NOW)
     assert [c.to_hour for c in carries] == [record.hour + HOUR]
-    (moved,) = spool.list()
+    (moved,) = spool.list_records()
     assert moved.hour == record.hour + HOUR and moved.quantity == "11" and moved.carried_hours == [record.hour]
     assert moved.client_token != record.client_token
     spool.record([row("c", 2, "1")])  # the taken hour stays taken for later events
     spool.assign(NOW)
-    (merged,) = spool.list()
+    (merged,) = spool.list_records()
     assert merged.quantity == "12"
 
 

@@ -43,7 +43,8 @@ proto: $(STAMP)
 
 ## bench: the pass-through and RecordUsage benchmarks (figures in README.md)
 bench: $(STAMP)
-	$(BIN)/python benchmarks/passthrough.py
+	$(BIN)/python benchmarks/passthrough.py --processes 1
+	$(BIN)/python benchmarks/passthrough.py --processes 2
 	$(BIN)/python benchmarks/record_usage.py
 
 clean:

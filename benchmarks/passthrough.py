@@ -239,7 +239,7 @@ def table(summary: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-def benchmark(calls: int, rounds: int, warmup: int, max_seconds: float) -> tuple[dict[str, Any], list[Run]]:
+def benchmark(calls: int, rounds: int, warmup: int, max_seconds: float, processes: int = 1) -> tuple[dict[str, Any], list[Run]]:
     ids = itertools.count()
     runs: list[Run] = []
     with tempfile.TemporaryDirectory(prefix="passthrough-") as tmp:
@@ -249,7 +249,8 @@ def benchmark(calls: int, rounds: int, warmup: int, max_seconds: float) -> tuple
             env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}  # no stray profile or token
             # botocore reads only AWS_DEFAULT_REGION; AWS_REGION is what other SDKs (and the docs) use
             env.update(CREDS, AWS_REGION=REGION, AWS_DEFAULT_REGION=REGION, AWS_ENDPOINT_URL_MARKETPLACE_METERING=endpoint)
-            with child(["serve", "--listen", "127.0.0.1:0"], "serving", workdir, env) as serving:
+            serve = ["serve", "--listen", "127.0.0.1:0", "--processes", str(processes)]
+            with child(serve, "serving", workdir, env) as serving:
                 target = str(serving["listen"])
                 wait_serving(target)
                 with grpc.insecure_channel(target) as channel:
@@ -273,16 +274,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="alternating direct/gateway rounds [default 3]")
     parser.add_argument("--warmup", type=int, default=200, help="unmeasured calls per path first [default 200]")
     parser.add_argument("--max-seconds", type=float, default=30.0, help="time limit of one run [default 30]")
+    parser.add_argument("--processes", type=int, default=1, help="gateway server processes (serve --processes) [default 1]")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 20 calls, 1 round, 16 warm-up calls")
     args = parser.parse_args(argv)
     if args.quick:
         args.calls, args.rounds, args.warmup = 20, 1, 16
-    print(f"pass-through: {args.calls} calls per run, {args.rounds} rounds, {os.cpu_count()} CPUs, "
+    print(f"pass-through: gateway with {args.processes} process(es), {args.calls} calls per run, {args.rounds} rounds, {os.cpu_count()} CPUs, "
           f"Python {sys.version.split()[0]}, grpcio {grpc.__version__}, boto3 {boto3.__version__}", file=sys.stderr)
-    summary, runs = benchmark(args.calls, args.rounds, args.warmup, args.max_seconds)
+    summary, runs = benchmark(args.calls, args.rounds, args.warmup, args.max_seconds, args.processes)
     failures = [f for r in runs for f in r.failures]
     summary["failures"] = len(failures)
-    summary["config"] = {"calls": args.calls, "rounds": args.rounds, "cpus": os.cpu_count()}
+    summary["config"] = {"calls": args.calls, "rounds": args.rounds, "cpus": os.cpu_count(), "processes": args.processes}
     print(table(summary))
     for failure in failures[:5]:
         print(f"FAILED: {failure}", file=sys.stderr)

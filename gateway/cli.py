@@ -8,25 +8,17 @@ import signal
 import sys
 import threading
 from collections.abc import Mapping, Sequence
-from datetime import timedelta
 from typing import NoReturn
 
-import boto3
 import grpc
 import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from gateway import credentials, logs
-from gateway.backend import SERVICE, Backend, RetryPolicy, make_client
+from gateway import app, logs, workers
 from gateway.config import ConfigError, Settings, add_settings_arguments, parse_listen, settings_from
-from gateway.local_aws import BANNER, LocalAws
-from gateway.recorder import open_recording
-from gateway.server import METERING_SERVICE, Gateway, Servicer
-from gateway.service import MeteringServicer
-from marketplace.metering.v1 import metering_pb2_grpc as pb_grpc
+from gateway.local_aws import LocalAws
 
 log = structlog.get_logger("gateway")
-LOCAL_REGION = "us-east-1"
 
 
 def health_target(env: Mapping[str, str]) -> str:
@@ -79,22 +71,8 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def aws_session(settings: Settings, env: Mapping[str, str]) -> boto3.session.Session:
-    """The boto3 session: the default chain, or fixed dummy keys for --local."""
-    if settings.local:
-        return boto3.session.Session(aws_access_key_id="local", aws_secret_access_key="local", region_name=LOCAL_REGION)
-    # boto3 reads AWS_DEFAULT_REGION; AWS_REGION is what the other SDKs and ECS/Lambda set.
-    session = boto3.session.Session(region_name=env.get("AWS_REGION") or None)
-    region = session.region_name
-    if not region:
-        raise ConfigError("no AWS region: set AWS_REGION (or AWS_DEFAULT_REGION) to the Region the software runs in")
-    known = {r for p in session.get_available_partitions() for r in session.get_available_regions(SERVICE, p)}
-    if known and region not in known:
-        raise ConfigError(f"unknown AWS region {region!r} for AWS Marketplace Metering (AWS_REGION)")
-    return session
-
-
 def serve(settings: Settings) -> int:
+    """Run until SIGTERM: one server process, or ``--processes`` sharing the port."""
     logs.configure(settings.log_level)
     local: LocalAws | None = None
     if settings.local:
@@ -102,50 +80,15 @@ def serve(settings: Settings) -> int:
             local = LocalAws(port=settings.local_port).start()
         except OSError as exc:
             raise ConfigError(f"cannot start the local backend on port {settings.local_port}: {exc}") from None
-    session = aws_session(settings, os.environ)
-    client = make_client(settings, endpoint_url=local.endpoint_url if local else None, session=session)
-    if not settings.local:
-        for warning in credentials.diagnose(session.get_credentials(), os.environ):
-            log.warning("aws_credentials", problem=warning)
-    backend = Backend(client, RetryPolicy(settings.aws_max_attempts, settings.aws_backoff_base, settings.aws_backoff_max))
-    servicers = [
-        Servicer(METERING_SERVICE, MeteringServicer(backend, future_skew=timedelta(seconds=settings.timestamp_skew)),
-                 pb_grpc.add_MeteringServiceServicer_to_server),
-    ]
-    recording = open_recording(settings, client) if settings.spool else None
-    if recording:
-        servicers.append(recording.servicer)
-    gateway = Gateway(settings, servicers)
-    port = gateway.start()
-    host, _ = parse_listen(settings.listen)
-    stop = threading.Event()
-
-    def on_signal(signum: int, _frame: object) -> None:
-        log.info("shutdown_requested", signal=signal.Signals(signum).name, grace_s=settings.grace)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    log.info(
-        "serving",
-        listen=f"{host}:{port}",
-        status="SERVING",
-        backend=local.endpoint_url if local else "aws",
-        region=session.region_name,
-        tls=bool(settings.tls_cert),
-        mtls=bool(settings.tls_client_ca),
-    )
-    if local:
-        log.warning("local_backend", notice=BANNER)
-    while not stop.wait(3600):
-        pass
-    gateway.stop()
-    if recording:  # after the server drained RecordUsage calls, before AWS goes away
-        recording.close(flush=settings.flush_on_shutdown, budget=max(settings.grace, 5.0))
-    if local:
-        local.stop()
-    log.info("stopped")
-    return 0
+    endpoint = local.endpoint_url if local else None
+    try:
+        if settings.processes == 1:
+            return app.run(settings, endpoint)
+        return workers.supervise(settings, endpoint)
+    finally:
+        if local:
+            local.stop()
+        log.info("stopped")
 
 
 def _channel(args: argparse.Namespace) -> grpc.Channel:

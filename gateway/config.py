@@ -111,6 +111,15 @@ class Settings:
             "Threads serving RPCs; also the size of the AWS connection pool.", parse=int
         ),
     )
+    processes: int = field(
+        default=1,
+        metadata=_setting(
+            "Server processes sharing the listen port (SO_REUSEPORT). One Python process "
+            "serves about one core of MeterUsage calls; use one per core the pod may use. "
+            "--spool needs 1 (one sender per spool).",
+            parse=int,
+        ),
+    )
     grace: float = field(
         default=10.0,
         metadata=_setting(
@@ -209,6 +218,10 @@ class Settings:
     def check(self) -> Settings:
         """Raise ConfigError on the first unusable value; return self."""
         parse_listen(self.listen)
+        if self.processes < 1:
+            raise ConfigError("processes must be at least 1")
+        if self.processes > 1 and self.spool:
+            raise ConfigError("spool needs processes 1: one process sends a spool's records")
         if self.max_workers < 1:
             raise ConfigError("max-workers must be at least 1")
         if self.aws_max_attempts < 1:

@@ -16,10 +16,17 @@ import structlog
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
-def configure(level: str = "info", stream: TextIO | None = None) -> None:
+def configure(level: str = "info", stream: TextIO | None = None, **static: object) -> None:
+    """JSON lines at ``level``; ``static`` fields (a worker's index) go on every line."""
+
+    def add_static(_logger: object, _name: str, event: structlog.typing.EventDict) -> structlog.typing.EventDict:
+        event.update(static)
+        return event
+
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
+            add_static,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,

@@ -44,7 +44,7 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
 class Gateway:
     """The running server. start() binds (or raises ConfigError), stop() drains."""
 
-    def __init__(self, settings: Settings, servicers: Sequence[Servicer]) -> None:
+    def __init__(self, settings: Settings, servicers: Sequence[Servicer], *, share_port: bool = False) -> None:
         self.settings = settings
         names = {s.name for s in servicers}
         self.health = health.HealthServicer(experimental_non_blocking=True)
@@ -52,7 +52,8 @@ class Gateway:
             futures.ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix="rpc"),
             interceptors=[GatewayInterceptor(names)],
             options=[
-                ("grpc.so_reuseport", 0),  # a port in use is an error, not a shared port
+                # A port in use is an error, unless sibling worker processes share it on purpose.
+                ("grpc.so_reuseport", 1 if share_port else 0),
                 ("grpc.max_receive_message_length", 16 * 1024 * 1024),
             ],
         )

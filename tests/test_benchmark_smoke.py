@@ -22,12 +22,12 @@ DERIVED = ("ratio", "added_p50_ms", "added_p99_ms")
 
 @pytest.mark.slow
 def test_quick_run_reports_every_figure() -> None:
-    done = subprocess.run([sys.executable, str(SCRIPT), "--quick"], capture_output=True, text=True, timeout=180)
+    done = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--processes", "2"], capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stdout + done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
 
     assert result["benchmark"] == "passthrough"
-    assert result["failures"] == 0
+    assert result["failures"] == 0 and result["config"]["processes"] == 2
     for mode in ("direct", "gateway"):
         for c in (1, 16):
             run = result[f"{mode}_c{c}"]

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import IO, Any
 
 import grpc
@@ -147,3 +149,33 @@ def test_help_names_every_env_variable() -> None:
     flat = " ".join(text.split())
     for f in SETTINGS_FIELDS:
         assert env_name(f.name) in flat, f.name
+
+
+def test_processes_share_one_port_and_drain_together() -> None:
+    lines: list[str] = []
+    with serve("--local", "--processes", "2", lines=lines) as (proc, target):
+        serving = json.loads(next(line for line in lines if '"serving"' in line))
+        assert serving["processes"] == 2 and len(serving["pids"]) == 2
+        for n in range(24):  # each new connection is balanced by the kernel
+            with grpc.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)]) as ch:
+                pb_grpc.MeteringServiceStub(ch).MeterUsage(request(usage_dimension=f"mp-{n}"), timeout=10)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    workers = {json.loads(line).get("worker") for line in out.splitlines() if '"event": "rpc"' in line}
+    assert workers == {0, 1}, "both worker processes should have served calls"
+    assert proc.returncode == 0
+
+
+def test_a_dead_worker_fails_the_whole() -> None:
+    lines: list[str] = []
+    with serve("--local", "--processes", "2", lines=lines) as (proc, _):
+        serving = json.loads(next(line for line in lines if '"serving"' in line))
+        os.kill(serving["pids"][0], signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert proc.returncode == 1
+
+
+def test_processes_and_spool_are_refused(tmp_path: Path) -> None:
+    result = subprocess.run(gateway_cmd("serve", "--local", "--processes", "2", "--spool", str(tmp_path / "s.db")),
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and "spool needs processes 1" in result.stderr

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -19,7 +18,7 @@ import pytest
 from botocore.credentials import CredentialResolver
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from support import allocation, details, local_session, request, running_gateway
+from support import allocation, details, request, running_gateway
 from test_errors import CONTRACT_ROWS
 
 import boto3

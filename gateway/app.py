@@ -1,0 +1,111 @@
+"""One gateway process: from settings to a serving server, until SIGTERM drains it.
+
+Used as it is for a single process, and by :mod:`gateway.workers` in each worker
+process of ``--processes N``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from collections.abc import Callable, Mapping
+from datetime import timedelta
+
+import boto3
+import structlog
+
+from gateway import credentials
+from gateway.backend import SERVICE, Backend, RetryPolicy, make_client
+from gateway.config import ConfigError, Settings
+from gateway.local_aws import BANNER
+from gateway.recorder import open_recording
+from gateway.server import METERING_SERVICE, Gateway, Servicer
+from gateway.service import MeteringServicer
+from marketplace.metering.v1 import metering_pb2_grpc as pb_grpc
+
+log = structlog.get_logger("gateway")
+LOCAL_REGION = "us-east-1"
+
+
+def aws_session(settings: Settings, env: Mapping[str, str]) -> boto3.session.Session:
+    """The boto3 session: the default chain, or fixed dummy keys for --local."""
+    if settings.local:
+        return boto3.session.Session(aws_access_key_id="local", aws_secret_access_key="local", region_name=LOCAL_REGION)
+    # boto3 reads AWS_DEFAULT_REGION; AWS_REGION is what the other SDKs and ECS/Lambda set.
+    session = boto3.session.Session(region_name=env.get("AWS_REGION") or None)
+    region = session.region_name
+    if not region:
+        raise ConfigError("no AWS region: set AWS_REGION (or AWS_DEFAULT_REGION) to the Region the software runs in")
+    known = {r for p in session.get_available_partitions() for r in session.get_available_regions(SERVICE, p)}
+    if known and region not in known:
+        raise ConfigError(f"unknown AWS region {region!r} for AWS Marketplace Metering (AWS_REGION)")
+    return session
+
+
+def stop_on_signals() -> threading.Event:
+    """An event set by SIGTERM or SIGINT (the main thread waits on it)."""
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("shutdown_requested", signal=signal.Signals(signum).name, pid=os.getpid())
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    return stop
+
+
+def run(
+    settings: Settings,
+    endpoint: str | None,
+    *,
+    share_port: bool = False,
+    on_ready: Callable[[int], None] | None = None,
+) -> int:
+    """Serve until SIGTERM, then drain; ``endpoint`` overrides AWS's (the local backend).
+
+    ``on_ready(port)`` replaces the ``serving`` log line (a worker tells its parent).
+    """
+    session = aws_session(settings, os.environ)
+    client = make_client(settings, endpoint_url=endpoint, session=session)
+    if not settings.local and on_ready is None:
+        for warning in credentials.diagnose(session.get_credentials(), os.environ):
+            log.warning("aws_credentials", problem=warning)
+    backend = Backend(client, RetryPolicy(settings.aws_max_attempts, settings.aws_backoff_base, settings.aws_backoff_max))
+    servicers = [
+        Servicer(METERING_SERVICE, MeteringServicer(backend, future_skew=timedelta(seconds=settings.timestamp_skew)),
+                 pb_grpc.add_MeteringServiceServicer_to_server),
+    ]
+    recording = open_recording(settings, client) if settings.spool else None
+    if recording:
+        servicers.append(recording.servicer)
+    gateway = Gateway(settings, servicers, share_port=share_port)
+    port = gateway.start()
+    stop = stop_on_signals()
+    if on_ready is not None:
+        on_ready(port)
+    else:
+        log_serving(settings, port, endpoint, session.region_name)
+    while not stop.wait(3600):
+        pass
+    gateway.stop()
+    if recording:  # after the server drained RecordUsage calls, before AWS goes away
+        recording.close(flush=settings.flush_on_shutdown, budget=max(settings.grace, 5.0))
+    return 0
+
+
+def log_serving(settings: Settings, port: int, endpoint: str | None, region: str | None, **extra: object) -> None:
+    host, _ = settings.listen_host_port
+    log.info(
+        "serving",
+        listen=f"{host}:{port}",
+        status="SERVING",
+        backend=endpoint or "aws",
+        region=region,
+        tls=bool(settings.tls_cert),
+        mtls=bool(settings.tls_client_ca),
+        **extra,
+    )
+    if settings.local:
+        log.warning("local_backend", notice=BANNER)

@@ -26,6 +26,7 @@ at concurrency 16 at least 0.8 of direct; p50 latency added at concurrency 1 und
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -128,10 +129,21 @@ def direct_call(endpoint_url: str) -> Call:
     return call
 
 
-def gateway_call(channel: grpc.Channel) -> Call:
-    stub = pb_grpc.MeteringServiceStub(channel)
+def gateway_call(channels: Sequence[grpc.Channel]) -> Call:
+    """MeterUsage through the gateway; each calling thread keeps one of ``channels``.
+
+    One channel is one HTTP/2 connection, as one boto3 pool slot is one HTTP
+    connection: like the direct loop's pool, the callers hold several connections,
+    which is also what lets ``serve --processes N`` spread them over its workers.
+    """
+    stubs = [pb_grpc.MeteringServiceStub(ch) for ch in channels]
+    turn = itertools.count()
+    mine = threading.local()
 
     def call(dimension: str) -> None:
+        stub = getattr(mine, "stub", None)
+        if stub is None:
+            stub = mine.stub = stubs[next(turn) % len(stubs)]
         request = pb.MeterUsageRequest(product_code=PRODUCT, usage_dimension=dimension, usage_quantity=1)
         request.timestamp.GetCurrentTime()
         reply = stub.MeterUsage(request, timeout=CALL_TIMEOUT)
@@ -253,8 +265,11 @@ def benchmark(calls: int, rounds: int, warmup: int, max_seconds: float, processe
             with child(serve, "serving", workdir, env) as serving:
                 target = str(serving["listen"])
                 wait_serving(target)
-                with grpc.insecure_channel(target) as channel:
-                    paths = {"direct": direct_call(endpoint), "gateway": gateway_call(channel)}
+                with contextlib.ExitStack() as stack:
+                    # one connection per concurrent caller, as the direct loop's pool has
+                    channels = [stack.enter_context(grpc.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)]))
+                                for _ in range(max(CONCURRENCIES))]
+                    paths = {"direct": direct_call(endpoint), "gateway": gateway_call(channels)}
                     for mode in MODES:  # connections, caches, lazy imports: not measured
                         measure(mode, paths[mode], max(CONCURRENCIES), warmup, max_seconds, ids)
                     for i in range(rounds):

@@ -80,10 +80,10 @@ class GatewayInterceptor(grpc.ServerInterceptor):
                         f"the request is not a valid {method.split('/')[2]} message: {exc}",
                         violations=[Violation("", "is not a valid protobuf encoding of the request")],
                     ) from None
-                response = behavior(request, context)
-                if context.is_active():  # the caller may have gone (deadline) while AWS answered
-                    context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
-                return response
+                # Trailers, on success as on failure: they travel with the status, so the
+                # id costs no extra send and never commits a call before its outcome.
+                context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
+                return behavior(request, context)
             except errors.GatewayError as exc:
                 code = exc.code
                 structlog.contextvars.bind_contextvars(reason=exc.reason)

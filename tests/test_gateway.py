@@ -203,7 +203,10 @@ def test_health_and_reflection(channel: grpc.Channel) -> None:
 
 def test_request_id_is_echoed(stub: pb_grpc.MeteringServiceStub) -> None:
     _, call = stub.MeterUsage.with_call(request(), metadata=[("x-request-id", "caller-42")], timeout=10)
-    assert ("x-request-id", "caller-42") in call.initial_metadata()
+    assert ("x-request-id", "caller-42") in call.trailing_metadata()
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.MeterUsage(request(product_code=""), metadata=[("x-request-id", "caller-43")], timeout=10)
+    assert ("x-request-id", "caller-43") in caught.value.trailing_metadata()
 
 
 def test_concurrent_callers_each_get_their_own_record(stub: pb_grpc.MeteringServiceStub, local_aws: LocalAws) -> None:

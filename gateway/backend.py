@@ -23,15 +23,13 @@ import structlog
 from botocore.config import Config
 from botocore.exceptions import (
     ClientError,
-    ConnectionClosedError,
-    ConnectTimeoutError,
     CredentialRetrievalError,
-    EndpointConnectionError,
+    HTTPClientError,
     NoCredentialsError,
     ParamValidationError,
     PartialCredentialsError,
-    ReadTimeoutError,
 )
+from botocore.exceptions import ConnectionError as AwsConnectionError
 
 from gateway import errors
 from gateway.config import Settings
@@ -41,7 +39,8 @@ DRY_RUN_OK = "DryRunOperation"
 # Below this much time left there is no point starting an AWS attempt.
 MIN_ATTEMPT_SECONDS = 0.005
 
-_TRANSPORT_ERRORS = (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError, ConnectionClosedError)
+# botocore's families of transport failures: refused, timed out, TLS, proxy, dropped.
+_TRANSPORT_ERRORS = (AwsConnectionError, HTTPClientError)
 _CREDENTIAL_ERRORS = (NoCredentialsError, PartialCredentialsError, CredentialRetrievalError)
 
 log = structlog.get_logger("gateway.backend")
@@ -162,9 +161,11 @@ class Backend:
 
     def _from_client_error(self, exc: ClientError, attempt: int) -> Outcome | errors.GatewayError:
         error = exc.response.get("Error") or {}
-        code = str(error.get("Code") or "Unknown")
+        status = (exc.response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+        code = str(error.get("Code") or status or "Unknown")  # no error type: its HTTP status
         request_id = _request_id(exc.response)
         structlog.contextvars.bind_contextvars(aws_request_id=request_id)
         if code == DRY_RUN_OK:
             return Outcome("", True, attempt, request_id, "")
-        return errors.from_aws(code, str(error.get("Message") or ""), request_id, retry_delay=self.policy.hint(attempt))
+        return errors.from_aws(code, str(error.get("Message") or ""), request_id, retry_delay=self.policy.hint(attempt),
+                               http_status=status)

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import grpc
-from botocore.retries.standard import ThrottledRetryableChecker
+from botocore.retries.standard import ThrottledRetryableChecker, TransientRetryableChecker
 from google.protobuf import duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
@@ -64,21 +64,32 @@ RULES: Mapping[str, Rule] = {
 
 _INTERNAL = RULES["INTERNAL"]
 _THROTTLING_CODES = frozenset(ThrottledRetryableChecker._THROTTLED_ERROR_CODES)
+# botocore's own notion of a passing fault: these codes, and 5xx answers with no
+# modelled exception (a load balancer's bare 503), say nothing about the request.
+_TRANSIENT_CODES = frozenset(TransientRetryableChecker._TRANSIENT_ERROR_CODES)
+_TRANSIENT_STATUSES = frozenset(TransientRetryableChecker._TRANSIENT_STATUS_CODES)
+_TRANSIENT = Rule(Code.UNAVAILABLE, retryable=True)
 _CAMEL_BOUNDARY = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
 
 
 def reason_for_aws(aws_code: str) -> str:
     """``DuplicateRequestException`` → ``DUPLICATE_REQUEST``; namespaces dropped."""
     name = aws_code.rsplit("#", 1)[-1].rsplit(":", 1)[0]
+    if name.isdigit():  # botocore's code for an answer with no error type: its HTTP status
+        return f"HTTP_{name}"
     if name.endswith("Exception"):
         name = name[: -len("Exception")]
     return _CAMEL_BOUNDARY.sub("_", name).upper() or "INTERNAL"
 
 
-def rule_for(reason: str, aws_code: str | None = None) -> Rule:
+def rule_for(reason: str, aws_code: str | None = None, http_status: int | None = None) -> Rule:
+    if reason in RULES:
+        return RULES[reason]
     if aws_code is not None and aws_code in _THROTTLING_CODES:
         return RULES["THROTTLING"]  # botocore's own list of throttling codes
-    return RULES.get(reason, _INTERNAL)
+    if (aws_code is not None and aws_code in _TRANSIENT_CODES) or http_status in _TRANSIENT_STATUSES:
+        return _TRANSIENT
+    return _INTERNAL
 
 
 @dataclass
@@ -92,11 +103,12 @@ class GatewayError(Exception):
     aws_request_id: str | None = None
     violations: Sequence[Violation] = ()
     retry_delay: float | None = None
+    http_status: int | None = None
     rule: Rule = field(init=False)
 
     def __post_init__(self) -> None:
         super().__init__(self.message)
-        self.rule = rule_for(self.reason, self.aws_code)
+        self.rule = rule_for(self.reason, self.aws_code, self.http_status)
         if not self.rule.retryable:
             self.retry_delay = None
 
@@ -138,7 +150,9 @@ class GatewayError(Exception):
         return rpc_status.to_status(self.to_status_proto())
 
 
-def from_aws(aws_code: str, message: str, request_id: str | None, retry_delay: float | None = None) -> GatewayError:
+def from_aws(
+    aws_code: str, message: str, request_id: str | None, retry_delay: float | None = None, http_status: int | None = None
+) -> GatewayError:
     """An AWS error response, as the caller will see it."""
     return GatewayError(
         reason=reason_for_aws(aws_code),
@@ -147,6 +161,7 @@ def from_aws(aws_code: str, message: str, request_id: str | None, retry_delay: f
         aws_code=aws_code,
         aws_request_id=request_id,
         retry_delay=retry_delay,
+        http_status=http_status,
     )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import grpc
 import pytest
 from google.rpc import error_details_pb2
@@ -95,3 +97,22 @@ def test_timestamp_outside_window_gets_the_aws_code_and_reason() -> None:
 def test_every_reason_in_the_table_is_upper_snake() -> None:
     for reason in errors.RULES:
         assert reason == reason.upper() and " " not in reason and not reason.endswith("_EXCEPTION")
+
+
+REASON_FORM = re.compile(r"^[A-Z][A-Z0-9_]*[A-Z0-9]$")
+
+
+@pytest.mark.parametrize("aws_code", [c for c, _, _ in CONTRACT_ROWS] + ["503", "RequestTimeout", "com.x#FooBarException", "KMSThing"])
+def test_every_reason_built_from_aws_is_aip193_form(aws_code: str) -> None:
+    assert REASON_FORM.match(errors.reason_for_aws(aws_code)), errors.reason_for_aws(aws_code)
+
+
+@pytest.mark.parametrize(("aws_code", "status"), [("503", 503), ("502", 502), ("RequestTimeout", 408), ("ServiceUnavailable", 503)])
+def test_transient_answers_are_retryable_unavailable(aws_code: str, status: int) -> None:
+    err = errors.from_aws(aws_code, "", None, retry_delay=0.5, http_status=status)
+    assert (err.code, err.retryable) == (C.UNAVAILABLE, True) and err.retry_delay == 0.5
+
+
+def test_an_unmodelled_client_error_stays_internal() -> None:
+    err = errors.from_aws("QuotaRedesignException", "", None, http_status=400)
+    assert (err.code, err.retryable) == (C.INTERNAL, False)

@@ -221,3 +221,10 @@ def test_concurrent_callers_each_get_their_own_record(stub: pb_grpc.MeteringServ
     for t in threads:
         t.join()
     assert len(set(ids)) == 24 == len(local_aws.records())
+
+
+def test_a_bare_5xx_is_retried_and_unavailable(stub: pb_grpc.MeteringServiceStub, local_aws: LocalAws) -> None:
+    local_aws.inject("", count=10, status=503)  # a load balancer's 503: no error type at all
+    d = call_error(stub, request())
+    assert (d.code, d.info.reason) == (C.UNAVAILABLE, "HTTP_503") and d.retry is not None
+    assert local_aws.calls == 4

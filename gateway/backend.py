@@ -39,7 +39,9 @@ DRY_RUN_OK = "DryRunOperation"
 # Below this much time left there is no point starting an AWS attempt.
 MIN_ATTEMPT_SECONDS = 0.005
 
-# botocore's families of transport failures: refused, timed out, TLS, proxy, dropped.
+# botocore's two families of transport failures: no connection (refused, connect
+# timeout, TLS, proxy: nothing was sent), and failures once connected (read timeout,
+# dropped connection: the request may have been recorded).
 _TRANSPORT_ERRORS = (AwsConnectionError, HTTPClientError)
 _CREDENTIAL_ERRORS = (NoCredentialsError, PartialCredentialsError, CredentialRetrievalError)
 
@@ -134,7 +136,8 @@ class Backend:
                     return failure
             except _TRANSPORT_ERRORS as exc:
                 failure = errors.GatewayError(
-                    "AWS_UNREACHABLE", f"AWS Marketplace Metering is unreachable: {exc}", retry_delay=self.policy.hint(attempt)
+                    "AWS_UNREACHABLE", f"AWS Marketplace Metering is unreachable: {exc}", retry_delay=self.policy.hint(attempt),
+                    maybe_delivered=not isinstance(exc, AwsConnectionError),
                 )
             except _CREDENTIAL_ERRORS as exc:
                 raise errors.GatewayError(

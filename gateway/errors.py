@@ -104,6 +104,9 @@ class GatewayError(Exception):
     violations: Sequence[Violation] = ()
     retry_delay: float | None = None
     http_status: int | None = None
+    # The request may have reached AWS and been recorded though no answer came back
+    # (read timeout, dropped connection): only a resend of the same request can tell.
+    maybe_delivered: bool = False
     rule: Rule = field(init=False)
 
     def __post_init__(self) -> None:

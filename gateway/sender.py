@@ -37,6 +37,9 @@ RETRY, CARRY, FAIL = "retry", "carry", "fail"
 # an operator can fix them, so the usage waits (and is carried) instead of failing.
 _WAIT_FOR_FIX = frozenset({"NO_CREDENTIALS", "UNAUTHORIZED", "ACCESS_DENIED", "DEADLINE_EXCEEDED"})
 _HOUR_UNUSABLE = frozenset({"DUPLICATE_REQUEST", "TIMESTAMP_OUT_OF_BOUNDS"})
+# Answers that rule out a record of this very request in AWS (an identical resend of
+# a recorded request is answered with its record id, not with these).
+_NOT_RECORDED = frozenset({"DUPLICATE_REQUEST", "IDEMPOTENCY_CONFLICT"})
 STATS_EVERY = 60.0  # seconds between spool_stats lines
 BACKOFF_CAP = 300.0
 
@@ -179,6 +182,11 @@ class Sender:
 
     def _refused(self, row: RecordRow, exc: errors.GatewayError, fields: dict[str, object], result: TickResult) -> None:
         error = f"{exc.reason}: {exc.message}"
+        if exc.reason in _NOT_RECORDED:
+            self.spool.settle(row.id, uncertain=False)
+        else:
+            self.spool.settle(row.id, uncertain=True if exc.maybe_delivered else None)
+        row = self.spool.get(row.id) or row
         what = disposition(exc)
         if what == CARRY:
             log.warning("record_refused", reason=exc.reason, error=exc.message, then="carry", **fields)
@@ -194,6 +202,18 @@ class Sender:
             log.error("record_failed", reason=exc.reason, error=exc.message, **fields)
 
     def _carry(self, row: RecordRow, reason: str, now: float, result: TickResult) -> None:
+        if row.outcome_unknown:
+            # An attempt may sit in AWS unheard; carrying would bill it twice. The record
+            # stays listed for reconciliation against AWS's records of that hour.
+            error = (f"{reason}: outcome unknown after {row.attempts} attempt(s): AWS may have recorded "
+                     f"{row.quantity} for {_iso(row.hour)} (ClientToken {row.client_token}); not carried, "
+                     "to avoid billing twice: reconcile with the seller's AWS usage reports")
+            self.spool.mark_failed(row.id, error)
+            result.failed += 1
+            log.error("record_outcome_unknown", reason=reason, product_code=row.product_code,
+                      usage_dimension=row.usage_dimension, hour=_iso(row.hour), quantity=row.quantity,
+                      client_token=row.client_token, attempts=row.attempts)
+            return
         for carry in self.spool.carry(row.id, reason, now, self.margin):
             carry.log(reason)
         result.carried += 1

@@ -70,6 +70,10 @@ CREATE TABLE IF NOT EXISTS records (
     last_error TEXT NOT NULL DEFAULT '',
     carried_from TEXT NOT NULL DEFAULT '[]',
     next_attempt REAL NOT NULL DEFAULT 0,
+    -- an attempt is out and its outcome not yet stored (a crash leaves it set)
+    in_flight INTEGER NOT NULL DEFAULT 0,
+    -- some attempt may have reached AWS without a definite answer
+    uncertain INTEGER NOT NULL DEFAULT 0,
     UNIQUE (product_code, usage_dimension, hour)
 );
 CREATE INDEX IF NOT EXISTS records_by_state ON records(state, hour);
@@ -89,7 +93,7 @@ _INSERT_EVENT = (
 )
 _RECORD_COLUMNS = (
     "id, product_code, usage_dimension, hour, state, allocations, whole, quantity, client_token, "
-    "metering_record_id, attempts, last_error, carried_from, next_attempt"
+    "metering_record_id, attempts, last_error, carried_from, next_attempt, in_flight, uncertain"
 )
 
 
@@ -111,6 +115,15 @@ class RecordRow:
     last_error: str
     carried_from: str
     next_attempt: float
+    in_flight: int = 0
+    uncertain: int = 0
+
+    @property
+    def outcome_unknown(self) -> bool:
+        """AWS may hold a record of this request that we never heard of. Carrying
+        its usage to another hour could bill it twice; only resending the same
+        request (which AWS answers idempotently) can settle it."""
+        return bool(self.uncertain or self.in_flight)
 
     @property
     def content(self) -> Content:
@@ -271,16 +284,32 @@ class Spool:
     def begin_attempt(self, record_id: int) -> RecordRow | None:
         """Freeze the record and count the attempt, committed before AWS is called."""
         with self._transaction() as db:
-            db.execute("UPDATE records SET attempts = attempts + 1 WHERE id = ? AND state = ?", (record_id, PENDING))
+            db.execute(
+                "UPDATE records SET attempts = attempts + 1, uncertain = (uncertain OR in_flight), in_flight = 1 "
+                "WHERE id = ? AND state = ?",
+                (record_id, PENDING),
+            )
             rows = self._records(db, "id = ? AND state = ?", (record_id, PENDING))
         return rows[0] if rows else None
 
     def mark_sent(self, record_id: int, metering_record_id: str) -> None:
         with self._transaction() as db:
             db.execute(
-                "UPDATE records SET state = ?, metering_record_id = ?, last_error = '' WHERE id = ?",
+                "UPDATE records SET state = ?, metering_record_id = ?, last_error = '', in_flight = 0, uncertain = 0 "
+                "WHERE id = ?",
                 (SENT, metering_record_id, record_id),
             )
+
+    def settle(self, record_id: int, *, uncertain: bool | None) -> None:
+        """The last attempt is over. ``uncertain``: True when AWS may have recorded
+        it unheard (no answer, a 5xx); False when AWS's answer rules out a record of
+        this request (DUPLICATE_REQUEST: the hour holds another); None when the
+        answer says nothing about earlier attempts (throttling)."""
+        with self._transaction() as db:
+            if uncertain is None:
+                db.execute("UPDATE records SET in_flight = 0 WHERE id = ?", (record_id,))
+            else:
+                db.execute("UPDATE records SET in_flight = 0, uncertain = ? WHERE id = ?", (int(uncertain), record_id))
 
     def retry_later(self, record_id: int, error: str, next_attempt: float) -> None:
         with self._transaction() as db:
@@ -288,7 +317,7 @@ class Spool:
 
     def mark_failed(self, record_id: int, error: str) -> None:
         with self._transaction() as db:
-            db.execute("UPDATE records SET state = ?, last_error = ? WHERE id = ?", (FAILED, error, record_id))
+            db.execute("UPDATE records SET state = ?, last_error = ?, in_flight = 0 WHERE id = ?", (FAILED, error, record_id))
 
     def carry(self, record_id: int, reason: str, now: float, margin: float = aggregator.SAFETY_MARGIN) -> list[Carry]:
         """The record's hour cannot take its usage: mark the hour unusable for this

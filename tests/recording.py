@@ -66,6 +66,7 @@ class FakeAws:
         self.state = State()
         self.clock = clock
         self.down = False
+        self.lose_replies = 0  # the next N calls are recorded, but the reply never comes
         self.calls = 0
         self.refusals: dict[str, int] = defaultdict(int)
 
@@ -80,6 +81,9 @@ class FakeAws:
             self.refusals[exc.code] += 1
             raise errors.from_aws(exc.code, exc.message, "req-x") from None
         assert record is not None
+        if self.lose_replies:
+            self.lose_replies -= 1
+            raise errors.GatewayError("AWS_UNREACHABLE", "read timeout", maybe_delivered=True)
         return Outcome(record.metering_record_id, False, 1, "req-x", params.get("ClientToken", ""))
 
     def take_hour(self, product: str, dimension: str, hour: int) -> None:

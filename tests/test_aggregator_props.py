@@ -19,7 +19,7 @@ from gateway import aggregator, validation
 from gateway.aggregator import HOUR, Content
 from gateway.recorder import event_row
 from gateway.sender import Sender
-from gateway.spool import FAILED, PENDING, Spool
+from gateway.spool import FAILED, PENDING, SENT, Spool
 from marketplace.metering.v1 import metering_pb2 as pb
 
 NOW = 1_750_000_000.0
@@ -140,3 +140,40 @@ def test_every_schedule_meters_each_unit_exactly_once(steps: list, start_offset:
     assert len(hours) == len(set(hours))
     assert "TimestampOutOfBoundsException" not in aws.refusals
     assert "IdempotencyConflictException" not in aws.refusals
+
+
+def test_a_lost_reply_then_an_outage_past_six_hours_never_bills_twice() -> None:
+    clock = [NOW]
+    aws = FakeAws(lambda: clock[0])
+    spool = Spool(":memory:")
+    sender = Sender(spool, aws, interval=60, grace=0, max_rps=1e9, now=lambda: clock[0], sleep=lambda _: None)  # type: ignore[arg-type]
+    spool.record([event_row(event("lost-1", clock[0] - HOUR, 7))])
+    aws.lose_replies = 1
+    sender.tick()  # AWS records 7 for the last hour; the gateway hears nothing
+    assert sums_of_records(aws.ours()) == {("prod-a", "requests"): 7}
+    aws.down = True
+    for _ in range(7 * 6):  # seven hours of 5xx answers, then AWS is back
+        clock[0] += 10 * 60
+        sender.tick()
+    aws.down = False
+    for _ in range(6):
+        clock[0] += 20 * 60
+        sender.tick()
+    assert sums_of_records(aws.ours()) == {("prod-a", "requests"): 7}, "the usage was carried and billed twice"
+    [record] = spool.list_records(state=FAILED)
+    assert "outcome unknown" in record.last_error and record.client_token in record.last_error
+
+
+def test_a_lost_reply_settled_by_the_resend_is_sent_once() -> None:
+    clock = [NOW]
+    aws = FakeAws(lambda: clock[0])
+    spool = Spool(":memory:")
+    sender = Sender(spool, aws, interval=60, grace=0, max_rps=1e9, now=lambda: clock[0], sleep=lambda _: None)  # type: ignore[arg-type]
+    spool.record([event_row(event("lost-2", clock[0] - HOUR, 5))])
+    aws.lose_replies = 1
+    sender.tick()
+    clock[0] += 10 * 60
+    sender.tick()  # the identical resend: AWS answers with the same record id
+    [record] = spool.list_records()
+    assert record.state == SENT and record.metering_record_id == aws.ours()[0].metering_record_id
+    assert len(aws.ours()) == 1

@@ -43,6 +43,12 @@ def aws_session(settings: Settings, env: Mapping[str, str]) -> boto3.session.Ses
     return session
 
 
+def warn_about_credentials(settings: Settings, session: boto3.session.Session) -> None:
+    if not settings.local:
+        for warning in credentials.diagnose(session.get_credentials(), os.environ):
+            log.warning("aws_credentials", problem=warning)
+
+
 def stop_on_signals() -> threading.Event:
     """An event set by SIGTERM or SIGINT (the main thread waits on it)."""
     stop = threading.Event()
@@ -67,11 +73,11 @@ def run(
 
     ``on_ready(port)`` replaces the ``serving`` log line (a worker tells its parent).
     """
+    stop = stop_on_signals()  # a SIGTERM during start-up must drain, not kill
     session = aws_session(settings, os.environ)
     client = make_client(settings, endpoint_url=endpoint, session=session)
-    if not settings.local and on_ready is None:
-        for warning in credentials.diagnose(session.get_credentials(), os.environ):
-            log.warning("aws_credentials", problem=warning)
+    if on_ready is None:  # workers leave it to their parent, which says it once
+        warn_about_credentials(settings, session)
     backend = Backend(client, RetryPolicy(settings.aws_max_attempts, settings.aws_backoff_base, settings.aws_backoff_max))
     servicers = [
         Servicer(METERING_SERVICE, MeteringServicer(backend, future_skew=timedelta(seconds=settings.timestamp_skew)),
@@ -82,7 +88,6 @@ def run(
         servicers.append(recording.servicer)
     gateway = Gateway(settings, servicers, share_port=share_port)
     port = gateway.start()
-    stop = stop_on_signals()
     if on_ready is not None:
         on_ready(port)
     else:

@@ -20,7 +20,7 @@ import grpc
 import structlog
 
 from gateway import aggregator, errors, validation
-from gateway.aggregator import HOUR, EventRow
+from gateway.aggregator import EventRow
 from gateway.backend import Backend, RetryPolicy
 from gateway.config import ConfigError, Settings
 from gateway.sender import Sender
@@ -84,7 +84,7 @@ def event_row(event: pb.UsageEvent) -> EventRow:
         quantity, whole = event.usage_quantity_as_decimal, False
     seconds = event.timestamp.seconds
     tags = aggregator.tags_key((t.key, t.value) for t in event.tags) if event.tags else ""
-    return EventRow(event.event_id, event.product_code, event.usage_dimension, seconds - seconds % HOUR, tags, quantity, whole)
+    return EventRow(event.event_id, event.product_code, event.usage_dimension, aggregator.hour_of(seconds), tags, quantity, whole)
 
 
 def record_message(row: RecordRow) -> pb.MeteringRecord:

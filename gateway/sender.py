@@ -35,7 +35,8 @@ from gateway.spool import LATE, RecordRow, Spool
 RETRY, CARRY, FAIL = "retry", "carry", "fail"
 # Conditions that block sending without saying anything about the record itself:
 # an operator can fix them, so the usage waits (and is carried) instead of failing.
-_WAIT_FOR_FIX = frozenset({"NO_CREDENTIALS", "UNAUTHORIZED", "ACCESS_DENIED", "DEADLINE_EXCEEDED"})
+_WAIT_FOR_FIX = frozenset({"NO_CREDENTIALS", "UNAUTHORIZED", "ACCESS_DENIED", "DEADLINE_EXCEEDED",
+                           "INVALID_ENDPOINT_REGION", "DISABLED_API"})
 _HOUR_UNUSABLE = frozenset({"DUPLICATE_REQUEST", "TIMESTAMP_OUT_OF_BOUNDS"})
 # Answers that rule out a record of this very request in AWS (an identical resend of
 # a recorded request is answered with its record id, not with these).

@@ -62,7 +62,8 @@ def _worker(settings: Settings, endpoint: str | None, index: int, ready: Any) ->
 
 
 def supervise(settings: Settings, endpoint: str | None) -> int:
-    app.aws_session(settings, os.environ)  # refuse bad AWS settings once, before any worker starts
+    session = app.aws_session(settings, os.environ)  # refuse bad AWS settings once, before any worker starts
+    app.warn_about_credentials(settings, session)
     host, port = settings.listen_host_port
     with reserve_port(host, port) as bound:
         shown = f"[{host}]" if ":" in host else host
@@ -81,7 +82,7 @@ def supervise(settings: Settings, endpoint: str | None) -> int:
             raise
         if stop.is_set():
             return _terminate(procs, conf.grace)
-        app.log_serving(conf, bound, endpoint, app.aws_session(conf, os.environ).region_name,
+        app.log_serving(conf, bound, endpoint, session.region_name,
                         processes=settings.processes, pids=[p.pid for p in procs])
         while not stop.wait(0.5):
             dead = [p for p in procs if not p.is_alive()]

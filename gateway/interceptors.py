@@ -97,6 +97,9 @@ class GatewayInterceptor(grpc.ServerInterceptor):
                 log.exception("rpc_failed")
                 _abort(context, errors.internal("the gateway failed unexpectedly; see its log").to_grpc_status(), request_id)
             finally:
+                if code == grpc.StatusCode.OK and not context.is_active():  # the caller left first
+                    remaining = context.time_remaining()
+                    code = grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else grpc.StatusCode.CANCELLED
                 log.info("rpc", code=code.name, duration_ms=round((time.perf_counter() - started) * 1000, 3))
                 structlog.contextvars.clear_contextvars()
 

@@ -228,3 +228,15 @@ def test_a_bare_5xx_is_retried_and_unavailable(stub: pb_grpc.MeteringServiceStub
     d = call_error(stub, request())
     assert (d.code, d.info.reason) == (C.UNAVAILABLE, "HTTP_503") and d.retry is not None
     assert local_aws.calls == 4
+
+
+def test_a_slow_aws_gives_the_caller_deadline_exceeded_on_time(stub: pb_grpc.MeteringServiceStub, local_aws: LocalAws) -> None:
+    from gateway.local_aws import SLOW
+
+    local_aws.inject(SLOW, count=1, delay=2.0)
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.MeterUsage(request(), timeout=0.4)
+    assert caught.value.code() == C.DEADLINE_EXCEEDED
+    assert time.monotonic() - started < 1.5
+    assert stub.MeterUsage(request(usage_dimension="after"), timeout=10).metering_record_id  # still serving

@@ -15,7 +15,7 @@ import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway import app, logs, workers
-from gateway.config import ConfigError, Settings, add_settings_arguments, parse_listen, settings_from
+from gateway.config import ConfigError, Settings, add_settings_arguments, format_listen, parse_listen, settings_from
 from gateway.local_aws import LocalAws
 
 log = structlog.get_logger("gateway")
@@ -33,7 +33,7 @@ def health_target(env: Mapping[str, str]) -> str:
         return "127.0.0.1:50051"
     if host in ("0.0.0.0", "::"):  # every address: this host's loopback is one of them
         host = "127.0.0.1" if host == "0.0.0.0" else "::1"
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return format_listen(host, port)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -76,6 +76,11 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host, port
 
 
+def format_listen(host: str, port: int) -> str:
+    """(host, port) → ``HOST:PORT``, with IPv6 hosts in brackets: parse_listen's inverse."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _setting(
     help: str,
     *,

@@ -28,7 +28,7 @@ from datetime import datetime, timedelta, timezone
 import structlog
 
 from gateway import aggregator, errors, params, validation
-from gateway.backend import Backend
+from gateway.backend import Backend, RetryPolicy
 from gateway.ratelimit import RateLimiter
 from gateway.spool import LATE, RecordRow, Spool
 
@@ -54,11 +54,6 @@ def disposition(error: errors.GatewayError) -> str:
     if error.retryable or error.reason in _WAIT_FOR_FIX:
         return RETRY
     return FAIL
-
-
-def backoff(attempts: int, base: float, cap: float = BACKOFF_CAP) -> float:
-    """Seconds to wait after ``attempts`` failed attempts: doubling, capped."""
-    return min(max(cap, base), base * 2 ** max(0, attempts - 1))
 
 
 @dataclass
@@ -193,7 +188,7 @@ class Sender:
             log.warning("record_refused", reason=exc.reason, error=exc.message, then="carry", **fields)
             self._carry(row, exc.reason, self._now(), result)
         elif what == RETRY:
-            delay = backoff(row.attempts, max(self.interval, 0.05))
+            delay = RetryPolicy(base=max(self.interval, 0.05), cap=BACKOFF_CAP).hint(row.attempts)
             self.spool.retry_later(row.id, error, self._now() + delay)
             result.retried += 1
             log.warning("record_retry", reason=exc.reason, error=exc.message, retry_in_s=round(delay, 3), **fields)

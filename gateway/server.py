@@ -12,7 +12,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from gateway.config import ConfigError, Settings
+from gateway.config import ConfigError, Settings, format_listen
 from gateway.interceptors import GatewayInterceptor
 from marketplace.metering.v1 import metering_pb2 as pb
 
@@ -66,7 +66,7 @@ class Gateway:
 
     def start(self) -> int:
         host, port = self.settings.listen_host_port
-        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        address = format_listen(host, port)
         creds = server_credentials(self.settings)
         try:
             if creds is None:

@@ -23,7 +23,7 @@ from typing import Any
 import structlog
 
 from gateway import app, logs
-from gateway.config import ConfigError, Settings
+from gateway.config import ConfigError, Settings, format_listen
 
 log = structlog.get_logger("gateway.workers")
 READY_TIMEOUT = 60.0
@@ -66,8 +66,7 @@ def supervise(settings: Settings, endpoint: str | None) -> int:
     app.warn_about_credentials(settings, session)
     host, port = settings.listen_host_port
     with reserve_port(host, port) as bound:
-        shown = f"[{host}]" if ":" in host else host
-        conf = dataclasses.replace(settings, listen=f"{shown}:{bound}")
+        conf = dataclasses.replace(settings, listen=format_listen(host, bound))
         ctx = multiprocessing.get_context("spawn")
         ready = ctx.Queue()
         procs = [ctx.Process(target=_worker, args=(conf, endpoint, i, ready), name=f"gateway-worker-{i}")

@@ -142,11 +142,17 @@ def test_every_schedule_meters_each_unit_exactly_once(steps: list, start_offset:
     assert "IdempotencyConflictException" not in aws.refusals
 
 
-def test_a_lost_reply_then_an_outage_past_six_hours_never_bills_twice() -> None:
-    clock = [NOW]
+def sender_on_fake_aws() -> tuple[list[float], FakeAws, Spool, Sender]:
+    """A sender sending at once (no grace), on a fake clock, to AWS's rules in process."""
+    clock = [float(NOW)]
     aws = FakeAws(lambda: clock[0])
     spool = Spool(":memory:")
     sender = Sender(spool, aws, interval=60, grace=0, max_rps=1e9, now=lambda: clock[0], sleep=lambda _: None)  # type: ignore[arg-type]
+    return clock, aws, spool, sender
+
+
+def test_a_lost_reply_then_an_outage_past_six_hours_never_bills_twice() -> None:
+    clock, aws, spool, sender = sender_on_fake_aws()
     spool.record([event_row(event("lost-1", clock[0] - HOUR, 7))])
     aws.lose_replies = 1
     sender.tick()  # AWS records 7 for the last hour; the gateway hears nothing
@@ -165,10 +171,7 @@ def test_a_lost_reply_then_an_outage_past_six_hours_never_bills_twice() -> None:
 
 
 def test_a_lost_reply_settled_by_the_resend_is_sent_once() -> None:
-    clock = [NOW]
-    aws = FakeAws(lambda: clock[0])
-    spool = Spool(":memory:")
-    sender = Sender(spool, aws, interval=60, grace=0, max_rps=1e9, now=lambda: clock[0], sleep=lambda _: None)  # type: ignore[arg-type]
+    clock, aws, spool, sender = sender_on_fake_aws()
     spool.record([event_row(event("lost-2", clock[0] - HOUR, 5))])
     aws.lose_replies = 1
     sender.tick()

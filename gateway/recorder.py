@@ -11,7 +11,7 @@ import base64
 import binascii
 import json
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -30,50 +30,12 @@ from gateway.spool import FAILED, LATE, PENDING, SENT, RecordRow, Spool
 from marketplace.metering.v1 import metering_pb2 as pb
 from marketplace.metering.v1 import metering_pb2_grpc as pb_grpc
 
-BATCH_MAX = 1000
 PAGE_SIZE_DEFAULT = 100
 PAGE_SIZE_MAX = 1000
-# Old events are accepted and carried into an hour AWS still takes; this only
-# refuses timestamps that cannot be meant (a century back).
-EVENT_MAX_AGE = timedelta(days=36500)
 
 _STATE_NAMES = {pb.MeteringRecord.STATE_PENDING: PENDING, pb.MeteringRecord.STATE_SENT: SENT,
                 pb.MeteringRecord.STATE_FAILED: FAILED}
 _STATE_VALUES = {name: value for value, name in _STATE_NAMES.items()}
-
-
-def check_event(event: pb.UsageEvent, window: validation.Window, path: str,
-                inside: tuple[int, int] | None = None) -> list[validation.Violation]:
-    """Every violation of one event, by its path in the request.
-
-    ``inside`` (epoch seconds strictly inside the window) lets the common case
-    skip the full timestamp check, which stays the authority on the rest.
-    """
-    out = []
-    if not 1 <= len(event.event_id) <= validation.EVENT_ID_MAX:
-        out.append(validation.Violation(f"{path}.event_id", f"must be 1-{validation.EVENT_ID_MAX} characters, got {len(event.event_id)}"))
-    out += validation.check_product_code(event.product_code, f"{path}.product_code")
-    out += validation.check_usage_dimension(event.usage_dimension, f"{path}.usage_dimension")
-    ts = event.timestamp
-    if inside is None or not (event.HasField("timestamp") and inside[0] < ts.seconds < inside[1] and 0 <= ts.nanos < 1_000_000_000):
-        out += validation.check_timestamp(event, window, f"{path}.timestamp")
-    kind, _, errs = validation.quantity_of(event, path)
-    out += errs
-    if kind is None:
-        out.append(validation.Violation(f"{path}.quantity", "must be set (usage_quantity or usage_quantity_as_decimal)"))
-    if event.tags:
-        out += validation.check_tags(event.tags, f"{path}.tags")
-    return out
-
-
-def check_batch(events: Sequence[pb.UsageEvent], window: validation.Window) -> list[validation.Violation]:
-    if not 1 <= len(events) <= BATCH_MAX:
-        return [validation.Violation("events", f"must hold 1-{BATCH_MAX} events, got {len(events)}")]
-    inside = (int(window.earliest.timestamp()) + 1, int(window.latest.timestamp()) - 1)
-    out: list[validation.Violation] = []
-    for i, event in enumerate(events):
-        out += check_event(event, window, f"events[{i}]", inside)
-    return out
 
 
 def event_row(event: pb.UsageEvent) -> EventRow:
@@ -134,8 +96,8 @@ class RecorderServicer(pb_grpc.UsageRecorderServiceServicer):
 
     def RecordUsage(self, request: pb.RecordUsageRequest, context: grpc.ServicerContext) -> pb.RecordUsageResponse:  # noqa: N802
         structlog.contextvars.bind_contextvars(events=len(request.events))
-        window = validation.Window(self._now(), self._future_skew, EVENT_MAX_AGE)
-        violations = check_batch(request.events, window)
+        window = validation.Window(self._now(), self._future_skew, validation.EVENT_MAX_AGE)
+        violations = validation.validate_record_usage(request.events, window)
         if violations:
             raise errors.invalid(violations, "batch")
         accepted, duplicates = self._spool.record([event_row(e) for e in request.events])

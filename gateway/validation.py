@@ -30,7 +30,11 @@ TAG_KEY_MAX = 100
 TAG_VALUE_MAX = 256
 CLIENT_TOKEN_MAX = 64
 EVENT_ID_MAX = 128
+RECORD_BATCH_MAX = 1000
 MAX_AGE = timedelta(hours=6)
+# RecordUsage accepts old events and carries them into an hour AWS still takes; this
+# only refuses timestamps that cannot be meant (a century back).
+EVENT_MAX_AGE = timedelta(days=36500)
 
 # Patterns exactly as in botocore's model, minus the anchors: fullmatch anchors
 # them, and unlike ``$`` it does not let a trailing newline through.
@@ -249,6 +253,42 @@ def validate_meter_usage(request: Any, window: Window) -> list[Violation]:
     if len(request.usage_allocations):
         out += check_allocations(request.usage_allocations, kind, value)
     out += check_client_token(request.client_token)
+    return out
+
+
+def check_usage_event(
+    event: Any, window: Window, path: str, inside: tuple[int, int] | None = None
+) -> list[Violation]:
+    """Every violation of one event, by its path in the request.
+
+    ``inside`` (epoch seconds strictly inside the window) lets the common case
+    skip the full timestamp check, which stays the authority on the rest.
+    """
+    out: list[Violation] = []
+    if not 1 <= len(event.event_id) <= EVENT_ID_MAX:
+        out.append(Violation(f"{path}.event_id", f"must be 1-{EVENT_ID_MAX} characters, got {len(event.event_id)}"))
+    out += check_product_code(event.product_code, f"{path}.product_code")
+    out += check_usage_dimension(event.usage_dimension, f"{path}.usage_dimension")
+    ts = event.timestamp
+    if inside is None or not (event.HasField("timestamp") and inside[0] < ts.seconds < inside[1] and 0 <= ts.nanos < 1_000_000_000):
+        out += check_timestamp(event, window, f"{path}.timestamp")
+    kind, _, errs = quantity_of(event, path)
+    out += errs
+    if kind is None:
+        out.append(Violation(f"{path}.quantity", "must be set (usage_quantity or usage_quantity_as_decimal)"))
+    if event.tags:
+        out += check_tags(event.tags, f"{path}.tags")
+    return out
+
+
+def validate_record_usage(events: Sequence[Any], window: Window) -> list[Violation]:
+    """Every violation of a RecordUsage batch (1-1000 events), named ``events[i].<field>``."""
+    if not 1 <= len(events) <= RECORD_BATCH_MAX:
+        return [Violation("events", f"must hold 1-{RECORD_BATCH_MAX} events, got {len(events)}")]
+    inside = (int(window.earliest.timestamp()) + 1, int(window.latest.timestamp()) - 1)
+    out: list[Violation] = []
+    for i, event in enumerate(events):
+        out += check_usage_event(event, window, f"events[{i}]", inside)
     return out
 
 

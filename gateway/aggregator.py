@@ -14,6 +14,7 @@ epoch seconds; an *hour* is the epoch second its hour starts at.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import uuid
 from collections.abc import Callable, Iterable, Mapping
@@ -32,6 +33,9 @@ MAX_TOTAL = Decimal("9999999999.999999")
 # A record for an hour is only planned while that hour starts this long inside
 # AWS's six-hour window, so there is time to send (and resend) it.
 SAFETY_MARGIN = 30 * 60
+# A record whose outcome is unknown is resent, never carried, until its hour's start is
+# this close to six hours old (a minute for the clocks of AWS and the gateway to differ).
+RESEND_SKEW = 60
 # Bounds the carry search; reaching it means a bug, not a busy hour.
 _MAX_CARRY_HOURS = 24 * 366
 _TOKEN_NAMESPACE = uuid.UUID("6f1d2a0e-8f5c-4c43-9a51-2f4f5d3e7b10")
@@ -55,6 +59,11 @@ def earliest_hour(now: float, margin: float = SAFETY_MARGIN) -> int:
     oldest = now - validation.MAX_AGE.total_seconds() + margin
     start = hour_of(oldest)
     return start if start >= oldest else start + HOUR
+
+
+def still_accepted(hour: int, now: float) -> bool:
+    """Whether AWS still takes a record timestamped at ``hour``'s start at ``now``."""
+    return hour > now - validation.MAX_AGE.total_seconds() + RESEND_SKEW
 
 
 def tags_key(tags: Iterable[tuple[str, str]]) -> str:
@@ -121,6 +130,14 @@ class EventRow(NamedTuple):
     tags: str  # tags_key()
     quantity: str  # exact, as the caller sent it
     whole: bool
+    digest: bytes  # event_digest(): tells an identical repeat from a reused event_id
+
+
+def event_digest(product_code: str, usage_dimension: str, seconds: int, nanos: int, quantity: str, tags: str) -> bytes:
+    """What an event says, in 16 bytes: product, dimension, exact timestamp, the
+    quantity's value (17 and 17.0 are one quantity, as to AWS) and the tag set."""
+    text = "\x1f".join((product_code, usage_dimension, f"{seconds}.{nanos:09d}", format_decimal(Decimal(quantity)), tags))
+    return hashlib.sha256(text.encode()).digest()[:16]
 
 
 @dataclass
@@ -173,11 +190,16 @@ def client_token(product_code: str, usage_dimension: str, hour: int, content: Co
     return str(uuid.uuid5(_TOKEN_NAMESPACE, name))
 
 
-def allocations(content: Content) -> list[pb.UsageAllocation]:
-    """The UsageAllocations of a bucket; none when all its usage is untagged."""
+def allocations(content: Content, *, decimal: bool = True) -> list[pb.UsageAllocation]:
+    """The UsageAllocations of a bucket; none when all its usage is untagged.
+
+    Decimal unless ``decimal`` is False: AWS deprecated the whole-number fields
+    (2026-10-20); only a record frozen by an older release in the whole form is
+    resent in it, because a resend must be the identical request.
+    """
     if set(content.allocations) <= {""}:
         return []
-    whole = content.is_whole
+    whole = content.is_whole and not decimal
     out = []
     for key, quantity in sorted(content.allocations.items()):
         alloc = pb.UsageAllocation(tags=[pb.Tag(key=k, value=v) for k, v in tags_of(key)])
@@ -193,16 +215,19 @@ def timestamp_of(hour: int) -> datetime:
     return datetime.fromtimestamp(hour, tz=timezone.utc)
 
 
-def build_request(product_code: str, usage_dimension: str, hour: int, content: Content, token: str) -> pb.MeterUsageRequest:
-    """The MeterUsage request for a bucket, timestamped at its hour's start."""
+def build_request(
+    product_code: str, usage_dimension: str, hour: int, content: Content, token: str, *, decimal: bool = True
+) -> pb.MeterUsageRequest:
+    """The MeterUsage request for a bucket, timestamped at its hour's start, with
+    decimal quantities (see :func:`allocations` for ``decimal``)."""
     request = pb.MeterUsageRequest(
         product_code=product_code,
         usage_dimension=usage_dimension,
-        usage_allocations=allocations(content),
+        usage_allocations=allocations(content, decimal=decimal),
         client_token=token,
     )
     request.timestamp.FromDatetime(timestamp_of(hour))
-    if content.is_whole:
+    if content.is_whole and not decimal:
         request.usage_quantity = int(content.total)
     else:
         request.usage_quantity_as_decimal = format_decimal(content.total)

@@ -14,13 +14,14 @@ from datetime import timedelta
 
 import boto3
 import structlog
+from grpc_health.v1 import health_pb2
 
 from gateway import credentials
 from gateway.backend import SERVICE, Backend, RetryPolicy, make_client
 from gateway.config import ConfigError, Settings
 from gateway.local_aws import BANNER
-from gateway.recorder import open_recording
-from gateway.server import METERING_SERVICE, Gateway, Servicer
+from gateway.recorder import Recording, open_recording
+from gateway.server import METERING_SERVICE, RECORDER_SERVICE, Gateway, Servicer
 from gateway.service import MeteringServicer
 from marketplace.metering.v1 import metering_pb2_grpc as pb_grpc
 
@@ -85,9 +86,11 @@ def run(
     ]
     recording = open_recording(settings, client) if settings.spool else None
     if recording:
-        servicers.append(recording.servicer)
+        servicers.append(recording_servicer(recording))
     gateway = Gateway(settings, servicers, share_port=share_port)
     port = gateway.start()
+    if recording:
+        recording.watch_health(lambda ok: serve_health(gateway, RECORDER_SERVICE, ok))
     if on_ready is not None:
         on_ready(port)
     else:
@@ -98,6 +101,17 @@ def run(
     if recording:  # after the server drained RecordUsage calls, before AWS goes away
         recording.close(flush=settings.flush_on_shutdown, budget=max(settings.grace, 5.0))
     return 0
+
+
+def recording_servicer(recording: Recording) -> Servicer:
+    """The UsageRecorderService as the server registers it."""
+    return Servicer(RECORDER_SERVICE, recording.servicer, pb_grpc.add_UsageRecorderServiceServicer_to_server)
+
+
+def serve_health(gateway: Gateway, service: str, serving: bool) -> None:
+    """One service's readiness (the recorder's follows its spool's writability)."""
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    gateway.health.set(service, status)
 
 
 def log_serving(settings: Settings, port: int, endpoint: str | None, region: str | None, **extra: object) -> None:

@@ -9,12 +9,13 @@ gateway or AWS detects it; only the ErrorInfo ``domain`` says who decided.
 
 from __future__ import annotations
 
+import enum
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import grpc
-from botocore.retries.standard import ThrottledRetryableChecker, TransientRetryableChecker
 from google.protobuf import duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
@@ -27,48 +28,90 @@ GATEWAY_DOMAIN = "metering-gateway"
 Code = grpc.StatusCode
 
 
+class Delivery(enum.Enum):
+    """What an answer says about whether AWS recorded the request (exactly-once rests on it).
+
+    Only an answer that rules a record out settles an attempt. Everything else is
+    UNKNOWN: AWS may have recorded the request before it failed to answer, so the
+    only safe next step is the identical request again (same ClientToken), which
+    AWS answers with the existing record if there is one.
+    """
+
+    REFUSED = "refused"  # this attempt was not recorded (earlier attempts are as they were)
+    ABSENT = "absent"  # AWS holds no record of this request from any attempt
+    UNKNOWN = "unknown"  # AWS may have recorded this attempt without our hearing of it
+
+
+REFUSED, ABSENT, UNKNOWN = Delivery.REFUSED, Delivery.ABSENT, Delivery.UNKNOWN
+
+
 @dataclass(frozen=True)
 class Rule:
     code: grpc.StatusCode
     retryable: bool = False  # a later attempt may succeed: retried, and answered with RetryInfo
+    delivery: Delivery = REFUSED
 
 
 # The table. Keys are reasons; AWS exceptions reach it through reason_for_aws().
 RULES: Mapping[str, Rule] = {
-    # The caller's input.
+    # The caller's input: refused before anything was recorded.
     "INVALID_REQUEST": Rule(Code.INVALID_ARGUMENT),
     "INVALID_PRODUCT_CODE": Rule(Code.INVALID_ARGUMENT),
     "INVALID_USAGE_DIMENSION": Rule(Code.INVALID_ARGUMENT),
     "INVALID_TAG": Rule(Code.INVALID_ARGUMENT),
     "INVALID_USAGE_ALLOCATIONS": Rule(Code.INVALID_ARGUMENT),
     "TIMESTAMP_OUT_OF_BOUNDS": Rule(Code.OUT_OF_RANGE),
-    # The record exists already, or the token was used for another request.
-    "DUPLICATE_REQUEST": Rule(Code.ALREADY_EXISTS),
-    "IDEMPOTENCY_CONFLICT": Rule(Code.ALREADY_EXISTS),
+    # The hour holds another record, or the token was used for another request: an
+    # identical resend of a recorded request is answered with its record, never these.
+    "DUPLICATE_REQUEST": Rule(Code.ALREADY_EXISTS, delivery=ABSENT),
+    "IDEMPOTENCY_CONFLICT": Rule(Code.ALREADY_EXISTS, delivery=ABSENT),
     # Something about the account or deployment must change first.
     "CUSTOMER_NOT_ENTITLED": Rule(Code.FAILED_PRECONDITION),
     "INVALID_ENDPOINT_REGION": Rule(Code.FAILED_PRECONDITION),
     "DISABLED_API": Rule(Code.FAILED_PRECONDITION),
     "NO_CREDENTIALS": Rule(Code.FAILED_PRECONDITION),
+    # AWS refuses the gateway's own credentials (expired, unknown, badly signed).
+    "EXPIRED_TOKEN": Rule(Code.FAILED_PRECONDITION),
+    "UNRECOGNIZED_CLIENT": Rule(Code.FAILED_PRECONDITION),
+    "INVALID_CLIENT_TOKEN_ID": Rule(Code.FAILED_PRECONDITION),
+    "SIGNATURE_DOES_NOT_MATCH": Rule(Code.FAILED_PRECONDITION),
     # The credentials may not do this (including a refused dry run).
     "UNAUTHORIZED": Rule(Code.PERMISSION_DENIED),
     "ACCESS_DENIED": Rule(Code.PERMISSION_DENIED),
-    # Try again later.
+    # Try again later. Throttling and a bare 503 (the front door did not take the
+    # request) rule a record out; AWS's own 5xx answers do not.
     "THROTTLING": Rule(Code.RESOURCE_EXHAUSTED, retryable=True),
-    "INTERNAL_SERVICE_ERROR": Rule(Code.UNAVAILABLE, retryable=True),
+    "INTERNAL_SERVICE_ERROR": Rule(Code.UNAVAILABLE, retryable=True, delivery=UNKNOWN),
+    "HTTP_500": Rule(Code.UNAVAILABLE, retryable=True, delivery=UNKNOWN),
+    "HTTP_502": Rule(Code.UNAVAILABLE, retryable=True, delivery=UNKNOWN),
+    "HTTP_503": Rule(Code.UNAVAILABLE, retryable=True),
+    "HTTP_504": Rule(Code.UNAVAILABLE, retryable=True, delivery=UNKNOWN),
+    # No connection: nothing was sent. Once connected (read timeout, dropped
+    # connection), the backend says the attempt may have been delivered.
     "AWS_UNREACHABLE": Rule(Code.UNAVAILABLE, retryable=True),
     "DEADLINE_EXCEEDED": Rule(Code.DEADLINE_EXCEEDED),
+    # The recorded-usage spool.
+    "EVENT_ID_CONFLICT": Rule(Code.ALREADY_EXISTS),
+    "SPOOL_UNAVAILABLE": Rule(Code.UNAVAILABLE, retryable=True),
     # Anything else.
     "INTERNAL": Rule(Code.INTERNAL),
 }
 
+# AWS's throttling error codes across services (the ones botocore's standard retry
+# mode treats as throttling); any of them is THROTTLING's row.
+THROTTLING_CODES = frozenset({
+    "Throttling", "ThrottlingException", "ThrottledException", "RequestThrottledException",
+    "TooManyRequestsException", "ProvisionedThroughputExceededException", "TransactionInProgressException",
+    "RequestLimitExceeded", "BandwidthLimitExceeded", "LimitExceededException", "RequestThrottled",
+    "SlowDown", "PriorRequestNotComplete", "EC2ThrottledException",
+})
+# Passing faults with an error type of their own: retried like AWS being down.
+TRANSIENT_CODES = frozenset({"RequestTimeout", "RequestTimeoutException"})
+
 _INTERNAL = RULES["INTERNAL"]
-_THROTTLING_CODES = frozenset(ThrottledRetryableChecker._THROTTLED_ERROR_CODES)
-# botocore's own notion of a passing fault: these codes, and 5xx answers with no
-# modelled exception (a load balancer's bare 503), say nothing about the request.
-_TRANSIENT_CODES = frozenset(TransientRetryableChecker._TRANSIENT_ERROR_CODES)
-_TRANSIENT_STATUSES = frozenset(TransientRetryableChecker._TRANSIENT_STATUS_CODES)
-_TRANSIENT = Rule(Code.UNAVAILABLE, retryable=True)
+_TRANSIENT_5XX = Rule(Code.UNAVAILABLE, retryable=True, delivery=UNKNOWN)
+_TRANSIENT_4XX = Rule(Code.UNAVAILABLE, retryable=True)
+_INTERNAL_5XX = Rule(Code.INTERNAL, delivery=UNKNOWN)
 _CAMEL_BOUNDARY = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
 
 
@@ -83,16 +126,20 @@ def reason_for_aws(aws_code: str) -> str:
 
 
 def rule_for(reason: str, aws_code: str | None = None, http_status: int | None = None) -> Rule:
+    """The row for a reason; unmodelled AWS codes by their kind and HTTP status."""
     if reason in RULES:
         return RULES[reason]
-    if aws_code is not None and aws_code in _THROTTLING_CODES:
-        return RULES["THROTTLING"]  # botocore's own list of throttling codes
-    if (aws_code is not None and aws_code in _TRANSIENT_CODES) or http_status in _TRANSIENT_STATUSES:
-        return _TRANSIENT
-    return _INTERNAL
+    name = None if aws_code is None else aws_code.rsplit("#", 1)[-1].rsplit(":", 1)[0]
+    if name in THROTTLING_CODES:
+        return RULES["THROTTLING"]
+    server_side = http_status is not None and http_status >= 500
+    if name in TRANSIENT_CODES:
+        return _TRANSIENT_5XX if server_side else _TRANSIENT_4XX
+    # Any other answer AWS gave after taking the request: a 5xx may follow a record.
+    return _INTERNAL_5XX if server_side else _INTERNAL
 
 
-@dataclass
+@dataclass(eq=False)  # an exception: hashed and compared by identity, like any other
 class GatewayError(Exception):
     """A refusal on its way to the caller as a gRPC status with details."""
 
@@ -107,6 +154,8 @@ class GatewayError(Exception):
     # The request may have reached AWS and been recorded though no answer came back
     # (read timeout, dropped connection): only a resend of the same request can tell.
     maybe_delivered: bool = False
+
+    aws_attempts: int = 0  # calls made to AWS for this request (the gateway's own retries)
     rule: Rule = field(init=False)
 
     def __post_init__(self) -> None:
@@ -114,6 +163,16 @@ class GatewayError(Exception):
         self.rule = rule_for(self.reason, self.aws_code, self.http_status)
         if not self.rule.retryable:
             self.retry_delay = None
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickle by fields (Exception's default would rebuild from the message alone)."""
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.init}
+        return (_rebuild, (values,))
+
+    @property
+    def delivery(self) -> Delivery:
+        """Whether AWS may hold a record of this attempt (see :class:`Delivery`)."""
+        return UNKNOWN if self.maybe_delivered else self.rule.delivery
 
     @property
     def code(self) -> grpc.StatusCode:
@@ -151,6 +210,10 @@ class GatewayError(Exception):
 
     def to_grpc_status(self) -> grpc.Status:
         return rpc_status.to_status(self.to_status_proto())
+
+
+def _rebuild(values: dict[str, Any]) -> GatewayError:
+    return GatewayError(**values)
 
 
 def from_aws(

@@ -1,8 +1,14 @@
 """The UsageRecorderService servicer: glue between gRPC and the spool.
 
 RecordUsage: validate the whole batch (every violation, named ``events[i].<field>``)
-→ one spool transaction → OK, which means durable. ListMeteringRecords: the
-hourly records, newest hour first, filtered and paged.
+→ one spool transaction → OK, which means durable. A spool that cannot write
+answers UNAVAILABLE ``SPOOL_UNAVAILABLE`` (nothing was committed), and an
+event_id reused with another payload ALREADY_EXISTS ``EVENT_ID_CONFLICT``.
+ListMeteringRecords only reads: the hourly records as the sender last placed
+them, newest hour first, filtered and paged.
+
+The assembly (:mod:`gateway.app`) registers the servicer and wires the spool's
+writability to the recorder's health; nothing here imports the assembly.
 """
 
 from __future__ import annotations
@@ -11,9 +17,10 @@ import base64
 import binascii
 import json
 import sqlite3
+import threading
 from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import grpc
@@ -24,14 +31,18 @@ from gateway.aggregator import EventRow
 from gateway.backend import Backend, RetryPolicy
 from gateway.config import ConfigError, Settings
 from gateway.sender import Sender
-from gateway.server import RECORDER_SERVICE, Servicer
 from gateway.service import utcnow
-from gateway.spool import FAILED, LATE, PENDING, SENT, RecordRow, Spool
+from gateway.spool import FAILED, PENDING, SENT, EventIdConflict, RecordRow, Spool, SpoolError, SpoolUnavailable
 from marketplace.metering.v1 import metering_pb2 as pb
 from marketplace.metering.v1 import metering_pb2_grpc as pb_grpc
 
 PAGE_SIZE_DEFAULT = 100
 PAGE_SIZE_MAX = 1000
+SPOOL_RETRY_DELAY = 1.0  # what RetryInfo tells a caller when the spool cannot write
+PROBE_EVERY = 1.0  # seconds between write probes while the spool cannot write
+CONFLICT = "was accepted before with a different product, dimension, timestamp, quantity or tags"
+
+log = structlog.get_logger("gateway.recorder")
 
 _STATE_NAMES = {pb.MeteringRecord.STATE_PENDING: PENDING, pb.MeteringRecord.STATE_SENT: SENT,
                 pb.MeteringRecord.STATE_FAILED: FAILED}
@@ -44,9 +55,11 @@ def event_row(event: pb.UsageEvent) -> EventRow:
         quantity, whole = str(event.usage_quantity), True
     else:
         quantity, whole = event.usage_quantity_as_decimal, False
-    seconds = event.timestamp.seconds
+    seconds, nanos = event.timestamp.seconds, event.timestamp.nanos
     tags = aggregator.tags_key((t.key, t.value) for t in event.tags) if event.tags else ""
-    return EventRow(event.event_id, event.product_code, event.usage_dimension, aggregator.hour_of(seconds), tags, quantity, whole)
+    digest = aggregator.event_digest(event.product_code, event.usage_dimension, seconds, nanos, quantity, tags)
+    return EventRow(event.event_id, event.product_code, event.usage_dimension, aggregator.hour_of(seconds), tags,
+                    quantity, whole, digest)
 
 
 def record_message(row: RecordRow) -> pb.MeteringRecord:
@@ -55,7 +68,7 @@ def record_message(row: RecordRow) -> pb.MeteringRecord:
         product_code=row.product_code,
         usage_dimension=row.usage_dimension,
         quantity=row.quantity,
-        allocations=aggregator.allocations(content),
+        allocations=aggregator.allocations(content, decimal=row.decimal),
         state=_STATE_VALUES[row.state],
         metering_record_id=row.metering_record_id,
         attempts=row.attempts,
@@ -87,12 +100,10 @@ class RecorderServicer(pb_grpc.UsageRecorderServiceServicer):
         *,
         future_skew: timedelta,
         now: Callable[[], datetime] = utcnow,
-        margin: float = aggregator.SAFETY_MARGIN,
     ) -> None:
         self._spool = spool
         self._future_skew = future_skew
         self._now = now
-        self._margin = margin
 
     def RecordUsage(self, request: pb.RecordUsageRequest, context: grpc.ServicerContext) -> pb.RecordUsageResponse:  # noqa: N802
         structlog.contextvars.bind_contextvars(events=len(request.events))
@@ -100,7 +111,15 @@ class RecorderServicer(pb_grpc.UsageRecorderServiceServicer):
         violations = validation.validate_record_usage(request.events, window)
         if violations:
             raise errors.invalid(violations, "batch")
-        accepted, duplicates = self._spool.record([event_row(e) for e in request.events])
+        try:
+            accepted, duplicates = self._spool.record([event_row(e) for e in request.events])
+        except EventIdConflict as exc:
+            violations = [validation.Violation(f"events[{i}].event_id", CONFLICT) for i in exc.indices]
+            raise errors.GatewayError("EVENT_ID_CONFLICT", f"{exc}: " + ", ".join(v.field for v in violations),
+                                      violations=violations) from None
+        except SpoolUnavailable as exc:  # logged with SQLite's own words by the spool
+            raise errors.GatewayError("SPOOL_UNAVAILABLE", f"the spool cannot take events now ({exc}); nothing was "
+                                      "stored: retry the same batch", retry_delay=SPOOL_RETRY_DELAY) from None
         structlog.contextvars.bind_contextvars(accepted=accepted, duplicates=duplicates)
         return pb.RecordUsageResponse(accepted=accepted, duplicates=duplicates)
 
@@ -111,9 +130,6 @@ class RecorderServicer(pb_grpc.UsageRecorderServiceServicer):
             raise errors.invalid([validation.Violation("page_size", "must not be negative")])
         size = min(request.page_size or PAGE_SIZE_DEFAULT, PAGE_SIZE_MAX)
         after = decode_token(request.page_token) if request.page_token else None
-        # Place events recorded since the sender's last pass, so the listing is current.
-        for carry in self._spool.assign(self._now().timestamp(), self._margin):
-            carry.log(LATE)
         rows = self._spool.list_records(
             state=_STATE_NAMES.get(request.state), product_code=request.product_code or None, after=after, limit=size + 1
         )
@@ -127,35 +143,65 @@ class RecorderServicer(pb_grpc.UsageRecorderServiceServicer):
 
 @dataclass
 class Recording:
-    """The recorded-usage parts of a running gateway: spool, servicer, sender."""
+    """The recorded-usage parts of a running gateway: spool, servicer, sender.
+
+    While the spool cannot write, a watcher probes it every PROBE_EVERY seconds,
+    so that health comes back by itself once it can (a pod taken out of service
+    gets no RecordUsage calls that would show it).
+    """
 
     spool: Spool
-    servicer: Servicer
+    servicer: RecorderServicer
     sender: Sender
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _watcher: threading.Thread | None = None
+
+    def watch_health(self, set_serving: Callable[[bool], None]) -> None:
+        """Report the spool's writability through ``set_serving`` from now on."""
+        self.spool.on_writable(set_serving)
+        set_serving(self.spool.writable)
+        self._watcher = threading.Thread(target=self._watch, name="spool-watch", daemon=True)
+        self._watcher.start()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(PROBE_EVERY):
+            if not self.spool.writable and self.spool.probe():
+                log.info("spool_writable_again", path=self.spool.path)
 
     def close(self, *, flush: bool, budget: float) -> None:
         """After the server drained its calls: stop the sender (flushing the open
         hour if asked), then close the spool, which is consistent at every commit."""
+        self._stop.set()
+        if self._watcher is not None:
+            self._watcher.join()
         try:
             self.sender.stop(flush=flush, budget=budget)
         finally:
             self.spool.close()
 
 
-def open_recording(settings: Settings, client: Any) -> Recording:
+def open_recording(settings: Settings, client: Any, *, now: Callable[[], float] | None = None) -> Recording:
     """Open ``--spool`` and build the servicer and the (started) sender.
 
     The sender gets its own Backend with one attempt per call: it retries on its
-    own schedule, so every call it makes passes its rate limiter.
+    own schedule, so every call it makes passes its rate limiter. ``now`` (epoch
+    seconds) replaces the wall clock for tests.
     """
     try:
         spool = Spool(settings.spool)
+    except SpoolError as exc:
+        raise ConfigError(f"spool: {exc}") from None
     except sqlite3.Error as exc:
         raise ConfigError(f"spool: cannot open {settings.spool!r}: {exc}") from None
     skew = timedelta(seconds=settings.timestamp_skew)
-    servicer = Servicer(RECORDER_SERVICE, RecorderServicer(spool, future_skew=skew),
-                        pb_grpc.add_UsageRecorderServiceServicer_to_server)
+    clock_kw: dict[str, Any] = {}
+    servicer_kw: dict[str, Any] = {}
+    if now is not None:
+        clock_kw["now"] = now
+        servicer_kw["now"] = lambda: datetime.fromtimestamp(now(), timezone.utc)
+    servicer = RecorderServicer(spool, future_skew=skew, **servicer_kw)
     backend = Backend(client, RetryPolicy(1, settings.aws_backoff_base, settings.aws_backoff_max))
     sender = Sender(spool, backend, interval=settings.flush_interval, grace=settings.flush_grace,
-                    max_rps=settings.aws_max_rps, future_skew=skew, call_timeout=settings.aws_read_timeout * 2)
+                    max_rps=settings.aws_max_rps, future_skew=skew, call_timeout=settings.aws_read_timeout * 2,
+                    event_retention=settings.event_retention, record_retention=settings.record_retention, **clock_kw)
     return Recording(spool, servicer, sender.start())

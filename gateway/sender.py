@@ -3,8 +3,10 @@
 Every ``interval`` it places new events into records (:meth:`Spool.assign`),
 then sends each PENDING record whose hour closed ``grace`` ago through the same
 path as MeteringService (validate → ``params.to_aws`` → ``Backend.meter_usage``),
-at most ``max_rps`` calls a second. What happens to a record depends only on the
-answer's reason (:func:`disposition`):
+at most ``max_rps`` calls a second, and now and then prunes the spool. What
+happens to a record depends only on the answer's reason (:func:`disposition`)
+and on what the answer says about delivery (the error table's
+:class:`gateway.errors.Delivery`):
 
 - OK → SENT, with AWS's record id.
 - retryable (throttling, AWS down, credentials missing) → stays PENDING, tried
@@ -13,8 +15,14 @@ answer's reason (:func:`disposition`):
   hour; TIMESTAMP_OUT_OF_BOUNDS) → carried into the next hour that can.
 - anything else → FAILED with the error; the record stays listed.
 
+Unknown means unknown: once an attempt may have been recorded unheard (an AWS
+5xx other than a bare 503, a read timeout, a dropped connection, a crash
+mid-call), the record is only ever resent identically, until an answer settles
+it or its hour leaves AWS's six-hour window; then it is FAILED "outcome unknown"
+for reconciliation. It is never carried: that could bill it twice.
+
 A PENDING record whose hour is about to leave AWS's six-hour window (an outage)
-is carried forward before AWS refuses it.
+and whose outcome is known is carried forward before AWS refuses it.
 """
 
 from __future__ import annotations
@@ -30,19 +38,21 @@ import structlog
 from gateway import aggregator, errors, params, validation
 from gateway.backend import Backend, RetryPolicy
 from gateway.ratelimit import RateLimiter
-from gateway.spool import LATE, RecordRow, Spool
+from gateway.spool import LATE, RecordRow, Spool, SpoolUnavailable
 
 RETRY, CARRY, FAIL = "retry", "carry", "fail"
 # Conditions that block sending without saying anything about the record itself:
 # an operator can fix them, so the usage waits (and is carried) instead of failing.
 _WAIT_FOR_FIX = frozenset({"NO_CREDENTIALS", "UNAUTHORIZED", "ACCESS_DENIED", "DEADLINE_EXCEEDED",
-                           "INVALID_ENDPOINT_REGION", "DISABLED_API"})
+                           "INVALID_ENDPOINT_REGION", "DISABLED_API", "EXPIRED_TOKEN", "UNRECOGNIZED_CLIENT",
+                           "INVALID_CLIENT_TOKEN_ID", "SIGNATURE_DOES_NOT_MATCH"})
 _HOUR_UNUSABLE = frozenset({"DUPLICATE_REQUEST", "TIMESTAMP_OUT_OF_BOUNDS"})
-# Answers that rule out a record of this very request in AWS (an identical resend of
-# a recorded request is answered with its record id, not with these).
-_NOT_RECORDED = frozenset({"DUPLICATE_REQUEST", "IDEMPOTENCY_CONFLICT"})
+# What settle() records for each kind of answer (see Spool.settle).
+_SETTLE = {errors.REFUSED: None, errors.ABSENT: False, errors.UNKNOWN: True}
 STATS_EVERY = 60.0  # seconds between spool_stats lines
+PRUNE_EVERY = 600.0  # seconds (on the sender's clock) between pruning passes
 BACKOFF_CAP = 300.0
+DAY = 86400.0
 
 log = structlog.get_logger("gateway.sender")
 
@@ -84,6 +94,8 @@ class Sender:
         now: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
         call_timeout: float = 30.0,
+        event_retention: float = 7 * DAY,
+        record_retention: float = 400 * DAY,
     ) -> None:
         self.spool = spool
         self.backend = backend
@@ -98,6 +110,9 @@ class Sender:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_stats = float("-inf")
+        self.event_retention = event_retention
+        self.record_retention = record_retention
+        self._last_prune = float("-inf")
 
     # -- the loop --------------------------------------------------------------
 
@@ -140,20 +155,42 @@ class Sender:
                 break
             if not final and self._stop.is_set():
                 break
-            self._handle(row, result)
+            try:
+                self._handle(row, result)
+            except SpoolUnavailable:
+                break  # logged by the spool; the record is resent identically once it can write
+            except Exception:  # one bad record must not end the pass for the others
+                log.exception("record_handling_failed", record_id=row.id, product_code=row.product_code,
+                              usage_dimension=row.usage_dimension, hour=_iso(row.hour))
+        if not final:
+            self.prune(now)
         self.log_stats()
         return result
+
+    def prune(self, now: float) -> None:
+        """Every PRUNE_EVERY seconds of the sender's clock: keep the spool bounded."""
+        if now - self._last_prune < PRUNE_EVERY:
+            return
+        self._last_prune = now
+        pruned = self.spool.prune(now, event_retention=self.event_retention, record_retention=self.record_retention)
+        if pruned.events or pruned.records or pruned.taken:
+            log.info("spool_pruned", events=pruned.events, records=pruned.records, taken_hours=pruned.taken)
 
     def _handle(self, row: RecordRow, result: TickResult) -> None:
         now = self._now()
         if row.hour < aggregator.earliest_hour(now, self.margin):
-            self._carry(row, "six_hour_limit", now, result)
-            return
+            if not row.outcome_unknown or not aggregator.still_accepted(row.hour, now):
+                self._carry(row, "six_hour_limit", now, result)
+                return
+            # Unknown outcome, hour still inside AWS's window: only the identical resend can settle it.
+        # The token first: a crash while waiting must not leave the record marked in flight.
+        self.limiter.acquire(self._sleep)
         frozen = self.spool.begin_attempt(row.id)  # committed before AWS hears of it
         if frozen is None:
             return
         request = aggregator.build_request(
-            frozen.product_code, frozen.usage_dimension, frozen.hour, frozen.content, frozen.client_token
+            frozen.product_code, frozen.usage_dimension, frozen.hour, frozen.content, frozen.client_token,
+            decimal=frozen.decimal,
         )
         fields = {"product_code": frozen.product_code, "usage_dimension": frozen.usage_dimension,
                   "hour": _iso(frozen.hour), "quantity": frozen.quantity, "attempt": frozen.attempts,
@@ -164,7 +201,6 @@ class Sender:
             )
             if violations:
                 raise errors.invalid(violations, "hourly record")
-            self.limiter.acquire(self._sleep)
             structlog.contextvars.clear_contextvars()
             outcome = self.backend.meter_usage(params.to_aws(request), deadline=time.monotonic() + self.call_timeout)
         except errors.GatewayError as exc:
@@ -172,17 +208,15 @@ class Sender:
             return
         finally:
             structlog.contextvars.clear_contextvars()
-        self.spool.mark_sent(frozen.id, outcome.metering_record_id)
+        self.spool.mark_sent(frozen.id, outcome.metering_record_id, self._now())
         result.sent += 1
         log.info("record_sent", metering_record_id=outcome.metering_record_id, aws_request_id=outcome.aws_request_id, **fields)
 
     def _refused(self, row: RecordRow, exc: errors.GatewayError, fields: dict[str, object], result: TickResult) -> None:
         error = f"{exc.reason}: {exc.message}"
-        if exc.reason in _NOT_RECORDED:
-            self.spool.settle(row.id, uncertain=False)
-        else:
-            self.spool.settle(row.id, uncertain=True if exc.maybe_delivered else None)
+        self.spool.settle(row.id, uncertain=_SETTLE[exc.delivery])
         row = self.spool.get(row.id) or row
+        fields["delivery"] = exc.delivery.value
         what = disposition(exc)
         if what == CARRY:
             log.warning("record_refused", reason=exc.reason, error=exc.message, then="carry", **fields)
@@ -193,7 +227,7 @@ class Sender:
             result.retried += 1
             log.warning("record_retry", reason=exc.reason, error=exc.message, retry_in_s=round(delay, 3), **fields)
         else:
-            self.spool.mark_failed(row.id, error)
+            self.spool.mark_failed(row.id, error, self._now())
             result.failed += 1
             log.error("record_failed", reason=exc.reason, error=exc.message, **fields)
 
@@ -201,10 +235,10 @@ class Sender:
         if row.outcome_unknown:
             # An attempt may sit in AWS unheard; carrying would bill it twice. The record
             # stays listed for reconciliation against AWS's records of that hour.
-            error = (f"{reason}: outcome unknown after {row.attempts} attempt(s): AWS may have recorded "
+            error = (f"outcome unknown after {row.attempts} attempt(s) ({reason}): AWS may have recorded "
                      f"{row.quantity} for {_iso(row.hour)} (ClientToken {row.client_token}); not carried, "
                      "to avoid billing twice: reconcile with the seller's AWS usage reports")
-            self.spool.mark_failed(row.id, error)
+            self.spool.mark_failed(row.id, error, now)
             result.failed += 1
             log.error("record_outcome_unknown", reason=reason, product_code=row.product_code,
                       usage_dimension=row.usage_dimension, hour=_iso(row.hour), quantity=row.quantity,

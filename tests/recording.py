@@ -15,10 +15,11 @@ from typing import Any
 from support import local_session
 
 from gateway import errors
+from gateway.app import recording_servicer, serve_health
 from gateway.backend import Outcome, make_client
 from gateway.config import Settings
 from gateway.recorder import Recording, open_recording
-from gateway.server import Gateway
+from gateway.server import RECORDER_SERVICE, Gateway
 from gateway.local_aws import AwsError, Record, State
 from marketplace.metering.v1 import metering_pb2 as pb
 
@@ -56,35 +57,54 @@ def sums_of_records(records: Iterable[Record], identity: str | None = IDENTITY) 
     return dict(out)
 
 
+# How FakeAws fails while it is down (``FakeAws.down``):
+REFUSED_CONNECTION = "refused"  # nothing listens: nothing was sent
+BARE_503 = "503"  # the front door turned the request away
+ISE = "500"  # AWS answered InternalServiceError without recording
+ISE_AFTER_RECORD = "500-after-record"  # AWS recorded the request, then answered InternalServiceError
+OUTAGES = (REFUSED_CONNECTION, BARE_503, ISE, ISE_AFTER_RECORD)
+
+
 class FakeAws:
     """Backend.meter_usage's contract over local_aws.State, on a fake clock.
 
-    ``down`` answers InternalServiceError; ``refusals`` counts what AWS refused.
+    ``down`` names how AWS fails (one of OUTAGES, or None when up);
+    ``refusals`` counts what AWS refused.
     """
 
     def __init__(self, clock: Any) -> None:
         self.state = State()
         self.clock = clock
-        self.down = False
+        self.down: str | None = None
         self.lose_replies = 0  # the next N calls are recorded, but the reply never comes
         self.calls = 0
         self.refusals: dict[str, int] = defaultdict(int)
 
     def meter_usage(self, params: dict[str, Any], *, deadline: float | None = None) -> Outcome:
         self.calls += 1
-        if self.down:
+        if self.down == REFUSED_CONNECTION:
+            raise errors.GatewayError("AWS_UNREACHABLE", "connection refused")
+        if self.down == BARE_503:
+            raise errors.from_aws("503", "", None, http_status=503)
+        if self.down == ISE:
             self.refusals["InternalServiceErrorException"] += 1
-            raise errors.from_aws("InternalServiceErrorException", "down", "req-x", retry_delay=0.1)
+            raise errors.from_aws("InternalServiceErrorException", "down", "req-x", http_status=500)
         try:
             record = self.state.meter_usage(params, IDENTITY, datetime.fromtimestamp(self.clock(), timezone.utc))
         except AwsError as exc:
             self.refusals[exc.code] += 1
-            raise errors.from_aws(exc.code, exc.message, "req-x") from None
+            raise errors.from_aws(exc.code, exc.message, "req-x", http_status=exc.status) from None
         assert record is not None
+        if self.down == ISE_AFTER_RECORD:
+            raise errors.from_aws("InternalServiceErrorException", "recorded, then failed", "req-x", http_status=500)
         if self.lose_replies:
             self.lose_replies -= 1
             raise errors.GatewayError("AWS_UNREACHABLE", "read timeout", maybe_delivered=True)
         return Outcome(record.metering_record_id, False, 1, "req-x", params.get("ClientToken", ""))
+
+    def holds(self, client_token: str) -> bool:
+        """Whether AWS recorded a request with this ClientToken."""
+        return client_token in self.state.by_token
 
     def take_hour(self, product: str, dimension: str, hour: int) -> None:
         """Someone else (an earlier life of the pod) already metered this hour."""
@@ -98,15 +118,20 @@ class FakeAws:
 
 
 @contextmanager
-def running_recorder(endpoint_url: str, spool: str, *, flush_on_close: bool = False, **settings: Any) -> Iterator[tuple[str, Recording]]:
-    """A real gateway with UsageRecorderService on 127.0.0.1:<free port>; yields (target, recording)."""
+def running_recorder(endpoint_url: str, spool: str, *, flush_on_close: bool = False,
+                     clock: Callable[[], float] | None = None, **settings: Any) -> Iterator[tuple[str, Recording]]:
+    """A real gateway with UsageRecorderService on 127.0.0.1:<free port>; yields (target, recording).
+
+    ``clock`` (epoch seconds) is the time of the servicer and the sender.
+    """
     base = {"listen": "127.0.0.1:0", "max_workers": 8, "grace": 1.0, "spool": spool,
             "flush_interval": 0.1, "flush_grace": 0.0, "aws_max_rps": 50.0}
     conf = dataclasses.replace(Settings(), **{**base, **settings}).check()
     client = make_client(conf, endpoint_url=endpoint_url, session=local_session())
-    recording = open_recording(conf, client)
-    gateway = Gateway(conf, [recording.servicer])
+    recording = open_recording(conf, client, now=clock)
+    gateway = Gateway(conf, [recording_servicer(recording)])
     port = gateway.start()
+    recording.watch_health(lambda ok: serve_health(gateway, RECORDER_SERVICE, ok))
     try:
         yield f"127.0.0.1:{port}", recording
     finally:

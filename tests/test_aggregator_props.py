@@ -1,10 +1,12 @@
 """Properties of aggregation and carry-over, on generated events and schedules.
 
-The last test runs the real Spool and Sender on a fake clock against AWS's
+The schedule test runs the real Spool and Sender on a fake clock against AWS's
 rules in process (local_aws.State): random events, late events, outages longer
-than six hours and hours taken by someone else, then checks that AWS holds
-exactly the sum of the unique events, never two records per product, dimension
-and hour, and never a refusal for the six-hour window.
+than six hours of every kind (refused connections and bare 503s, which rule a
+record out; InternalServiceErrors, with or without AWS recording first, which
+do not), and hours taken by someone else. Then: never two records per product,
+dimension and hour, never a refusal for the six-hour window, and every unit is
+either billed once or listed FAILED "outcome unknown" (never both, never lost).
 """
 
 from __future__ import annotations
@@ -13,13 +15,13 @@ from decimal import Decimal
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from recording import FakeAws, event, sums_of_events, sums_of_records
+from recording import BARE_503, ISE, ISE_AFTER_RECORD, OUTAGES, FakeAws, event, sums_of_events, sums_of_records
 
 from gateway import aggregator, validation
 from gateway.aggregator import HOUR, Content
 from gateway.recorder import event_row
 from gateway.sender import Sender
-from gateway.spool import FAILED, PENDING, SENT, Spool
+from gateway.spool import FAILED, PENDING, SENT, EventIdConflict, Spool
 from marketplace.metering.v1 import metering_pb2 as pb
 
 NOW = 1_750_000_000.0
@@ -60,15 +62,20 @@ def test_grouping_keeps_every_unit_and_respects_aws_limits(generated: list) -> N
 
 
 @given(st.lists(st.integers(0, validation.QUANTITY_MAX), min_size=1, max_size=8))
-def test_whole_totals_beyond_the_limit_go_out_as_exact_decimals(quantities: list[int]) -> None:
+def test_records_go_out_as_exact_decimals(quantities: list[int]) -> None:
+    """AWS deprecated whole quantities: a record always uses the decimal fields, except
+    the legacy whole form of a record frozen before, which fits a whole total only."""
     content = Content()
     for q in quantities:
         content.add(Content({"": Decimal(q)}, True))
     request = aggregator.build_request("p", "d", 0, content, "t")
+    assert request.WhichOneof("quantity") == "usage_quantity_as_decimal"
+    assert Decimal(request.usage_quantity_as_decimal) == sum(quantities)
+    legacy = aggregator.build_request("p", "d", 0, content, "t", decimal=False)
     if sum(quantities) <= validation.QUANTITY_MAX:
-        assert request.usage_quantity == sum(quantities)
+        assert legacy.usage_quantity == sum(quantities)
     else:
-        assert Decimal(request.usage_quantity_as_decimal) == sum(quantities)
+        assert Decimal(legacy.usage_quantity_as_decimal) == sum(quantities)
 
 
 @given(st.integers(-20, 20), st.integers(0, 7 * HOUR), st.sets(st.integers(-20, 30), max_size=20))
@@ -96,9 +103,10 @@ step = st.one_of(
     st.tuples(st.just("record"), st.lists(st.tuples(st.integers(0, 9), st.integers(0, 3), st.integers(0, 50),
                                                      st.sampled_from(["p1", "p2"])), min_size=1, max_size=8)),
     st.tuples(st.just("advance"), st.integers(60, 4 * HOUR)),
-    st.tuples(st.just("outage"), st.booleans()),
+    st.tuples(st.just("outage"), st.sampled_from((None, *OUTAGES))),
     st.tuples(st.just("take"), st.integers(-3, 2), st.sampled_from(["p1", "p2"])),
     st.tuples(st.just("tick"), st.just(0)),
+    st.tuples(st.just("resend"), st.integers(0, 100)),
 )
 
 
@@ -109,37 +117,77 @@ def test_every_schedule_meters_each_unit_exactly_once(steps: list, start_offset:
     aws = FakeAws(lambda: clock[0])
     spool = Spool(":memory:")
     sender = Sender(spool, aws, interval=60, grace=300, max_rps=1e9, now=lambda: clock[0], sleep=lambda _: None)  # type: ignore[arg-type]
-    recorded = []
+    recorded: list[pb.UsageEvent] = []
+    batches: list[list[pb.UsageEvent]] = []
+    digests: dict[str, bytes] = {}
+    unknown_possible = False
     for n, (kind, *args) in enumerate(steps):
         if kind == "record":
-            # hours_back up to 9 (beyond six hours: carried), some ids repeat (duplicates)
+            # hours_back up to 9 (beyond six hours: carried); some ids are reused with
+            # another payload, which must refuse the whole batch and store nothing
             batch = [event(f"e{i % 40}-{n if i % 3 else 0}", clock[0] - back * HOUR + minute * 60, qty, product=prod)
                      for i, (back, minute, qty, prod) in enumerate(args[0])]
-            spool.record([event_row(e) for e in batch])
+            rows = [event_row(e) for e in batch]
+            seen = dict(digests)
+            conflict = any(seen.setdefault(r.event_id, r.digest) != r.digest for r in rows)
+            try:
+                spool.record(rows)
+            except EventIdConflict:
+                assert conflict
+                continue
+            assert not conflict
+            digests.update(seen)
             recorded += batch
+            batches.append(batch)
+        elif kind == "resend":  # a caller that did not see the answer sends the same batch again
+            if batches:
+                again = batches[args[0] % len(batches)]
+                assert spool.record([event_row(e) for e in again]) == (0, len(again))
         elif kind == "advance":
             clock[0] += args[0]
         elif kind == "outage":
             aws.down = args[0]
+            unknown_possible |= args[0] in (ISE, ISE_AFTER_RECORD)
         elif kind == "take":
             hour = aggregator.hour_of(clock[0]) + args[0] * HOUR
             if aggregator.earliest_hour(clock[0]) <= hour <= clock[0]:
                 aws.take_hour(args[1], "requests", hour)
         else:
             sender.tick()
-    aws.down = False
+    aws.down = None
     for _ in range(12):  # after recovery: a few hours of ticks send the rest
         clock[0] += 20 * 60
         sender.tick()
     first: dict[str, pb.UsageEvent] = {}
     for e in recorded:
         first.setdefault(e.event_id, e)  # the first time an id was recorded wins; the rest are duplicates
-    assert sums_of_records(aws.ours()) == sums_of_events(first.values())
-    assert not spool.list_records(state=PENDING) and not spool.list_records(state=FAILED)
+    failed = spool.list_records(state=FAILED, limit=10_000)
+    assert all(r.last_error.startswith("outcome unknown") for r in failed)
+    assert unknown_possible or not failed, "only an answer that leaves the outcome unknown may end FAILED"
+    # Every unit is billed once, or listed for reconciliation because AWS may hold it; never both.
+    listed_unbilled = [aggregator_record(r) for r in failed if not aws.holds(r.client_token)]
+    assert add(sums_of_records(aws.ours()), sums_of_records(listed_unbilled)) == sums_of_events(first.values())
+    assert not spool.list_records(state=PENDING)
     hours = [(r.product_code, r.usage_dimension, r.hour) for r in aws.state.records]
     assert len(hours) == len(set(hours))
     assert "TimestampOutOfBoundsException" not in aws.refusals
     assert "IdempotencyConflictException" not in aws.refusals
+
+
+def add(*sums: dict[tuple[str, str], Decimal]) -> dict[tuple[str, str], Decimal]:
+    out: dict[tuple[str, str], Decimal] = {}
+    for one in sums:
+        for key, value in one.items():
+            out[key] = out.get(key, Decimal(0)) + value
+    return {k: v for k, v in out.items() if v or k in sums[0]}
+
+
+def aggregator_record(row: object) -> object:
+    """A spool record in the shape sums_of_records() reads (AWS's Record)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(identity=None, product_code=row.product_code, usage_dimension=row.usage_dimension,  # type: ignore[attr-defined]
+                           quantity=Decimal(row.quantity))  # type: ignore[attr-defined]
 
 
 def sender_on_fake_aws() -> tuple[list[float], FakeAws, Spool, Sender]:
@@ -157,17 +205,71 @@ def test_a_lost_reply_then_an_outage_past_six_hours_never_bills_twice() -> None:
     aws.lose_replies = 1
     sender.tick()  # AWS records 7 for the last hour; the gateway hears nothing
     assert sums_of_records(aws.ours()) == {("prod-a", "requests"): 7}
-    aws.down = True
-    for _ in range(7 * 6):  # seven hours of 5xx answers, then AWS is back
+    aws.down = BARE_503
+    for _ in range(7 * 6):  # seven hours of 503s (which rule a record out), then AWS is back
         clock[0] += 10 * 60
         sender.tick()
-    aws.down = False
+    aws.down = None
     for _ in range(6):
         clock[0] += 20 * 60
         sender.tick()
     assert sums_of_records(aws.ours()) == {("prod-a", "requests"): 7}, "the usage was carried and billed twice"
     [record] = spool.list_records(state=FAILED)
-    assert "outcome unknown" in record.last_error and record.client_token in record.last_error
+    assert record.last_error.startswith("outcome unknown") and record.client_token in record.last_error
+
+
+def test_an_unknown_outcome_is_resent_until_the_window_really_closes() -> None:
+    """Not carried at the 30-minute safety margin: resent identically while AWS would still take it."""
+    clock, aws, spool, sender = sender_on_fake_aws()
+    spool.record([event_row(event("late-ok", clock[0] - HOUR, 4))])
+    aws.down = ISE_AFTER_RECORD  # recorded, then a 500: unknown
+    sender.tick()
+    aws.down = ISE  # more 500s, recording nothing
+    [record] = spool.list_records()
+    clock[0] = record.hour + 5 * HOUR + 45 * 60  # past the 30-minute margin, still inside AWS's window
+    sender.tick()
+    [record] = spool.list_records()
+    assert record.state == "PENDING" and record.attempts == 2 and not record.carried_hours
+    aws.down = None
+    clock[0] += 5 * 60
+    sender.tick()  # the identical resend settles it: AWS answers with the record it holds
+    [record] = spool.list_records()
+    assert record.state == "SENT" and len(aws.ours()) == 1 and sums_of_records(aws.ours()) == {("prod-a", "requests"): 4}
+
+
+def test_sending_continues_past_a_record_that_fails_unexpectedly() -> None:
+    clock, aws, spool, sender = sender_on_fake_aws()
+    spool.record([event_row(event(f"iso-{p}", clock[0] - HOUR, 1, product=p)) for p in ("prod-a", "prod-b")])
+    original = aws.meter_usage
+
+    def broken_for_a(params: dict, **kw: object) -> object:
+        if params["ProductCode"] == "prod-a":
+            raise RuntimeError("a bug in one record's path")
+        return original(params, **kw)  # type: ignore[arg-type]
+
+    aws.meter_usage = broken_for_a  # type: ignore[method-assign]
+    sender.tick()
+    assert [r.product_code for r in aws.ours()] == ["prod-b"]
+
+
+def test_the_rate_limiter_token_is_taken_before_a_record_is_marked_in_flight() -> None:
+    clock, aws, spool, sender = sender_on_fake_aws()
+    spool.record([event_row(event("rl", clock[0] - HOUR, 1))])
+    seen: list[int] = []
+
+    def sleep(_: float) -> None:  # called while waiting for a token
+        seen.extend(r.in_flight for r in spool.list_records())
+        raise KeyboardInterrupt  # the process dies while waiting
+
+    sender.limiter = __import__("gateway.ratelimit", fromlist=["RateLimiter"]).RateLimiter(1e-9)
+    sender.limiter.allow()  # the one token is gone
+    sender._sleep = sleep
+    try:
+        sender.tick()
+    except KeyboardInterrupt:
+        pass
+    assert seen == [0]
+    assert not spool.list_records()[0].outcome_unknown
 
 
 def test_a_lost_reply_settled_by_the_resend_is_sent_once() -> None:

@@ -180,12 +180,15 @@ class Recording:
             self.spool.close()
 
 
-def open_recording(settings: Settings, client: Any, *, now: Callable[[], float] | None = None) -> Recording:
+def open_recording(
+    settings: Settings, client: Any, *, now: Callable[[], float] | None = None, start: bool = True
+) -> Recording:
     """Open ``--spool`` and build the servicer and the (started) sender.
 
     The sender gets its own Backend with one attempt per call: it retries on its
     own schedule, so every call it makes passes its rate limiter. ``now`` (epoch
-    seconds) replaces the wall clock for tests.
+    seconds) replaces the wall clock, and ``start=False`` leaves the sender to be
+    driven by ``sender.tick()``: both for tests on a simulated clock.
     """
     try:
         spool = Spool(settings.spool)
@@ -204,4 +207,4 @@ def open_recording(settings: Settings, client: Any, *, now: Callable[[], float] 
     sender = Sender(spool, backend, interval=settings.flush_interval, grace=settings.flush_grace,
                     max_rps=settings.aws_max_rps, future_skew=skew, call_timeout=settings.aws_read_timeout * 2,
                     event_retention=settings.event_retention, record_retention=settings.record_retention, **clock_kw)
-    return Recording(spool, servicer, sender.start())
+    return Recording(spool, servicer, sender.start() if start else sender)

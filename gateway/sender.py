@@ -136,6 +136,7 @@ class Sender:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+            self._thread = None
         result = self.tick(final=True, budget=budget) if flush else None
         self.log_stats(force=True)
         return result

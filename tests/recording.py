@@ -117,18 +117,39 @@ class FakeAws:
         return [r for r in self.state.records if r.quantity != 999_999]
 
 
+class SimClock:
+    """Simulated epoch seconds, shared by the gateway and the local backend.
+
+    It starts at a chosen instant and moves only by ``advance``; with ``running``
+    it also moves with real time from that instant, for tests whose sender waits
+    out backoffs in real time (they last seconds: the minute barely changes).
+    """
+
+    def __init__(self, now: float, *, running: bool = False) -> None:
+        self.now = now
+        self._since = time.monotonic() if running else None
+
+    def __call__(self) -> float:
+        return self.now if self._since is None else self.now + time.monotonic() - self._since
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
 @contextmanager
 def running_recorder(endpoint_url: str, spool: str, *, flush_on_close: bool = False,
-                     clock: Callable[[], float] | None = None, **settings: Any) -> Iterator[tuple[str, Recording]]:
+                     clock: Callable[[], float] | None = None, start_sender: bool = True,
+                     **settings: Any) -> Iterator[tuple[str, Recording]]:
     """A real gateway with UsageRecorderService on 127.0.0.1:<free port>; yields (target, recording).
 
-    ``clock`` (epoch seconds) is the time of the servicer and the sender.
+    ``clock`` (epoch seconds) is the time of the servicer and the sender;
+    ``start_sender=False`` leaves the sender to the test (``recording.sender.tick()``).
     """
     base = {"listen": "127.0.0.1:0", "max_workers": 8, "grace": 1.0, "spool": spool,
             "flush_interval": 0.1, "flush_grace": 0.0, "aws_max_rps": 50.0}
     conf = dataclasses.replace(Settings(), **{**base, **settings}).check()
     client = make_client(conf, endpoint_url=endpoint_url, session=local_session())
-    recording = open_recording(conf, client, now=clock)
+    recording = open_recording(conf, client, now=clock, start=start_sender)
     gateway = Gateway(conf, [recording_servicer(recording)])
     port = gateway.start()
     recording.watch_health(lambda ok: serve_health(gateway, RECORDER_SERVICE, ok))

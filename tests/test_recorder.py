@@ -1,8 +1,12 @@
-"""UsageRecorderService over a real gRPC channel, metering to LocalAws over boto3."""
+"""UsageRecorderService over a real gRPC channel, metering to LocalAws over boto3.
+
+The gateway and the local backend share a simulated clock fixed at an awkward
+minute (two and a half minutes past the hour), so nothing here depends on when
+the tests run.
+"""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from decimal import Decimal
@@ -10,27 +14,41 @@ from pathlib import Path
 
 import grpc
 import pytest
-from recording import event, running_recorder, sums_of_events, sums_of_records, wait_for
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from recording import SimClock, event, running_recorder, sums_of_events, sums_of_records, wait_for
 from support import details, local_session
 
 from gateway import aggregator
 from gateway.local_aws import DROP, LocalAws
 from gateway.recorder import Recording
+from gateway.server import RECORDER_SERVICE
 from marketplace.metering.v1 import metering_pb2 as pb
 from marketplace.metering.v1 import metering_pb2_grpc as pb_grpc
 
 HOUR = 3600
+START = 1_763_893_200.0 + 150  # 2025-11-23T10:02:30Z
 State = pb.MeteringRecord.State
+CLOCK = SimClock(START, running=True)  # the time of every test here: 10:02:30 and the seconds since
+
+
+def now() -> float:
+    return CLOCK()
 
 
 def hours_ago(n: float) -> float:
     """A time inside the hour that started ``n`` hours before the current one."""
-    return aggregator.hour_of(time.time()) - n * HOUR + 60
+    return aggregator.hour_of(now()) - n * HOUR + 60
+
+
+@pytest.fixture
+def local_aws() -> Iterator[LocalAws]:
+    with LocalAws(quiet=True, clock=CLOCK) as backend:
+        yield backend
 
 
 @pytest.fixture
 def recorder(local_aws: LocalAws, tmp_path: Path) -> Iterator[tuple[pb_grpc.UsageRecorderServiceStub, Recording]]:
-    with running_recorder(local_aws.endpoint_url, str(tmp_path / "spool.db")) as (target, recording):
+    with running_recorder(local_aws.endpoint_url, str(tmp_path / "spool.db"), clock=CLOCK) as (target, recording):
         with grpc.insecure_channel(target) as channel:
             yield pb_grpc.UsageRecorderServiceStub(channel), recording
 
@@ -55,9 +73,9 @@ def test_invalid_batch_names_every_event_field_and_stores_nothing(recorder: tupl
         event("e1", hours_ago(1), product="bad code!"),
         event("e2", hours_ago(1), quantity="1.1234567"),
         no_time,
-        pb.UsageEvent(event_id="e4", product_code="p", usage_dimension="d", timestamp=event("x", time.time()).timestamp),
+        pb.UsageEvent(event_id="e4", product_code="p", usage_dimension="d", timestamp=event("x", now()).timestamp),
         event("e5", hours_ago(1), **{"": "v"}),
-        event("e6", time.time() + 3600),
+        event("e6", now() + 3600),
         event("x" * 129, hours_ago(1)),
         event("ok", hours_ago(1)),
     ]
@@ -76,8 +94,10 @@ def test_invalid_batch_names_every_event_field_and_stores_nothing(recorder: tupl
         "events[6].timestamp",
         "events[7].event_id",
     ]
+    recording = recorder[1]
+    recording.sender.tick()
     assert listed(stub) == []  # all or nothing: the valid event was not kept either
-    for events in ([], [event(f"e{i}", time.time()) for i in range(1001)]):
+    for events in ([], [event(f"e{i}", now()) for i in range(1001)]):
         with pytest.raises(grpc.RpcError) as err:
             record(stub, *events)
         assert details(err.value).fields == ["events"]
@@ -85,12 +105,69 @@ def test_invalid_batch_names_every_event_field_and_stores_nothing(recorder: tupl
 
 def test_duplicates_add_nothing(recorder: tuple) -> None:
     stub, _ = recorder
-    first = [event(f"e{i}", time.time(), 2) for i in range(3)]
+    first = [event(f"e{i}", now(), 2) for i in range(3)]
     assert record(stub, *first) == pb.RecordUsageResponse(accepted=3, duplicates=0)
-    again = record(stub, *first, event("e3", time.time(), 5), event("e3", time.time(), 5))
+    e3 = event("e3", now(), 5)
+    again = record(stub, *first, e3, e3)
     assert again == pb.RecordUsageResponse(accepted=1, duplicates=4)
-    (only,) = listed(stub)
+    (only,) = wait_for(lambda: listed(stub), what="the events placed")
     assert Decimal(only.quantity) == 11
+
+
+def test_an_event_id_reused_with_another_payload_refuses_the_batch(recorder: tuple) -> None:
+    stub, _ = recorder
+    record(stub, event("job-1", hours_ago(1), 2))
+    with pytest.raises(grpc.RpcError) as err:
+        record(stub, event("job-2", hours_ago(1), 1), event("job-1", hours_ago(1), 3), event("job-1", hours_ago(1), 2))
+    got = details(err.value)
+    assert (got.code, got.info.reason, got.info.domain) == (grpc.StatusCode.ALREADY_EXISTS, "EVENT_ID_CONFLICT", "metering-gateway")
+    assert got.fields == ["events[1].event_id"] and got.retry is None
+    # Nothing of the refused batch was kept, and the identical repeat is still a duplicate.
+    assert record(stub, event("job-2", hours_ago(1), 1), event("job-1", hours_ago(1), 2)) == pb.RecordUsageResponse(
+        accepted=1, duplicates=1)
+
+
+def test_a_full_spool_is_unavailable_and_health_comes_back_by_itself(local_aws: LocalAws, tmp_path: Path) -> None:
+    with running_recorder(local_aws.endpoint_url, str(tmp_path / "s.db"), clock=CLOCK) as (target, recording), \
+            grpc.insecure_channel(target) as channel:
+        spool_full_then_free(pb_grpc.UsageRecorderServiceStub(channel), health_pb2_grpc.HealthStub(channel), recording,
+                             local_aws)
+
+
+def spool_full_then_free(stub: pb_grpc.UsageRecorderServiceStub, health: health_pb2_grpc.HealthStub,
+                         recording: Recording, local_aws: LocalAws) -> None:
+    def status() -> int:
+        return health.Check(health_pb2.HealthCheckRequest(service=RECORDER_SERVICE), timeout=5).status
+
+    assert status() == health_pb2.HealthCheckResponse.SERVING
+    record(stub, event("before", hours_ago(1), 1))
+    db = recording.spool._db
+    (pages,) = db.execute("PRAGMA page_count").fetchone()
+    db.execute(f"PRAGMA max_page_count = {pages}")  # the volume is full
+    big = [event(f"full-{i}", hours_ago(2), i, tenant="x" * 200 + str(i)) for i in range(300)]
+    with pytest.raises(grpc.RpcError) as err:
+        record(stub, *big)
+    got = details(err.value)
+    assert (got.code, got.info.reason) == (grpc.StatusCode.UNAVAILABLE, "SPOOL_UNAVAILABLE")
+    assert got.retry is not None and "full" in got.message and "no transaction is active" not in got.message
+    assert status() == health_pb2.HealthCheckResponse.NOT_SERVING
+    db.execute("PRAGMA max_page_count = 1073741823")  # room again: nobody calls, health must see it alone
+    wait_for(lambda: status() == health_pb2.HealthCheckResponse.SERVING, timeout=10, what="the recorder to serve again")
+    assert record(stub, *big).accepted == 300
+    expected = sums_of_events([event("before", hours_ago(1), 1), *big])
+    wait_for(lambda: metered(local_aws, expected), what="everything acknowledged metered once")
+
+
+def test_listing_only_reads(local_aws: LocalAws, tmp_path: Path) -> None:
+    with running_recorder(local_aws.endpoint_url, str(tmp_path / "s.db"), clock=CLOCK, start_sender=False) as (target, recording):
+        with grpc.insecure_channel(target) as channel:
+            stub = pb_grpc.UsageRecorderServiceStub(channel)
+            record(stub, event("a", hours_ago(1), 1))
+            assert listed(stub) == []  # the listing places nothing: the sender's pass does
+            assert recording.spool.stats().unassigned_events == 1
+            recording.sender.tick()
+            (placed,) = listed(stub)
+            assert placed.state == State.STATE_SENT
 
 
 def test_closed_hours_are_metered_once_with_allocations(recorder: tuple, local_aws: LocalAws) -> None:
@@ -110,8 +187,9 @@ def test_closed_hours_are_metered_once_with_allocations(recorder: tuple, local_a
     tagged = sent[("prod-a", aggregator.hour_of(hours_ago(2)))]
     assert tagged.quantity == "12"
     assert tagged.metering_record_id in by_id and tagged.attempts == 1
-    assert {(tuple((t.key, t.value) for t in a.tags), a.allocated_usage_quantity) for a in tagged.allocations} == {
-        ((), 5), ((("tenant", "t1"),), 3), ((("tenant", "t2"),), 4)
+    # Whole events, but sent with the decimal fields: AWS deprecated whole quantities.
+    assert {(tuple((t.key, t.value) for t in a.tags), a.allocated_usage_quantity_as_decimal) for a in tagged.allocations} == {
+        ((), "5"), ((("tenant", "t1"),), "3"), ((("tenant", "t2"),), "4")
     }
     decimal = sent[("prod-b", aggregator.hour_of(hours_ago(1)))]
     assert decimal.quantity == "1.75" and not decimal.allocations
@@ -167,16 +245,16 @@ def test_throttling_then_an_outage_then_recovery_meters_exact_sums(recorder: tup
 
 def test_events_older_than_aws_takes_are_carried_not_refused(recorder: tuple, local_aws: LocalAws) -> None:
     stub, _ = recorder
-    old = [event("old", time.time() - 8 * HOUR, 5)]
+    old = [event("old", now() - 8 * HOUR, 5)]
     assert record(stub, *old).accepted == 1
     (rec,) = wait_for(lambda: listed(stub))
-    assert rec.carried_from[0].ToSeconds() == aggregator.hour_of(time.time() - 8 * HOUR)
-    assert rec.hour.ToSeconds() >= aggregator.earliest_hour(time.time())
+    assert rec.carried_from[0].ToSeconds() == aggregator.hour_of(now() - 8 * HOUR)
+    assert rec.hour.ToSeconds() >= aggregator.earliest_hour(now())
 
 
 def test_flush_on_shutdown_sends_the_open_hour(local_aws: LocalAws, tmp_path: Path) -> None:
-    events = [event(f"e{i}", time.time(), 1) for i in range(5)]
-    with running_recorder(local_aws.endpoint_url, str(tmp_path / "s.db"), flush_on_close=True) as (target, _):
+    events = [event(f"e{i}", now(), 1) for i in range(5)]
+    with running_recorder(local_aws.endpoint_url, str(tmp_path / "s.db"), flush_on_close=True, clock=CLOCK) as (target, _):
         with grpc.insecure_channel(target) as channel:
             record(pb_grpc.UsageRecorderServiceStub(channel), *events)
         assert local_aws.records() == []
@@ -185,8 +263,9 @@ def test_flush_on_shutdown_sends_the_open_hour(local_aws: LocalAws, tmp_path: Pa
 
 def test_listing_filters_and_pages(recorder: tuple) -> None:
     stub, _ = recorder
-    events = [event(f"e{p}{h}", time.time() - h * HOUR, 1, product=f"prod-{p}") for p in range(2) for h in range(4)]
+    events = [event(f"e{p}{h}", now() - h * HOUR, 1, product=f"prod-{p}") for p in range(2) for h in range(4)]
     record(stub, *events)
+    wait_for(lambda: len(listed(stub)) == 8, what="the events placed")
     pages, token = [], ""
     while True:
         reply = stub.ListMeteringRecords(pb.ListMeteringRecordsRequest(page_size=3, page_token=token), timeout=10)
@@ -209,11 +288,11 @@ def test_listing_filters_and_pages(recorder: tuple) -> None:
 
 def test_events_survive_a_restart_and_duplicates_are_still_known(local_aws: LocalAws, tmp_path: Path) -> None:
     spool = str(tmp_path / "spool.db")
-    events = [event(f"e{i}", time.time(), 3) for i in range(4)]
-    with running_recorder(local_aws.endpoint_url, spool) as (target, _):
+    events = [event(f"e{i}", now(), 3) for i in range(4)]
+    with running_recorder(local_aws.endpoint_url, spool, clock=CLOCK) as (target, _):
         with grpc.insecure_channel(target) as channel:
             record(pb_grpc.UsageRecorderServiceStub(channel), *events)
-    with running_recorder(local_aws.endpoint_url, spool, flush_on_close=True) as (target, _):
+    with running_recorder(local_aws.endpoint_url, spool, flush_on_close=True, clock=CLOCK) as (target, _):
         with grpc.insecure_channel(target) as channel:
             assert record(pb_grpc.UsageRecorderServiceStub(channel), *events).duplicates == 4
     assert sums_of_records(local_aws.records()) == sums_of_events(events)

@@ -139,19 +139,25 @@ class Backend:
                     "AWS_UNREACHABLE", f"AWS Marketplace Metering is unreachable: {exc}", retry_delay=self.policy.hint(attempt),
                     maybe_delivered=not isinstance(exc, AwsConnectionError),
                 )
-            except _CREDENTIAL_ERRORS as exc:
+            except _CREDENTIAL_ERRORS as exc:  # before signing: this attempt sent nothing
                 raise errors.GatewayError(
                     "NO_CREDENTIALS",
                     f"the gateway has no usable AWS credentials ({exc}); it needs the EC2 instance role, "
                     "the ECS task role or, on EKS, IRSA",
+                    aws_attempts=attempt - 1,
                 ) from None
-            except ParamValidationError as exc:
-                raise errors.GatewayError("INVALID_REQUEST", f"refused by botocore: {exc}") from None
+            except ParamValidationError as exc:  # before sending
+                raise errors.GatewayError(
+                    "INVALID_REQUEST", f"refused by botocore: {exc}", aws_attempts=attempt - 1
+                ) from None
             else:
                 request_id = _request_id(response)
                 structlog.contextvars.bind_contextvars(aws_request_id=request_id)
                 return Outcome(response.get("MeteringRecordId", ""), False, attempt, request_id, params["ClientToken"])
 
+            # The caller hears how many AWS calls this request cost, so that its own
+            # gRPC retries do not multiply them (see GatewayError.pushback_ms).
+            failure.aws_attempts = attempt
             if not failure.retryable or attempt >= self.policy.max_attempts:
                 raise failure
             pause = self.policy.delay(attempt)

@@ -8,6 +8,7 @@ import signal
 import sys
 import threading
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import NoReturn
 
 import grpc
@@ -94,9 +95,9 @@ def serve(settings: Settings) -> int:
 def _channel(args: argparse.Namespace) -> grpc.Channel:
     if not args.tls_ca:
         return grpc.insecure_channel(args.target)
-    key = open(args.tls_key, "rb").read() if args.tls_key else None
-    cert = open(args.tls_cert, "rb").read() if args.tls_cert else None
-    creds = grpc.ssl_channel_credentials(open(args.tls_ca, "rb").read(), key, cert)
+    key = Path(args.tls_key).read_bytes() if args.tls_key else None
+    cert = Path(args.tls_cert).read_bytes() if args.tls_cert else None
+    creds = grpc.ssl_channel_credentials(Path(args.tls_ca).read_bytes(), key, cert)
     return grpc.secure_channel(args.target, creds)
 
 

@@ -2,8 +2,9 @@
 
 Each setting is declared once, as a field of :class:`Settings`; the command-line
 flag (``--flush-grace``), the environment variable
-(``METERING_GATEWAY_FLUSH_GRACE``) and the ``--help`` text are derived from it, so
-the three cannot disagree. A flag beats the variable, which beats the default.
+(``METERING_GATEWAY_FLUSH_GRACE``), the ``--help`` text and the allowed range
+(:class:`Bounds`, checked at start) are derived from it, so they cannot disagree.
+A flag beats the variable, which beats the default.
 AWS settings (credentials, region, endpoint) are deliberately *not* here: they
 come from boto3's own conventions (``AWS_REGION``,
 ``AWS_ENDPOINT_URL_MARKETPLACE_METERING``, the default credential chain).
@@ -14,11 +15,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import ipaddress
+import math
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 ENV_PREFIX = "METERING_GATEWAY_"
 
@@ -27,27 +29,32 @@ class ConfigError(ValueError):
     """A setting is unusable; the message is one line meant for a person."""
 
 
-_DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)(ms|s|m|h))+$")
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)(ms|s|m|h|d))+$")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+MINUTE, HOUR, DAY = 60.0, 3600.0, 86400.0
 
 
 def parse_duration(text: str) -> float:
-    """``"5m"`` → 300.0 seconds. Accepts ms, s, m, h and sums like ``1m30s``."""
+    """``"5m"`` → 300.0 seconds. Accepts ms, s, m, h, d and sums like ``1m30s``."""
     text = text.strip()
     if not _DURATION.match(text):
-        raise ConfigError(f"{text!r} is not a duration (examples: 500ms, 30s, 5m, 1h)")
+        raise ConfigError(f"{text!r} is not a duration (examples: 500ms, 30s, 5m, 1h, 7d)")
     return sum(float(n) * _UNIT_SECONDS[u] for n, u in _DURATION_PART.findall(text))
 
 
 def format_duration(seconds: float) -> str:
-    if seconds and seconds == int(seconds) and int(seconds) % 3600 == 0:
-        return f"{int(seconds) // 3600}h"
-    if seconds and seconds == int(seconds) and int(seconds) % 60 == 0:
-        return f"{int(seconds) // 60}m"
+    """Seconds as a person would write them (``5h``, ``7d``, ``1500ms``): parse_duration's inverse."""
+    if not math.isfinite(seconds):
+        return str(seconds)
+    if seconds and seconds == int(seconds):
+        whole = int(seconds)
+        for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+            if whole % size == 0:
+                return f"{whole // size}{unit}"
     if seconds == int(seconds):
         return f"{int(seconds)}s"
-    return f"{round(seconds * 1000)}ms"
+    return f"{round(seconds * 1000, 6):g}ms"
 
 
 def parse_bool(text: str) -> bool:
@@ -81,14 +88,47 @@ def format_listen(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+@dataclass(frozen=True)
+class Bounds:
+    """The values a number setting may take: ``lo``..``hi``, or above ``lo`` when ``open_lo``."""
+
+    lo: float
+    hi: float
+    open_lo: bool = False
+
+    def allows(self, value: float) -> bool:
+        above = value > self.lo if self.open_lo else value >= self.lo
+        return above and value <= self.hi
+
+    def describe(self, show: Callable[[float], str]) -> str:
+        if self.open_lo:
+            return f"above {show(self.lo)}, at most {show(self.hi)}"
+        return f"{show(self.lo)}..{show(self.hi)}"
+
+
 def _setting(
     help: str,
     *,
     parse: Callable[[str], Any] | None = None,
     metavar: str | None = None,
     choices: Sequence[str] | None = None,
+    bounds: Bounds | None = None,
 ) -> dict[str, Any]:
-    return {"help": help, "parse": parse, "metavar": metavar, "choices": choices}
+    return {"help": help, "parse": parse, "metavar": metavar, "choices": choices, "bounds": bounds}
+
+
+# A record for hour H is due at H + 1h + flush-grace and must reach AWS before H is
+# six hours old (validation.MAX_AGE); the sender already carries it once H is
+# 5h30m old (aggregator.SAFETY_MARGIN). 3h leaves 1h30m to send and retry; 4h30m
+# or more would leave none, and nothing would ever be sent under its own hour.
+FLUSH_GRACE_MAX = 3 * HOUR
+
+
+class Given(NamedTuple):
+    """Where a setting's value came from (a flag or a variable) and its text as written."""
+
+    source: str
+    text: str
 
 
 @dataclass(frozen=True)
@@ -108,12 +148,24 @@ class Settings:
     )
     local_port: int = field(
         default=0,
-        metadata=_setting("Port of the embedded local backend with --local (0 picks a free one).", parse=int),
+        metadata=_setting(
+            "Port of the embedded local backend with --local (0 picks a free one).", parse=int, bounds=Bounds(0, 65535)
+        ),
     )
     max_workers: int = field(
         default=32,
         metadata=_setting(
-            "Threads serving RPCs; also the size of the AWS connection pool.", parse=int
+            "Threads serving RPCs; also the size of the AWS connection pool.", parse=int, bounds=Bounds(1, 1024)
+        ),
+    )
+    max_concurrent_rpcs: int = field(
+        default=0,
+        metadata=_setting(
+            "Most RPCs one server process holds at once, running or waiting for a thread; calls beyond it "
+            "fail at once with RESOURCE_EXHAUSTED instead of queueing while AWS is slow. "
+            "0 means 4 × --max-workers; otherwise at least --max-workers.",
+            parse=int,
+            bounds=Bounds(0, 100_000),
         ),
     )
     processes: int = field(
@@ -123,12 +175,15 @@ class Settings:
             "serves about one core of MeterUsage calls; use one per core the pod may use. "
             "--spool needs 1 (one sender per spool).",
             parse=int,
+            bounds=Bounds(1, 64),
         ),
     )
     grace: float = field(
         default=10.0,
         metadata=_setting(
-            "On SIGTERM, how long calls in flight may take to finish.", parse=parse_duration
+            "On SIGTERM, how long calls in flight may take to finish.",
+            parse=parse_duration,
+            bounds=Bounds(0, HOUR),  # platforms kill far sooner; more is a typo
         ),
     )
     aws_max_attempts: int = field(
@@ -137,6 +192,8 @@ class Settings:
             "Attempts per AWS call for retryable errors (throttling, AWS unreachable), "
             "always within the caller's deadline.",
             parse=int,
+            # A caller without a deadline holds a thread for every attempt and pause.
+            bounds=Bounds(1, 10),
         ),
     )
     aws_retry_mode: str = field(
@@ -148,23 +205,34 @@ class Settings:
     )
     aws_backoff_base: float = field(
         default=0.1,
-        metadata=_setting("First retry delay; it doubles per attempt, with full jitter.", parse=parse_duration),
+        metadata=_setting(
+            "First retry delay; it doubles per attempt, with full jitter.",
+            parse=parse_duration,
+            bounds=Bounds(0.001, 5 * MINUTE),
+        ),
     )
     aws_backoff_max: float = field(
-        default=5.0, metadata=_setting("Longest retry delay.", parse=parse_duration)
+        default=5.0,
+        metadata=_setting(
+            "Longest retry delay; at least --aws-backoff-base.", parse=parse_duration, bounds=Bounds(0.001, 5 * MINUTE)
+        ),
     )
     aws_connect_timeout: float = field(
-        default=2.0, metadata=_setting("Timeout to connect to AWS.", parse=parse_duration)
+        default=2.0,
+        metadata=_setting("Timeout to connect to AWS.", parse=parse_duration, bounds=Bounds(0.001, 5 * MINUTE)),
     )
     aws_read_timeout: float = field(
         default=5.0,
-        metadata=_setting("Timeout for one AWS attempt to answer.", parse=parse_duration),
+        metadata=_setting(
+            "Timeout for one AWS attempt to answer.", parse=parse_duration, bounds=Bounds(0.001, 5 * MINUTE)
+        ),
     )
     timestamp_skew: float = field(
         default=300.0,
         metadata=_setting(
             "How far in the future a usage timestamp may be (clock skew between hosts).",
             parse=parse_duration,
+            bounds=Bounds(0, HOUR),  # a clock an hour off is broken, not skewed
         ),
     )
     log_level: str = field(
@@ -197,15 +265,25 @@ class Settings:
         metadata=_setting(
             "How long after an hour closes its record is sent (late events still count).",
             parse=parse_duration,
+            bounds=Bounds(0, FLUSH_GRACE_MAX),
         ),
     )
     flush_interval: float = field(
         default=30.0,
-        metadata=_setting("How often the sender looks for records to send.", parse=parse_duration),
+        metadata=_setting(
+            "How often the sender looks for records to send.",
+            parse=parse_duration,
+            # 0 busy-loops the sender; a long pause eats the time left to send (FLUSH_GRACE_MAX).
+            bounds=Bounds(0.1, 15 * MINUTE),
+        ),
     )
     aws_max_rps: float = field(
         default=10.0,
-        metadata=_setting("Most MeterUsage calls a second the sender makes.", parse=float),
+        metadata=_setting(
+            "Most MeterUsage calls a second the sender makes.",
+            parse=float,
+            bounds=Bounds(0, 1000, open_lo=True),  # far above any MeterUsage quota: more is a typo
+        ),
     )
     flush_on_shutdown: bool = field(
         default=False,
@@ -215,26 +293,76 @@ class Settings:
             parse=parse_bool,
         ),
     )
+    event_retention: float = field(
+        default=7 * DAY,
+        metadata=_setting(
+            "How long a repeated event_id is still recognised (the deduplication window): events of "
+            "sent records are pruned this long after the record was sent.",
+            parse=parse_duration,
+            bounds=Bounds(HOUR, 3650 * DAY),  # at least a caller's retries; ten years is plenty
+        ),
+    )
+    record_retention: float = field(
+        default=400 * DAY,
+        metadata=_setting(
+            "How long sent and failed hourly records are kept for reconciliation with AWS's seller "
+            "reports; at least --event-retention.",
+            parse=parse_duration,
+            bounds=Bounds(DAY, 3650 * DAY),
+        ),
+    )
 
     @property
     def listen_host_port(self) -> tuple[str, int]:
         return parse_listen(self.listen)
 
-    def check(self) -> Settings:
-        """Raise ConfigError on the first unusable value; return self."""
+    @property
+    def concurrent_rpc_limit(self) -> int:
+        """The effective --max-concurrent-rpcs: 0 stands for 4 × --max-workers."""
+        return self.max_concurrent_rpcs or 4 * self.max_workers
+
+    def check(self, given: Mapping[str, Given] | None = None) -> Settings:
+        """Raise ConfigError on the first unusable value; return self.
+
+        ``given`` (from settings_from) names where each value came from and how it
+        was written, so that a message quotes the person's own words.
+        """
+        given = given or {}
+
+        def who(name: str) -> str:
+            source = given[name].source if name in given else flag_name(name)
+            return source if source == flag_name(name) else f"{source} ({flag_name(name)})"
+
+        def shown(name: str) -> str:
+            return given[name].text.strip() if name in given else shown_value(_FIELDS[name], getattr(self, name))
+
         parse_listen(self.listen)
-        if self.processes < 1:
-            raise ConfigError("processes must be at least 1")
+        for f in _FIELDS.values():
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{who(f.name)}: {shown(f.name)} is not a finite number")
+            bounds: Bounds | None = f.metadata.get("bounds")
+            if bounds is not None and not bounds.allows(value):
+                raise ConfigError(f"{who(f.name)}: {shown(f.name)} is out of range (allowed: {shown_range(f)})")
         if self.processes > 1 and self.spool:
             raise ConfigError("spool needs processes 1: one process sends a spool's records")
-        if self.max_workers < 1:
-            raise ConfigError("max-workers must be at least 1")
-        if self.aws_max_attempts < 1:
-            raise ConfigError("aws-max-attempts must be at least 1")
-        if self.aws_max_rps <= 0:
-            raise ConfigError("aws-max-rps must be above 0")
-        if not 0 <= self.local_port <= 65535:
-            raise ConfigError(f"local-port {self.local_port} is outside 0-65535")
+        # Fewer slots than threads would leave threads idle while calls are refused.
+        if self.max_concurrent_rpcs and self.max_concurrent_rpcs < self.max_workers:
+            raise ConfigError(
+                f"{who('max_concurrent_rpcs')}: {shown('max_concurrent_rpcs')} is below --max-workers "
+                f"{self.max_workers} (0 means 4 × --max-workers)"
+            )
+        def at_most(low: str, high: str) -> None:
+            """``low`` <= ``high``; the message blames the one the person set, the high one if both."""
+            if getattr(self, low) <= getattr(self, high):
+                return
+            if low in given and high not in given:
+                raise ConfigError(f"{who(low)}: {shown(low)} is above {flag_name(high)} {shown(high)}")
+            raise ConfigError(f"{who(high)}: {shown(high)} is below {flag_name(low)} {shown(low)}")
+
+        at_most("aws_backoff_base", "aws_backoff_max")
+        # Events are pruned through their record (its state and send time): it must outlive them.
+        at_most("event_retention", "record_retention")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("tls-cert and tls-key go together")
         if self.tls_client_ca and not self.tls_cert:
@@ -247,6 +375,7 @@ class Settings:
 
 
 SETTINGS_FIELDS = tuple(dataclasses.fields(Settings))
+_FIELDS = {f.name: f for f in SETTINGS_FIELDS}
 
 
 def flag_name(name: str) -> str:
@@ -281,6 +410,21 @@ def shown_default(f: dataclasses.Field[Any]) -> str:
     return str(default) if default != "" else "unset"
 
 
+def shown_value(f: dataclasses.Field[Any], value: Any) -> str:
+    """A value of setting ``f`` as a person would type it: ``5h``, not 18000.0."""
+    if f.metadata.get("parse") is parse_duration and isinstance(value, (int, float)):
+        return format_duration(float(value))
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def shown_range(f: dataclasses.Field[Any]) -> str:
+    """The values setting ``f`` allows, as in --help and the README ("" when unbounded)."""
+    bounds: Bounds | None = f.metadata.get("bounds")
+    return bounds.describe(lambda v: shown_value(f, v)) if bounds else ""
+
+
 def _metavar(f: dataclasses.Field[Any]) -> str | None:
     if f.metadata.get("metavar"):
         return str(f.metadata["metavar"])
@@ -293,7 +437,8 @@ def _metavar(f: dataclasses.Field[Any]) -> str | None:
 def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per setting; the value is parsed later, with the env fallback."""
     for f in SETTINGS_FIELDS:
-        help_text = f"{f.metadata['help']} [env {env_name(f.name)}; default {shown_default(f)}]"
+        allowed = f"; range {shown_range(f)}" if shown_range(f) else ""
+        help_text = f"{f.metadata['help']} [env {env_name(f.name)}; default {shown_default(f)}{allowed}]"
         kwargs: dict[str, Any] = {"dest": f.name, "default": None, "help": help_text}
         if f.type in ("bool", bool):
             kwargs["nargs"] = "?"
@@ -308,6 +453,7 @@ def settings_from(args: argparse.Namespace | None = None, env: Mapping[str, str]
     """Flags, then ``METERING_GATEWAY_*`` variables, then defaults; checked."""
     env = os.environ if env is None else env
     values: dict[str, Any] = {}
+    given: dict[str, Given] = {}
     for f in SETTINGS_FIELDS:
         raw = getattr(args, f.name, None) if args is not None else None
         source = flag_name(f.name)
@@ -319,4 +465,5 @@ def settings_from(args: argparse.Namespace | None = None, env: Mapping[str, str]
             values[f.name] = _parser_for(f)(raw)
         except (ConfigError, ValueError) as exc:
             raise ConfigError(f"{source}: {exc}") from None
-    return Settings(**values).check()
+        given[f.name] = Given(source, raw)
+    return Settings(**values).check(given)

@@ -105,8 +105,11 @@ THROTTLING_CODES = frozenset({
     "RequestLimitExceeded", "BandwidthLimitExceeded", "LimitExceededException", "RequestThrottled",
     "SlowDown", "PriorRequestNotComplete", "EC2ThrottledException",
 })
-# Passing faults with an error type of their own: retried like AWS being down.
+# Passing faults: retried like AWS being down. A typed 5xx among them (a
+# ServiceUnavailable, say) still leaves the outcome unknown; only the bare 503 rules a
+# record out, as its row says.
 TRANSIENT_CODES = frozenset({"RequestTimeout", "RequestTimeoutException"})
+TRANSIENT_STATUSES = frozenset({500, 502, 503, 504})
 
 _INTERNAL = RULES["INTERNAL"]
 _TRANSIENT_5XX = Rule(Code.UNAVAILABLE, retryable=True, delivery=UNKNOWN)
@@ -133,7 +136,7 @@ def rule_for(reason: str, aws_code: str | None = None, http_status: int | None =
     if name in THROTTLING_CODES:
         return RULES["THROTTLING"]
     server_side = http_status is not None and http_status >= 500
-    if name in TRANSIENT_CODES:
+    if name in TRANSIENT_CODES or http_status in TRANSIENT_STATUSES:
         return _TRANSIENT_5XX if server_side else _TRANSIENT_4XX
     # Any other answer AWS gave after taking the request: a 5xx may follow a record.
     return _INTERNAL_5XX if server_side else _INTERNAL
@@ -181,6 +184,19 @@ class GatewayError(Exception):
     @property
     def retryable(self) -> bool:
         return self.rule.retryable
+
+    def pushback_ms(self) -> int | None:
+        """The ``grpc-retry-pushback-ms`` trailer's value (gRFC A6 server pushback), or None.
+
+        Negative once the gateway has called AWS: it has spent its ``--aws-max-attempts``
+        already, and a client retry would multiply them. Otherwise the RetryInfo delay,
+        which only retryable rows keep, so a client retries what the gateway decided alone.
+        """
+        if self.aws_attempts > 0:
+            return -1
+        if self.retry_delay is None:
+            return None
+        return max(0, round(self.retry_delay * 1000))
 
     def metadata(self) -> dict[str, str]:
         out: dict[str, str] = {}

@@ -22,6 +22,8 @@ from gateway import errors
 from gateway.validation import Violation
 
 REQUEST_ID_KEY = "x-request-id"
+# gRFC A6 server pushback: a negative value tells gRPC clients not to retry the call.
+PUSHBACK_KEY = "grpc-retry-pushback-ms"
 _MAX_REQUEST_ID = 128
 
 log = structlog.get_logger("gateway.rpc")
@@ -38,14 +40,16 @@ class _Status(NamedTuple("_Status", [("code", grpc.StatusCode), ("details", str)
     pass
 
 
-def _abort(context: grpc.ServicerContext, status: grpc.Status, request_id: str) -> None:
-    """Fail with the request id in the trailers, not in headers sent first.
+def _abort(context: grpc.ServicerContext, status: grpc.Status, request_id: str, pushback_ms: int | None = None) -> None:
+    """Fail with the request id (and any retry pushback) in the trailers, not in headers sent first.
 
     Response headers commit a call: the caller's gRPC retry policy (gRFC A6) then
     no longer retries UNAVAILABLE or RESOURCE_EXHAUSTED, so errors leave as
-    trailers-only responses.
+    trailers-only responses. ``pushback_ms`` (see :meth:`errors.GatewayError.pushback_ms`)
+    keeps that policy from retrying what the gateway already retried against AWS.
     """
-    trailers = (*status.trailing_metadata, (REQUEST_ID_KEY, request_id))
+    pushback = () if pushback_ms is None else ((PUSHBACK_KEY, str(pushback_ms)),)
+    trailers = (*status.trailing_metadata, (REQUEST_ID_KEY, request_id), *pushback)
     context.abort_with_status(_Status(status.code, status.details, trailers))
 
 
@@ -87,7 +91,7 @@ class GatewayInterceptor(grpc.ServerInterceptor):
             except errors.GatewayError as exc:
                 code = exc.code
                 structlog.contextvars.bind_contextvars(reason=exc.reason)
-                _abort(context, exc.to_grpc_status(), request_id)
+                _abort(context, exc.to_grpc_status(), request_id, exc.pushback_ms())
             except Exception as exc:
                 aborted = context.code()  # type: ignore[attr-defined]  # grpcio has it; the stubs lag
                 if isinstance(exc, grpc.RpcError) or aborted not in (None, grpc.StatusCode.OK):

@@ -56,6 +56,9 @@ class Gateway:
                 ("grpc.so_reuseport", 1 if share_port else 0),
                 ("grpc.max_receive_message_length", 16 * 1024 * 1024),
             ],
+            # With a slow AWS, calls beyond this fail at once with RESOURCE_EXHAUSTED
+            # (retryable) instead of queueing without limit behind busy threads.
+            maximum_concurrent_rpcs=settings.concurrent_rpc_limit,
         )
         for s in servicers:
             s.add(s.servicer, self.server)

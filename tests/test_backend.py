@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from botocore.exceptions import ClientError, EndpointConnectionError
+from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
 
 from gateway import errors
 from gateway.backend import Backend, RetryPolicy
@@ -72,6 +72,7 @@ def test_non_retryable_errors_are_not_retried() -> None:
     with pytest.raises(errors.GatewayError) as caught:
         backend(client, FakeClock()).meter_usage({})
     assert caught.value.reason == "DUPLICATE_REQUEST" and len(client.calls) == 1
+    assert caught.value.aws_attempts == 1
 
 
 def test_attempts_are_capped_and_the_last_error_is_reported() -> None:
@@ -79,6 +80,7 @@ def test_attempts_are_capped_and_the_last_error_is_reported() -> None:
     with pytest.raises(errors.GatewayError) as caught:
         backend(client, FakeClock(), attempts=3).meter_usage({})
     assert caught.value.reason == "THROTTLING" and caught.value.retry_delay is not None and len(client.calls) == 3
+    assert caught.value.aws_attempts == 3  # the caller is told not to retry on top (pushback)
 
 
 def test_no_sleep_or_attempt_past_the_deadline() -> None:
@@ -88,6 +90,7 @@ def test_no_sleep_or_attempt_past_the_deadline() -> None:
         backend(client, clock, attempts=100).meter_usage({}, deadline=clock.now + 0.5)
     assert caught.value.reason == "THROTTLING"
     assert clock.now <= 100.5 and len(client.calls) >= 2
+    assert caught.value.aws_attempts == len(client.calls)
 
 
 def test_deadline_already_gone_means_no_call() -> None:
@@ -95,6 +98,19 @@ def test_deadline_already_gone_means_no_call() -> None:
     with pytest.raises(errors.GatewayError) as caught:
         backend(client, clock).meter_usage({}, deadline=clock.now - 1)
     assert caught.value.code.name == "DEADLINE_EXCEEDED" and client.calls == []
+    assert caught.value.aws_attempts == 0
+
+
+def test_aws_attempts_count_only_calls_that_were_sent() -> None:
+    # Credentials fail before signing: the second attempt sent nothing.
+    client = FakeClient(aws_error("ThrottlingException"), NoCredentialsError())
+    with pytest.raises(errors.GatewayError) as caught:
+        backend(client, FakeClock()).meter_usage({})
+    assert (caught.value.reason, caught.value.aws_attempts) == ("NO_CREDENTIALS", 1)
+    unreachable = FakeClient(*[EndpointConnectionError(endpoint_url="http://x")] * 2)
+    with pytest.raises(errors.GatewayError) as caught:
+        backend(unreachable, FakeClock(), attempts=2).meter_usage({})
+    assert (caught.value.reason, caught.value.aws_attempts) == ("AWS_UNREACHABLE", 2)
 
 
 def test_dry_run_operation_is_success() -> None:

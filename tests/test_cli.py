@@ -113,6 +113,9 @@ def test_one_log_line_per_rpc_with_its_fields_and_no_secret() -> None:
         ([], {"METERING_GATEWAY_MAX_WORKERS": "many"}, "METERING_GATEWAY_MAX_WORKERS"),
         (["--tls-cert", "/nonexistent.pem", "--tls-key", "/nonexistent.key"], {}, "no such file"),
         ([], {"AWS_REGION": "mars-north-1", "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y"}, "unknown AWS region 'mars-north-1'"),
+        (["--aws-max-rps", "nan"], {}, "--aws-max-rps: nan is not a finite number"),
+        ([], {"METERING_GATEWAY_FLUSH_GRACE": "5h"}, "(--flush-grace): 5h is out of range (allowed: 0s..3h)"),
+        (["--max-workers", "8", "--max-concurrent-rpcs", "4"], {}, "--max-concurrent-rpcs: 4 is below --max-workers 8"),
     ],
 )
 def test_bad_configuration_is_one_clear_line(args: list[str], env: dict[str, str], message: str) -> None:
@@ -149,6 +152,19 @@ def test_help_names_every_env_variable() -> None:
     flat = " ".join(text.split())
     for f in SETTINGS_FIELDS:
         assert env_name(f.name) in flat, f.name
+
+
+def test_help_gives_the_ranges() -> None:
+    text = subprocess.run(gateway_cmd("serve", "--help"), capture_output=True, text=True, timeout=30).stdout
+    flat = " ".join(text.split())
+    assert "default 5m; range 0s..3h]" in flat and "range above 0, at most 1000]" in flat
+    assert "--max-concurrent-rpcs N" in flat and "--event-retention DURATION" in flat
+
+
+def test_health_with_a_missing_ca_file_is_one_line(tmp_path: Path) -> None:
+    result = subprocess.run(gateway_cmd("health", "--target", "127.0.0.1:1", "--tls-ca", str(tmp_path / "none.pem")),
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1 and "No such file" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_processes_share_one_port_and_drain_together() -> None:

@@ -16,6 +16,7 @@ from gateway import errors as gateway_errors
 from gateway.local_aws import SLOW, LocalAws
 from marketplace.metering.v1 import metering_pb2 as pb
 from marketplace.metering.v1 import metering_pb2_grpc as pb_grpc
+from metering_client import convert
 from metering_client import (
     REASONS,
     AccessDenied,
@@ -147,10 +148,10 @@ def test_unknown_reason_falls_back_to_its_code(client: MeteringClient, local_aws
     assert caught.value.reason == "QUOTA_REDESIGN" and type(caught.value) is Internal
 
 
-def test_grpc_retries_throttling_with_the_same_token(local_aws: LocalAws) -> None:
-    # The gateway gives up after one AWS attempt; gRPC's retry policy in the client tries again.
+def test_the_gateway_retries_throttling_with_the_same_token(local_aws: LocalAws) -> None:
+    # One retry layer: the gateway retries AWS; the client's gRPC policy adds no calls.
     local_aws.inject("ThrottlingException", count=2)
-    with running_gateway(local_aws.endpoint_url, aws_max_attempts=1) as target, \
+    with running_gateway(local_aws.endpoint_url, aws_max_attempts=3) as target, \
             MeteringClient(target, retry=RetryPolicy(max_attempts=3, initial_backoff=0.01)) as client:
         result = meter(client)
     assert local_aws.calls == 3
@@ -158,13 +159,14 @@ def test_grpc_retries_throttling_with_the_same_token(local_aws: LocalAws) -> Non
     assert (record.metering_record_id, record.client_token) == (result.metering_record_id, result.client_token)
 
 
-def test_throttled_after_every_retry_carries_the_retry_delay(local_aws: LocalAws) -> None:
+def test_throttled_after_the_gateways_retries_carries_the_retry_delay(local_aws: LocalAws) -> None:
+    # The gateway's answer says it called AWS (grpc-retry-pushback-ms < 0): gRPC does not retry.
     local_aws.inject("ThrottlingException", count=100)
     with running_gateway(local_aws.endpoint_url, aws_max_attempts=1) as target, \
             MeteringClient(target, retry=RetryPolicy(max_attempts=2, initial_backoff=0.01)) as client:
         with pytest.raises(Throttled) as caught:
             meter(client)
-    assert local_aws.calls == 2
+    assert local_aws.calls == 1
     assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert caught.value.retry_delay is not None and caught.value.retry_delay > 0
 
@@ -197,6 +199,29 @@ def test_every_gateway_reason_has_a_class_under_its_code() -> None:
     for reason, rule in gateway_errors.RULES.items():
         assert issubclass(REASONS[reason], CODES[rule.code]), reason
     assert set(REASONS) == set(gateway_errors.RULES)
+
+
+def test_every_quantity_goes_out_as_a_decimal() -> None:
+    # AWS deprecated the whole-number fields on 2026-10-20: ints go out as decimal strings too.
+    when = datetime(2026, 1, 1, 12, tzinfo=timezone.utc)
+    for given, sent in [(7, "7"), (0, "0"), (Decimal("1E+2"), "100"), ("2.5", "2.5")]:
+        req = convert.meter_usage_request(product_code=PRODUCT, usage_dimension=DIMENSION, quantity=given, timestamp_=when,
+                                          allocations=[Allocation(given)], dry_run=False, client_token="t")
+        assert (req.WhichOneof("quantity"), req.usage_quantity_as_decimal) == ("usage_quantity_as_decimal", sent)
+        [alloc] = req.usage_allocations
+        assert (alloc.WhichOneof("quantity"), alloc.allocated_usage_quantity_as_decimal) == (
+            "allocated_usage_quantity_as_decimal", sent)
+        event = convert.usage_event(UsageEvent("e", PRODUCT, DIMENSION, given, when))
+        assert (event.WhichOneof("quantity"), event.usage_quantity_as_decimal) == ("usage_quantity_as_decimal", sent)
+
+
+def test_a_whole_allocation_message_is_sent_as_a_decimal(client: MeteringClient, local_aws: LocalAws) -> None:
+    # A ready-made message with the deprecated field still matches the request's (decimal) kind.
+    whole = pb.UsageAllocation(allocated_usage_quantity=2, tags=[pb.Tag(key="team", value="a")])
+    meter(client, quantity=2, allocations=[whole])
+    [record] = local_aws.records()
+    assert {tuple(sorted(tags)): q for tags, q in record.allocations} == {(("team", "a"),): Decimal(2)}
+    assert whole.WhichOneof("quantity") == "allocated_usage_quantity"  # the caller's message is left alone
 
 
 @pytest.mark.parametrize("bad", [1.5, True, None])
@@ -244,7 +269,8 @@ def test_recorder_calls_convert_events() -> None:
         server.stop(0)
     assert (result.accepted, result.duplicates) == (1, 1)
     [e1, e2] = fake.seen[0].events
-    assert (e1.event_id, e1.usage_quantity, e1.tags[0].key, e1.timestamp.ToDatetime(tzinfo=timezone.utc)) == ("e1", 2, "team", when)
+    assert (e1.event_id, e1.usage_quantity_as_decimal, e1.tags[0].key, e1.timestamp.ToDatetime(tzinfo=timezone.utc)) == (
+        "e1", "2", "team", when)
     assert (e2.WhichOneof("quantity"), e2.usage_quantity_as_decimal) == ("usage_quantity_as_decimal", "0.25")
     assert page.next_page_token == "p2" and page.records[0].state == pb.MeteringRecord.STATE_SENT
 

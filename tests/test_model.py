@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import botocore.loaders
 import botocore.session
 import pytest
 
@@ -48,3 +49,23 @@ def test_every_modelled_exception_has_a_row() -> None:
     model = botocore.session.get_session().get_service_model("meteringmarketplace")
     for shape in model.operation_model("MeterUsage").error_shapes:
         assert errors.reason_for_aws(shape.name) in errors.RULES, shape.name
+
+
+def test_the_installed_model_has_the_decimal_quantities(shapes: dict) -> None:
+    # botocore validates parameters against its model: one without these members
+    # (botocore 1.44.0) refuses every decimal quantity, which is all the client sends.
+    assert "UsageQuantityAsDecimal" in shapes["MeterUsageRequest"].members, "botocore too old: pyproject needs >=1.44.1"
+    assert "AllocatedUsageQuantityAsDecimal" in shapes["UsageAllocation"].members, "botocore too old: pyproject needs >=1.44.1"
+
+
+def test_the_whole_number_fields_are_deprecated_as_in_the_model() -> None:
+    # Member traits such as ``deprecated`` are only in the raw model, not on botocore's Shape.
+    raw = botocore.loaders.create_loader().load_service_model("meteringmarketplace", "service-2")["shapes"]
+    fields = {
+        ("MeterUsageRequest", "UsageQuantity"): pb.MeterUsageRequest.DESCRIPTOR.fields_by_name["usage_quantity"],
+        ("UsageAllocation", "AllocatedUsageQuantity"): pb.UsageAllocation.DESCRIPTOR.fields_by_name["allocated_usage_quantity"],
+    }
+    for (shape, member), field in fields.items():
+        assert raw[shape]["members"][member].get("deprecated") is True, (shape, member)
+        assert field.GetOptions().deprecated, field.full_name
+    assert pb.UsageEvent.DESCRIPTOR.fields_by_name["usage_quantity"].GetOptions().deprecated

@@ -9,16 +9,18 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from gateway.config import SETTINGS_FIELDS, env_name, flag_name, shown_default
+from gateway.config import SETTINGS_FIELDS, env_name, flag_name, shown_default, shown_range
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 BEGIN, END = "<!-- settings:begin -->", "<!-- settings:end -->"
 
 
 def table() -> str:
-    rows = ["| flag | environment variable | default | what it does |", "|---|---|---|---|"]
+    rows = ["| flag | environment variable | default | range | what it does |", "|---|---|---|---|---|"]
     for f in SETTINGS_FIELDS:
-        rows.append(f"| `{flag_name(f.name)}` | `{env_name(f.name)}` | `{shown_default(f)}` | {f.metadata['help']} |")
+        rows.append(
+            f"| `{flag_name(f.name)}` | `{env_name(f.name)}` | `{shown_default(f)}` | {shown_range(f)} | {f.metadata['help']} |"
+        )
     return "\n".join(rows)
 
 

@@ -5,6 +5,8 @@
 //   npm ci && node meter.js 127.0.0.1:50051
 //
 // The proto is loaded as-is from the repository (or METERING_PROTO_DIR).
+// Quantities go out as decimal strings (usage_quantity_as_decimal): AWS
+// deprecated the whole-number fields on 2026-10-20.
 "use strict";
 
 const path = require("node:path");
@@ -15,17 +17,36 @@ const { statusDetails } = require("./status");
 
 const PROTO_DIR = process.env.METERING_PROTO_DIR || path.join(__dirname, "..", "..", "protos");
 
-function meteringClient(target) {
+// gRPC's own retries (gRFC A6), as the Python client has them: UNAVAILABLE and
+// RESOURCE_EXHAUSTED, with backoff, inside the call's deadline. Safe because the
+// ClientToken makes a retried request the same request. @grpc/grpc-js honours the
+// gateway's `grpc-retry-pushback-ms` trailer: negative (the gateway already
+// retried AWS) stops the retries, a positive value is the delay before the next.
+const RETRY_POLICY = {
+  maxAttempts: 4,
+  initialBackoff: "0.2s",
+  maxBackoff: "5s",
+  backoffMultiplier: 2,
+  retryableStatusCodes: ["UNAVAILABLE", "RESOURCE_EXHAUSTED"],
+};
+
+function serviceConfig(retryPolicy) {
+  const name = [{ service: "marketplace.metering.v1.MeteringService" }, { service: "marketplace.metering.v1.UsageRecorderService" }];
+  return JSON.stringify({ methodConfig: [{ name, retryPolicy }] });
+}
+
+function meteringClient(target, retryPolicy = RETRY_POLICY) {
   const definition = protoLoader.loadSync("marketplace/metering/v1/metering.proto", {
     includeDirs: [PROTO_DIR], // google/protobuf/timestamp.proto comes with proto-loader
-    keepCase: true, // field names exactly as in the proto: product_code, usage_quantity, ...
+    keepCase: true, // field names exactly as in the proto: product_code, usage_quantity_as_decimal, ...
     longs: String,
     enums: String,
     defaults: true,
     oneofs: true,
   });
   const v1 = grpc.loadPackageDefinition(definition).marketplace.metering.v1;
-  return new v1.MeteringService(target, grpc.credentials.createInsecure());
+  const options = { "grpc.enable_retries": 1, "grpc.service_config": serviceConfig(retryPolicy) };
+  return new v1.MeteringService(target, grpc.credentials.createInsecure(), options);
 }
 
 function timestampOf(date) {
@@ -49,10 +70,10 @@ async function main() {
     product_code: process.env.PRODUCT_CODE || "prod-abc123",
     usage_dimension: "requests",
     timestamp: now,
-    usage_quantity: "3",
+    usage_quantity_as_decimal: "3.5",
     usage_allocations: [
-      { allocated_usage_quantity: "2", tags: [{ key: "team", value: "search" }] },
-      { allocated_usage_quantity: "1", tags: [] },
+      { allocated_usage_quantity_as_decimal: "2.25", tags: [{ key: "team", value: "search" }] },
+      { allocated_usage_quantity_as_decimal: "1.25", tags: [] },
     ],
     client_token: crypto.randomUUID(),
   });
@@ -64,8 +85,8 @@ async function main() {
       product_code: "not a product code!",
       usage_dimension: "requests",
       timestamp: now,
-      usage_quantity: "5",
-      usage_allocations: [{ allocated_usage_quantity: "4", tags: [{ key: "", value: "x" }] }],
+      usage_quantity_as_decimal: "5",
+      usage_allocations: [{ allocated_usage_quantity_as_decimal: "4", tags: [{ key: "", value: "x" }] }],
     });
     console.log(JSON.stringify({ call: "invalid", ok: true }));
   } catch (error) {
@@ -75,7 +96,11 @@ async function main() {
   client.close();
 }
 
-main().catch((error) => {
-  console.error(JSON.stringify({ error: error.message, code: error.code, details: error.details }));
-  process.exit(1);
-});
+module.exports = { RETRY_POLICY, meteringClient, meterUsage, timestampOf };
+
+if (require.main === module) {
+  main().catch((error) => {
+    console.error(JSON.stringify({ error: error.message, code: error.code, details: error.details }));
+    process.exit(1);
+  });
+}

@@ -35,6 +35,11 @@ class RetryPolicy:
     deadline. Retrying is safe because every MeterUsage call carries a ClientToken
     (this client makes one when the caller gives none) and every recorded event an
     event_id: a retried request is the same request. gRPC caps attempts at 5.
+
+    gRPC also honours the gateway's ``grpc-retry-pushback-ms`` trailer (server
+    pushback): negative once the gateway has called AWS, which it already retried
+    ``--aws-max-attempts`` times, so no retry here multiplies those calls; otherwise
+    the delay before the next attempt.
     """
 
     max_attempts: int = 4
@@ -144,7 +149,7 @@ class MeteringClient:
         client_token: str | None = None,
         timeout: float | None = None,
     ) -> MeterResult:
-        """Meter one record. ``quantity``: int → whole, Decimal or str → decimal.
+        """Meter one record. ``quantity``: int, Decimal or str, sent as a decimal string.
 
         ``timestamp`` (aware; default now) is when the usage happened. Without a
         ``client_token`` a fresh UUID is used for this call and all its retries;

@@ -1,4 +1,9 @@
-"""Python values → request messages: pure functions, no I/O."""
+"""Python values → request messages: pure functions, no I/O.
+
+Every quantity goes out in the ``*_as_decimal`` fields: AWS deprecated the
+whole-number ones (UsageQuantity, AllocatedUsageQuantity) on 2026-10-20, and a
+decimal string carries any int exactly.
+"""
 
 from __future__ import annotations
 
@@ -23,28 +28,27 @@ class Allocation:
     tags: Mapping[str, str] = field(default_factory=dict)
 
 
-def decimal_text(value: Decimal | str) -> str:
-    """A Decimal as the gateway reads it: plain notation, never ``1E+2``.
+def decimal_text(value: int | Decimal | str) -> str:
+    """A quantity as the gateway reads it: plain notation, never ``1E+2``.
 
     Strings pass unchanged, so that the gateway's validation names a bad one.
     """
     if isinstance(value, str):
         return value
+    if isinstance(value, int):
+        return str(value)
     if not value.is_finite():
         raise ValueError(f"quantity {value!r} is not a finite number")
     return format(value, "f")
 
 
-def set_quantity(msg: object, quantity: Quantity, whole: str, decimal: str) -> None:
-    """Set the oneof: ``int`` → the whole field, ``Decimal``/``str`` → the decimal one."""
+def set_quantity(msg: object, quantity: Quantity, decimal: str) -> None:
+    """Set the oneof's decimal field from an ``int``, ``Decimal`` or ``str``."""
     if isinstance(quantity, bool) or isinstance(quantity, float):
         raise TypeError(f"quantity must be int, Decimal or str, not {type(quantity).__name__} (floats are inexact)")
-    if isinstance(quantity, int):
-        setattr(msg, whole, quantity)
-    elif isinstance(quantity, (Decimal, str)):
-        setattr(msg, decimal, decimal_text(quantity))
-    else:
+    if not isinstance(quantity, (int, Decimal, str)):
         raise TypeError(f"quantity must be int, Decimal or str, not {type(quantity).__name__}")
+    setattr(msg, decimal, decimal_text(quantity))
 
 
 def timestamp(when: datetime | None) -> timestamp_pb2.Timestamp:
@@ -62,10 +66,18 @@ def tags(pairs: Mapping[str, str]) -> list[pb.Tag]:
 
 
 def allocation(item: Allocation | pb.UsageAllocation) -> pb.UsageAllocation:
+    """An allocation in decimal, the request's kind (the gateway refuses mixed kinds).
+
+    A message with the deprecated whole field is copied with it as a decimal.
+    """
     if isinstance(item, pb.UsageAllocation):
-        return item
+        if item.WhichOneof("quantity") != "allocated_usage_quantity":
+            return item
+        msg = pb.UsageAllocation(tags=item.tags)
+        msg.allocated_usage_quantity_as_decimal = str(item.allocated_usage_quantity)
+        return msg
     msg = pb.UsageAllocation(tags=tags(item.tags))
-    set_quantity(msg, item.quantity, "allocated_usage_quantity", "allocated_usage_quantity_as_decimal")
+    set_quantity(msg, item.quantity, "allocated_usage_quantity_as_decimal")
     return msg
 
 
@@ -87,7 +99,7 @@ def meter_usage_request(
         usage_allocations=[allocation(a) for a in allocations],
         client_token=client_token,
     )
-    set_quantity(req, quantity, "usage_quantity", "usage_quantity_as_decimal")
+    set_quantity(req, quantity, "usage_quantity_as_decimal")
     return req
 
 
@@ -113,5 +125,5 @@ def usage_event(event: UsageEvent | pb.UsageEvent) -> pb.UsageEvent:
         timestamp=timestamp(event.timestamp),
         tags=tags(event.tags),
     )
-    set_quantity(msg, event.quantity, "usage_quantity", "usage_quantity_as_decimal")
+    set_quantity(msg, event.quantity, "usage_quantity_as_decimal")
     return msg

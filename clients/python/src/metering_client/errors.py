@@ -90,12 +90,24 @@ class CustomerNotEntitled(FailedPrecondition): ...
 class InvalidEndpointRegion(FailedPrecondition): ...
 class DisabledApi(FailedPrecondition): ...
 class NoCredentials(FailedPrecondition): ...
+class CredentialsRefused(FailedPrecondition):
+    """AWS refused the gateway's own credentials (expired, unknown, badly signed): an operator must fix them."""
+class ExpiredToken(CredentialsRefused): ...
+class UnrecognizedClient(CredentialsRefused): ...
+class InvalidClientTokenId(CredentialsRefused): ...
+class SignatureDoesNotMatch(CredentialsRefused): ...
 class Unauthorized(PermissionDenied): ...
 class AccessDenied(PermissionDenied): ...
 class Throttled(ResourceExhausted):
     """AWS kept throttling after the gateway's and this client's retries; see ``retry_delay``."""
 class InternalServiceError(Unavailable): ...
 class AwsUnreachable(Unavailable): ...
+class HttpError(Unavailable):
+    """AWS's front door answered a bare HTTP 5xx (no error type); ``reason`` is HTTP_500, HTTP_503, ..."""
+class EventIdConflict(AlreadyExists):
+    """RecordUsage: an event_id was accepted before with another payload; ``field_violations`` name them."""
+class SpoolUnavailable(Unavailable):
+    """RecordUsage: the gateway could not store the batch (nothing was stored); resend it after ``retry_delay``."""
 
 
 # The table: ErrorInfo.reason → class. Reasons are the gateway's (contract §3).
@@ -112,11 +124,21 @@ REASONS: Mapping[str, type[MeteringError]] = {
     "INVALID_ENDPOINT_REGION": InvalidEndpointRegion,
     "DISABLED_API": DisabledApi,
     "NO_CREDENTIALS": NoCredentials,
+    "EXPIRED_TOKEN": ExpiredToken,
+    "UNRECOGNIZED_CLIENT": UnrecognizedClient,
+    "INVALID_CLIENT_TOKEN_ID": InvalidClientTokenId,
+    "SIGNATURE_DOES_NOT_MATCH": SignatureDoesNotMatch,
     "UNAUTHORIZED": Unauthorized,
     "ACCESS_DENIED": AccessDenied,
     "THROTTLING": Throttled,
     "INTERNAL_SERVICE_ERROR": InternalServiceError,
     "AWS_UNREACHABLE": AwsUnreachable,
+    "HTTP_500": HttpError,
+    "HTTP_502": HttpError,
+    "HTTP_503": HttpError,
+    "HTTP_504": HttpError,
+    "EVENT_ID_CONFLICT": EventIdConflict,
+    "SPOOL_UNAVAILABLE": SpoolUnavailable,
     "DEADLINE_EXCEEDED": DeadlineExceeded,
     "INTERNAL": Internal,
 }

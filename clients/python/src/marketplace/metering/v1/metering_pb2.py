@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&marketplace/metering/v1/metering.proto\x12\x17marketplace.metering.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"!\n\x03Tag\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"\x9c\x01\n\x0fUsageAllocation\x12\"\n\x18\x61llocated_usage_quantity\x18\x01 \x01(\x03H\x00\x12-\n#allocated_usage_quantity_as_decimal\x18\x03 \x01(\tH\x00\x12*\n\x04tags\x18\x02 \x03(\x0b\x32\x1c.marketplace.metering.v1.TagB\n\n\x08quantity\"\xa8\x02\n\x11MeterUsageRequest\x12\x14\n\x0cproduct_code\x18\x01 \x01(\t\x12-\n\ttimestamp\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0fusage_dimension\x18\x03 \x01(\t\x12\x18\n\x0eusage_quantity\x18\x04 \x01(\x03H\x00\x12#\n\x19usage_quantity_as_decimal\x18\x08 \x01(\tH\x00\x12\x0f\n\x07\x64ry_run\x18\x05 \x01(\x08\x12\x43\n\x11usage_allocations\x18\x06 \x03(\x0b\x32(.marketplace.metering.v1.UsageAllocation\x12\x14\n\x0c\x63lient_token\x18\x07 \x01(\tB\n\n\x08quantity\"A\n\x12MeterUsageResponse\x12\x1a\n\x12metering_record_id\x18\x01 \x01(\t\x12\x0f\n\x07\x64ry_run\x18\x02 \x01(\x08\"\xf3\x01\n\nUsageEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x14\n\x0cproduct_code\x18\x02 \x01(\t\x12\x17\n\x0fusage_dimension\x18\x03 \x01(\t\x12-\n\ttimestamp\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x0eusage_quantity\x18\x05 \x01(\x03H\x00\x12#\n\x19usage_quantity_as_decimal\x18\x06 \x01(\tH\x00\x12*\n\x04tags\x18\x07 \x03(\x0b\x32\x1c.marketplace.metering.v1.TagB\n\n\x08quantity\"I\n\x12RecordUsageRequest\x12\x33\n\x06\x65vents\x18\x01 \x03(\x0b\x32#.marketplace.metering.v1.UsageEvent\";\n\x13RecordUsageResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x05\x12\x12\n\nduplicates\x18\x02 \x01(\x05\"\xd7\x03\n\x0eMeteringRecord\x12\x14\n\x0cproduct_code\x18\x01 \x01(\t\x12\x17\n\x0fusage_dimension\x18\x02 \x01(\t\x12(\n\x04hour\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08quantity\x18\x04 \x01(\t\x12=\n\x0b\x61llocations\x18\x05 \x03(\x0b\x32(.marketplace.metering.v1.UsageAllocation\x12<\n\x05state\x18\x06 \x01(\x0e\x32-.marketplace.metering.v1.MeteringRecord.State\x12\x1a\n\x12metering_record_id\x18\x07 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x08 \x01(\x05\x12\x12\n\nlast_error\x18\t \x01(\t\x12\x30\n\x0c\x63\x61rried_from\x18\n \x03(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0c\x63lient_token\x18\x0b \x01(\t\"S\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x11\n\rSTATE_PENDING\x10\x01\x12\x0e\n\nSTATE_SENT\x10\x02\x12\x10\n\x0cSTATE_FAILED\x10\x03\"\x97\x01\n\x1aListMeteringRecordsRequest\x12<\n\x05state\x18\x01 \x01(\x0e\x32-.marketplace.metering.v1.MeteringRecord.State\x12\x14\n\x0cproduct_code\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"p\n\x1bListMeteringRecordsResponse\x12\x38\n\x07records\x18\x01 \x03(\x0b\x32\'.marketplace.metering.v1.MeteringRecord\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2x\n\x0fMeteringService\x12\x65\n\nMeterUsage\x12*.marketplace.metering.v1.MeterUsageRequest\x1a+.marketplace.metering.v1.MeterUsageResponse2\x83\x02\n\x14UsageRecorderService\x12h\n\x0bRecordUsage\x12+.marketplace.metering.v1.RecordUsageRequest\x1a,.marketplace.metering.v1.RecordUsageResponse\x12\x80\x01\n\x13ListMeteringRecords\x12\x33.marketplace.metering.v1.ListMeteringRecordsRequest\x1a\x34.marketplace.metering.v1.ListMeteringRecordsResponseB\xa0\x01\n\x1b\x63om.marketplace.metering.v1B\rMeteringProtoP\x01ZVgithub.com/metering-gateway/metering-gateway/gen/go/marketplace/metering/v1;meteringv1\xaa\x02\x17Marketplace.Metering.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&marketplace/metering/v1/metering.proto\x12\x17marketplace.metering.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"!\n\x03Tag\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"\xa0\x01\n\x0fUsageAllocation\x12&\n\x18\x61llocated_usage_quantity\x18\x01 \x01(\x03\x42\x02\x18\x01H\x00\x12-\n#allocated_usage_quantity_as_decimal\x18\x03 \x01(\tH\x00\x12*\n\x04tags\x18\x02 \x03(\x0b\x32\x1c.marketplace.metering.v1.TagB\n\n\x08quantity\"\xac\x02\n\x11MeterUsageRequest\x12\x14\n\x0cproduct_code\x18\x01 \x01(\t\x12-\n\ttimestamp\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0fusage_dimension\x18\x03 \x01(\t\x12\x1c\n\x0eusage_quantity\x18\x04 \x01(\x03\x42\x02\x18\x01H\x00\x12#\n\x19usage_quantity_as_decimal\x18\x08 \x01(\tH\x00\x12\x0f\n\x07\x64ry_run\x18\x05 \x01(\x08\x12\x43\n\x11usage_allocations\x18\x06 \x03(\x0b\x32(.marketplace.metering.v1.UsageAllocation\x12\x14\n\x0c\x63lient_token\x18\x07 \x01(\tB\n\n\x08quantity\"A\n\x12MeterUsageResponse\x12\x1a\n\x12metering_record_id\x18\x01 \x01(\t\x12\x0f\n\x07\x64ry_run\x18\x02 \x01(\x08\"\xf7\x01\n\nUsageEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x14\n\x0cproduct_code\x18\x02 \x01(\t\x12\x17\n\x0fusage_dimension\x18\x03 \x01(\t\x12-\n\ttimestamp\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1c\n\x0eusage_quantity\x18\x05 \x01(\x03\x42\x02\x18\x01H\x00\x12#\n\x19usage_quantity_as_decimal\x18\x06 \x01(\tH\x00\x12*\n\x04tags\x18\x07 \x03(\x0b\x32\x1c.marketplace.metering.v1.TagB\n\n\x08quantity\"I\n\x12RecordUsageRequest\x12\x33\n\x06\x65vents\x18\x01 \x03(\x0b\x32#.marketplace.metering.v1.UsageEvent\";\n\x13RecordUsageResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x05\x12\x12\n\nduplicates\x18\x02 \x01(\x05\"\xd7\x03\n\x0eMeteringRecord\x12\x14\n\x0cproduct_code\x18\x01 \x01(\t\x12\x17\n\x0fusage_dimension\x18\x02 \x01(\t\x12(\n\x04hour\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08quantity\x18\x04 \x01(\t\x12=\n\x0b\x61llocations\x18\x05 \x03(\x0b\x32(.marketplace.metering.v1.UsageAllocation\x12<\n\x05state\x18\x06 \x01(\x0e\x32-.marketplace.metering.v1.MeteringRecord.State\x12\x1a\n\x12metering_record_id\x18\x07 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x08 \x01(\x05\x12\x12\n\nlast_error\x18\t \x01(\t\x12\x30\n\x0c\x63\x61rried_from\x18\n \x03(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0c\x63lient_token\x18\x0b \x01(\t\"S\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x11\n\rSTATE_PENDING\x10\x01\x12\x0e\n\nSTATE_SENT\x10\x02\x12\x10\n\x0cSTATE_FAILED\x10\x03\"\x97\x01\n\x1aListMeteringRecordsRequest\x12<\n\x05state\x18\x01 \x01(\x0e\x32-.marketplace.metering.v1.MeteringRecord.State\x12\x14\n\x0cproduct_code\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"p\n\x1bListMeteringRecordsResponse\x12\x38\n\x07records\x18\x01 \x03(\x0b\x32\'.marketplace.metering.v1.MeteringRecord\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2x\n\x0fMeteringService\x12\x65\n\nMeterUsage\x12*.marketplace.metering.v1.MeterUsageRequest\x1a+.marketplace.metering.v1.MeterUsageResponse2\x83\x02\n\x14UsageRecorderService\x12h\n\x0bRecordUsage\x12+.marketplace.metering.v1.RecordUsageRequest\x1a,.marketplace.metering.v1.RecordUsageResponse\x12\x80\x01\n\x13ListMeteringRecords\x12\x33.marketplace.metering.v1.ListMeteringRecordsRequest\x1a\x34.marketplace.metering.v1.ListMeteringRecordsResponseB\xa0\x01\n\x1b\x63om.marketplace.metering.v1B\rMeteringProtoP\x01ZVgithub.com/metering-gateway/metering-gateway/gen/go/marketplace/metering/v1;meteringv1\xaa\x02\x17Marketplace.Metering.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,30 +33,36 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'marketplace.metering.v1.met
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\033com.marketplace.metering.v1B\rMeteringProtoP\001ZVgithub.com/metering-gateway/metering-gateway/gen/go/marketplace/metering/v1;meteringv1\252\002\027Marketplace.Metering.V1'
+  _globals['_USAGEALLOCATION'].fields_by_name['allocated_usage_quantity']._loaded_options = None
+  _globals['_USAGEALLOCATION'].fields_by_name['allocated_usage_quantity']._serialized_options = b'\030\001'
+  _globals['_METERUSAGEREQUEST'].fields_by_name['usage_quantity']._loaded_options = None
+  _globals['_METERUSAGEREQUEST'].fields_by_name['usage_quantity']._serialized_options = b'\030\001'
+  _globals['_USAGEEVENT'].fields_by_name['usage_quantity']._loaded_options = None
+  _globals['_USAGEEVENT'].fields_by_name['usage_quantity']._serialized_options = b'\030\001'
   _globals['_TAG']._serialized_start=100
   _globals['_TAG']._serialized_end=133
   _globals['_USAGEALLOCATION']._serialized_start=136
-  _globals['_USAGEALLOCATION']._serialized_end=292
-  _globals['_METERUSAGEREQUEST']._serialized_start=295
-  _globals['_METERUSAGEREQUEST']._serialized_end=591
-  _globals['_METERUSAGERESPONSE']._serialized_start=593
-  _globals['_METERUSAGERESPONSE']._serialized_end=658
-  _globals['_USAGEEVENT']._serialized_start=661
-  _globals['_USAGEEVENT']._serialized_end=904
-  _globals['_RECORDUSAGEREQUEST']._serialized_start=906
-  _globals['_RECORDUSAGEREQUEST']._serialized_end=979
-  _globals['_RECORDUSAGERESPONSE']._serialized_start=981
-  _globals['_RECORDUSAGERESPONSE']._serialized_end=1040
-  _globals['_METERINGRECORD']._serialized_start=1043
-  _globals['_METERINGRECORD']._serialized_end=1514
-  _globals['_METERINGRECORD_STATE']._serialized_start=1431
-  _globals['_METERINGRECORD_STATE']._serialized_end=1514
-  _globals['_LISTMETERINGRECORDSREQUEST']._serialized_start=1517
-  _globals['_LISTMETERINGRECORDSREQUEST']._serialized_end=1668
-  _globals['_LISTMETERINGRECORDSRESPONSE']._serialized_start=1670
-  _globals['_LISTMETERINGRECORDSRESPONSE']._serialized_end=1782
-  _globals['_METERINGSERVICE']._serialized_start=1784
-  _globals['_METERINGSERVICE']._serialized_end=1904
-  _globals['_USAGERECORDERSERVICE']._serialized_start=1907
-  _globals['_USAGERECORDERSERVICE']._serialized_end=2166
+  _globals['_USAGEALLOCATION']._serialized_end=296
+  _globals['_METERUSAGEREQUEST']._serialized_start=299
+  _globals['_METERUSAGEREQUEST']._serialized_end=599
+  _globals['_METERUSAGERESPONSE']._serialized_start=601
+  _globals['_METERUSAGERESPONSE']._serialized_end=666
+  _globals['_USAGEEVENT']._serialized_start=669
+  _globals['_USAGEEVENT']._serialized_end=916
+  _globals['_RECORDUSAGEREQUEST']._serialized_start=918
+  _globals['_RECORDUSAGEREQUEST']._serialized_end=991
+  _globals['_RECORDUSAGERESPONSE']._serialized_start=993
+  _globals['_RECORDUSAGERESPONSE']._serialized_end=1052
+  _globals['_METERINGRECORD']._serialized_start=1055
+  _globals['_METERINGRECORD']._serialized_end=1526
+  _globals['_METERINGRECORD_STATE']._serialized_start=1443
+  _globals['_METERINGRECORD_STATE']._serialized_end=1526
+  _globals['_LISTMETERINGRECORDSREQUEST']._serialized_start=1529
+  _globals['_LISTMETERINGRECORDSREQUEST']._serialized_end=1680
+  _globals['_LISTMETERINGRECORDSRESPONSE']._serialized_start=1682
+  _globals['_LISTMETERINGRECORDSRESPONSE']._serialized_end=1794
+  _globals['_METERINGSERVICE']._serialized_start=1796
+  _globals['_METERINGSERVICE']._serialized_end=1916
+  _globals['_USAGERECORDERSERVICE']._serialized_start=1919
+  _globals['_USAGERECORDERSERVICE']._serialized_end=2178
 # @@protoc_insertion_point(module_scope)

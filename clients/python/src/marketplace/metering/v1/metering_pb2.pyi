@@ -18,6 +18,11 @@ Errors: every non-OK status carries a google.rpc.Status in the
 answered or `metering-gateway` when the gateway decided alone, metadata
 `awsErrorCode` and `awsRequestId` when AWS answered), plus google.rpc.BadRequest
 for refused input and google.rpc.RetryInfo where a retry can help.
+
+Retries: the gateway retries AWS itself. An error answer after it called AWS
+carries the trailer `grpc-retry-pushback-ms` with a negative value: do not
+retry that call (gRPC's retry policy obeys it). A retryable refusal the
+gateway made without calling AWS carries the RetryInfo delay in milliseconds.
 """
 
 from collections import abc as _abc
@@ -34,6 +39,11 @@ if sys.version_info >= (3, 11):
     from typing import TypeAlias as _TypeAlias, Never as _Never
 else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
+
+if sys.version_info >= (3, 13):
+    from warnings import deprecated as _deprecated
+else:
+    from typing_extensions import deprecated as _deprecated
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -72,8 +82,22 @@ class UsageAllocation(_message.Message):
     ALLOCATED_USAGE_QUANTITY_FIELD_NUMBER: _builtins.int
     ALLOCATED_USAGE_QUANTITY_AS_DECIMAL_FIELD_NUMBER: _builtins.int
     TAGS_FIELD_NUMBER: _builtins.int
-    allocated_usage_quantity: _builtins.int
-    """A whole quantity, 0 to 2147483647."""
+    @_builtins.property
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def allocated_usage_quantity(self) -> _builtins.int:
+        """A whole quantity, 0 to 2147483647. Deprecated: AWS deprecated integer
+        quantities (AllocatedUsageQuantity) on 2026-10-20; use
+        allocated_usage_quantity_as_decimal. The gateway still passes it through.
+        """
+
+    @allocated_usage_quantity.setter
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def allocated_usage_quantity(self, value: _builtins.int) -> None:
+        """A whole quantity, 0 to 2147483647. Deprecated: AWS deprecated integer
+        quantities (AllocatedUsageQuantity) on 2026-10-20; use
+        allocated_usage_quantity_as_decimal. The gateway still passes it through.
+        """
+
     allocated_usage_quantity_as_decimal: _builtins.str
     """A decimal quantity as a string, e.g. "17.42": matches
     ^(0|[1-9][0-9]{0,9})(\\.[0-9]{1,6})?$, at most 17 characters.
@@ -121,8 +145,22 @@ class MeterUsageRequest(_message.Message):
     """
     usage_dimension: _builtins.str
     """One of the product's dimension names: 1-255 characters. Required."""
-    usage_quantity: _builtins.int
-    """A whole quantity, 0 to 2147483647."""
+    @_builtins.property
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def usage_quantity(self) -> _builtins.int:
+        """A whole quantity, 0 to 2147483647. Deprecated: AWS deprecated integer
+        quantities (UsageQuantity) on 2026-10-20; use usage_quantity_as_decimal.
+        The gateway still passes it through.
+        """
+
+    @usage_quantity.setter
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def usage_quantity(self, value: _builtins.int) -> None:
+        """A whole quantity, 0 to 2147483647. Deprecated: AWS deprecated integer
+        quantities (UsageQuantity) on 2026-10-20; use usage_quantity_as_decimal.
+        The gateway still passes it through.
+        """
+
     usage_quantity_as_decimal: _builtins.str
     """A decimal quantity as a string, e.g. "17.42": matches
     ^(0|[1-9][0-9]{0,9})(\\.[0-9]{1,6})?$, at most 17 characters. 17, 17.0
@@ -222,8 +260,22 @@ class UsageEvent(_message.Message):
     """As in MeterUsageRequest."""
     usage_dimension: _builtins.str
     """As in MeterUsageRequest."""
-    usage_quantity: _builtins.int
-    """A whole quantity, 0 to 2147483647."""
+    @_builtins.property
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def usage_quantity(self) -> _builtins.int:
+        """A whole quantity, 0 to 2147483647. Deprecated: AWS deprecated integer
+        quantities on 2026-10-20; use usage_quantity_as_decimal. The gateway still
+        accepts it.
+        """
+
+    @usage_quantity.setter
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def usage_quantity(self, value: _builtins.int) -> None:
+        """A whole quantity, 0 to 2147483647. Deprecated: AWS deprecated integer
+        quantities on 2026-10-20; use usage_quantity_as_decimal. The gateway still
+        accepts it.
+        """
+
     usage_quantity_as_decimal: _builtins.str
     """A decimal quantity, as in MeterUsageRequest."""
     @_builtins.property

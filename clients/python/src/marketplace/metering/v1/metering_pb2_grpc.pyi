@@ -18,6 +18,11 @@ Errors: every non-OK status carries a google.rpc.Status in the
 answered or `metering-gateway` when the gateway decided alone, metadata
 `awsErrorCode` and `awsRequestId` when AWS answered), plus google.rpc.BadRequest
 for refused input and google.rpc.RetryInfo where a retry can help.
+
+Retries: the gateway retries AWS itself. An error answer after it called AWS
+carries the trailer `grpc-retry-pushback-ms` with a negative value: do not
+retry that call (gRPC's retry policy obeys it). A retryable refusal the
+gateway made without calling AWS carries the RetryInfo delay in milliseconds.
 """
 
 from collections import abc as _abc

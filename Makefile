@@ -41,11 +41,12 @@ $(BUF): $(BUF_DIR)/package.json $(BUF_DIR)/package-lock.json
 proto: $(STAMP)
 	$(BIN)/python tools/genproto.py
 
-## bench: the pass-through and RecordUsage benchmarks (figures in README.md)
+## bench: the pass-through, RecordUsage (throughput, latency during placement) and spool-size benchmarks (figures in README.md)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/passthrough.py --processes 1
 	$(BIN)/python benchmarks/passthrough.py --processes 2
 	$(BIN)/python benchmarks/record_usage.py
+	$(BIN)/python benchmarks/spool_days.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info clients/python/build clients/python/src/*.egg-info $(BUF_DIR)/node_modules clients/node/node_modules

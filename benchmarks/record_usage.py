@@ -1,31 +1,74 @@
-"""Events a second through RecordUsage, spool on disk, batches of 100 and 1000.
+"""RecordUsage through a real gateway, spool on disk: throughput, and latency while a backlog is placed.
 
-A real gateway (UsageRecorderService only, sender idle) on loopback, a spool in a
-temporary directory, several caller threads each sending batches of unique
-events. Prints one line per batch size. Run: ``make bench-record`` or
-``.venv/bin/python benchmarks/record_usage.py [--seconds 5] [--callers 4]``.
+Throughput: a real gateway (UsageRecorderService only, its sender never started) on
+loopback, a spool in a temporary directory, several caller processes each sending
+batches of unique events; events a second for batches of 100 and 1000.
+
+Placement: a fresh spool is preloaded with ``--events`` unassigned events (straight
+through ``Spool.record``, 1000 a transaction, spread over the last four hours, three
+products, five dimensions and 161 tag sets), then ``Spool.assign`` (what
+the sender does first on every pass) runs in a thread of the gateway process while
+one caller process sends 100-event RecordUsage batches back to back and times each
+call. Its baseline is the same caller on the same spool, in the same run, with no
+placement running (measured right after placement ended, so the spool holds the same
+events). The figure that matters is the ratio p99 during placement / p99 baseline;
+the target from the issue is an absolute p99 under 50 ms during a 300,000-event
+placement.
+
+Prints a table and, last, one JSON line. Run: ``make bench`` or
+``.venv/bin/python benchmarks/record_usage.py [--seconds 5] [--callers 2] [--events 300000]``
+(``--quick``: a smoke run of a few seconds).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import math
 import multiprocessing
+import multiprocessing.synchronize
+import os
+import queue
+import random
+import statistics
+import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import grpc
 
 from gateway import logs
+from gateway.app import recording_servicer
 from gateway.config import Settings
-from gateway.recorder import open_recording
+from gateway.recorder import Recording, event_row, open_recording
 from gateway.server import Gateway
+from gateway.spool import Spool
 from marketplace.metering.v1 import metering_pb2 as pb
 
 # Callers are spawned, not forked: forking a process with a running gRPC server is unsafe.
 mp = multiprocessing.get_context("spawn")
 METHOD = "/marketplace.metering.v1.UsageRecorderService/RecordUsage"
+LATENCY_BATCH = 100  # events per RecordUsage call while placement runs
+PRELOAD_BATCH = 1000  # events per Spool.record transaction when preloading
+PRELOAD_HOURS = 4  # preloaded events spread over the last hours: all inside AWS's window, none carried
+PRODUCTS = {"prod-analytics": ("requests", "gb-scanned"), "prod-storage": ("gb-hours",),
+            "prod-api": ("calls", "premium-calls")}
+TENANTS = 40
+REGIONS = ("eu-west-1", "us-east-1", "ap-south-1")
+P99_TARGET_MS = 50.0  # RecordUsage p99 during a 300,000-event placement (the issue's target)
+WARMUP_SECONDS = 0.5
+RESULT_TIMEOUT = 120.0  # seconds to wait for a caller's figures after telling it to stop
+
+Sample = tuple[float, float]  # (time.monotonic() when the call began, seconds it took)
+
+
+# --- throughput ---------------------------------------------------------------------
 
 
 def batches(caller: int, size: int, count: int) -> list[bytes]:
@@ -62,7 +105,7 @@ def caller(target: str, payloads: list[bytes], start_at: float, seconds: float, 
 
 
 def run(target: str, size: int, seconds: float, callers: int) -> tuple[float, int]:
-    count = int(60_000 * seconds / size / callers) + 2  # more than the gateway can take in time
+    count = int(100_000 * seconds / size / callers) + 2  # more than the gateway can take in time
     payloads = [batches(c, size, count) for c in range(callers)]
     results: multiprocessing.Queue[int] = mp.Queue()
     start_at = time.time() + 1.0
@@ -76,29 +119,259 @@ def run(target: str, size: int, seconds: float, callers: int) -> tuple[float, in
     return total / seconds, total if not exhausted else -total
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=5.0)
-    parser.add_argument("--callers", type=int, default=2, help="caller processes")
-    args = parser.parse_args()
-    logs.configure("warning")
-    with tempfile.TemporaryDirectory() as tmp:
-        # flush_interval large: this measures recording, not sending
-        conf = dataclasses.replace(Settings(), listen="127.0.0.1:0", spool=str(Path(tmp) / "spool.db"),
-                                   flush_interval=3600.0, max_workers=8).check()
-        recording = open_recording(conf, client=None)
-        gateway = Gateway(conf, [recording.servicer])
-        target = f"127.0.0.1:{gateway.start()}"
+# --- the gateway ------------------------------------------------------------------
+
+
+@contextmanager
+def recorder(spool_path: Path) -> Iterator[tuple[str, Recording]]:
+    """A real gateway with UsageRecorderService on loopback, its sender never started:
+    these figures are the recording path's, and placement is run by hand."""
+    # flush_interval at its bound (15m): the sender is not started anyway
+    conf = dataclasses.replace(Settings(), listen="127.0.0.1:0", spool=str(spool_path),
+                               flush_interval=900.0, max_workers=8).check()
+    recording = open_recording(conf, client=None, start=False)
+    gateway = Gateway(conf, [recording_servicer(recording)])
+    try:
+        yield f"127.0.0.1:{gateway.start()}", recording
+    finally:
+        gateway.stop(1)
+        recording.close(flush=False, budget=1)
+
+
+def throughput(workdir: Path, seconds: float, callers: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    with recorder(workdir / "throughput.db") as (target, _):
+        for size in (100, 1000):
+            rate, total = run(target, size, seconds, callers)
+            note = " (callers ran out of batches: raise the count)" if total < 0 else ""
+            print(f"RecordUsage, batches of {size:>4}, {callers} caller processes, spool on disk: "
+                  f"{rate:>9,.0f} events/s ({abs(total):,} events in {seconds:g}s){note}")
+            out[f"batch_{size}"] = {"events_per_s": round(rate, 1), "events": abs(total), "exhausted": total < 0}
+    return out
+
+
+# --- latency while placement runs ----------------------------------------------------
+
+
+def usage_event(event_id: str, when: float, rng: random.Random) -> pb.UsageEvent:
+    """One event as real usage looks: a few products and dimensions, most tagged per tenant."""
+    product = rng.choice(list(PRODUCTS))
+    ev = pb.UsageEvent(event_id=event_id, product_code=product, usage_dimension=rng.choice(PRODUCTS[product]))
+    ev.timestamp.FromNanoseconds(int(when * 1e9))
+    roll = rng.random()
+    if roll < 0.7:
+        ev.tags.add(key="tenant", value=f"t{rng.randrange(TENANTS)}")
+    if roll < 0.2:
+        ev.tags.add(key="region", value=rng.choice(REGIONS))
+    if rng.random() < 0.1:
+        ev.usage_quantity_as_decimal = f"{rng.randrange(1, 10_000) / 100:.2f}"
+    else:
+        ev.usage_quantity = rng.randrange(1, 50)
+    return ev
+
+
+def preload(spool: Spool, events: int, now: float, seed: int = 7) -> float:
+    """``events`` unassigned events over the last PRELOAD_HOURS, in time order; returns seconds taken."""
+    rng = random.Random(seed)
+    began = time.perf_counter()
+    span = PRELOAD_HOURS * 3600.0
+    for start in range(0, events, PRELOAD_BATCH):
+        count = min(PRELOAD_BATCH, events - start)
+        rows = [event_row(usage_event(f"pre-{i}", now - span + span * i / events, rng)) for i in range(start, start + count)]
+        accepted, _ = spool.record(rows)
+        assert accepted == count, (accepted, count)
+    return time.perf_counter() - began
+
+
+def latency_request(prefix: str, rng: random.Random) -> bytes:
+    now = time.time()
+    req = pb.RecordUsageRequest(events=[usage_event(f"{prefix}-{i}", now, rng) for i in range(LATENCY_BATCH)])
+    return req.SerializeToString()
+
+
+def latency_caller(target: str, commands: "multiprocessing.Queue[str | None]", stop: multiprocessing.synchronize.Event,
+                   results: "multiprocessing.Queue[tuple[str, list[Sample], list[str]]]") -> None:
+    """One caller process: per command, 100-event batches back to back until ``stop``.
+
+    Each request is built before its clock starts; the latency is the call alone.
+    Failures are reported, not raised: the parent must always get its figures.
+    """
+    rng = random.Random(os.getpid())
+    with grpc.insecure_channel(target) as channel:
+        call = channel.unary_unary(METHOD, request_serializer=None, response_deserializer=pb.RecordUsageResponse.FromString)
+        while (phase := commands.get()) is not None:
+            samples: list[Sample] = []
+            failures: list[str] = []
+            n = 0
+            while not stop.is_set():
+                payload = latency_request(f"{phase}-{os.getpid()}-{n}", rng)
+                n += 1
+                began = time.monotonic()
+                try:
+                    reply = call(payload, timeout=30)
+                except grpc.RpcError as exc:
+                    failures.append(f"{exc.code()}: {exc.details()}"[:300])
+                    continue
+                samples.append((began, time.monotonic() - began))
+                if reply.accepted != LATENCY_BATCH:
+                    failures.append(f"accepted {reply.accepted} of {LATENCY_BATCH}")
+            results.put((phase, samples, failures))
+
+
+class Placement(threading.Thread):
+    """``Spool.assign`` in a thread of the gateway process, as the sender runs it."""
+
+    def __init__(self, spool: Spool) -> None:
+        super().__init__(name="placement", daemon=True)
+        self.spool = spool
+        self.started_at = self.ended_at = 0.0
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        self.started_at = time.monotonic()
         try:
-            for size in (100, 1000):
-                rate, total = run(target, size, args.seconds, args.callers)
-                note = " (callers ran out of batches: raise the count)" if total < 0 else ""
-                print(f"RecordUsage, batches of {size:>4}, {args.callers} caller processes, spool on disk: "
-                      f"{rate:>9,.0f} events/s ({abs(total):,} events in {args.seconds:g}s){note}")
+            self.spool.assign(time.time())
+        except BaseException as exc:  # reported by the parent
+            self.error = exc
         finally:
-            gateway.stop(1)
-            recording.close(flush=False, budget=1)
+            self.ended_at = time.monotonic()
+
+
+def percentile(samples: Sequence[float], p: int) -> float:
+    """The ``p``-th percentile (1-99), interpolated between samples."""
+    if len(samples) < 2:
+        return samples[0] if samples else math.nan
+    return statistics.quantiles(samples, n=100, method="inclusive")[p - 1]
+
+
+def figures(latencies: Sequence[float]) -> dict[str, Any]:
+    def ms(value: float) -> float | None:
+        return None if math.isnan(value) else round(value * 1000, 3)
+
+    return {"calls": len(latencies), "p50_ms": ms(percentile(latencies, 50)), "p99_ms": ms(percentile(latencies, 99)),
+            "max_ms": ms(max(latencies, default=math.nan))}
+
+
+def placement_latency(workdir: Path, events: int, baseline_seconds: float, max_seconds: float) -> dict[str, Any]:
+    """Preload, then RecordUsage latency during placement and, as the baseline, without it."""
+    with recorder(workdir / "placement.db") as (target, recording):
+        spool = recording.spool
+        preload_s = preload(spool, events, time.time())
+        commands: multiprocessing.Queue[str | None] = mp.Queue()
+        results: multiprocessing.Queue[tuple[str, list[Sample], list[str]]] = mp.Queue()
+        stop = mp.Event()
+        proc = mp.Process(target=latency_caller, args=(target, commands, stop, results))
+        proc.start()
+
+        def phase(name: str, until: Callable[[], bool], begin: Callable[[], None] | None = None) -> tuple[list[Sample], list[str]]:
+            stop.clear()
+            commands.put(name)
+            if begin is not None:
+                begin()
+            while not until():
+                time.sleep(0.01)
+            stop.set()
+            try:
+                got, samples, failures = results.get(timeout=RESULT_TIMEOUT)
+            except queue.Empty:
+                raise RuntimeError(f"the caller process sent no figures for {name!r} (exit code {proc.exitcode})") from None
+            assert got == name, (got, name)
+            return samples, failures
+
+        def after(seconds: float) -> Callable[[], bool]:
+            end = time.monotonic() + seconds
+            return lambda: time.monotonic() >= end
+
+        placement = Placement(spool)
+        deadline = math.inf
+
+        def start_placement() -> None:
+            nonlocal deadline
+            time.sleep(0.1)  # the caller is calling when placement begins; calls are kept by overlap below
+            deadline = time.monotonic() + max_seconds
+            placement.start()
+
+        try:
+            phase("warmup", after(WARMUP_SECONDS))  # connection, caches, lazy imports: not measured
+            backlog = spool.stats().unassigned_events
+            during_samples, during_failures = phase(
+                "placement", lambda: not placement.is_alive() or time.monotonic() >= deadline, start_placement)
+            placement.join()
+            if placement.error is not None:
+                raise placement.error
+            baseline_samples, baseline_failures = phase("baseline", after(baseline_seconds))
+            commands.put(None)
+            proc.join(30)
+        finally:
+            if proc.is_alive():
+                proc.kill()
+    during = [took for began, took in during_samples
+              if began < placement.ended_at and began + took > placement.started_at]
+    # assign() stops when it finds nothing unassigned: what was committed before it ended, it placed
+    recorded_meanwhile = sum(1 for began, took in during_samples if began + took < placement.ended_at) * LATENCY_BATCH
+    summary: dict[str, Any] = {
+        "preloaded_events": events,
+        "preload_s": round(preload_s, 3),
+        "placed_events": backlog + recorded_meanwhile,
+        "placement_s": round(placement.ended_at - placement.started_at, 3),
+        "placement_finished_while_calling": placement.ended_at <= deadline,
+        "during": figures(during),
+        "baseline": figures([took for _, took in baseline_samples]),
+        "failures": len(during_failures) + len(baseline_failures),
+        "failure_examples": (during_failures + baseline_failures)[:3],
+    }
+    p99_during, p99_base = summary["during"]["p99_ms"], summary["baseline"]["p99_ms"]
+    summary["ratio_p99"] = round(p99_during / p99_base, 3) if p99_during and p99_base else None
+    summary["target"] = "PASS" if p99_during is not None and p99_during < P99_TARGET_MS else "MISS"
+    return summary
+
+
+def placement_table(s: dict[str, Any]) -> str:
+    def cell(value: float | None) -> str:
+        return f"{value:9.1f}" if value is not None else f"{'-':>9}"
+
+    rows = [f"placement of {s['placed_events']:,} events ({s['preloaded_events']:,} preloaded, the rest recorded by the caller): "
+            f"{s['placement_s']:.1f} s{'' if s['placement_finished_while_calling'] else ' (the caller stopped first)'}",
+            f"RecordUsage, {LATENCY_BATCH} events a call, 1 caller back to back: {'calls':>7} {'p50 ms':>9} {'p99 ms':>9} {'max ms':>9}"]
+    for name, label in (("baseline", "no placement (baseline)"), ("during", "during placement")):
+        f = s[name]
+        rows.append(f"  {label:<56} {f['calls']:>7} {cell(f['p50_ms'])} {cell(f['p99_ms'])} {cell(f['max_ms'])}")
+    ratio = f"x{s['ratio_p99']:.2f}" if s["ratio_p99"] is not None else "-"
+    rows.append(f"p99 during placement / baseline: {ratio}; target p99 during placement < {P99_TARGET_MS:g} ms: "
+                f"{cell(s['during']['p99_ms']).strip()} ms {s['target']}")
+    return "\n".join(rows)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=5.0, help="length of each throughput run [default 5]")
+    parser.add_argument("--callers", type=int, default=2, help="caller processes for throughput [default 2]")
+    parser.add_argument("--events", type=int, default=300_000, help="events preloaded before placement [default 300000]")
+    parser.add_argument("--baseline-seconds", type=float, default=5.0, help="length of the no-placement baseline [default 5]")
+    parser.add_argument("--max-seconds", type=float, default=120.0,
+                        help="stop calling after this long even if placement goes on [default 120]")
+    parser.add_argument("--only", choices=("throughput", "placement"), help="run one of the two measurements")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 1 s throughput runs, 20,000 events, 1 s baseline")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.seconds, args.events, args.baseline_seconds = 1.0, 20_000, 1.0
+    logs.configure("warning")
+    print(f"record_usage: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, grpcio {grpc.__version__}", file=sys.stderr)
+    result: dict[str, Any] = {"benchmark": "record_usage"}
+    with tempfile.TemporaryDirectory(prefix="record-usage-") as tmp:
+        if args.only in (None, "throughput"):
+            result["throughput"] = throughput(Path(tmp), args.seconds, args.callers)
+        if args.only in (None, "placement"):
+            result["placement"] = placement_latency(Path(tmp), args.events, args.baseline_seconds, args.max_seconds)
+            print(placement_table(result["placement"]))
+    result["config"] = {"seconds": args.seconds, "callers": args.callers, "events": args.events,
+                        "baseline_seconds": args.baseline_seconds, "cpus": os.cpu_count()}
+    print(json.dumps(result))
+    failures = result.get("placement", {}).get("failures", 0)
+    for failure in result.get("placement", {}).get("failure_examples", []):
+        print(f"FAILED: {failure}", file=sys.stderr)
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -224,6 +224,8 @@ class Sender:
             self._carry(row, exc.reason, self._now(), result)
         elif what == RETRY:
             delay = RetryPolicy(base=max(self.interval, 0.05), cap=BACKOFF_CAP).hint(row.attempts)
+            if row.outcome_unknown:  # say so where operators look: the listing
+                error = f"outcome unknown, resending identically: {error}"
             self.spool.retry_later(row.id, error, self._now() + delay)
             result.retried += 1
             log.warning("record_retry", reason=exc.reason, error=exc.message, retry_in_s=round(delay, 3), **fields)

@@ -1,8 +1,8 @@
-"""The pass-through benchmark still runs end to end and reports every figure.
+"""The benchmarks still run end to end and report every figure.
 
-Timings are not checked (they belong to the benchmark, not to a test); only that
-one run starts both servers, makes every call succeed and prints a complete JSON
-line, so the script cannot rot unnoticed.
+Timings are not checked (they belong to the benchmarks, not to a test); only that
+a quick run of each script succeeds and prints a complete JSON line and its table,
+so no script can rot unnoticed.
 """
 
 from __future__ import annotations
@@ -12,10 +12,12 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "passthrough.py"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+SCRIPT = BENCHMARKS / "passthrough.py"
 PER_RUN = ("throughput", "throughput_rounds", "p50_ms", "p99_ms", "calls")
 DERIVED = ("ratio", "added_p50_ms", "added_p99_ms")
 
@@ -41,3 +43,55 @@ def test_quick_run_reports_every_figure() -> None:
     assert set(result["targets"].values()) <= {"PASS", "MISS"}
     assert len(result["targets"]) == 2
     assert "c=16 added" in done.stdout  # the human-readable table came too
+
+
+def quick_run(script: str, timeout: float) -> tuple[dict[str, Any], str]:
+    """Run ``benchmarks/<script> --quick``; its JSON line and its whole stdout."""
+    done = subprocess.run([sys.executable, str(BENCHMARKS / script), "--quick"], capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert isinstance(result, dict)
+    return result, done.stdout
+
+
+def positive(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+@pytest.mark.slow
+def test_record_usage_quick_run_reports_every_figure() -> None:
+    result, stdout = quick_run("record_usage.py", timeout=120)
+
+    assert result["benchmark"] == "record_usage"
+    for size in (100, 1000):
+        run = result["throughput"][f"batch_{size}"]
+        assert positive(run["events_per_s"]) and positive(run["events"]) and isinstance(run["exhausted"], bool), run
+        assert f"batches of {size:>4}" in stdout
+    placement = result["placement"]
+    assert placement["failures"] == 0, placement["failure_examples"]
+    assert placement["placed_events"] >= placement["preloaded_events"] > 0
+    assert positive(placement["placement_s"]) and positive(placement["preload_s"])
+    assert isinstance(placement["placement_finished_while_calling"], bool)
+    for phase in ("during", "baseline"):
+        figures = placement[phase]
+        assert figures["calls"] > 0 and all(positive(figures[k]) for k in ("p50_ms", "p99_ms", "max_ms")), figures
+    assert positive(placement["ratio_p99"]) and placement["target"] in ("PASS", "MISS")
+    assert "during placement" in stdout and "p99 during placement / baseline" in stdout  # the table came too
+
+
+@pytest.mark.slow
+def test_spool_days_quick_run_reports_every_figure() -> None:
+    result, stdout = quick_run("spool_days.py", timeout=60)
+
+    assert result["benchmark"] == "spool_days"
+    days = result["days"]
+    assert [d["day"] for d in days] == list(range(1, result["config"]["days"] + 1))
+    for day in days:
+        assert all(positive(day[k]) for k in ("file_bytes", "in_use_bytes", "events", "records")), day
+        assert all(isinstance(day[k], int) and day[k] >= 0 for k in ("wal_bytes", "pending", "sent", "failed")), day
+        assert f"{day['events']:,}" in stdout  # one table row a day
+    assert 1 <= result["plateau_from_day"] <= len(days)
+    assert positive(result["ratio_file"]) and positive(result["ratio_in_use"])
+    assert positive(result["plateau_file_bytes"]) and positive(result["plateau_in_use_bytes"])
+    assert result["failed_records"] == 0
+    assert "windows full from day" in stdout

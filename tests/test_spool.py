@@ -112,6 +112,25 @@ def test_placement_in_chunks_places_every_event_once(tmp_path: Path) -> None:
     assert len(records) == 3 and sum(int(r.quantity) for r in records) == 2 * count
 
 
+def test_a_placement_pass_ends_though_writers_keep_coming(tmp_path: Path) -> None:
+    """Events recorded during a pass wait for the next one, so a pass always ends."""
+    spool = Spool(str(tmp_path / "spool.db"))
+    spool.record([row(f"old-{i}", quantity="1") for i in range(ASSIGN_CHUNK + 1)])
+    original = spool._step_aside
+    written = []
+
+    def writer_between_chunks() -> None:  # a caller records while placement steps aside
+        written.append(spool.record([row(f"new-{len(written)}-{i}", quantity="1") for i in range(ASSIGN_CHUNK)]))
+        original()
+
+    spool._step_aside = writer_between_chunks  # type: ignore[method-assign]
+    spool.assign(NOW)
+    assert written and spool.stats().unassigned_events == ASSIGN_CHUNK * len(written)
+    spool._step_aside = original  # type: ignore[method-assign]
+    spool.assign(NOW)
+    assert spool.stats().unassigned_events == 0
+
+
 def test_stats_count_pending_records(tmp_path: Path) -> None:
     spool = Spool(str(tmp_path / "spool.db"))
     spool.record([row("a", 1), row("b", 3)])

@@ -117,25 +117,6 @@ class FakeAws:
         return [r for r in self.state.records if r.quantity != 999_999]
 
 
-class SimClock:
-    """Simulated epoch seconds, shared by the gateway and the local backend.
-
-    It starts at a chosen instant and moves only by ``advance``; with ``running``
-    it also moves with real time from that instant, for tests whose sender waits
-    out backoffs in real time (they last seconds: the minute barely changes).
-    """
-
-    def __init__(self, now: float, *, running: bool = False) -> None:
-        self.now = now
-        self._since = time.monotonic() if running else None
-
-    def __call__(self) -> float:
-        return self.now if self._since is None else self.now + time.monotonic() - self._since
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
 @contextmanager
 def running_recorder(endpoint_url: str, spool: str, *, flush_on_close: bool = False,
                      clock: Callable[[], float] | None = None, start_sender: bool = True,

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta, timezone, tzinfo
 from typing import Any
 
 import boto3
@@ -20,6 +21,7 @@ from gateway.server import METERING_SERVICE, Gateway, Servicer
 from gateway.service import MeteringServicer
 from marketplace.metering.v1 import metering_pb2 as pb
 from marketplace.metering.v1 import metering_pb2_grpc as pb_grpc
+from metering_client import convert as client_convert
 
 LOCAL_CREDS = {"aws_access_key_id": "AKIDLOCALTEST", "aws_secret_access_key": "local-secret-never-logged"}
 
@@ -28,19 +30,91 @@ def local_session(**overrides: Any) -> boto3.session.Session:
     return boto3.session.Session(region_name="us-east-1", **{**LOCAL_CREDS, **overrides})
 
 
+# The instant every time-dependent test starts at. 2 min 30 s past the hour is an
+# awkward minute on purpose: "the start of this hour + 10 minutes" is beyond the
+# 5-minute skew there, so a test that passes only late in an hour fails every run
+# instead of between hh:00 and hh:05 on the wall clock.
+FIXED_NOW = datetime(2026, 11, 23, 10, 2, 30, tzinfo=timezone.utc)
+Datetime = datetime  # Clock.datetime() shadows the name inside the class
+
+
+class Clock:
+    """Settable time shared by a gateway and the local AWS backend.
+
+    ``clock()`` is epoch seconds (``LocalAws(clock=clock)``), ``clock.datetime()``
+    an aware UTC datetime (``MeteringServicer(now=clock.datetime)``). It moves when
+    a test calls ``advance``; with ``running`` it also moves with real time from its
+    start, for tests whose gateway waits out backoffs for real (they last seconds,
+    so the minute barely changes).
+    """
+
+    def __init__(self, start: datetime | float = FIXED_NOW, *, running: bool = False) -> None:
+        self.now = start.timestamp() if isinstance(start, Datetime) else float(start)
+        self._since = time.monotonic() if running else None
+
+    def __call__(self) -> float:
+        return self.now if self._since is None else self.now + time.monotonic() - self._since
+
+    def datetime(self) -> Datetime:
+        return Datetime.fromtimestamp(self(), timezone.utc)
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+_clock = Clock(FIXED_NOW)  # the default of running_gateway() and request(); a test's `clock` fixture replaces it
+
+
+def default_clock() -> Clock:
+    """The clock running_gateway() and request() use when given none: fixed, never the wall clock."""
+    return _clock
+
+
+class _ClientDatetime(datetime):
+    """metering_client's ``datetime`` under using_clock(): its default timestamp, ``now()``, reads the test's clock."""
+
+    @classmethod
+    def now(cls, tz: tzinfo | None = None) -> datetime:  # type: ignore[override]
+        when = default_clock().datetime()
+        return when.astimezone(tz) if tz is not None else when.astimezone().replace(tzinfo=None)
+
+
+@contextmanager
+def using_clock(clock: Clock) -> Iterator[Clock]:
+    """Make ``clock`` the time of everything in this process while inside.
+
+    It becomes the default of running_gateway() and request(), and the "now" that
+    metering_client stamps a call with when given no timestamp, so a caller in the
+    test agrees with the gateway and the local backend.
+    """
+    global _clock
+    before, _clock = _clock, clock
+    client_datetime, client_convert.datetime = client_convert.datetime, _ClientDatetime  # type: ignore[misc]
+    try:
+        yield clock
+    finally:
+        client_convert.datetime = client_datetime  # type: ignore[misc]
+        _clock = before
+
+
 @contextmanager
 def running_gateway(
     endpoint_url: str,
     *,
     session: boto3.session.Session | None = None,
+    clock: Clock | None = None,
     **settings: Any,
 ) -> Iterator[str]:
-    """A real gateway on 127.0.0.1:<free port> calling ``endpoint_url``; yields the target."""
+    """A real gateway on 127.0.0.1:<free port> calling ``endpoint_url``; yields the target.
+
+    The gateway's time is ``clock`` (default: :func:`default_clock`), never the wall clock.
+    """
     base = {"listen": "127.0.0.1:0", "max_workers": 8, "aws_backoff_base": 0.01, "aws_backoff_max": 0.05, "grace": 1.0}
     conf = dataclasses.replace(Settings(), **{**base, **settings}).check()
     client = make_client(conf, endpoint_url=endpoint_url, session=session or local_session())
     backend = Backend(client, RetryPolicy(conf.aws_max_attempts, conf.aws_backoff_base, conf.aws_backoff_max))
-    servicer = MeteringServicer(backend, future_skew=timedelta(seconds=conf.timestamp_skew))
+    now = (clock if clock is not None else default_clock()).datetime
+    servicer = MeteringServicer(backend, future_skew=timedelta(seconds=conf.timestamp_skew), now=now)
     gateway = Gateway(conf, [Servicer(METERING_SERVICE, servicer, pb_grpc.add_MeteringServiceServicer_to_server)])
     port = gateway.start()
     try:
@@ -50,8 +124,8 @@ def running_gateway(
 
 
 def request(**fields: Any) -> pb.MeterUsageRequest:
-    """A valid request (now, 1 unit) with fields overridden."""
-    when = fields.pop("when", datetime.now(timezone.utc))
+    """A valid request (now on :func:`default_clock`, 1 unit) with fields overridden."""
+    when = fields.pop("when", None) or default_clock().datetime()
     req = pb.MeterUsageRequest(product_code=fields.pop("product_code", "prod-abc123"),
                                usage_dimension=fields.pop("usage_dimension", "requests"))
     req.timestamp.FromDatetime(when)

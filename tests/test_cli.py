@@ -8,8 +8,10 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import IO, Any
 
@@ -18,9 +20,20 @@ import pytest
 from support import request
 
 from gateway.local_aws import LocalAws
+from marketplace.metering.v1 import metering_pb2 as pb
 from marketplace.metering.v1 import metering_pb2_grpc as pb_grpc
 
 SECRET = "wJalrXUtnFEMI-K7MDENG-never-in-logs"
+
+
+def wall_request(**fields: Any) -> pb.MeterUsageRequest:
+    """request() stamped one minute ago by the wall clock, for a gateway run as a process.
+
+    Its clock cannot be injected, so the stamp comes from the same wall clock: a
+    minute back is never ahead of it and far inside AWS's six hours, and no test
+    here meters one dimension twice or assumes an hour, so any minute is safe.
+    """
+    return request(when=datetime.now(timezone.utc) - timedelta(minutes=1), **fields)
 
 
 def gateway_cmd(*args: str) -> list[str]:
@@ -68,7 +81,7 @@ def test_serve_local_reports_serving_and_health_agrees() -> None:
     with serve("--local") as (proc, target):
         result = health(target)
         assert result.returncode == 0 and "SERVING" in result.stdout
-        assert pb_grpc.MeteringServiceStub(grpc.insecure_channel(target)).MeterUsage(request(), timeout=10).metering_record_id
+        assert pb_grpc.MeteringServiceStub(grpc.insecure_channel(target)).MeterUsage(wall_request(), timeout=10).metering_record_id
     assert proc.returncode == 0
 
 
@@ -81,7 +94,7 @@ def test_health_fails_without_a_server() -> None:
 
 
 def test_one_log_line_per_rpc_with_its_fields_and_no_secret() -> None:
-    with LocalAws(quiet=True) as backend:
+    with LocalAws(quiet=True, clock=time.time) as backend:  # beside a gateway process: both on the wall clock
         env = {
             "AWS_ACCESS_KEY_ID": "AKIAEXAMPLEKEY123456",
             "AWS_SECRET_ACCESS_KEY": SECRET,
@@ -91,7 +104,7 @@ def test_one_log_line_per_rpc_with_its_fields_and_no_secret() -> None:
         lines: list[str] = []
         with serve(env=env, lines=lines) as (proc, target):
             stub = pb_grpc.MeteringServiceStub(grpc.insecure_channel(target))
-            stub.MeterUsage(request(usage_dimension="logged"), metadata=[("x-request-id", "req-from-caller")], timeout=10)
+            stub.MeterUsage(wall_request(usage_dimension="logged"), metadata=[("x-request-id", "req-from-caller")], timeout=10)
             assert proc.stdout is not None
             line = read_until(proc.stdout, "rpc", into=lines)
         rest, err = proc.communicate(timeout=20)
@@ -174,7 +187,7 @@ def test_processes_share_one_port_and_drain_together() -> None:
         assert serving["processes"] == 2 and len(serving["pids"]) == 2
         for n in range(24):  # each new connection is balanced by the kernel
             with grpc.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)]) as ch:
-                pb_grpc.MeteringServiceStub(ch).MeterUsage(request(usage_dimension=f"mp-{n}"), timeout=10)
+                pb_grpc.MeteringServiceStub(ch).MeterUsage(wall_request(usage_dimension=f"mp-{n}"), timeout=10)
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=30)
     workers = {json.loads(line).get("worker") for line in out.splitlines() if '"event": "rpc"' in line}

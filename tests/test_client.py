@@ -10,7 +10,7 @@ from decimal import Decimal
 
 import grpc
 import pytest
-from support import running_gateway
+from support import FIXED_NOW, Clock, running_gateway
 
 from gateway import errors as gateway_errors
 from gateway.local_aws import SLOW, LocalAws
@@ -61,8 +61,8 @@ def test_whole_quantity_is_metered_with_a_generated_token(client: MeteringClient
     assert uuid.UUID(first.client_token).version == 4
 
 
-def test_decimal_and_datetime_keywords(client: MeteringClient, local_aws: LocalAws) -> None:
-    when = datetime.now(timezone.utc) - timedelta(hours=2)
+def test_decimal_and_datetime_keywords(client: MeteringClient, local_aws: LocalAws, clock: Clock) -> None:
+    when = clock.datetime() - timedelta(hours=2)
     meter(client, quantity=Decimal("1E+2"), timestamp=when)
     meter(client, quantity="2.500001", usage_dimension="other", timestamp=when)
     [hundred, fraction] = local_aws.records()
@@ -83,8 +83,8 @@ def test_allocations_carry_tags(client: MeteringClient, local_aws: LocalAws) -> 
     }
 
 
-def test_a_given_token_is_kept_and_replays_are_idempotent(client: MeteringClient, local_aws: LocalAws) -> None:
-    when = datetime.now(timezone.utc)
+def test_a_given_token_is_kept_and_replays_are_idempotent(client: MeteringClient, local_aws: LocalAws, clock: Clock) -> None:
+    when = clock.datetime()
     first = meter(client, client_token="order-42", timestamp=when)
     again = meter(client, client_token="order-42", timestamp=when)
     assert first == again and first.client_token == "order-42"
@@ -110,8 +110,8 @@ def test_invalid_request_names_every_field(client: MeteringClient, local_aws: Lo
     assert local_aws.calls == 0
 
 
-def test_duplicate_request_comes_from_aws(client: MeteringClient, local_aws: LocalAws) -> None:
-    when = datetime.now(timezone.utc)
+def test_duplicate_request_comes_from_aws(client: MeteringClient, local_aws: LocalAws, clock: Clock) -> None:
+    when = clock.datetime()
     meter(client, quantity=1, timestamp=when)
     with pytest.raises(DuplicateRequest) as caught:
         meter(client, quantity=2, timestamp=when)
@@ -127,9 +127,9 @@ def test_idempotency_conflict(client: MeteringClient) -> None:
         meter(client, client_token="tok-1", quantity=5)
 
 
-def test_timestamp_out_of_bounds(client: MeteringClient) -> None:
+def test_timestamp_out_of_bounds(client: MeteringClient, clock: Clock) -> None:
     with pytest.raises(TimestampOutOfBounds) as caught:
-        meter(client, timestamp=datetime.now(timezone.utc) - timedelta(hours=7))
+        meter(client, timestamp=clock.datetime() - timedelta(hours=7))
     assert caught.value.code == grpc.StatusCode.OUT_OF_RANGE
 
 
@@ -232,7 +232,7 @@ def test_inexact_or_odd_quantities_are_refused_locally(bad: object) -> None:
 
 def test_naive_datetimes_are_refused_locally() -> None:
     with MeteringClient("127.0.0.1:1") as client, pytest.raises(ValueError, match="timezone-aware"):
-        meter(client, timestamp=datetime.now())
+        meter(client, timestamp=FIXED_NOW.replace(tzinfo=None))
 
 
 class _FakeRecorder(pb_grpc.UsageRecorderServiceServicer):

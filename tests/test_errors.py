@@ -116,3 +116,63 @@ def test_transient_answers_are_retryable_unavailable(aws_code: str, status: int)
 def test_an_unmodelled_client_error_stays_internal() -> None:
     err = errors.from_aws("QuotaRedesignException", "", None, http_status=400)
     assert (err.code, err.retryable) == (C.INTERNAL, False)
+
+
+# What each answer says about whether AWS recorded the request: the rule the
+# recorded-usage sender's exactly-once guarantee rests on.
+DELIVERY_ROWS = [
+    # (AWS code or bare status, HTTP status, what the answer says)
+    ("DuplicateRequestException", 400, errors.ABSENT),
+    ("IdempotencyConflictException", 400, errors.ABSENT),
+    ("ThrottlingException", 400, errors.REFUSED),
+    ("TooManyRequestsException", 429, errors.REFUSED),
+    ("InvalidProductCodeException", 400, errors.REFUSED),
+    ("TimestampOutOfBoundsException", 400, errors.REFUSED),
+    ("CustomerNotEntitledException", 400, errors.REFUSED),
+    ("QuotaRedesignException", 400, errors.REFUSED),  # any other 4xx
+    ("503", 503, errors.REFUSED),  # a bare 503: the front door did not take it
+    ("InternalServiceErrorException", 500, errors.UNKNOWN),
+    ("500", 500, errors.UNKNOWN),
+    ("502", 502, errors.UNKNOWN),
+    ("504", 504, errors.UNKNOWN),
+    ("ServiceUnavailable", 503, errors.UNKNOWN),  # typed: AWS's own service answered
+    ("QuotaRedesignException", 500, errors.UNKNOWN),  # any other 5xx
+    ("501", 501, errors.UNKNOWN),
+]
+
+
+@pytest.mark.parametrize(("aws_code", "status", "delivery"), DELIVERY_ROWS)
+def test_only_an_answer_that_rules_a_record_out_settles_an_attempt(aws_code: str, status: int, delivery: errors.Delivery) -> None:
+    assert errors.from_aws(aws_code, "", None, http_status=status).delivery is delivery
+
+
+def test_no_answer_after_sending_is_unknown_and_no_connection_is_not() -> None:
+    read_timeout = errors.GatewayError("AWS_UNREACHABLE", "read timeout", maybe_delivered=True)
+    refused = errors.GatewayError("AWS_UNREACHABLE", "connection refused")
+    assert (read_timeout.delivery, refused.delivery) == (errors.UNKNOWN, errors.REFUSED)
+    assert read_timeout.code == refused.code == C.UNAVAILABLE
+
+
+def test_a_gateway_error_is_hashable_and_survives_pickling() -> None:
+    import pickle
+
+    err = errors.from_aws("ThrottlingException", "slow down", "req-1", retry_delay=0.5, http_status=400)
+    err.aws_attempts = 3
+    bad = errors.invalid([Violation("events[2].event_id", "too long")], "batch")
+    assert len({err, bad, err}) == 2
+    for original in (err, bad):
+        copy = pickle.loads(pickle.dumps(original))
+        assert type(copy) is errors.GatewayError and str(copy) == str(original)
+        assert (copy.reason, copy.code, copy.retry_delay, copy.violations, copy.aws_attempts, copy.delivery) == (
+            original.reason, original.code, original.retry_delay, original.violations, original.aws_attempts,
+            original.delivery)
+        assert copy.to_status_proto() == original.to_status_proto()
+
+
+def test_the_table_reads_no_private_botocore_lists() -> None:
+    """The throttling and transient codes are the table's own, not botocore's private attributes."""
+    import inspect
+
+    source = inspect.getsource(errors)
+    assert "from botocore" not in source and "import botocore" not in source
+    assert {"ThrottlingException", "TooManyRequestsException"} <= errors.THROTTLING_CODES

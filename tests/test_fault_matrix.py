@@ -31,7 +31,8 @@ from typing import Any
 
 import grpc
 import pytest
-from recording import SimClock, event, running_recorder, sums_of_events
+from recording import event, running_recorder, sums_of_events
+from support import FIXED_NOW, Clock
 
 from gateway import aggregator
 from gateway.local_aws import DROP, SLOW, LocalAws
@@ -40,7 +41,7 @@ from marketplace.metering.v1 import metering_pb2 as pb
 from marketplace.metering.v1 import metering_pb2_grpc as pb_grpc
 
 HOUR = 3600
-START = 1_763_893_200.0 + 20 * 60  # 2025-11-23T10:20:00Z; any minute would do
+START = FIXED_NOW.timestamp()  # 10:02:30; any minute would do
 READ_TIMEOUT = 0.3
 STEP = 20 * 60
 State = pb.MeteringRecord.State
@@ -77,7 +78,7 @@ class Crash(BaseException):
 
 
 @contextmanager
-def gateway(aws: LocalAws, spool: Path, clock: SimClock) -> Iterator[tuple[pb_grpc.UsageRecorderServiceStub, Recording]]:
+def gateway(aws: LocalAws, spool: Path, clock: Clock) -> Iterator[tuple[pb_grpc.UsageRecorderServiceStub, Recording]]:
     with running_recorder(aws.endpoint_url, str(spool), clock=clock, start_sender=False, aws_read_timeout=READ_TIMEOUT,
                           flush_grace=300.0, aws_max_rps=1000.0) as (target, recording):
         with grpc.insecure_channel(target) as channel:
@@ -90,7 +91,7 @@ def record(stub: pb_grpc.UsageRecorderServiceStub, events: list[pb.UsageEvent]) 
     return events
 
 
-def usage(tag: str, clock: SimClock, hours_back: range) -> list[pb.UsageEvent]:
+def usage(tag: str, clock: Clock, hours_back: range) -> list[pb.UsageEvent]:
     now = clock()
     out = []
     for back in hours_back:
@@ -101,7 +102,7 @@ def usage(tag: str, clock: SimClock, hours_back: range) -> list[pb.UsageEvent]:
     return out
 
 
-def tick_for(recording: Recording, clock: SimClock, seconds: float) -> None:
+def tick_for(recording: Recording, clock: Clock, seconds: float) -> None:
     end = clock() + seconds
     while clock() < end:
         clock.advance(STEP)
@@ -125,7 +126,7 @@ def crash_in_next_call(recording: Recording) -> None:
 @pytest.mark.parametrize("restart", ["clean-restart", "crash-mid-call"])
 @pytest.mark.parametrize("fault", FAULTS, ids=[f.name for f in FAULTS])
 def test_fault_then_a_seven_hour_outage_then_a_restart(tmp_path: Path, fault: Fault, restart: str) -> None:
-    clock = SimClock(START)
+    clock = Clock(START)
     spool = tmp_path / "spool.db"
     acknowledged: list[pb.UsageEvent] = []
     with ExitStack() as stack:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 from typing import Any
 
 import botocore.session
@@ -18,7 +18,7 @@ import pytest
 from botocore.credentials import CredentialResolver
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from support import allocation, details, request, running_gateway
+from support import Clock, allocation, details, request, running_gateway
 from test_errors import CONTRACT_ROWS
 
 import boto3
@@ -59,17 +59,18 @@ def test_meter_usage_records_once_and_replays(stub: pb_grpc.MeteringServiceStub,
     assert (record.metering_record_id, record.quantity, record.product_code) == (first.metering_record_id, 7, "prod-abc123")
 
 
-def test_same_hour_other_quantity_is_a_duplicate(stub: pb_grpc.MeteringServiceStub) -> None:
-    hour = datetime.now(timezone.utc).replace(minute=0, second=1, microsecond=0)
+def test_same_hour_other_quantity_is_a_duplicate(stub: pb_grpc.MeteringServiceStub, clock: Clock) -> None:
+    now = clock.datetime()  # FIXED_NOW, minutes past the hour: the hour's start and now share it, neither is ahead
+    hour = now.replace(minute=0, second=1, microsecond=0)
     stub.MeterUsage(request(when=hour, usage_quantity=1), timeout=10)
-    d = call_error(stub, request(when=hour + timedelta(minutes=10), usage_quantity=2))
+    d = call_error(stub, request(when=now, usage_quantity=2))
     assert (d.code, d.info.reason, d.info.domain) == (C.ALREADY_EXISTS, "DUPLICATE_REQUEST", "metering.marketplace.amazonaws.com")
     assert d.info.metadata["awsErrorCode"] == "DuplicateRequestException" and d.info.metadata["awsRequestId"]
     assert d.infos == 1
 
 
-def test_decimal_quantities_compare_by_value(stub: pb_grpc.MeteringServiceStub) -> None:
-    when = datetime.now(timezone.utc)
+def test_decimal_quantities_compare_by_value(stub: pb_grpc.MeteringServiceStub, clock: Clock) -> None:
+    when = clock.datetime()
     a = stub.MeterUsage(request(when=when, usage_quantity=17), timeout=10)
     b = stub.MeterUsage(request(when=when, usage_quantity_as_decimal="17.00"), timeout=10)
     assert a.metering_record_id == b.metering_record_id
@@ -141,8 +142,10 @@ def test_invalid_request_never_reaches_aws(stub: pb_grpc.MeteringServiceStub, lo
     assert dict(d.info.metadata) == {} and local_aws.calls == 0
 
 
-def test_old_timestamp_is_out_of_range_without_calling_aws(stub: pb_grpc.MeteringServiceStub, local_aws: LocalAws) -> None:
-    d = call_error(stub, request(when=datetime.now(timezone.utc) - timedelta(hours=7)))
+def test_old_timestamp_is_out_of_range_without_calling_aws(
+    stub: pb_grpc.MeteringServiceStub, local_aws: LocalAws, clock: Clock
+) -> None:
+    d = call_error(stub, request(when=clock.datetime() - timedelta(hours=7)))
     assert (d.code, d.info.reason, d.info.domain) == (C.OUT_OF_RANGE, "TIMESTAMP_OUT_OF_BOUNDS", "metering-gateway")
     assert d.fields == ["timestamp"] and local_aws.calls == 0
 
@@ -179,7 +182,8 @@ def test_no_credentials_is_failed_precondition(local_aws: LocalAws) -> None:
 
 def test_retries_never_outlive_the_deadline(local_aws: LocalAws, seen: list) -> None:
     local_aws.inject("ThrottlingException", count=1000)
-    with running_gateway(local_aws.endpoint_url, aws_max_attempts=1000, aws_backoff_base=0.05, aws_backoff_max=0.05) as target, \
+    # The most attempts the settings allow (10), spaced to outlast the caller's 0.5 s deadline.
+    with running_gateway(local_aws.endpoint_url, aws_max_attempts=10, aws_backoff_base=0.2, aws_backoff_max=0.2) as target, \
             grpc.insecure_channel(target) as ch:
         started = time.monotonic()
         with pytest.raises(grpc.RpcError) as caught:

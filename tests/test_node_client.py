@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import time
+from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
 
 import grpc
 import pytest
 from helpers_clients import ROOT
-from support import running_gateway
+from support import Clock, running_gateway, using_clock
 
 from gateway import errors
 from gateway.local_aws import LocalAws
@@ -37,6 +39,19 @@ def node_modules() -> None:
     done = subprocess.run([str(NPM), "ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=NODE_DIR,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.fixture
+def clock() -> Iterator[Clock]:
+    """The gateway's and local AWS's clock (running_gateway's default too): fixed, at the real time the test starts.
+
+    meter.js and count.js stamp their calls with node's own wall clock (``new
+    Date()``), which no test can set. That stamp is a moment after this instant,
+    well inside the 5-minute skew, and each script run makes at most one record,
+    so nothing assumes two calls share an hour: safe at any minute.
+    """
+    with using_clock(Clock(time.time())) as fixed:
+        yield fixed
 
 
 def test_node_meters_and_decodes_field_violations(node_modules: None, gateway_target: str, local_aws: LocalAws) -> None:

@@ -15,8 +15,8 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from recording import SimClock, event, running_recorder, sums_of_events, sums_of_records, wait_for
-from support import details, local_session
+from recording import event, running_recorder, sums_of_events, sums_of_records, wait_for
+from support import FIXED_NOW, Clock, details, local_session
 
 from gateway import aggregator
 from gateway.local_aws import DROP, LocalAws
@@ -26,9 +26,8 @@ from marketplace.metering.v1 import metering_pb2 as pb
 from marketplace.metering.v1 import metering_pb2_grpc as pb_grpc
 
 HOUR = 3600
-START = 1_763_893_200.0 + 150  # 2025-11-23T10:02:30Z
 State = pb.MeteringRecord.State
-CLOCK = SimClock(START, running=True)  # the time of every test here: 10:02:30 and the seconds since
+CLOCK = Clock(FIXED_NOW, running=True)  # the time of every test here: 10:02:30 and the seconds since
 
 
 def now() -> float:

@@ -29,6 +29,11 @@ def control(url: str, method: str, body: Any = None) -> Any:
         return json.loads(reply.read())
 
 
+# The gateway runs as a process, on the wall clock; the calls here take the client's default timestamp, its
+# wall-clock now, which is never ahead of the server's. Each call has its own dimension ("slow", "late-N"), so
+# nothing assumes two calls share an hour: safe at any minute.
+
+
 def slow_call_in_flight(gw: GatewayProcess, delay: float, pool: futures.Executor, client: MeteringClient) -> futures.Future[MeterResult]:
     """Start a MeterUsage call that AWS answers ``delay`` seconds late; return once AWS has it."""
     url = local_aws_url(gw) + "/_local/faults"

@@ -54,7 +54,7 @@ class Authority:
 
     @staticmethod
     def _builder(subject: x509.Name, public_key: ec.EllipticCurvePublicKey) -> x509.CertificateBuilder:
-        now = datetime.now(timezone.utc)
+        now = datetime.now(timezone.utc)  # the gateway process checks it on the same wall clock: valid 5 min ago to +1 day
         return (
             x509.CertificateBuilder()
             .subject_name(subject)
@@ -97,6 +97,9 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
 
 
 def meter(target: str, **tls: object) -> str:
+    # The gateway runs as a process on the wall clock, so the client's default timestamp (its wall-clock now)
+    # is what it sees: never ahead of the server. Every call here is the same ("tls", 1 unit), so a repeat in the
+    # same hour replays the record and one in the next hour makes a new one: either way a record id, at any minute.
     with MeteringClient(target, retry=None, default_timeout=10, **tls) as client:  # type: ignore[arg-type]
         return client.meter_usage(product_code="prod-abc123", usage_dimension="tls", quantity=1).metering_record_id
 

@@ -16,7 +16,9 @@ days; a longer window only moves the plateau later and higher). Every simulated 
 it prints the file size on disk (main file + WAL), the bytes of pages in use
 (``Spool.size``) and the rows; the figure that matters is the ratio size at the last
 day / size at the first day after both windows are full (about 1.0 when the spool
-stops growing), and the plateau itself.
+stops growing), and the plateau itself. As the baseline, in the same run, the same
+load runs again with nothing pruned (release 0.1.0's spool): the ratio of the two
+files at the last day says what pruning saves (``--no-baseline`` skips it).
 
 Prints a table and, last, one JSON line. Run: ``make bench`` or
 ``.venv/bin/python benchmarks/spool_days.py [--days 14] [--events-per-hour 2000]``
@@ -177,6 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--events-per-hour", type=int, default=2000, help="events recorded each simulated hour [default 2000]")
     parser.add_argument("--event-retention", type=float, default=2.0, help="days; the gateway's default is 7 [default 2]")
     parser.add_argument("--record-retention", type=float, default=5.0, help="days; the gateway's default is 400 [default 5]")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the baseline run with nothing pruned")
     parser.add_argument("--quick", action="store_true",
                         help="a smoke run: 4 days, 100 events an hour, retention 1 and 2 days")
     args = parser.parse_args(argv)
@@ -197,6 +200,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(HEADER, flush=True)
         days = simulate(Path(tmp) / "spool.db", args.days, args.events_per_hour,
                         args.event_retention * DAY, args.record_retention * DAY)
+        unpruned: list[Day] = []
+        if not args.no_baseline:
+            print("baseline: the same load, nothing pruned (release 0.1.0)", flush=True)
+            never = 1e12  # a retention longer than any run: prune() finds nothing
+            unpruned = simulate(Path(tmp) / "unpruned.db", args.days, args.events_per_hour, never, never)
     first, last = days[full - 1], days[-1]
     peak = max(d.file_bytes for d in days[full - 1:])
     summary: dict[str, Any] = {
@@ -208,6 +216,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "plateau_in_use_bytes": last.in_use_bytes,
         "peak_file_bytes_after_full": peak,
         "failed_records": last.failed,
+        "baseline_file_bytes": unpruned[-1].file_bytes if unpruned else None,
+        "ratio_to_baseline": round(last.file_bytes / unpruned[-1].file_bytes, 3) if unpruned else None,
         "days": [asdict(d) for d in days],
         "elapsed_s": round(time.perf_counter() - began, 1),
         "config": {"days": args.days, "events_per_hour": args.events_per_hour, "event_retention_days": args.event_retention,
@@ -216,6 +226,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"windows full from day {full}: file day {last.day} / day {first.day} = x{summary['ratio_file']:.3f} "
           f"(pages in use x{summary['ratio_in_use']:.3f}); plateau {last.file_bytes / 1e6:.2f} MB on disk, "
           f"{last.in_use_bytes / 1e6:.2f} MB in use; peak after day {full}: {peak / 1e6:.2f} MB")
+    if unpruned:
+        print(f"baseline, nothing pruned: {unpruned[-1].file_bytes / 1e6:.2f} MB at day {last.day}, growing "
+              f"{(unpruned[-1].file_bytes - unpruned[full - 1].file_bytes) / 1e6 / (last.day - full):.2f} MB a day; "
+              f"pruned / unpruned at day {last.day} = x{summary['ratio_to_baseline']:.3f}")
     print(json.dumps(summary))
     return 1 if last.failed else 0
 

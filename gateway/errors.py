@@ -5,6 +5,10 @@ Modelled on googleapis python-api-core's ``exceptions.py``: every condition has 
 exception's reason is its name without ``Exception`` (``DuplicateRequestException``
 → ``DUPLICATE_REQUEST``), so a condition gets the same code and reason whether the
 gateway or AWS detects it; only the ErrorInfo ``domain`` says who decided.
+
+Each row also says what the answer tells about delivery (:class:`Delivery`): whether
+AWS may have recorded the request anyway. The recorded-usage sender's exactly-once
+guarantee rests on that column, so it lives here, once, beside the codes.
 """
 
 from __future__ import annotations

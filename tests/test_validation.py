@@ -1,4 +1,4 @@
-"""Every validation rule at its boundaries (CONTRACT.md section 2)."""
+"""Every validation rule at its boundaries (the README's Validation section)."""
 
 from __future__ import annotations
 

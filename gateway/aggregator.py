@@ -184,9 +184,13 @@ def place(own_hour: int, earliest: int, can_take: Callable[[int], bool]) -> int:
     raise RuntimeError(f"no hour within {_MAX_CARRY_HOURS} hours after {own_hour} can take the usage")
 
 
-def client_token(product_code: str, usage_dimension: str, hour: int, content: Content) -> str:
-    """Derived from the bucket alone: the same bucket always gets the same token."""
-    name = "\x1f".join((product_code, usage_dimension, str(hour), content.to_json(), str(content.is_whole)))
+def client_token(product_code: str, usage_dimension: str, hour: int, content: Content, spool_id: str = "") -> str:
+    """Derived from the bucket and its spool: the same bucket of the same spool always
+    gets the same token (a resend is the same request), and two spools (two pods
+    metering the same usage in the same hour) never share one, whatever AWS's scope
+    for tokens. ``spool_id`` "" is release 0.1.0's formula."""
+    parts = (product_code, usage_dimension, str(hour), content.to_json(), str(content.is_whole))
+    name = "\x1f".join((*parts, spool_id) if spool_id else parts)
     return str(uuid.uuid5(_TOKEN_NAMESPACE, name))
 
 

@@ -23,11 +23,14 @@ import structlog
 from botocore.config import Config
 from botocore.exceptions import (
     ClientError,
+    ConnectTimeoutError,
     CredentialRetrievalError,
+    EndpointConnectionError,
     HTTPClientError,
     NoCredentialsError,
     ParamValidationError,
     PartialCredentialsError,
+    ProxyConnectionError,
 )
 from botocore.exceptions import ConnectionError as AwsConnectionError
 
@@ -39,10 +42,12 @@ DRY_RUN_OK = "DryRunOperation"
 # Below this much time left there is no point starting an AWS attempt.
 MIN_ATTEMPT_SECONDS = 0.005
 
-# botocore's two families of transport failures: no connection (refused, connect
-# timeout, TLS, proxy: nothing was sent), and failures once connected (read timeout,
-# dropped connection: the request may have been recorded).
+# botocore's transport failures. Only these say the request never left: no connection
+# to AWS or to the proxy. Every other one (a read timeout, a dropped connection, a TLS
+# error, which urllib3 raises for a handshake and for a broken response alike) may
+# come after AWS recorded the request.
 _TRANSPORT_ERRORS = (AwsConnectionError, HTTPClientError)
+_NOT_SENT = (EndpointConnectionError, ConnectTimeoutError, ProxyConnectionError)
 _CREDENTIAL_ERRORS = (NoCredentialsError, PartialCredentialsError, CredentialRetrievalError)
 
 log = structlog.get_logger("gateway.backend")
@@ -137,7 +142,7 @@ class Backend:
             except _TRANSPORT_ERRORS as exc:
                 failure = errors.GatewayError(
                     "AWS_UNREACHABLE", f"AWS Marketplace Metering is unreachable: {exc}", retry_delay=self.policy.hint(attempt),
-                    maybe_delivered=not isinstance(exc, AwsConnectionError),
+                    maybe_delivered=not isinstance(exc, _NOT_SENT),
                 )
             except _CREDENTIAL_ERRORS as exc:  # before signing: this attempt sent nothing
                 raise errors.GatewayError(

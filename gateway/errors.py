@@ -74,11 +74,15 @@ RULES: Mapping[str, Rule] = {
     "INVALID_ENDPOINT_REGION": Rule(Code.FAILED_PRECONDITION),
     "DISABLED_API": Rule(Code.FAILED_PRECONDITION),
     "NO_CREDENTIALS": Rule(Code.FAILED_PRECONDITION),
-    # AWS refuses the gateway's own credentials (expired, unknown, badly signed).
+    # AWS refuses the gateway's own credentials or signature (CREDENTIALS_REFUSED).
     "EXPIRED_TOKEN": Rule(Code.FAILED_PRECONDITION),
     "UNRECOGNIZED_CLIENT": Rule(Code.FAILED_PRECONDITION),
     "INVALID_CLIENT_TOKEN_ID": Rule(Code.FAILED_PRECONDITION),
     "SIGNATURE_DOES_NOT_MATCH": Rule(Code.FAILED_PRECONDITION),
+    "INVALID_SIGNATURE": Rule(Code.FAILED_PRECONDITION),  # JSON APIs' word for a signature expired (clock skew)
+    "INCOMPLETE_SIGNATURE": Rule(Code.FAILED_PRECONDITION),
+    "MISSING_AUTHENTICATION_TOKEN": Rule(Code.FAILED_PRECONDITION),
+    "REQUEST_EXPIRED": Rule(Code.FAILED_PRECONDITION),
     # The credentials may not do this (including a refused dry run).
     "UNAUTHORIZED": Rule(Code.PERMISSION_DENIED),
     "ACCESS_DENIED": Rule(Code.PERMISSION_DENIED),
@@ -100,6 +104,12 @@ RULES: Mapping[str, Rule] = {
     # Anything else.
     "INTERNAL": Rule(Code.INTERNAL),
 }
+
+# The rows above that an operator fixes on the gateway's side (credentials, clock).
+CREDENTIALS_REFUSED = frozenset({
+    "EXPIRED_TOKEN", "UNRECOGNIZED_CLIENT", "INVALID_CLIENT_TOKEN_ID", "SIGNATURE_DOES_NOT_MATCH",
+    "INVALID_SIGNATURE", "INCOMPLETE_SIGNATURE", "MISSING_AUTHENTICATION_TOKEN", "REQUEST_EXPIRED",
+})
 
 # AWS's throttling error codes across services (the ones botocore's standard retry
 # mode treats as throttling); any of them is THROTTLING's row.
@@ -137,7 +147,7 @@ def rule_for(reason: str, aws_code: str | None = None, http_status: int | None =
     if reason in RULES:
         return RULES[reason]
     name = None if aws_code is None else aws_code.rsplit("#", 1)[-1].rsplit(":", 1)[0]
-    if name in THROTTLING_CODES:
+    if name in THROTTLING_CODES or http_status == 429:  # 429: Too Many Requests, typed or bare
         return RULES["THROTTLING"]
     server_side = http_status is not None and http_status >= 500
     if name in TRANSIENT_CODES or http_status in TRANSIENT_STATUSES:

@@ -100,14 +100,16 @@ class RecorderServicer(pb_grpc.UsageRecorderServiceServicer):
         *,
         future_skew: timedelta,
         now: Callable[[], datetime] = utcnow,
+        max_age: timedelta = timedelta(days=7),
     ) -> None:
         self._spool = spool
         self._future_skew = future_skew
         self._now = now
+        self._max_age = max_age  # the deduplication window: an older event may be forgotten already
 
     def RecordUsage(self, request: pb.RecordUsageRequest, context: grpc.ServicerContext) -> pb.RecordUsageResponse:  # noqa: N802
         structlog.contextvars.bind_contextvars(events=len(request.events))
-        window = validation.Window(self._now(), self._future_skew, validation.EVENT_MAX_AGE)
+        window = validation.Window(self._now(), self._future_skew, self._max_age, validation.TOO_OLD_TO_DEDUPLICATE)
         violations = validation.validate_record_usage(request.events, window)
         if violations:
             raise errors.invalid(violations, "batch")
@@ -165,8 +167,11 @@ class Recording:
 
     def _watch(self) -> None:
         while not self._stop.wait(PROBE_EVERY):
-            if not self.spool.writable and self.spool.probe():
-                log.info("spool_writable_again", path=self.spool.path)
+            try:
+                if not self.spool.writable and self.spool.probe():
+                    log.info("spool_writable_again", path=self.spool.path)
+            except Exception:  # the watcher must outlive any surprise, or health never comes back
+                log.exception("spool_watch_failed")
 
     def close(self, *, flush: bool, budget: float) -> None:
         """After the server drained its calls: stop the sender (flushing the open
@@ -202,7 +207,7 @@ def open_recording(
     if now is not None:
         clock_kw["now"] = now
         servicer_kw["now"] = lambda: datetime.fromtimestamp(now(), timezone.utc)
-    servicer = RecorderServicer(spool, future_skew=skew, **servicer_kw)
+    servicer = RecorderServicer(spool, future_skew=skew, max_age=timedelta(seconds=settings.event_retention), **servicer_kw)
     backend = Backend(client, RetryPolicy(1, settings.aws_backoff_base, settings.aws_backoff_max))
     sender = Sender(spool, backend, interval=settings.flush_interval, grace=settings.flush_grace,
                     max_rps=settings.aws_max_rps, future_skew=skew, call_timeout=settings.aws_read_timeout * 2,

@@ -44,8 +44,7 @@ RETRY, CARRY, FAIL = "retry", "carry", "fail"
 # Conditions that block sending without saying anything about the record itself:
 # an operator can fix them, so the usage waits (and is carried) instead of failing.
 _WAIT_FOR_FIX = frozenset({"NO_CREDENTIALS", "UNAUTHORIZED", "ACCESS_DENIED", "DEADLINE_EXCEEDED",
-                           "INVALID_ENDPOINT_REGION", "DISABLED_API", "EXPIRED_TOKEN", "UNRECOGNIZED_CLIENT",
-                           "INVALID_CLIENT_TOKEN_ID", "SIGNATURE_DOES_NOT_MATCH"})
+                           "INVALID_ENDPOINT_REGION", "DISABLED_API", *errors.CREDENTIALS_REFUSED})
 _HOUR_UNUSABLE = frozenset({"DUPLICATE_REQUEST", "TIMESTAMP_OUT_OF_BOUNDS"})
 # What settle() records for each kind of answer (see Spool.settle).
 _SETTLE = {errors.REFUSED: None, errors.ABSENT: False, errors.UNKNOWN: True}
@@ -58,10 +57,14 @@ log = structlog.get_logger("gateway.sender")
 
 
 def disposition(error: errors.GatewayError) -> str:
-    """What to do with a record AWS (or the transport) refused with ``error``."""
+    """What to do with a record AWS (or the transport) refused with ``error``.
+
+    An answer that leaves the outcome unknown is always resent: only the identical
+    request can settle it, whatever its status code.
+    """
     if error.reason in _HOUR_UNUSABLE:
         return CARRY
-    if error.retryable or error.reason in _WAIT_FOR_FIX:
+    if error.retryable or error.reason in _WAIT_FOR_FIX or error.delivery is errors.UNKNOWN:
         return RETRY
     return FAIL
 
@@ -230,6 +233,9 @@ class Sender:
             result.retried += 1
             log.warning("record_retry", reason=exc.reason, error=exc.message, retry_in_s=round(delay, 3), **fields)
         else:
+            if row.outcome_unknown:  # an earlier attempt may sit in AWS: say so, for reconciliation
+                error = (f"outcome unknown after {row.attempts} attempt(s), then refused: {error}; AWS may hold "
+                         f"{row.quantity} for {_iso(row.hour)} (ClientToken {row.client_token})")
             self.spool.mark_failed(row.id, error, self._now())
             result.failed += 1
             log.error("record_failed", reason=exc.reason, error=exc.message, **fields)

@@ -37,6 +37,7 @@ import json
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -130,7 +131,8 @@ def _migrate_1_to_2(db: sqlite3.Connection, now: float) -> None:
     Events of version 1 have no digest: a repeat of one is a duplicate, as it was.
     A record already sent in the whole-number form is resent in that form, since
     a resend must be the identical request; every other record goes out decimal.
-    Sent and failed records start their retention at the migration.
+    Sent and failed records start their retention at the migration. The spool gets
+    an id of its own, and records never sent get tokens salted with it.
     """
     db.execute("ALTER TABLE events ADD COLUMN digest BLOB")
     db.execute(f"ALTER TABLE records ADD COLUMN wire TEXT NOT NULL DEFAULT '{DECIMAL_WIRE}'")
@@ -143,6 +145,16 @@ def _migrate_1_to_2(db: sqlite3.Connection, now: float) -> None:
     ]
     db.executemany("UPDATE records SET wire = ? WHERE id = ?", legacy)
     db.execute("CREATE INDEX IF NOT EXISTS records_by_closing ON records(state, closed_at)")
+    # The spool's own id salts every new ClientToken: two pods' spools never share a token.
+    db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+    spool_id = str(uuid.uuid4())
+    db.execute("INSERT INTO meta (key, value) VALUES ('spool_id', ?)", (spool_id,))
+    db.execute("CREATE TABLE IF NOT EXISTS probe (data BLOB)")  # Spool.probe() writes here
+    unsent = db.execute(f"SELECT {_RECORD_COLUMNS_V1} FROM records WHERE state = ? AND attempts = 0", (PENDING,))
+    db.executemany("UPDATE records SET client_token = ? WHERE id = ?", [
+        (aggregator.client_token(product, dimension, hour, Content.from_json(allocations, bool(whole)), spool_id), rid)
+        for rid, product, dimension, hour, allocations, whole in unsent.fetchall()
+    ])
 
 
 # MIGRATIONS[v] takes a file from version v to v + 1, inside one transaction.
@@ -159,6 +171,7 @@ _RECORD_COLUMNS = (
     "metering_record_id, attempts, last_error, carried_from, next_attempt, in_flight, uncertain, wire, closed_at"
 )
 _EVENT_COLUMNS = "rowid, product_code, usage_dimension, hour, tags, quantity, whole"
+_RECORD_COLUMNS_V1 = "id, product_code, usage_dimension, hour, allocations, whole"
 # Errors of our own making, not of the disk: raised as they are.
 _PROGRAMMING_ERRORS = (sqlite3.IntegrityError, sqlite3.ProgrammingError, sqlite3.InterfaceError)
 
@@ -264,6 +277,7 @@ class Spool:
         self.path = path
         self._lock = threading.Lock()
         self._waiting = 0  # writers waiting for the lock: placement and pruning step aside
+        self._counter = threading.Lock()  # guards _waiting
         self._writable = True
         self._on_writable: Callable[[bool], None] | None = None
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -297,6 +311,7 @@ class Spool:
                 db.execute(f"PRAGMA user_version = {version}")
             if existing:
                 log.info("spool_migrated", path=self.path, schema_version=version)
+        (self.spool_id,) = self._db.execute("SELECT value FROM meta WHERE key = 'spool_id'").fetchone()
 
     def close(self) -> None:
         with self._lock:
@@ -325,7 +340,6 @@ class Spool:
         spool can take a batch again; True when it could."""
         try:
             with self._transaction() as db:
-                db.execute("CREATE TABLE IF NOT EXISTS probe (data BLOB)")
                 db.execute("INSERT INTO probe VALUES (zeroblob(?))", (size,))
                 db.execute("DELETE FROM probe")
         except SpoolUnavailable:
@@ -343,12 +357,14 @@ class Spool:
         second ROLLBACK would only say "no transaction is active".
         """
         if writer:
-            self._waiting += 1
+            with self._counter:
+                self._waiting += 1
         try:
             self._lock.acquire()
         finally:
             if writer:
-                self._waiting -= 1
+                with self._counter:
+                    self._waiting -= 1
         try:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
@@ -361,6 +377,7 @@ class Spool:
                     except sqlite3.Error as rollback:  # the first error is the one to report
                         log.warning("spool_rollback_failed", error=str(rollback))
                 raise
+            self._set_writable(True)  # under the lock: the last transaction's outcome is the state
         except _PROGRAMMING_ERRORS:
             raise
         except sqlite3.Error as exc:
@@ -370,7 +387,6 @@ class Spool:
             raise error from exc
         finally:
             self._lock.release()
-        self._set_writable(True)
 
     def _step_aside(self) -> None:
         """Between two chunks of background work: let waiting writers go first."""
@@ -459,7 +475,7 @@ class Spool:
                 "INSERT INTO records (product_code, usage_dimension, hour, state, allocations, whole, quantity, "
                 "client_token, carried_from) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (*key, hour, PENDING, content.to_json(), int(content.whole), aggregator.format_decimal(content.total),
-                 aggregator.client_token(*key, hour, content), json.dumps(carried)),
+                 aggregator.client_token(*key, hour, content, self.spool_id), json.dumps(carried)),
             ).lastrowid
         else:
             content = record.content
@@ -469,7 +485,7 @@ class Spool:
             db.execute(
                 "UPDATE records SET allocations = ?, whole = ?, quantity = ?, client_token = ?, carried_from = ? WHERE id = ?",
                 (content.to_json(), int(content.whole), aggregator.format_decimal(content.total),
-                 aggregator.client_token(*key, hour, content), json.dumps(carried), record_id),
+                 aggregator.client_token(*key, hour, content, self.spool_id), json.dumps(carried), record_id),
             )
         db.executemany("UPDATE events SET record_id = ? WHERE rowid = ?", [(record_id, i) for i in piece.ids])
         if hour == piece.hour:
@@ -534,7 +550,8 @@ class Spool:
         """The record's hour cannot take its usage: mark the hour unusable for this
         product and dimension, and place its events again, in one transaction."""
         with self._transaction() as db:
-            rows = self._records(db, "id = ? AND state = ?", (record_id, PENDING))
+            # Never a record whose outcome is unknown: AWS may hold it (the sender checks too).
+            rows = self._records(db, "id = ? AND state = ? AND in_flight = 0 AND uncertain = 0", (record_id, PENDING))
             if not rows:
                 return []
             record = rows[0]

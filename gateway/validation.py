@@ -32,9 +32,13 @@ CLIENT_TOKEN_MAX = 64
 EVENT_ID_MAX = 128
 RECORD_BATCH_MAX = 1000
 MAX_AGE = timedelta(hours=6)
-# RecordUsage accepts old events and carries them into an hour AWS still takes; this
-# only refuses timestamps that cannot be meant (a century back).
-EVENT_MAX_AGE = timedelta(days=36500)
+# RecordUsage accepts old events and carries them into an hour AWS still takes, for as
+# long as it can still recognise them (the deduplication window, --event-retention):
+# an older event may have been metered and its id forgotten, so a replay of it would
+# bill twice.
+TOO_OLD_FOR_AWS = "AWS takes no older usage"
+TOO_OLD_TO_DEDUPLICATE = ("the deduplication window, --event-retention: it may have been metered and its "
+                          "event_id forgotten already")
 
 # Patterns exactly as in botocore's model, minus the anchors: fullmatch anchors
 # them, and unlike ``$`` it does not let a trailing newline through.
@@ -70,6 +74,7 @@ class Window:
     now: datetime
     future_skew: timedelta = timedelta(minutes=5)
     max_age: timedelta = MAX_AGE
+    why_max_age: str = TOO_OLD_FOR_AWS  # what a person is told when a timestamp is older
 
     @property
     def earliest(self) -> datetime:
@@ -188,14 +193,17 @@ def check_timestamp(message: Any, window: Window, path: str = "timestamp") -> li
     except (ValueError, OverflowError):
         return [Violation(path, "is not a valid time", VALIDATION)]
     if when < window.earliest:
-        return [Violation(path, f"is more than {_hours(window.max_age)} old (AWS takes no older usage)", TIMESTAMP_OUT_OF_BOUNDS)]
+        return [Violation(path, f"is more than {_hours(window.max_age)} old ({window.why_max_age})", TIMESTAMP_OUT_OF_BOUNDS)]
     if when > window.latest:
         return [Violation(path, f"is more than {int(window.future_skew.total_seconds())}s in the future", TIMESTAMP_OUT_OF_BOUNDS)]
     return []
 
 
 def _hours(delta: timedelta) -> str:
+    """6 hours, 7 days: the age limit as a person would say it."""
     hours = delta.total_seconds() / 3600
+    if hours >= 48 and hours % 24 == 0:
+        return f"{hours / 24:g} days"
     return f"{hours:g} hours"
 
 

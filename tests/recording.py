@@ -62,7 +62,8 @@ REFUSED_CONNECTION = "refused"  # nothing listens: nothing was sent
 BARE_503 = "503"  # the front door turned the request away
 ISE = "500"  # AWS answered InternalServiceError without recording
 ISE_AFTER_RECORD = "500-after-record"  # AWS recorded the request, then answered InternalServiceError
-OUTAGES = (REFUSED_CONNECTION, BARE_503, ISE, ISE_AFTER_RECORD)
+BARE_507 = "507"  # a 5xx no row names (a proxy's Insufficient Storage): unknown, not retryable
+OUTAGES = (REFUSED_CONNECTION, BARE_503, ISE, ISE_AFTER_RECORD, BARE_507)
 
 
 class FakeAws:
@@ -89,6 +90,8 @@ class FakeAws:
         if self.down == ISE:
             self.refusals["InternalServiceErrorException"] += 1
             raise errors.from_aws("InternalServiceErrorException", "down", "req-x", http_status=500)
+        if self.down == BARE_507:
+            raise errors.from_aws("507", "", None, http_status=507)
         try:
             record = self.state.meter_usage(params, IDENTITY, datetime.fromtimestamp(self.clock(), timezone.utc))
         except AwsError as exc:

@@ -15,7 +15,7 @@ from decimal import Decimal
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from recording import BARE_503, ISE, ISE_AFTER_RECORD, OUTAGES, FakeAws, event, sums_of_events, sums_of_records
+from recording import BARE_503, BARE_507, ISE, ISE_AFTER_RECORD, OUTAGES, FakeAws, event, sums_of_events, sums_of_records
 
 from gateway import aggregator, validation
 from gateway.aggregator import HOUR, Content
@@ -147,7 +147,7 @@ def test_every_schedule_meters_each_unit_exactly_once(steps: list, start_offset:
             clock[0] += args[0]
         elif kind == "outage":
             aws.down = args[0]
-            unknown_possible |= args[0] in (ISE, ISE_AFTER_RECORD)
+            unknown_possible |= args[0] in (ISE, ISE_AFTER_RECORD, BARE_507)
         elif kind == "take":
             hour = aggregator.hour_of(clock[0]) + args[0] * HOUR
             if aggregator.earliest_hour(clock[0]) <= hour <= clock[0]:
@@ -289,3 +289,54 @@ def test_a_lost_reply_settled_by_the_resend_is_sent_once() -> None:
     [record] = spool.list_records()
     assert record.state == SENT and record.metering_record_id == aws.ours()[0].metering_record_id
     assert len(aws.ours()) == 1
+
+
+def test_an_unknown_outcome_is_resent_whatever_its_status_code() -> None:
+    """A 5xx no row names (507) is not retryable for a caller, but only the identical
+    resend can settle what it left unknown: the record is resent, never failed at once."""
+    clock, aws, spool, sender = sender_on_fake_aws()
+    spool.record([event_row(event("s507", clock[0] - HOUR, 6))])
+    aws.down = BARE_507
+    sender.tick()
+    [record] = spool.list_records()
+    assert record.state == "PENDING" and record.outcome_unknown
+    assert record.last_error.startswith("outcome unknown, resending identically: HTTP_507")
+    aws.down = None
+    clock[0] += 10 * 60
+    sender.tick()
+    [record] = spool.list_records()
+    assert record.state == "SENT" and sums_of_records(aws.ours()) == {("prod-a", "requests"): 6}
+
+
+def test_an_hour_taken_by_someone_else_settles_an_unknown_outcome_and_the_usage_is_carried() -> None:
+    """DUPLICATE_REQUEST to the identical resend: AWS holds no record of this request,
+    so the usage is carried and billed, not left FAILED for reconciliation."""
+    clock, aws, spool, sender = sender_on_fake_aws()
+    spool.record([event_row(event("dup", clock[0] - HOUR, 9))])
+    aws.down = ISE  # nothing recorded, outcome unknown
+    sender.tick()
+    [record] = spool.list_records()
+    assert record.outcome_unknown
+    aws.down = None
+    aws.take_hour("prod-a", "requests", record.hour)  # another life of the pod metered that hour
+    for _ in range(4):
+        clock[0] += 20 * 60
+        sender.tick()
+    assert not spool.list_records(state=FAILED)
+    assert sums_of_records(aws.ours()) == {("prod-a", "requests"): 9}
+    [sent] = spool.list_records(state=SENT)
+    assert sent.carried_hours == [record.hour]
+
+
+def test_a_refusal_after_an_unknown_outcome_fails_for_reconciliation() -> None:
+    clock, aws, spool, sender = sender_on_fake_aws()
+    spool.record([event_row(event("nr", clock[0] - HOUR, 2))])
+    aws.down = ISE_AFTER_RECORD
+    sender.tick()
+    aws.down = None
+    aws.state.products = {}  # the product is gone: AWS refuses the identical resend
+    clock[0] += 10 * 60
+    sender.tick()
+    [record] = spool.list_records(state=FAILED)
+    assert record.last_error.startswith("outcome unknown after 2 attempt(s), then refused: INVALID_PRODUCT_CODE")
+    assert record.client_token in record.last_error and aws.holds(record.client_token)

@@ -5,7 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+from botocore.exceptions import (
+    ClientError, ConnectionClosedError, ConnectTimeoutError, EndpointConnectionError, NoCredentialsError,
+    ProxyConnectionError, ReadTimeoutError, SSLError,
+)
 
 from gateway import errors
 from gateway.backend import Backend, RetryPolicy
@@ -122,3 +125,19 @@ def test_backoff_is_full_jitter_and_capped() -> None:
     policy = RetryPolicy(max_attempts=10, base=0.1, cap=1.0)
     assert [policy.delay(n, rand=lambda: 1.0) for n in (1, 2, 3, 4, 5)] == [0.1, 0.2, 0.4, 0.8, 1.0]
     assert policy.delay(3, rand=lambda: 0.0) == 0.0
+
+
+@pytest.mark.parametrize(("failure", "maybe_recorded"), [
+    (EndpointConnectionError(endpoint_url="http://x"), False),  # nothing listens: nothing was sent
+    (ConnectTimeoutError(endpoint_url="http://x"), False),
+    (ProxyConnectionError(proxy_url="http://proxy"), False),
+    (ReadTimeoutError(endpoint_url="http://x"), True),  # sent; the answer never came
+    (ConnectionClosedError(endpoint_url="http://x"), True),
+    (SSLError(endpoint_url="http://x", error="bad record mac"), True),  # urllib3 says the same mid-response
+])
+def test_only_a_connection_never_made_rules_a_record_out(failure: Exception, maybe_recorded: bool) -> None:
+    client, clock = FakeClient(failure), FakeClock()
+    with pytest.raises(errors.GatewayError) as caught:
+        backend(client, clock, attempts=1).meter_usage({"ProductCode": "p"})
+    assert caught.value.reason == "AWS_UNREACHABLE" and caught.value.retryable
+    assert caught.value.delivery is (errors.UNKNOWN if maybe_recorded else errors.REFUSED)

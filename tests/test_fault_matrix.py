@@ -157,6 +157,12 @@ def test_fault_then_a_seven_hour_outage_then_a_restart(tmp_path: Path, fault: Fa
     assert not [r for r in records if r.state == State.STATE_PENDING]
     hours = [(r.product_code, r.usage_dimension, r.hour) for r in held]
     assert len(hours) == len(set(hours)), "an hour was recorded twice"
+    # What the gateway lists as sent is what AWS holds, record for record.
+    by_id = {r.metering_record_id: r for r in held}
+    for sent in (r for r in records if r.state == State.STATE_SENT):
+        assert sent.metering_record_id in by_id
+        assert Decimal(sent.quantity) == by_id[sent.metering_record_id].quantity
+        assert sent.client_token == by_id[sent.metering_record_id].client_token
     tokens = {r.client_token for r in held}
     failed = [r for r in records if r.state == State.STATE_FAILED]
     assert all(r.last_error.startswith("outcome unknown") for r in failed), [r.last_error for r in failed]

@@ -242,6 +242,19 @@ def test_throttling_then_an_outage_then_recovery_meters_exact_sums(recorder: tup
     assert len(local_aws.records()) == 6
 
 
+def test_events_older_than_the_deduplication_window_are_refused(recorder: tuple) -> None:
+    """An event older than --event-retention may have been metered and its id forgotten:
+    accepting it again could bill it twice."""
+    stub, _ = recorder
+    with pytest.raises(grpc.RpcError) as err:
+        record(stub, event("ancient", now() - 7 * 24 * HOUR - 60, 5), event("recent", now() - 6 * 24 * HOUR, 5))
+    got = details(err.value)
+    assert (got.code, got.info.reason) == (grpc.StatusCode.OUT_OF_RANGE, "TIMESTAMP_OUT_OF_BOUNDS")
+    assert got.fields == ["events[0].timestamp"]
+    assert "more than 7 days old (the deduplication window, --event-retention" in got.bad_request.field_violations[0].description
+    assert record(stub, event("recent", now() - 6 * 24 * HOUR, 5)).accepted == 1  # inside the window: carried
+
+
 def test_events_older_than_aws_takes_are_carried_not_refused(recorder: tuple, local_aws: LocalAws) -> None:
     stub, _ = recorder
     old = [event("old", now() - 8 * HOUR, 5)]

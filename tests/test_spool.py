@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import shutil
 import sqlite3
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -131,6 +134,22 @@ def test_a_placement_pass_ends_though_writers_keep_coming(tmp_path: Path) -> Non
     assert spool.stats().unassigned_events == 0
 
 
+def test_two_spools_never_share_a_client_token(tmp_path: Path) -> None:
+    """Two pods metering the same usage for the same hour must not send one request
+    twice under one token (AWS would answer the second with the first's record)."""
+    tokens = []
+    for name in ("pod-a.db", "pod-b.db", "pod-a.db"):
+        spool = Spool(str(tmp_path / name))
+        spool.record([row("same", quantity="1")])
+        spool.assign(NOW)
+        (record,) = spool.list_records()
+        tokens.append((spool.spool_id, record.client_token))
+        spool.close()
+    (a_id, a_token), (b_id, b_token), (a_again_id, a_again_token) = tokens
+    assert a_id != b_id and a_token != b_token
+    assert (a_again_id, a_again_token) == (a_id, a_token)  # the same spool keeps its id: a resend is the same request
+
+
 def test_stats_count_pending_records(tmp_path: Path) -> None:
     spool = Spool(str(tmp_path / "spool.db"))
     spool.record([row("a", 1), row("b", 3)])
@@ -163,6 +182,11 @@ def test_a_spool_written_by_release_0_1_0_is_migrated_and_resumes(tmp_path: Path
     assert request.WhichOneof("quantity") == "usage_quantity" and request.usage_quantity == 3
     fresh = next(r for r in spool.list_records(state=PENDING) if r.attempts == 0)
     assert fresh.decimal  # never sent: goes out with decimals
+    # Tokens: a request that went out keeps its token; one never sent gets the spool's salt.
+    assert in_flight.client_token == "33e374e0-8a6c-5170-88b2-4ed87cddd6c7"
+    assert sent.client_token == "20d86574-276f-5f99-8944-1597393d5012"
+    assert fresh.client_token == aggregator.client_token(fresh.product_code, fresh.usage_dimension, fresh.hour,
+                                                         fresh.content, spool.spool_id) != "7f5b6ec1-caa6-5d08-9f57-ca680007e604"
     # Old events have no digest: their repeats are duplicates, as they were; new events are checked.
     v1_hour = aggregator.hour_of(written) - 3 * HOUR
     assert spool.record([EventRow("v1-a", "prod-a", "requests", v1_hour, "", "5", True, b"x" * 16)]) == (0, 1)
@@ -267,3 +291,38 @@ def test_taken_hours_older_than_any_placement_are_pruned(tmp_path: Path) -> None
     spool.carry(record.id, "DUPLICATE_REQUEST", NOW)
     assert spool.prune(NOW, event_retention=DAY, record_retention=DAY).taken == 0
     assert spool.prune(NOW + 2 * DAY, event_retention=DAY, record_retention=DAY).taken == 1
+
+
+def test_a_commit_that_fails_on_a_full_disk_stores_nothing_and_recovers(tmp_path: Path) -> None:
+    """The usual full disk in WAL mode fails at COMMIT, not at INSERT (the file size
+    limit stands in for the disk, in a process of its own)."""
+    script = textwrap.dedent(f"""
+        import resource, signal, sys
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        sys.path[:0] = {[str(Path(__file__).parent)]!r}
+        from test_spool import row
+        from gateway.spool import Spool, SpoolUnavailable
+        spool = Spool({str(tmp_path / "spool.db")!r})
+        spool.record([row("first")])
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (65536, hard))
+        try:
+            spool.record([row(f"e{{i}}") for i in range(1000)])
+            print("ACCEPTED")
+        except SpoolUnavailable as exc:
+            print("UNAVAILABLE", exc)
+        print("WRITABLE", spool.writable, spool.probe())
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        print("PROBE", spool.probe(), spool.writable)
+        print("TOTALS", spool.event_totals())
+        print("AGAIN", spool.record([row(f"e{{i}}") for i in range(1000)]))
+        spool.close()
+        print("REOPENED", Spool({str(tmp_path / "spool.db")!r}).event_totals())
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    out = dict(line.split(" ", 1) for line in done.stdout.splitlines() if " " in line)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert out["UNAVAILABLE"].startswith("SQLITE_") and "no transaction is active" not in out["UNAVAILABLE"], out
+    assert out["WRITABLE"] == "False False" and out["PROBE"] == "True True"
+    assert out["TOTALS"] == "[('prod-a', 'requests', '1')]"  # nothing of the refused batch
+    assert out["AGAIN"] == "(1000, 0)" and out["REOPENED"] == "[('prod-a', 'requests', '1001')]"

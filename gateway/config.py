@@ -49,7 +49,8 @@ def format_duration(seconds: float) -> str:
         return str(seconds)
     if seconds and seconds == int(seconds):
         whole = int(seconds)
-        for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        for unit in ("d", "h", "m"):
+            size = int(_UNIT_SECONDS[unit])
             if whole % size == 0:
                 return f"{whole // size}{unit}"
     if seconds == int(seconds):

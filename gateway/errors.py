@@ -56,6 +56,14 @@ class Rule:
     delivery: Delivery = REFUSED
 
 
+# AWS refusing the gateway's own credentials or signature: an operator fixes it on the
+# gateway's side (credentials, clock). INVALID_SIGNATURE is JSON APIs' word for a
+# signature expired by clock skew.
+CREDENTIALS_REFUSED = frozenset({
+    "EXPIRED_TOKEN", "UNRECOGNIZED_CLIENT", "INVALID_CLIENT_TOKEN_ID", "SIGNATURE_DOES_NOT_MATCH",
+    "INVALID_SIGNATURE", "INCOMPLETE_SIGNATURE", "MISSING_AUTHENTICATION_TOKEN", "REQUEST_EXPIRED",
+})
+
 # The table. Keys are reasons; AWS exceptions reach it through reason_for_aws().
 RULES: Mapping[str, Rule] = {
     # The caller's input: refused before anything was recorded.
@@ -74,15 +82,8 @@ RULES: Mapping[str, Rule] = {
     "INVALID_ENDPOINT_REGION": Rule(Code.FAILED_PRECONDITION),
     "DISABLED_API": Rule(Code.FAILED_PRECONDITION),
     "NO_CREDENTIALS": Rule(Code.FAILED_PRECONDITION),
-    # AWS refuses the gateway's own credentials or signature (CREDENTIALS_REFUSED).
-    "EXPIRED_TOKEN": Rule(Code.FAILED_PRECONDITION),
-    "UNRECOGNIZED_CLIENT": Rule(Code.FAILED_PRECONDITION),
-    "INVALID_CLIENT_TOKEN_ID": Rule(Code.FAILED_PRECONDITION),
-    "SIGNATURE_DOES_NOT_MATCH": Rule(Code.FAILED_PRECONDITION),
-    "INVALID_SIGNATURE": Rule(Code.FAILED_PRECONDITION),  # JSON APIs' word for a signature expired (clock skew)
-    "INCOMPLETE_SIGNATURE": Rule(Code.FAILED_PRECONDITION),
-    "MISSING_AUTHENTICATION_TOKEN": Rule(Code.FAILED_PRECONDITION),
-    "REQUEST_EXPIRED": Rule(Code.FAILED_PRECONDITION),
+    # AWS refuses the gateway's own credentials or signature.
+    **{reason: Rule(Code.FAILED_PRECONDITION) for reason in CREDENTIALS_REFUSED},
     # The credentials may not do this (including a refused dry run).
     "UNAUTHORIZED": Rule(Code.PERMISSION_DENIED),
     "ACCESS_DENIED": Rule(Code.PERMISSION_DENIED),
@@ -104,12 +105,6 @@ RULES: Mapping[str, Rule] = {
     # Anything else.
     "INTERNAL": Rule(Code.INTERNAL),
 }
-
-# The rows above that an operator fixes on the gateway's side (credentials, clock).
-CREDENTIALS_REFUSED = frozenset({
-    "EXPIRED_TOKEN", "UNRECOGNIZED_CLIENT", "INVALID_CLIENT_TOKEN_ID", "SIGNATURE_DOES_NOT_MATCH",
-    "INVALID_SIGNATURE", "INCOMPLETE_SIGNATURE", "MISSING_AUTHENTICATION_TOKEN", "REQUEST_EXPIRED",
-})
 
 # AWS's throttling error codes across services (the ones botocore's standard retry
 # mode treats as throttling); any of them is THROTTLING's row.

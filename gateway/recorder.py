@@ -18,6 +18,7 @@ import binascii
 import json
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -99,8 +100,8 @@ class RecorderServicer(pb_grpc.UsageRecorderServiceServicer):
         spool: Spool,
         *,
         future_skew: timedelta,
+        max_age: timedelta,
         now: Callable[[], datetime] = utcnow,
-        max_age: timedelta = timedelta(days=7),
     ) -> None:
         self._spool = spool
         self._future_skew = future_skew
@@ -202,14 +203,11 @@ def open_recording(
     except sqlite3.Error as exc:
         raise ConfigError(f"spool: cannot open {settings.spool!r}: {exc}") from None
     skew = timedelta(seconds=settings.timestamp_skew)
-    clock_kw: dict[str, Any] = {}
-    servicer_kw: dict[str, Any] = {}
-    if now is not None:
-        clock_kw["now"] = now
-        servicer_kw["now"] = lambda: datetime.fromtimestamp(now(), timezone.utc)
-    servicer = RecorderServicer(spool, future_skew=skew, max_age=timedelta(seconds=settings.event_retention), **servicer_kw)
+    clock = now or time.time
+    servicer = RecorderServicer(spool, future_skew=skew, max_age=timedelta(seconds=settings.event_retention),
+                                now=lambda: datetime.fromtimestamp(clock(), timezone.utc))
     backend = Backend(client, RetryPolicy(1, settings.aws_backoff_base, settings.aws_backoff_max))
     sender = Sender(spool, backend, interval=settings.flush_interval, grace=settings.flush_grace,
                     max_rps=settings.aws_max_rps, future_skew=skew, call_timeout=settings.aws_read_timeout * 2,
-                    event_retention=settings.event_retention, record_retention=settings.record_retention, **clock_kw)
+                    event_retention=settings.event_retention, record_retention=settings.record_retention, now=clock)
     return Recording(spool, servicer, sender.start() if start else sender)

@@ -37,6 +37,7 @@ import structlog
 
 from gateway import aggregator, errors, params, validation
 from gateway.backend import Backend, RetryPolicy
+from gateway.config import Settings
 from gateway.ratelimit import RateLimiter
 from gateway.spool import LATE, RecordRow, Spool, SpoolUnavailable
 
@@ -51,7 +52,6 @@ _SETTLE = {errors.REFUSED: None, errors.ABSENT: False, errors.UNKNOWN: True}
 STATS_EVERY = 60.0  # seconds between spool_stats lines
 PRUNE_EVERY = 600.0  # seconds (on the sender's clock) between pruning passes
 BACKOFF_CAP = 300.0
-DAY = 86400.0
 
 log = structlog.get_logger("gateway.sender")
 
@@ -81,6 +81,12 @@ def _iso(hour: int) -> str:
     return aggregator.timestamp_of(hour).isoformat()
 
 
+def _outcome_unknown(row: RecordRow, why: str) -> str:
+    """``last_error`` of a record failed while AWS may hold it: what to reconcile."""
+    return (f"outcome unknown after {row.attempts} attempt(s), {why}: AWS may hold {row.quantity} for "
+            f"{_iso(row.hour)} (ClientToken {row.client_token}); reconcile with the seller's AWS usage reports")
+
+
 class Sender:
     """Start with :meth:`start`; :meth:`stop` ends the loop (and can flush)."""
 
@@ -97,8 +103,8 @@ class Sender:
         now: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
         call_timeout: float = 30.0,
-        event_retention: float = 7 * DAY,
-        record_retention: float = 400 * DAY,
+        event_retention: float = Settings.event_retention,
+        record_retention: float = Settings.record_retention,
     ) -> None:
         self.spool = spool
         self.backend = backend
@@ -234,8 +240,7 @@ class Sender:
             log.warning("record_retry", reason=exc.reason, error=exc.message, retry_in_s=round(delay, 3), **fields)
         else:
             if row.outcome_unknown:  # an earlier attempt may sit in AWS: say so, for reconciliation
-                error = (f"outcome unknown after {row.attempts} attempt(s), then refused: {error}; AWS may hold "
-                         f"{row.quantity} for {_iso(row.hour)} (ClientToken {row.client_token})")
+                error = _outcome_unknown(row, f"then refused: {error}")
             self.spool.mark_failed(row.id, error, self._now())
             result.failed += 1
             log.error("record_failed", reason=exc.reason, error=exc.message, **fields)
@@ -244,10 +249,7 @@ class Sender:
         if row.outcome_unknown:
             # An attempt may sit in AWS unheard; carrying would bill it twice. The record
             # stays listed for reconciliation against AWS's records of that hour.
-            error = (f"outcome unknown after {row.attempts} attempt(s) ({reason}): AWS may have recorded "
-                     f"{row.quantity} for {_iso(row.hour)} (ClientToken {row.client_token}); not carried, "
-                     "to avoid billing twice: reconcile with the seller's AWS usage reports")
-            self.spool.mark_failed(row.id, error, now)
+            self.spool.mark_failed(row.id, _outcome_unknown(row, f"not carried ({reason}), to avoid billing twice"), now)
             result.failed += 1
             log.error("record_outcome_unknown", reason=reason, product_code=row.product_code,
                       usage_dimension=row.usage_dimension, hour=_iso(row.hour), quantity=row.quantity,

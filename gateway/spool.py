@@ -438,19 +438,33 @@ class Spool:
             (last,) = self._db.execute("SELECT MAX(rowid) FROM events").fetchone()
         if last is None:
             return carries
+
+        def place_chunk(db: sqlite3.Connection) -> int:
+            rows = db.execute(
+                f"SELECT {_EVENT_COLUMNS} FROM events WHERE record_id IS NULL AND rowid <= ? LIMIT ?",
+                (last, ASSIGN_CHUNK),
+            ).fetchall()
+            earliest = aggregator.earliest_hour(now, margin)
+            for piece in aggregator.group(rows):
+                carry = self._place(db, piece, earliest)
+                if carry is not None:
+                    carries.append(carry)
+            return len(rows)
+
+        self._in_chunks(place_chunk, ASSIGN_CHUNK)
+        return carries
+
+    def _in_chunks(self, work: Callable[[sqlite3.Connection], int], size: int) -> int:
+        """Background work (placing, pruning) as one transaction per chunk of ``size``
+        rows, stepping aside for writers in between, until a chunk comes up short.
+        ``work`` does one chunk and says how many rows it handled; returns the total."""
+        total = 0
         while True:
             with self._transaction() as db:
-                rows = db.execute(
-                    f"SELECT {_EVENT_COLUMNS} FROM events WHERE record_id IS NULL AND rowid <= ? LIMIT ?",
-                    (last, ASSIGN_CHUNK),
-                ).fetchall()
-                if not rows:
-                    return carries
-                earliest = aggregator.earliest_hour(now, margin)
-                for piece in aggregator.group(rows):
-                    carry = self._place(db, piece, earliest)
-                    if carry is not None:
-                        carries.append(carry)
+                count = work(db)
+            total += count
+            if count < size:
+                return total
             self._step_aside()
 
     def _place(self, db: sqlite3.Connection, piece: Piece, earliest: int) -> Carry | None:
@@ -582,37 +596,24 @@ class Spool:
         - hours marked taken that placement can no longer choose (older than AWS's
           window, with a day to spare).
         """
-        events = self._prune_chunks(
-            "DELETE FROM events WHERE rowid IN (SELECT e.rowid FROM records r JOIN events e ON e.record_id = r.id "
-            "WHERE r.state = ? AND r.closed_at < ? LIMIT ?)",
-            (SENT, now - event_retention),
-        )
-        old = "SELECT id FROM records WHERE state IN (?, ?) AND closed_at < ? LIMIT ?"
-        records = 0
-        while True:
-            with self._transaction() as db:
-                ids = [i for (i,) in db.execute(old, (SENT, FAILED, now - record_retention, PRUNE_CHUNK))]
-                db.executemany("DELETE FROM events WHERE record_id = ?", [(i,) for i in ids])
-                db.executemany("DELETE FROM records WHERE id = ?", [(i,) for i in ids])
-            records += len(ids)
-            if len(ids) < PRUNE_CHUNK:
-                break
-            self._step_aside()
-        horizon = aggregator.earliest_hour(now, 0) - 24 * HOUR
-        taken = self._prune_chunks(
-            "DELETE FROM taken WHERE rowid IN (SELECT rowid FROM taken WHERE hour < ? LIMIT ?)", (horizon,)
-        )
-        return Pruned(events, records, taken)
+        def delete(sql: str, *args: Any) -> Callable[[sqlite3.Connection], int]:
+            return lambda db: int(db.execute(sql, (*args, PRUNE_CHUNK)).rowcount)
 
-    def _prune_chunks(self, sql: str, args: tuple[Any, ...]) -> int:
-        total = 0
-        while True:
-            with self._transaction() as db:
-                count = db.execute(sql, (*args, PRUNE_CHUNK)).rowcount
-            total += count
-            if count < PRUNE_CHUNK:
-                return total
-            self._step_aside()
+        def delete_old_records(db: sqlite3.Connection) -> int:
+            ids = [(i,) for (i,) in db.execute("SELECT id FROM records WHERE state IN (?, ?) AND closed_at < ? LIMIT ?",
+                                               (SENT, FAILED, now - record_retention, PRUNE_CHUNK))]
+            db.executemany("DELETE FROM events WHERE record_id = ?", ids)
+            db.executemany("DELETE FROM records WHERE id = ?", ids)
+            return len(ids)
+
+        events = self._in_chunks(delete(
+            "DELETE FROM events WHERE rowid IN (SELECT e.rowid FROM records r JOIN events e ON e.record_id = r.id "
+            "WHERE r.state = ? AND r.closed_at < ? LIMIT ?)", SENT, now - event_retention), PRUNE_CHUNK)
+        records = self._in_chunks(delete_old_records, PRUNE_CHUNK)
+        horizon = aggregator.earliest_hour(now, 0) - 24 * HOUR
+        taken = self._in_chunks(delete(
+            "DELETE FROM taken WHERE rowid IN (SELECT rowid FROM taken WHERE hour < ? LIMIT ?)", horizon), PRUNE_CHUNK)
+        return Pruned(events, records, taken)
 
     # -- reading -------------------------------------------------------------
 

@@ -40,9 +40,9 @@ def hours_ago(n: float) -> float:
 
 
 @pytest.fixture
-def local_aws() -> Iterator[LocalAws]:
-    with LocalAws(quiet=True, clock=CLOCK) as backend:
-        yield backend
+def clock() -> Clock:
+    """conftest's local_aws runs on this module's clock, which moves with real time."""
+    return CLOCK
 
 
 @pytest.fixture

@@ -46,9 +46,10 @@ import grpc
 from gateway import logs
 from gateway.app import recording_servicer
 from gateway.config import Settings
-from gateway.recorder import Recording, event_row, open_recording
+from gateway.recording.lifecycle import Recording, open_recording
+from gateway.recording.servicer import event_row
 from gateway.server import Gateway
-from gateway.spool import Spool
+from gateway.recording.sqlite import SqliteSpool as Spool
 from marketplace.metering.v1 import metering_pb2 as pb
 
 # Callers are spawned, not forked: forking a process with a running gRPC server is unsafe.

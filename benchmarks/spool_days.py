@@ -42,17 +42,19 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, cast
 
-from gateway import aggregator, errors, logs
-from gateway.aggregator import HOUR, EventRow
+from gateway import errors, logs
+from gateway.recording import placement
+from gateway.recording.placement import HOUR, EventRow
 from gateway.backend import Backend, Outcome
-from gateway.sender import Sender
-from gateway.spool import FAILED, PENDING, SENT, Spool
+from gateway.recording.sender import Sender
+from gateway.recording.spool import FAILED, PENDING, SENT
+from gateway.recording.sqlite import SqliteSpool as Spool
 
 DAY = 86400
 STEP = 600  # seconds of simulated time between two sender passes (the sender prunes every 10 minutes)
 BATCH = 100  # events per Spool.record transaction, a typical RecordUsage batch
 GRACE = 300.0  # --flush-grace's default: a record goes out 5 minutes after its hour closed
-START = aggregator.hour_of(1_750_000_000)  # a fixed simulated start, at an hour's start
+START = placement.hour_of(1_750_000_000)  # a fixed simulated start, at an hour's start
 PRODUCTS = {"prod-analytics": ("requests", "gb-scanned"), "prod-storage": ("gb-hours",),
             "prod-api": ("calls", "premium-calls")}
 TENANTS = 20
@@ -107,9 +109,9 @@ def event(event_id: str, when: float, rng: random.Random) -> EventRow:
     whole = rng.random() >= 0.1
     quantity = str(rng.randrange(1, 50)) if whole else f"{rng.randrange(1, 10_000) / 100:.2f}"
     seconds, nanos = int(when), int(when % 1 * 1e9)
-    key = aggregator.tags_key(tags)
-    digest = aggregator.event_digest(product, dimension, seconds, nanos, quantity, key)
-    return EventRow(event_id, product, dimension, aggregator.hour_of(seconds), key, quantity, whole, digest)
+    key = placement.tags_key(tags)
+    digest = placement.event_digest(product, dimension, seconds, nanos, quantity, key)
+    return EventRow(event_id, product, dimension, placement.hour_of(seconds), key, quantity, whole, digest)
 
 
 @dataclass

@@ -20,7 +20,7 @@ from gateway import credentials
 from gateway.backend import SERVICE, Backend, RetryPolicy, make_client
 from gateway.config import ConfigError, Settings
 from gateway.local_aws import BANNER
-from gateway.recorder import Recording, open_recording
+from gateway.recording.lifecycle import Recording, open_recording
 from gateway.server import METERING_SERVICE, RECORDER_SERVICE, Gateway, Servicer
 from gateway.service import MeteringServicer
 from marketplace.metering.v1 import metering_pb2_grpc as pb_grpc

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 ENV_PREFIX = "METERING_GATEWAY_"
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")  # a --spool that names a PostgreSQL database
 
 
 class ConfigError(ValueError):
@@ -120,7 +121,7 @@ def _setting(
 
 # A record for hour H is due at H + 1h + flush-grace and must reach AWS before H is
 # six hours old (validation.MAX_AGE); the sender already carries it once H is
-# 5h30m old (aggregator.SAFETY_MARGIN). 3h leaves 1h30m to send and retry; 4h30m
+# 5h30m old (placement.SAFETY_MARGIN). 3h leaves 1h30m to send and retry; 4h30m
 # or more would leave none, and nothing would ever be sent under its own hour.
 FLUSH_GRACE_MAX = 3 * HOUR
 
@@ -174,7 +175,7 @@ class Settings:
         metadata=_setting(
             "Server processes sharing the listen port (SO_REUSEPORT). One Python process "
             "serves about one core of MeterUsage calls; use one per core the pod may use. "
-            "--spool needs 1 (one sender per spool).",
+            "An SQLite --spool needs 1; a PostgreSQL one takes any number.",
             parse=int,
             bounds=Bounds(1, 64),
         ),
@@ -256,9 +257,20 @@ class Settings:
     spool: str = field(
         default="",
         metadata=_setting(
-            "SQLite file where RecordUsage keeps events and hourly records. "
+            "Where RecordUsage keeps events and hourly records: an SQLite file (one pod), or a "
+            "postgresql:// URL shared by any number of replicas (libpq's PG* variables and "
+            "password file apply; the password is never logged). "
             "Empty disables the UsageRecorderService.",
-            metavar="PATH",
+            metavar="PATH|URL",
+        ),
+    )
+    spool_connections: int = field(
+        default=8,
+        metadata=_setting(
+            "Most connections one server process opens to a PostgreSQL spool (calls beyond them wait "
+            "up to 5s, then get SPOOL_UNAVAILABLE); one more holds the sender's lock.",
+            parse=int,
+            bounds=Bounds(2, 1000),
         ),
     )
     flush_grace: float = field(
@@ -345,8 +357,11 @@ class Settings:
             bounds: Bounds | None = f.metadata.get("bounds")
             if bounds is not None and not bounds.allows(value):
                 raise ConfigError(f"{who(f.name)}: {shown(f.name)} is out of range (allowed: {shown_range(f)})")
-        if self.processes > 1 and self.spool:
-            raise ConfigError("spool needs processes 1: one process sends a spool's records")
+        if self.processes > 1 and self.spool and not self.spool.startswith(POSTGRES_SCHEMES):
+            raise ConfigError(
+                f"{who('processes')}: {shown('processes')} needs a PostgreSQL spool: an SQLite spool is one "
+                "process's (use --processes 1, or --spool postgresql://…)"
+            )
         # Fewer slots than threads would leave threads idle while calls are refused.
         if self.max_concurrent_rpcs and self.max_concurrent_rpcs < self.max_workers:
             raise ConfigError(

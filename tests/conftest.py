@@ -1,9 +1,13 @@
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 
 import grpc
+import psycopg
 import pytest
+from postgres import PostgresServer
+from psycopg import sql
 from support import FIXED_NOW, Clock, running_gateway, using_clock
 
 from gateway.local_aws import LocalAws
@@ -45,3 +49,30 @@ def channel(gateway_target: str) -> Iterator[grpc.Channel]:
 @pytest.fixture
 def stub(channel: grpc.Channel) -> pb_grpc.MeteringServiceStub:
     return pb_grpc.MeteringServiceStub(channel)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One real PostgreSQL 16 for the whole session; tests get their own database from ``postgres_dsn``."""
+    with PostgresServer.temporary() as server:
+        yield server
+
+
+@pytest.fixture
+def postgres_dsn(postgres_server: PostgresServer) -> Iterator[str]:
+    """A fresh database on the session's server, dropped after the test (even with connections left open)."""
+    name = f"test_{uuid.uuid4().hex}"
+    dsn = postgres_server.create_database(name)
+    yield dsn
+    try:
+        with psycopg.connect(postgres_server.dsn(), autocommit=True, connect_timeout=5) as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+    except psycopg.Error:
+        pass  # the server is down; the session's teardown removes its data anyway
+
+
+@pytest.fixture
+def private_postgres() -> Iterator[PostgresServer]:
+    """A server of the test's own, for tests that stop, kill or restart it; removed afterwards."""
+    with PostgresServer.temporary() as server:
+        yield server

@@ -18,7 +18,7 @@ from gateway import errors
 from gateway.app import recording_servicer, serve_health
 from gateway.backend import Outcome, make_client
 from gateway.config import Settings
-from gateway.recorder import Recording, open_recording
+from gateway.recording.lifecycle import Recording, open_recording
 from gateway.server import RECORDER_SERVICE, Gateway
 from gateway.local_aws import AwsError, Record, State
 from marketplace.metering.v1 import metering_pb2 as pb

@@ -207,4 +207,4 @@ def test_a_dead_worker_fails_the_whole() -> None:
 def test_processes_and_spool_are_refused(tmp_path: Path) -> None:
     result = subprocess.run(gateway_cmd("serve", "--local", "--processes", "2", "--spool", str(tmp_path / "s.db")),
                             capture_output=True, text=True, timeout=30)
-    assert result.returncode == 2 and "spool needs processes 1" in result.stderr
+    assert result.returncode == 2 and "needs a PostgreSQL spool" in result.stderr

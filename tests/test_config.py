@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-from gateway import aggregator, validation
+from gateway import validation
+from gateway.recording import placement
 from gateway.cli import _parser
 from gateway.config import (
     FLUSH_GRACE_MAX,
@@ -43,6 +44,7 @@ BOUNDS = [
     ("--aws-max-rps", ["0.001", "1000"], ["0", "-1", "1000.001", "nan", "inf", "-inf"]),
     ("--event-retention", ["1h", "400d"], ["59m59s", "3650d1ms"]),
     ("--record-retention", ["7d", "3650d"], ["3650d1ms"]),
+    ("--spool-connections", ["2", "1000"], ["1", "1001"]),
 ]
 
 
@@ -123,7 +125,7 @@ def test_cross_field_rules_blame_the_setting_given() -> None:
     assert refusal("--record-retention=6d") == "--record-retention: 6d is below --event-retention 7d"
     assert refusal("--record-retention=1d", "--event-retention=2d") == "--record-retention: 1d is below --event-retention 2d"
     assert settings("--record-retention=1d", "--event-retention=1d").record_retention == 86400
-    assert "spool needs processes 1" in refusal("--processes=2", "--spool=/tmp/s.db")
+    assert "needs a PostgreSQL spool" in refusal("--processes=2", "--spool=/tmp/s.db")
 
 
 def test_concurrent_rpc_limit_defaults_to_four_per_worker() -> None:
@@ -140,7 +142,7 @@ def test_the_defaults_pass() -> None:
 def test_flush_grace_leaves_time_to_send() -> None:
     """An hour's record is due at its end plus the grace and carried once the hour is
     MAX_AGE − SAFETY_MARGIN old: the largest grace must leave 1h30m to send and retry."""
-    carried_at = validation.MAX_AGE.total_seconds() - aggregator.SAFETY_MARGIN
+    carried_at = validation.MAX_AGE.total_seconds() - placement.SAFETY_MARGIN
     assert carried_at - 3600 - FLUSH_GRACE_MAX == 90 * 60
 
 

@@ -29,7 +29,7 @@ import grpc
 import pytest
 from recording import event, sums_of_events, wait_for
 
-from gateway import aggregator
+from gateway.recording import placement
 from marketplace.metering.v1 import metering_pb2 as pb
 from marketplace.metering.v1 import metering_pb2_grpc as pb_grpc
 
@@ -98,7 +98,7 @@ class GatewayProcess:
 
 def make_batch(rng: random.Random, caller: int, n: int) -> list[pb.UsageEvent]:
     now = time.time()
-    current = aggregator.hour_of(now)
+    current = placement.hour_of(now)
     out = []
     for i in range(BATCH):
         hours_back = rng.choice((0, 0, 1, 2, 3))

@@ -34,9 +34,9 @@ import pytest
 from recording import event, running_recorder, sums_of_events
 from support import FIXED_NOW, Clock
 
-from gateway import aggregator
+from gateway.recording import placement
 from gateway.local_aws import DROP, SLOW, LocalAws
-from gateway.recorder import Recording
+from gateway.recording.lifecycle import Recording
 from marketplace.metering.v1 import metering_pb2 as pb
 from marketplace.metering.v1 import metering_pb2_grpc as pb_grpc
 
@@ -96,7 +96,7 @@ def usage(tag: str, clock: Clock, hours_back: range) -> list[pb.UsageEvent]:
     out = []
     for back in hours_back:
         for i, product in enumerate(("prod-a", "prod-b")):
-            when = aggregator.hour_of(now) - back * HOUR + 60 * (i + 1)
+            when = placement.hour_of(now) - back * HOUR + 60 * (i + 1)
             out.append(event(f"{tag}-{back}-{product}-w", when, 3 + back, product=product))
             out.append(event(f"{tag}-{back}-{product}-d", when, f"{back}.25", product=product, tenant=f"t{i}"))
     return out

@@ -188,7 +188,7 @@ def test_impossible_faults_are_refused(aws: LocalAws) -> None:
 
 # --- independence and the model ----------------------------------------------
 
-FORBIDDEN = ("gateway.validation", "gateway.params", "gateway.errors", "gateway.aggregator", "marketplace")
+FORBIDDEN = ("gateway.validation", "gateway.params", "gateway.errors", "gateway.recording", "marketplace")
 
 
 def imported_modules(source: str) -> set[str]:

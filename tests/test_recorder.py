@@ -18,9 +18,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from recording import event, running_recorder, sums_of_events, sums_of_records, wait_for
 from support import FIXED_NOW, Clock, details, local_session
 
-from gateway import aggregator
+from gateway.recording import placement
 from gateway.local_aws import DROP, LocalAws
-from gateway.recorder import Recording
+from gateway.recording.lifecycle import Recording
 from gateway.server import RECORDER_SERVICE
 from marketplace.metering.v1 import metering_pb2 as pb
 from marketplace.metering.v1 import metering_pb2_grpc as pb_grpc
@@ -36,7 +36,7 @@ def now() -> float:
 
 def hours_ago(n: float) -> float:
     """A time inside the hour that started ``n`` hours before the current one."""
-    return aggregator.hour_of(now()) - n * HOUR + 60
+    return placement.hour_of(now()) - n * HOUR + 60
 
 
 @pytest.fixture
@@ -183,14 +183,14 @@ def test_closed_hours_are_metered_once_with_allocations(recorder: tuple, local_a
     wait_for(lambda: metered(local_aws, expected), what="both hours metered")
     sent = {(r.product_code, r.hour.ToSeconds()): r for r in listed(stub, state=State.STATE_SENT)}
     by_id = {r.metering_record_id: r for r in local_aws.records()}
-    tagged = sent[("prod-a", aggregator.hour_of(hours_ago(2)))]
+    tagged = sent[("prod-a", placement.hour_of(hours_ago(2)))]
     assert tagged.quantity == "12"
     assert tagged.metering_record_id in by_id and tagged.attempts == 1
     # Whole events, but sent with the decimal fields: AWS deprecated whole quantities.
     assert {(tuple((t.key, t.value) for t in a.tags), a.allocated_usage_quantity_as_decimal) for a in tagged.allocations} == {
         ((), "5"), ((("tenant", "t1"),), "3"), ((("tenant", "t2"),), "4")
     }
-    decimal = sent[("prod-b", aggregator.hour_of(hours_ago(1)))]
+    decimal = sent[("prod-b", placement.hour_of(hours_ago(1)))]
     assert decimal.quantity == "1.75" and not decimal.allocations
     assert by_id[decimal.metering_record_id].quantity == Decimal("1.75")
     assert len(local_aws.records()) == 2
@@ -206,15 +206,15 @@ def test_late_events_are_carried_to_the_next_open_hour(recorder: tuple, local_aw
     wait_for(lambda: metered(local_aws, sums_of_events(first + late)), what="the carried record")
     carried = [r for r in listed(stub) if r.carried_from]
     assert len(carried) == 1
-    assert carried[0].hour.ToSeconds() == aggregator.hour_of(hours_ago(2))
-    assert [t.ToSeconds() for t in carried[0].carried_from] == [aggregator.hour_of(hours_ago(3))]
+    assert carried[0].hour.ToSeconds() == placement.hour_of(hours_ago(2))
+    assert [t.ToSeconds() for t in carried[0].carried_from] == [placement.hour_of(hours_ago(3))]
     hours = [(r.product_code, r.usage_dimension, r.hour) for r in local_aws.records()]
     assert len(hours) == len(set(hours)) == 2
 
 
 def test_an_hour_taken_by_someone_else_is_carried(recorder: tuple, local_aws: LocalAws) -> None:
     stub, _ = recorder
-    taken = datetime.fromtimestamp(aggregator.hour_of(hours_ago(2)), timezone.utc)
+    taken = datetime.fromtimestamp(placement.hour_of(hours_ago(2)), timezone.utc)
     client = local_session().client("meteringmarketplace", endpoint_url=local_aws.endpoint_url)
     client.meter_usage(ProductCode="prod-a", UsageDimension="requests", Timestamp=taken, UsageQuantity=999)
     events = [event("a", hours_ago(2), 4), event("b", hours_ago(2), 6)]
@@ -260,8 +260,8 @@ def test_events_older_than_aws_takes_are_carried_not_refused(recorder: tuple, lo
     old = [event("old", now() - 8 * HOUR, 5)]
     assert record(stub, *old).accepted == 1
     (rec,) = wait_for(lambda: listed(stub))
-    assert rec.carried_from[0].ToSeconds() == aggregator.hour_of(now() - 8 * HOUR)
-    assert rec.hour.ToSeconds() >= aggregator.earliest_hour(now())
+    assert rec.carried_from[0].ToSeconds() == placement.hour_of(now() - 8 * HOUR)
+    assert rec.hour.ToSeconds() >= placement.earliest_hour(now())
 
 
 def test_flush_on_shutdown_sends_the_open_hour(local_aws: LocalAws, tmp_path: Path) -> None:

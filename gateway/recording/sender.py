@@ -1,8 +1,8 @@
 """The sender: a background thread that meters closed hourly records to AWS.
 
-Every ``interval`` it places new events into records (:meth:`Spool.assign`),
-then sends each PENDING record whose hour closed ``grace`` ago through the same
-path as MeteringService (validate → ``params.to_aws`` → ``Backend.meter_usage``),
+Every ``interval`` it places new events into records (:meth:`Spool.assign`);
+then, when this process is the spool's one sender (:meth:`Spool.leads`), it
+sends each PENDING record whose hour closed ``grace`` ago through the same path as MeteringService (validate → ``params.to_aws`` → ``Backend.meter_usage``),
 at most ``max_rps`` calls a second, and now and then prunes the spool. What
 happens to a record depends only on the answer's reason (:func:`disposition`)
 and on what the answer says about delivery (the error table's
@@ -35,11 +35,12 @@ from datetime import datetime, timedelta, timezone
 
 import structlog
 
-from gateway import aggregator, errors, params, validation
+from gateway import errors, params, validation
 from gateway.backend import Backend, RetryPolicy
 from gateway.config import Settings
 from gateway.ratelimit import RateLimiter
-from gateway.spool import LATE, RecordRow, Spool, SpoolUnavailable
+from gateway.recording import placement
+from gateway.recording.spool import LATE, RecordRow, Spool, SpoolUnavailable
 
 RETRY, CARRY, FAIL = "retry", "carry", "fail"
 # Conditions that block sending without saying anything about the record itself:
@@ -78,7 +79,7 @@ class TickResult:
 
 
 def _iso(hour: int) -> str:
-    return aggregator.timestamp_of(hour).isoformat()
+    return placement.timestamp_of(hour).isoformat()
 
 
 def _outcome_unknown(row: RecordRow, why: str) -> str:
@@ -99,7 +100,7 @@ class Sender:
         grace: float,
         max_rps: float,
         future_skew: timedelta = timedelta(minutes=5),
-        margin: float = aggregator.SAFETY_MARGIN,
+        margin: float = placement.SAFETY_MARGIN,
         now: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
         call_timeout: float = 30.0,
@@ -134,6 +135,8 @@ class Sender:
         while True:
             try:
                 self.tick()
+            except SpoolUnavailable:
+                pass  # logged by the spool; the next tick tries again
             except Exception:  # the loop must outlive any one bad tick
                 log.exception("sender_tick_failed")
             if self._stop.wait(self.interval):
@@ -159,6 +162,8 @@ class Sender:
         for carry in self.spool.assign(now, self.margin):
             carry.log(LATE)
         result = TickResult()
+        if not self.spool.leads():
+            return result  # another replica sends this spool's records
         for row in self.spool.due(now, self.grace, final=final):
             if budget is not None and time.monotonic() - started > budget:
                 log.warning("flush_budget_exhausted", budget_s=budget)
@@ -188,8 +193,8 @@ class Sender:
 
     def _handle(self, row: RecordRow, result: TickResult) -> None:
         now = self._now()
-        if row.hour < aggregator.earliest_hour(now, self.margin):
-            if not row.outcome_unknown or not aggregator.still_accepted(row.hour, now):
+        if row.hour < placement.earliest_hour(now, self.margin):
+            if not row.outcome_unknown or not placement.still_accepted(row.hour, now):
                 self._carry(row, "six_hour_limit", now, result)
                 return
             # Unknown outcome, hour still inside AWS's window: only the identical resend can settle it.
@@ -198,7 +203,7 @@ class Sender:
         frozen = self.spool.begin_attempt(row.id)  # committed before AWS hears of it
         if frozen is None:
             return
-        request = aggregator.build_request(
+        request = placement.build_request(
             frozen.product_code, frozen.usage_dimension, frozen.hour, frozen.content, frozen.client_token,
             decimal=frozen.decimal,
         )

@@ -8,7 +8,8 @@ ListMeteringRecords only reads: the hourly records as the sender last placed
 them, newest hour first, filtered and paged.
 
 The assembly (:mod:`gateway.app`) registers the servicer and wires the spool's
-writability to the recorder's health; nothing here imports the assembly.
+writability to the recorder's health; nothing here imports the assembly, and
+nothing here knows which database the spool is.
 """
 
 from __future__ import annotations
@@ -16,31 +17,23 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import sqlite3
-import threading
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
-from typing import Any
+from datetime import datetime, timedelta
 
 import grpc
 import structlog
 
-from gateway import aggregator, errors, validation
-from gateway.aggregator import EventRow
-from gateway.backend import Backend, RetryPolicy
-from gateway.config import ConfigError, Settings
-from gateway.sender import Sender
+from gateway import errors, validation
+from gateway.recording import placement
+from gateway.recording.placement import EventRow
+from gateway.recording.spool import FAILED, PENDING, SENT, EventIdConflict, RecordRow, Spool, SpoolUnavailable
 from gateway.service import utcnow
-from gateway.spool import FAILED, PENDING, SENT, EventIdConflict, RecordRow, Spool, SpoolError, SpoolUnavailable
 from marketplace.metering.v1 import metering_pb2 as pb
 from marketplace.metering.v1 import metering_pb2_grpc as pb_grpc
 
 PAGE_SIZE_DEFAULT = 100
 PAGE_SIZE_MAX = 1000
 SPOOL_RETRY_DELAY = 1.0  # what RetryInfo tells a caller when the spool cannot write
-PROBE_EVERY = 1.0  # seconds between write probes while the spool cannot write
 CONFLICT = "was accepted before with a different product, dimension, timestamp, quantity or tags"
 
 log = structlog.get_logger("gateway.recorder")
@@ -57,9 +50,9 @@ def event_row(event: pb.UsageEvent) -> EventRow:
     else:
         quantity, whole = event.usage_quantity_as_decimal, False
     seconds, nanos = event.timestamp.seconds, event.timestamp.nanos
-    tags = aggregator.tags_key((t.key, t.value) for t in event.tags) if event.tags else ""
-    digest = aggregator.event_digest(event.product_code, event.usage_dimension, seconds, nanos, quantity, tags)
-    return EventRow(event.event_id, event.product_code, event.usage_dimension, aggregator.hour_of(seconds), tags,
+    tags = placement.tags_key((t.key, t.value) for t in event.tags) if event.tags else ""
+    digest = placement.event_digest(event.product_code, event.usage_dimension, seconds, nanos, quantity, tags)
+    return EventRow(event.event_id, event.product_code, event.usage_dimension, placement.hour_of(seconds), tags,
                     quantity, whole, digest)
 
 
@@ -69,16 +62,16 @@ def record_message(row: RecordRow) -> pb.MeteringRecord:
         product_code=row.product_code,
         usage_dimension=row.usage_dimension,
         quantity=row.quantity,
-        allocations=aggregator.allocations(content, decimal=row.decimal),
+        allocations=placement.allocations(content, decimal=row.decimal),
         state=_STATE_VALUES[row.state],
         metering_record_id=row.metering_record_id,
         attempts=row.attempts,
         last_error=row.last_error,
         client_token=row.client_token,
     )
-    msg.hour.FromDatetime(aggregator.timestamp_of(row.hour))
+    msg.hour.FromDatetime(placement.timestamp_of(row.hour))
     for hour in row.carried_hours:
-        msg.carried_from.add().FromDatetime(aggregator.timestamp_of(hour))
+        msg.carried_from.add().FromDatetime(placement.timestamp_of(hour))
     return msg
 
 
@@ -120,7 +113,7 @@ class RecorderServicer(pb_grpc.UsageRecorderServiceServicer):
             violations = [validation.Violation(f"events[{i}].event_id", CONFLICT) for i in exc.indices]
             raise errors.GatewayError("EVENT_ID_CONFLICT", f"{exc}: " + ", ".join(v.field for v in violations),
                                       violations=violations) from None
-        except SpoolUnavailable as exc:  # logged with SQLite's own words by the spool
+        except SpoolUnavailable as exc:  # logged with the database's own words by the spool
             raise errors.GatewayError("SPOOL_UNAVAILABLE", f"the spool cannot take events now ({exc}); nothing was "
                                       "stored: retry the same batch", retry_delay=SPOOL_RETRY_DELAY) from None
         structlog.contextvars.bind_contextvars(accepted=accepted, duplicates=duplicates)
@@ -133,81 +126,17 @@ class RecorderServicer(pb_grpc.UsageRecorderServiceServicer):
             raise errors.invalid([validation.Violation("page_size", "must not be negative")])
         size = min(request.page_size or PAGE_SIZE_DEFAULT, PAGE_SIZE_MAX)
         after = decode_token(request.page_token) if request.page_token else None
-        rows = self._spool.list_records(
-            state=_STATE_NAMES.get(request.state), product_code=request.product_code or None, after=after, limit=size + 1
-        )
+        try:
+            rows = self._spool.list_records(
+                state=_STATE_NAMES.get(request.state), product_code=request.product_code or None, after=after,
+                limit=size + 1,
+            )
+        except SpoolUnavailable as exc:
+            raise errors.GatewayError("SPOOL_UNAVAILABLE", f"the spool cannot be read now ({exc}); retry",
+                                      retry_delay=SPOOL_RETRY_DELAY) from None
         more = len(rows) > size
         rows = rows[:size]
         return pb.ListMeteringRecordsResponse(
             records=[record_message(r) for r in rows],
             next_page_token=encode_token(rows[-1]) if more else "",
         )
-
-
-@dataclass
-class Recording:
-    """The recorded-usage parts of a running gateway: spool, servicer, sender.
-
-    While the spool cannot write, a watcher probes it every PROBE_EVERY seconds,
-    so that health comes back by itself once it can (a pod taken out of service
-    gets no RecordUsage calls that would show it).
-    """
-
-    spool: Spool
-    servicer: RecorderServicer
-    sender: Sender
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _watcher: threading.Thread | None = None
-
-    def watch_health(self, set_serving: Callable[[bool], None]) -> None:
-        """Report the spool's writability through ``set_serving`` from now on."""
-        self.spool.on_writable(set_serving)
-        set_serving(self.spool.writable)
-        self._watcher = threading.Thread(target=self._watch, name="spool-watch", daemon=True)
-        self._watcher.start()
-
-    def _watch(self) -> None:
-        while not self._stop.wait(PROBE_EVERY):
-            try:
-                if not self.spool.writable and self.spool.probe():
-                    log.info("spool_writable_again", path=self.spool.path)
-            except Exception:  # the watcher must outlive any surprise, or health never comes back
-                log.exception("spool_watch_failed")
-
-    def close(self, *, flush: bool, budget: float) -> None:
-        """After the server drained its calls: stop the sender (flushing the open
-        hour if asked), then close the spool, which is consistent at every commit."""
-        self._stop.set()
-        if self._watcher is not None:
-            self._watcher.join()
-        try:
-            self.sender.stop(flush=flush, budget=budget)
-        finally:
-            self.spool.close()
-
-
-def open_recording(
-    settings: Settings, client: Any, *, now: Callable[[], float] | None = None, start: bool = True
-) -> Recording:
-    """Open ``--spool`` and build the servicer and the (started) sender.
-
-    The sender gets its own Backend with one attempt per call: it retries on its
-    own schedule, so every call it makes passes its rate limiter. ``now`` (epoch
-    seconds) replaces the wall clock, and ``start=False`` leaves the sender to be
-    driven by ``sender.tick()``: both for tests on a simulated clock.
-    """
-    try:
-        spool = Spool(settings.spool)
-    except SpoolError as exc:
-        raise ConfigError(f"spool: {exc}") from None
-    except sqlite3.Error as exc:
-        raise ConfigError(f"spool: cannot open {settings.spool!r}: {exc}") from None
-    skew = timedelta(seconds=settings.timestamp_skew)
-    clock = now or time.time
-    servicer = RecorderServicer(spool, future_skew=skew, max_age=timedelta(seconds=settings.event_retention),
-                                now=lambda: datetime.fromtimestamp(clock(), timezone.utc))
-    backend = Backend(client, RetryPolicy(1, settings.aws_backoff_base, settings.aws_backoff_max))
-    sender = Sender(spool, backend, interval=settings.flush_interval, grace=settings.flush_grace,
-                    max_rps=settings.aws_max_rps, future_skew=skew, call_timeout=settings.aws_read_timeout * 2,
-                    event_retention=settings.event_retention, record_retention=settings.record_retention, now=clock)
-    return Recording(spool, servicer, sender.start() if start else sender)

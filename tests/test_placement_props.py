@@ -17,11 +17,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from recording import BARE_503, BARE_507, ISE, ISE_AFTER_RECORD, OUTAGES, FakeAws, event, sums_of_events, sums_of_records
 
-from gateway import aggregator, validation
-from gateway.aggregator import HOUR, Content
-from gateway.recorder import event_row
-from gateway.sender import Sender
-from gateway.spool import FAILED, PENDING, SENT, EventIdConflict, Spool
+from gateway import validation
+from gateway.recording import placement
+from gateway.recording.placement import HOUR, Content
+from gateway.recording.servicer import event_row
+from gateway.recording.sender import Sender
+from gateway.recording.spool import FAILED, PENDING, SENT, EventIdConflict
+from gateway.recording.sqlite import SqliteSpool as Spool
 from marketplace.metering.v1 import metering_pb2 as pb
 
 NOW = 1_750_000_000.0
@@ -44,18 +46,18 @@ def as_rows(generated: list) -> list[tuple[int, str, str, int, str, str, bool]]:
 @given(rows)
 def test_grouping_keeps_every_unit_and_respects_aws_limits(generated: list) -> None:
     data = as_rows(generated)
-    pieces = aggregator.group(data)
+    pieces = placement.group(data)
     expected: dict[tuple[str, str], Decimal] = {}
     for _, p, d, _, _, q, _ in data:
         expected[(p, d)] = expected.get((p, d), Decimal(0)) + Decimal(q)
-    assert aggregator.totals(pieces) == expected
+    assert placement.totals(pieces) == expected
     assert sorted(i for piece in pieces for i in piece.ids) == list(range(len(data)))
     for piece in pieces:
-        assert piece.content.total <= aggregator.MAX_TOTAL
+        assert piece.content.total <= placement.MAX_TOTAL
         assert len(piece.content.allocations) <= validation.ALLOCATIONS_MAX
-        request = aggregator.build_request(piece.product_code, piece.usage_dimension, int(NOW) // HOUR * HOUR,
-                                           piece.content, aggregator.client_token(piece.product_code, piece.usage_dimension, 0, piece.content))
-        window = validation.Window(aggregator.timestamp_of(int(NOW)))
+        request = placement.build_request(piece.product_code, piece.usage_dimension, int(NOW) // HOUR * HOUR,
+                                           piece.content, placement.client_token(piece.product_code, piece.usage_dimension, 0, piece.content))
+        window = validation.Window(placement.timestamp_of(int(NOW)))
         assert validation.validate_meter_usage(request, window) == []  # sums, kinds, unique tag sets, limits
         tag_sets = [validation.tag_set(a.tags) for a in request.usage_allocations]
         assert len(tag_sets) == len(set(tag_sets))
@@ -68,10 +70,10 @@ def test_records_go_out_as_exact_decimals(quantities: list[int]) -> None:
     content = Content()
     for q in quantities:
         content.add(Content({"": Decimal(q)}, True))
-    request = aggregator.build_request("p", "d", 0, content, "t")
+    request = placement.build_request("p", "d", 0, content, "t")
     assert request.WhichOneof("quantity") == "usage_quantity_as_decimal"
     assert Decimal(request.usage_quantity_as_decimal) == sum(quantities)
-    legacy = aggregator.build_request("p", "d", 0, content, "t", decimal=False)
+    legacy = placement.build_request("p", "d", 0, content, "t", decimal=False)
     if sum(quantities) <= validation.QUANTITY_MAX:
         assert legacy.usage_quantity == sum(quantities)
     else:
@@ -81,12 +83,12 @@ def test_records_go_out_as_exact_decimals(quantities: list[int]) -> None:
 @given(st.integers(-20, 20), st.integers(0, 7 * HOUR), st.sets(st.integers(-20, 30), max_size=20))
 def test_placement_is_the_first_usable_hour_inside_the_window(own: int, offset: int, closed: set[int]) -> None:
     now = NOW + offset
-    earliest = aggregator.earliest_hour(now)
-    own_hour = aggregator.hour_of(now) + own * HOUR
-    closed_hours = {aggregator.hour_of(now) + c * HOUR for c in closed}
-    hour = aggregator.place(own_hour, earliest, lambda h: h not in closed_hours)
+    earliest = placement.earliest_hour(now)
+    own_hour = placement.hour_of(now) + own * HOUR
+    closed_hours = {placement.hour_of(now) + c * HOUR for c in closed}
+    hour = placement.place(own_hour, earliest, lambda h: h not in closed_hours)
     assert hour % HOUR == 0 and hour >= own_hour and hour not in closed_hours
-    assert hour - now > -validation.MAX_AGE.total_seconds() + aggregator.SAFETY_MARGIN - 1
+    assert hour - now > -validation.MAX_AGE.total_seconds() + placement.SAFETY_MARGIN - 1
     assert all(h in closed_hours for h in range(max(own_hour, earliest), hour, HOUR))
 
 
@@ -94,9 +96,9 @@ def test_placement_is_the_first_usable_hour_inside_the_window(own: int, offset: 
 def test_the_same_bucket_always_gets_the_same_token(hour: int, tags: str, quantity: str) -> None:
     a = Content({tags: Decimal(quantity)}, False)
     b = Content.from_json(a.to_json(), False)
-    assert aggregator.client_token("p", "d", hour, a) == aggregator.client_token("p", "d", hour, b)
-    assert aggregator.client_token("p", "d", hour + HOUR, a) != aggregator.client_token("p", "d", hour, a)
-    assert len(aggregator.client_token("p", "d", hour, a)) <= validation.CLIENT_TOKEN_MAX
+    assert placement.client_token("p", "d", hour, a) == placement.client_token("p", "d", hour, b)
+    assert placement.client_token("p", "d", hour + HOUR, a) != placement.client_token("p", "d", hour, a)
+    assert len(placement.client_token("p", "d", hour, a)) <= validation.CLIENT_TOKEN_MAX
 
 
 step = st.one_of(
@@ -149,8 +151,8 @@ def test_every_schedule_meters_each_unit_exactly_once(steps: list, start_offset:
             aws.down = args[0]
             unknown_possible |= args[0] in (ISE, ISE_AFTER_RECORD, BARE_507)
         elif kind == "take":
-            hour = aggregator.hour_of(clock[0]) + args[0] * HOUR
-            if aggregator.earliest_hour(clock[0]) <= hour <= clock[0]:
+            hour = placement.hour_of(clock[0]) + args[0] * HOUR
+            if placement.earliest_hour(clock[0]) <= hour <= clock[0]:
                 aws.take_hour(args[1], "requests", hour)
         else:
             sender.tick()

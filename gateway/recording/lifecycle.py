@@ -1,0 +1,95 @@
+"""The recording path's parts, opened, watched and closed together.
+
+:func:`open_recording` opens ``--spool`` (SQLite or PostgreSQL) and builds the
+servicer and the sender; :class:`Recording` reports the spool's writability to
+health and stops the sender before the spool closes. The assembly
+(:mod:`gateway.app`) calls these; nothing here imports the assembly.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import structlog
+
+from gateway.backend import Backend, RetryPolicy
+from gateway.config import ConfigError, Settings
+from gateway.recording.sender import Sender
+from gateway.recording.servicer import RecorderServicer
+from gateway.recording.spool import Spool, SpoolError, open_spool
+
+PROBE_EVERY = 1.0  # seconds between write probes while the spool cannot write
+
+log = structlog.get_logger("gateway.recorder")
+
+
+@dataclass
+class Recording:
+    """The recorded-usage parts of a running gateway: spool, servicer, sender.
+
+    While the spool cannot write, a watcher probes it every PROBE_EVERY seconds,
+    so that health comes back by itself once it can (a pod taken out of service
+    gets no RecordUsage calls that would show it).
+    """
+
+    spool: Spool
+    servicer: RecorderServicer
+    sender: Sender
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _watcher: threading.Thread | None = None
+
+    def watch_health(self, set_serving: Callable[[bool], None]) -> None:
+        """Report the spool's writability through ``set_serving`` from now on."""
+        self.spool.on_writable(set_serving)
+        set_serving(self.spool.writable)
+        self._watcher = threading.Thread(target=self._watch, name="spool-watch", daemon=True)
+        self._watcher.start()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(PROBE_EVERY):
+            try:
+                if not self.spool.writable and self.spool.probe():
+                    log.info("spool_writable_again", location=self.spool.location)
+            except Exception:  # the watcher must outlive any surprise, or health never comes back
+                log.exception("spool_watch_failed")
+
+    def close(self, *, flush: bool, budget: float) -> None:
+        """After the server drained its calls: stop the sender (flushing the open
+        hour if asked), then close the spool, which is consistent at every commit."""
+        self._stop.set()
+        if self._watcher is not None:
+            self._watcher.join()
+        try:
+            self.sender.stop(flush=flush, budget=budget)
+        finally:
+            self.spool.close()
+
+
+def open_recording(
+    settings: Settings, client: Any, *, now: Callable[[], float] | None = None, start: bool = True
+) -> Recording:
+    """Open ``--spool`` and build the servicer and the (started) sender.
+
+    The sender gets its own Backend with one attempt per call: it retries on its
+    own schedule, so every call it makes passes its rate limiter. ``now`` (epoch
+    seconds) replaces the wall clock, and ``start=False`` leaves the sender to be
+    driven by ``sender.tick()``: both for tests on a simulated clock.
+    """
+    try:
+        spool = open_spool(settings.spool, pool_size=settings.spool_connections)
+    except SpoolError as exc:
+        raise ConfigError(f"spool: {exc}") from None
+    skew = timedelta(seconds=settings.timestamp_skew)
+    clock = now or time.time
+    servicer = RecorderServicer(spool, future_skew=skew, max_age=timedelta(seconds=settings.event_retention),
+                                now=lambda: datetime.fromtimestamp(clock(), timezone.utc))
+    backend = Backend(client, RetryPolicy(1, settings.aws_backoff_base, settings.aws_backoff_max))
+    sender = Sender(spool, backend, interval=settings.flush_interval, grace=settings.flush_grace,
+                    max_rps=settings.aws_max_rps, future_skew=skew, call_timeout=settings.aws_read_timeout * 2,
+                    event_retention=settings.event_retention, record_retention=settings.record_retention, now=clock)
+    return Recording(spool, servicer, sender.start() if start else sender)

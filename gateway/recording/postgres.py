@@ -1,0 +1,333 @@
+"""The PostgreSQL spool: one database that any number of replicas share.
+
+Why PostgreSQL: stateless replicas behind one Service need one memory of
+``event_id``s (a resend that lands on another replica is still a duplicate) and
+storage that outlives any pod. RDS and Aurora run it for AWS sellers.
+
+How replicas share it safely:
+
+- **Recording**: the batch is one ``INSERT … ON CONFLICT (event_id) DO NOTHING``
+  in event-id order, so two replicas taking overlapping batches never deadlock,
+  and each event is stored once.
+- **Placement** may run in every replica at once: a pass claims unassigned
+  events with ``FOR UPDATE SKIP LOCKED`` (no event is placed by two passes), and
+  holds a transaction-scoped advisory lock per product and dimension while it
+  reads and changes that key's records (no hour gets two records, no frozen
+  record grows). Keys are locked in one order, so passes never deadlock.
+- **Sending** is done by one replica at a time: the *leader*, which holds a
+  session-level advisory lock on a connection of its own (:meth:`leads`). Why a
+  leader rather than row leases: ``--aws-max-rps`` stays one budget for the
+  seller account however many replicas run, and a leader that dies (SIGKILL, a
+  lost node) releases the lock the moment PostgreSQL sees its connection close,
+  with no lease to wait out and no pod clocks to compare. A record its sender
+  left in flight is resent identically (same ClientToken) by the next leader.
+  Should two replicas ever send at once (a leader cut off mid-call), both send
+  the identical frozen request, which AWS answers idempotently.
+
+Every failure of the database or the connection (unreachable, shutting down,
+failing over, read-only, disk full) is raised as :class:`SpoolUnavailable` after
+the transaction was rolled back, and the broken connection is dropped; the pool
+opens fresh ones when the database is back. The password is never logged.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import psycopg
+import structlog
+from psycopg import conninfo, errors, sql
+from psycopg_pool import ConnectionPool
+
+from gateway.recording.placement import EventRow
+from gateway.recording.spool import SpoolError, SpoolUnavailable
+from gateway.recording.sql import Cursor, SqlSpool
+
+SCHEMA_VERSION = 2  # numbered as SQLite's schema: version 2 is the first PostgreSQL has
+_LOCKS = 0x6D67  # advisory lock space of this program ("mg"): (_LOCKS, n) pairs
+_MIGRATION_LOCK, _SENDER_LOCK, _KEY_LOCKS = 1, 2, 3
+# Libpq settings used unless the DSN sets its own: fail fast on a dead peer.
+CONNECTION_DEFAULTS = {
+    "connect_timeout": "5",
+    "keepalives": "1",
+    "keepalives_idle": "10",
+    "keepalives_interval": "5",
+    "keepalives_count": "3",
+    "application_name": "metering-gateway",
+}
+POOL_WAIT = 5.0  # seconds a call waits for a free connection before SPOOL_UNAVAILABLE
+
+log = structlog.get_logger("gateway.spool")
+
+_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE events (
+    event_id TEXT PRIMARY KEY,
+    seq BIGINT GENERATED ALWAYS AS IDENTITY UNIQUE,
+    product_code TEXT NOT NULL,
+    usage_dimension TEXT NOT NULL,
+    hour BIGINT NOT NULL,
+    tags TEXT NOT NULL,
+    quantity TEXT NOT NULL,
+    whole INTEGER NOT NULL,
+    digest BYTEA,
+    record_id BIGINT
+);
+CREATE INDEX events_unassigned ON events (seq) WHERE record_id IS NULL;
+CREATE INDEX events_by_record ON events (record_id);
+CREATE TABLE records (
+    id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    product_code TEXT NOT NULL,
+    usage_dimension TEXT NOT NULL,
+    hour BIGINT NOT NULL,
+    state TEXT NOT NULL,
+    allocations TEXT NOT NULL,
+    whole INTEGER NOT NULL,
+    quantity TEXT NOT NULL,
+    client_token TEXT NOT NULL,
+    metering_record_id TEXT NOT NULL DEFAULT '',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT NOT NULL DEFAULT '',
+    carried_from TEXT NOT NULL DEFAULT '[]',
+    next_attempt DOUBLE PRECISION NOT NULL DEFAULT 0,
+    in_flight INTEGER NOT NULL DEFAULT 0,
+    uncertain INTEGER NOT NULL DEFAULT 0,
+    wire TEXT NOT NULL DEFAULT 'decimal',
+    closed_at DOUBLE PRECISION NOT NULL DEFAULT 0,
+    UNIQUE (product_code, usage_dimension, hour)
+);
+CREATE INDEX records_by_state ON records (state, hour);
+CREATE INDEX records_by_closing ON records (state, closed_at);
+CREATE TABLE taken (
+    product_code TEXT NOT NULL,
+    usage_dimension TEXT NOT NULL,
+    hour BIGINT NOT NULL,
+    reason TEXT NOT NULL,
+    PRIMARY KEY (product_code, usage_dimension, hour)
+);
+CREATE TABLE probe (data BYTEA);
+"""
+
+# MIGRATIONS[v] takes a database from version v to v + 1, inside one transaction.
+MIGRATIONS: dict[int, Callable[[Any, float], None]] = {}
+assert sorted(MIGRATIONS) == list(range(SCHEMA_VERSION, SCHEMA_VERSION + len(MIGRATIONS)))
+
+_INSERT_EVENTS = (
+    # Event-id order: two replicas inserting overlapping batches take row locks in
+    # the same order, so they never deadlock. A repeated id is skipped, not an error.
+    "INSERT INTO events (event_id, product_code, usage_dimension, hour, tags, quantity, whole, digest) "
+    "SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::bigint[], %s::text[], %s::text[], %s::int[], "
+    "%s::bytea[]) ORDER BY 1 ON CONFLICT (event_id) DO NOTHING"
+)
+# Errors that say the database, not our SQL, is the problem.
+_UNAVAILABLE = (psycopg.OperationalError, psycopg.InterfaceError, errors.ReadOnlySqlTransaction)
+
+
+def redact(url: str) -> str:
+    """The DSN as a log line may show it: user, host, port and database, no password."""
+    try:
+        parts = conninfo.conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        return "postgresql://(unparsable DSN)"
+    user = f"{parts['user']}@" if parts.get("user") else ""
+    port = f":{parts['port']}" if parts.get("port") else ""
+    return f"postgresql://{user}{parts.get('host', '')}{port}/{parts.get('dbname', '')}"
+
+
+def _with_defaults(url: str) -> str:
+    given = conninfo.conninfo_to_dict(url)
+    return conninfo.make_conninfo(url, **{k: v for k, v in CONNECTION_DEFAULTS.items() if k not in given})
+
+
+@functools.lru_cache(maxsize=256)
+def _placeholders(query: str) -> str:
+    """The shared SQL's ``?`` as psycopg's ``%s`` (the shared SQL has no ``%``)."""
+    return re.sub(r"\?", "%s", query)
+
+
+class _Db:
+    """A psycopg connection taking the shared SQL's ``?`` placeholders."""
+
+    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+        self.conn = conn
+
+    def execute(self, query: str, args: Sequence[Any] = ()) -> Cursor:
+        return self.conn.execute(_placeholders(query), args)  # type: ignore[return-value]
+
+    def executemany(self, query: str, args: Sequence[Sequence[Any]]) -> None:
+        with self.conn.cursor() as cur:
+            cur.executemany(_placeholders(query), args)
+
+
+class PostgresSpool(SqlSpool):
+    """A spool in a PostgreSQL database; see the module's docstring for sharing."""
+
+    SEQ = "seq"
+    LOCK_ROWS = " FOR UPDATE"
+    CLAIM_ROWS = " FOR UPDATE SKIP LOCKED"
+
+    def __init__(self, url: str, *, pool_size: int = 4, now: Callable[[], float] = time.time) -> None:
+        self.location = redact(url)
+        try:
+            self._url = _with_defaults(url)
+        except psycopg.ProgrammingError as exc:
+            raise SpoolError(f"the PostgreSQL DSN cannot be read: {str(exc).splitlines()[0]}") from None
+        self._leader: psycopg.Connection[Any] | None = None
+        self._leading = False
+        self._leader_guard = threading.Lock()
+        self._pool = ConnectionPool(self._url, min_size=1, max_size=max(2, pool_size), open=False, timeout=POOL_WAIT,
+                                    kwargs={"autocommit": True}, check=ConnectionPool.check_connection,
+                                    name="spool")
+        try:
+            self._connect_or_fail()
+            self._open(now())
+        except BaseException:
+            self._pool.close()
+            raise
+
+    def _connect_or_fail(self) -> None:
+        """Start-up needs the database once (to check its schema): a one-line error if not."""
+        try:
+            with psycopg.connect(self._url, autocommit=True) as conn:
+                conn.execute("SELECT 1")
+        except psycopg.Error as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise SpoolError(f"cannot connect to {self.location}: {first}") from None
+        self._pool.open(wait=True, timeout=POOL_WAIT * 2)
+
+    def _open(self, now: float) -> None:
+        with self._transaction() as db:
+            # Replicas starting together: one creates or migrates, the others then find it done.
+            db.execute("SELECT pg_advisory_xact_lock(?, ?)", (_LOCKS, _MIGRATION_LOCK))
+            (exists,) = db.execute("SELECT to_regclass('meta') IS NOT NULL").fetchone()
+            if not exists:
+                db.conn.execute(_SCHEMA)  # type: ignore[attr-defined]
+                db.executemany("INSERT INTO meta (key, value) VALUES (?, ?)",
+                               [("schema_version", str(SCHEMA_VERSION)), ("spool_id", str(uuid.uuid4()))])
+                log.info("spool_created", location=self.location, schema_version=SCHEMA_VERSION)
+            version = int(db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0])
+            if version > SCHEMA_VERSION:
+                raise SpoolError(
+                    f"spool {self.location} has schema version {version}, newer than this release's "
+                    f"{SCHEMA_VERSION}: it was written by a newer metering-gateway; run that release or newer"
+                )
+            while version < SCHEMA_VERSION:
+                MIGRATIONS[version](db, now)
+                version += 1
+                db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(version),))
+                log.info("spool_migrated", location=self.location, schema_version=version)
+            (self.spool_id,) = db.execute("SELECT value FROM meta WHERE key = 'spool_id'").fetchone()
+
+    def close(self) -> None:
+        with self._leader_guard:
+            if self._leader is not None:
+                self._leader.close()  # releases the sender lock at once
+                self._leader = None
+        self._pool.close()
+
+    # -- transactions --------------------------------------------------------------
+
+    @contextmanager
+    def _transaction(self, *, writer: bool = False) -> Iterator[_Db]:
+        with self._connection() as conn, conn.transaction():
+            yield _Db(conn)
+        self._set_writable(True)
+
+    @contextmanager
+    def _reading(self) -> Iterator[_Db]:
+        with self._connection() as conn:
+            yield _Db(conn)
+
+    @contextmanager
+    def _connection(self) -> Iterator[psycopg.Connection[Any]]:
+        """A pooled connection; a database failure leaves as SpoolUnavailable, and
+        the connection is dropped (after a failover it may point at a read-only node)."""
+        conn: psycopg.Connection[Any] | None = None
+        try:
+            with self._pool.connection() as conn:
+                try:
+                    yield conn
+                except _UNAVAILABLE:
+                    conn.close()  # the pool discards a closed connection
+                    raise
+        except _UNAVAILABLE as exc:
+            error = SpoolUnavailable(f"{type(exc).__name__}: {_first_line(exc)}")
+            log.error("spool_unavailable", location=self.location, error=str(error))
+            if not isinstance(exc, errors.TransactionRollback):  # a deadlock or conflict is not an outage
+                self._set_writable(False)
+            raise error from exc
+
+    def _lock_key(self, db: Any, product_code: str, usage_dimension: str) -> None:
+        db.execute("SELECT pg_advisory_xact_lock(?, hashtext(?))", (_LOCKS + _KEY_LOCKS, f"{product_code}\x1f{usage_dimension}"))
+
+    def _assign_events(self, db: Any, record_id: int, ids: Sequence[int]) -> None:
+        db.execute("UPDATE events SET record_id = ? WHERE seq = ANY(?)", (record_id, list(ids)))
+
+    # -- recording ---------------------------------------------------------------
+
+    def record(self, events: Sequence[EventRow]) -> tuple[int, int]:
+        """Store a batch in one transaction → (accepted, duplicates). Durable on return.
+
+        Raises EventIdConflict (and stores nothing) when an event id was accepted
+        before, or earlier in the batch, with another digest.
+        """
+        columns = list(zip(*events)) if events else [()] * 8
+        with self._transaction(writer=True) as db:
+            cur = db.conn.execute(_INSERT_EVENTS, [list(c) for c in columns[:6]] + [[int(w) for w in columns[6]],
+                                                                                     list(columns[7])])
+            accepted = max(cur.rowcount, 0)
+            self._check_conflicts(db, events, accepted)
+        return accepted, len(events) - accepted
+
+    # -- one sender ----------------------------------------------------------------
+
+    def leads(self) -> bool:
+        """True while this process holds the sender lock (asked before every pass).
+
+        The lock lives on a connection of its own: it is held for as long as that
+        connection is, and released by PostgreSQL when the connection closes, for
+        whatever reason. A broken connection means the lock may be someone else's.
+        """
+        with self._leader_guard:
+            try:
+                if self._leader is None or self._leader.closed:
+                    self._leading = False
+                    self._leader = psycopg.connect(self._url, autocommit=True)
+                if self._leading:
+                    self._leader.execute("SELECT 1")  # the connection lives, so the lock is still ours
+                    return True
+                (self._leading,) = self._leader.execute(
+                    "SELECT pg_try_advisory_lock(%s, %s)", (_LOCKS, _SENDER_LOCK)).fetchone()
+                if self._leading:
+                    log.info("sender_leading", location=self.location)
+                return self._leading
+            except psycopg.Error as exc:
+                if self._leading:
+                    log.warning("sender_lead_lost", location=self.location, error=_first_line(exc))
+                self._leading = False
+                if self._leader is not None:
+                    self._leader.close()
+                    self._leader = None
+                return False
+
+    # -- size ----------------------------------------------------------------------
+
+    def size(self) -> int:
+        """Bytes of the spool's tables and indexes."""
+        with self._reading() as db:
+            (total,) = db.conn.execute(sql.SQL(
+                "SELECT COALESCE(SUM(pg_total_relation_size(t::regclass)), 0) FROM "
+                "unnest(ARRAY['events', 'records', 'taken', 'meta', 'probe']) AS t")).fetchone()
+        return int(total)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

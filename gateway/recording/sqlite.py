@@ -1,0 +1,264 @@
+"""The SQLite spool: events and hourly records in one file, for one pod.
+
+Why SQLite: a committed transaction survives ``kill -9`` (WAL, ``synchronous=FULL``),
+a batch is all or nothing, and ``event_id`` as primary key makes duplicates
+free to recognise across restarts. One connection behind a lock: SQLite runs
+one writer at a time anyway, and a lock is simpler than a pool. One process
+sends (``--processes`` above 1 is refused with an SQLite spool).
+
+Every SQLite failure other than a programming error (disk full, I/O error, a
+read-only file) is raised as :class:`SpoolUnavailable` with SQLite's own
+message, after the transaction was rolled back: nothing half-written is ever
+acknowledged. The file carries its schema version (``PRAGMA user_version``);
+older files are migrated forward at open, newer ones refused.
+
+The rules themselves live once, in :class:`gateway.recording.sql.SqlSpool`.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from decimal import Decimal
+
+import structlog
+
+from gateway import validation
+from gateway.recording import placement
+from gateway.recording.placement import Content, EventRow
+from gateway.recording.spool import DECIMAL_WIRE, PENDING, WHOLE_WIRE, SpoolError, SpoolUnavailable
+from gateway.recording.sql import SqlSpool
+
+# How long placement and pruning step aside, at most, while writers wait for the lock.
+YIELD_MAX = 0.05
+SCHEMA_VERSION = 2
+
+log = structlog.get_logger("gateway.spool")
+
+
+# Release 0.1.0's schema (version 1, which set no user_version). A new file gets it
+# and then every migration, so a migrated file and a new one are the same.
+_SCHEMA_V1 = """
+CREATE TABLE IF NOT EXISTS events (
+    event_id TEXT PRIMARY KEY,
+    product_code TEXT NOT NULL,
+    usage_dimension TEXT NOT NULL,
+    hour INTEGER NOT NULL,
+    tags TEXT NOT NULL,
+    quantity TEXT NOT NULL,
+    whole INTEGER NOT NULL,
+    record_id INTEGER
+);
+CREATE INDEX IF NOT EXISTS events_by_record ON events(record_id);
+CREATE TABLE IF NOT EXISTS records (
+    id INTEGER PRIMARY KEY,
+    product_code TEXT NOT NULL,
+    usage_dimension TEXT NOT NULL,
+    hour INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    allocations TEXT NOT NULL,
+    whole INTEGER NOT NULL,
+    quantity TEXT NOT NULL,
+    client_token TEXT NOT NULL,
+    metering_record_id TEXT NOT NULL DEFAULT '',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT NOT NULL DEFAULT '',
+    carried_from TEXT NOT NULL DEFAULT '[]',
+    next_attempt REAL NOT NULL DEFAULT 0,
+    -- an attempt is out and its outcome not yet stored (a crash leaves it set)
+    in_flight INTEGER NOT NULL DEFAULT 0,
+    -- some attempt may have reached AWS without a definite answer
+    uncertain INTEGER NOT NULL DEFAULT 0,
+    UNIQUE (product_code, usage_dimension, hour)
+);
+CREATE INDEX IF NOT EXISTS records_by_state ON records(state, hour);
+CREATE TABLE IF NOT EXISTS taken (
+    product_code TEXT NOT NULL,
+    usage_dimension TEXT NOT NULL,
+    hour INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    PRIMARY KEY (product_code, usage_dimension, hour)
+);
+"""
+
+
+def _migrate_1_to_2(db: sqlite3.Connection, now: float) -> None:
+    """Digests for new events; the wire form and closing time of records.
+
+    Events of version 1 have no digest: a repeat of one is a duplicate, as it was.
+    A record already sent in the whole-number form is resent in that form, since
+    a resend must be the identical request; every other record goes out decimal.
+    Sent and failed records start their retention at the migration. The spool gets
+    an id of its own, and records never sent get tokens salted with it.
+    """
+    db.execute("ALTER TABLE events ADD COLUMN digest BLOB")
+    db.execute(f"ALTER TABLE records ADD COLUMN wire TEXT NOT NULL DEFAULT '{DECIMAL_WIRE}'")
+    db.execute("ALTER TABLE records ADD COLUMN closed_at REAL NOT NULL DEFAULT 0")
+    db.execute("UPDATE records SET closed_at = ? WHERE state != ?", (now, PENDING))
+    legacy = [
+        (WHOLE_WIRE, record_id)
+        for record_id, quantity in db.execute("SELECT id, quantity FROM records WHERE attempts > 0 AND whole = 1")
+        if Decimal(quantity) <= validation.QUANTITY_MAX
+    ]
+    db.executemany("UPDATE records SET wire = ? WHERE id = ?", legacy)
+    db.execute("CREATE INDEX IF NOT EXISTS records_by_closing ON records(state, closed_at)")
+    # The spool's own id salts every new ClientToken: two pods' spools never share a token.
+    db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+    spool_id = str(uuid.uuid4())
+    db.execute("INSERT INTO meta (key, value) VALUES ('spool_id', ?)", (spool_id,))
+    db.execute("CREATE TABLE IF NOT EXISTS probe (data BLOB)")  # Spool.probe() writes here
+    unsent = db.execute(f"SELECT {_RECORD_COLUMNS_V1} FROM records WHERE state = ? AND attempts = 0", (PENDING,))
+    db.executemany("UPDATE records SET client_token = ? WHERE id = ?", [
+        (placement.client_token(product, dimension, hour, Content.from_json(allocations, bool(whole)), spool_id), rid)
+        for rid, product, dimension, hour, allocations, whole in unsent.fetchall()
+    ])
+
+
+# MIGRATIONS[v] takes a file from version v to v + 1, inside one transaction.
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection, float], None]] = {1: _migrate_1_to_2}
+assert sorted(MIGRATIONS) == list(range(1, SCHEMA_VERSION))
+
+_INSERT_EVENT = (
+    # Only a repeated event_id is skipped; any other constraint fails the whole batch.
+    "INSERT INTO events (event_id, product_code, usage_dimension, hour, tags, quantity, whole, digest) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (event_id) DO NOTHING"
+)
+_RECORD_COLUMNS_V1 = "id, product_code, usage_dimension, hour, allocations, whole"
+# Errors of our own making, not of the disk: raised as they are.
+_PROGRAMMING_ERRORS = (sqlite3.IntegrityError, sqlite3.ProgrammingError, sqlite3.InterfaceError)
+
+
+def _unavailable(exc: sqlite3.Error) -> SpoolUnavailable:
+    code = getattr(exc, "sqlite_errorname", "") or type(exc).__name__
+    return SpoolUnavailable(f"{code}: {exc}")
+
+
+class SqliteSpool(SqlSpool):
+    """The SQLite spool. Thread-safe; ``path`` may be ``:memory:`` for tests.
+
+    ``now`` is used only to date migrations; every other time is passed in.
+    """
+
+    def __init__(self, path: str, *, now: Callable[[], float] = time.time) -> None:
+        self.path = self.location = path
+        self._lock = threading.Lock()
+        self._waiting = 0  # writers waiting for the lock: placement and pruning step aside
+        self._counter = threading.Lock()  # guards _waiting
+        try:
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise SpoolError(f"cannot open {path!r}: {exc}") from None
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA busy_timeout=10000")
+            # After a checkpoint the WAL file is cut back to this size, so it cannot keep
+            # what one large transaction once needed.
+            self._db.execute("PRAGMA journal_size_limit=67108864")
+            self._open(now())
+        except sqlite3.Error as exc:
+            self._db.close()
+            raise SpoolError(f"cannot open {path!r}: {exc}") from None
+        except BaseException:
+            self._db.close()
+            raise
+
+    def _open(self, now: float) -> None:
+        (version,) = self._db.execute("PRAGMA user_version").fetchone()
+        if version > SCHEMA_VERSION:
+            raise SpoolError(
+                f"spool {self.path!r} has schema version {version}, newer than this release's "
+                f"{SCHEMA_VERSION}: it was written by a newer metering-gateway; run that release or newer"
+            )
+        existing = self._db.execute("SELECT 1 FROM sqlite_master WHERE name = 'records'").fetchone() is not None
+        if version == 0:  # a new file, or one from release 0.1.0 (which set no version)
+            self._db.executescript(_SCHEMA_V1)
+            version = 1
+        while version < SCHEMA_VERSION:
+            with self._transaction() as db:
+                MIGRATIONS[version](db, now)
+                version += 1
+                db.execute(f"PRAGMA user_version = {version}")
+            if existing:
+                log.info("spool_migrated", path=self.path, schema_version=version)
+        (self.spool_id,) = self._db.execute("SELECT value FROM meta WHERE key = 'spool_id'").fetchone()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _transaction(self, *, writer: bool = False) -> Iterator[sqlite3.Connection]:
+        """One write transaction under the lock; rolled back on any exception.
+
+        A failure of SQLite itself leaves as SpoolUnavailable carrying SQLite's own
+        message: when COMMIT fails, SQLite may already have rolled back, and a
+        second ROLLBACK would only say "no transaction is active".
+        """
+        if writer:
+            with self._counter:
+                self._waiting += 1
+        try:
+            self._lock.acquire()
+        finally:
+            if writer:
+                with self._counter:
+                    self._waiting -= 1
+        try:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                yield self._db
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    try:
+                        self._db.execute("ROLLBACK")
+                    except sqlite3.Error as rollback:  # the first error is the one to report
+                        log.warning("spool_rollback_failed", error=str(rollback))
+                raise
+            self._set_writable(True)  # under the lock: the last transaction's outcome is the state
+        except _PROGRAMMING_ERRORS:
+            raise
+        except sqlite3.Error as exc:
+            error = _unavailable(exc)
+            log.error("spool_unavailable", path=self.path, error=str(error))
+            self._set_writable(False)
+            raise error from exc
+        finally:
+            self._lock.release()
+
+    def _step_aside(self) -> None:
+        """Between two chunks of background work: let waiting writers go first."""
+        deadline = time.monotonic() + YIELD_MAX
+        while self._waiting and time.monotonic() < deadline:
+            time.sleep(0.0005)
+
+    @contextmanager
+    def _reading(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            yield self._db
+
+    def record(self, events: Sequence[EventRow]) -> tuple[int, int]:
+        """Store a batch in one transaction → (accepted, duplicates). Durable on return.
+
+        Raises EventIdConflict (and stores nothing) when an event id was accepted
+        before, or earlier in the batch, with another digest.
+        """
+        with self._transaction(writer=True) as db:
+            before = db.total_changes
+            db.executemany(_INSERT_EVENT, events)
+            accepted = db.total_changes - before
+            self._check_conflicts(db, events, accepted)
+        return accepted, len(events) - accepted
+
+    def size(self) -> int:
+        """Bytes of the database's pages in use (the file may hold free pages too)."""
+        with self._lock:
+            (pages,) = self._db.execute("PRAGMA page_count").fetchone()
+            (free,) = self._db.execute("PRAGMA freelist_count").fetchone()
+            (page_size,) = self._db.execute("PRAGMA page_size").fetchone()
+        return int((pages - free) * page_size)

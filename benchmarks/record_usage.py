@@ -343,6 +343,326 @@ def placement_table(s: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+# --- spools: SQLite against PostgreSQL, real server processes ----------------------
+
+SPOOL_BATCHES = (100, 1000)
+ID_SLOT = b"@" * 16  # in a template batch's bytes, replaced per call by a unique 16-character prefix
+PG_TARGET = 30_000.0  # events/s on PostgreSQL with batches of 1000 (the issue's target)
+TESTS = Path(__file__).resolve().parents[1] / "tests"
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+ROLES = ("gateway", "postgres", "callers", "bench")  # whose CPU is counted; "other" is the rest of the machine
+
+
+@dataclasses.dataclass(frozen=True)
+class SpoolSetup:
+    database: str  # "sqlite" or "postgresql"
+    processes: int  # serve --processes
+
+    @property
+    def key(self) -> str:
+        return f"{self.database}_p{self.processes}"
+
+    @property
+    def label(self) -> str:
+        return f"{self.database}, {self.processes} process{'es' if self.processes > 1 else ''}"
+
+
+SPOOL_SETUPS = (SpoolSetup("sqlite", 1), SpoolSetup("postgresql", 1), SpoolSetup("postgresql", 2))
+BASELINE = SPOOL_SETUPS[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class Load:
+    """What one caller process does for one measurement: ``threads`` threads, one connection
+    each, call back to back from ``start_at``; calls that end in [measure_from, measure_to) count."""
+
+    target: str
+    size: int
+    tag: int  # unique per measurement: with the caller and thread, it makes every event id unique
+    threads: int
+    start_at: float
+    measure_from: float
+    measure_to: float
+
+
+def id_template(size: int) -> bytes:
+    """One serialized batch made as batches() makes them, each event id ``<ID_SLOT>-<i>``.
+
+    A call's ids are made unique by replacing ID_SLOT in the bytes (same length, so
+    the encoding stays valid): microseconds a call, where rebuilding the batch would
+    cost the caller more CPU than the gateway spends on it.
+    """
+    now = int(time.time())
+    req = pb.RecordUsageRequest()
+    for i in range(size):
+        ev = req.events.add(event_id=f"{ID_SLOT.decode()}-{i:04d}", product_code="prod-bench",
+                            usage_dimension="requests", usage_quantity=1 + i % 7)
+        ev.timestamp.FromSeconds(now)
+        if i % 4 == 0:
+            ev.tags.add(key="tenant", value=f"t{i % 16}")
+    return req.SerializeToString()
+
+
+def drive(index: int, load: Load) -> tuple[int, int, int, list[str]]:
+    """One caller process's part of a measurement → (events counted, calls counted, failures, examples)."""
+    template = id_template(load.size)
+    assert template.count(ID_SLOT) == load.size and load.tag < 16**3 and index < 16**2 and load.threads < 16**2
+    counted = [0] * load.threads
+    calls = [0] * load.threads
+    failures: list[str] = []
+    # One connection per thread (a local subchannel pool each): with --processes N the kernel
+    # spreads connections, not calls, over the processes, so callers hold several.
+    channels = [grpc.insecure_channel(load.target, options=[("grpc.use_local_subchannel_pool", 1)])
+                for _ in range(load.threads)]
+
+    def work(thread: int) -> None:
+        call = channels[thread].unary_unary(METHOD, request_serializer=None,
+                                            response_deserializer=pb.RecordUsageResponse.FromString)
+        n = 0
+        time.sleep(max(0.0, load.start_at - time.time()))
+        while time.time() < load.measure_to:
+            payload = template.replace(ID_SLOT, f"{load.tag:03x}{index:02x}{thread:02x}{n:09x}".encode())
+            n += 1
+            try:
+                reply = call(payload, timeout=30)
+            except grpc.RpcError as exc:
+                failures.append(f"{exc.code()}: {exc.details()}"[:300])
+                time.sleep(0.01)
+                continue
+            done = time.time()
+            if reply.accepted != load.size:
+                failures.append(f"accepted {reply.accepted} of {load.size} ({reply.duplicates} duplicates)")
+            elif load.measure_from <= done < load.measure_to:
+                counted[thread] += reply.accepted
+                calls[thread] += 1
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(load.threads)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for channel in channels:
+        channel.close()
+    return sum(counted), sum(calls), len(failures), failures[:3]
+
+
+def spool_caller(index: int, commands: "multiprocessing.Queue[Load | None]",
+                 results: "multiprocessing.Queue[tuple[int, tuple[int, int, int, list[str]]]]") -> None:
+    """A caller process for the whole run (its own GIL): one Load per command until None."""
+    while (load := commands.get()) is not None:
+        try:
+            results.put((index, drive(index, load)))
+        except Exception as exc:  # the parent must always get an answer
+            results.put((index, (0, 0, 1, [f"caller {index}: {type(exc).__name__}: {exc}"[:300]])))
+
+
+def _processes() -> dict[int, tuple[int, int]]:
+    """pid → (parent pid, CPU ticks used: user + system) of every process now."""
+    table = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = Path(f"/proc/{entry}/stat").read_text().rpartition(")")[2].split()
+            except OSError:
+                continue
+            table[int(entry)] = (int(fields[1]), int(fields[11]) + int(fields[12]))
+    return table
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def _machine() -> dict[str, int]:
+    """The machine's CPU ticks so far: busy (user, nice, system, irq, softirq), idle (with iowait), steal."""
+    user, nice, system, idle, iowait, irq, softirq, steal = map(int, Path("/proc/stat").read_text().split()[1:9])
+    return {"busy": user + nice + system + irq + softirq, "idle": idle + iowait, "steal": steal}
+
+
+@dataclasses.dataclass
+class CpuSnapshot:
+    at: float
+    machine: dict[str, int]
+    ticks: dict[int, tuple[str, int]]  # pid → (role, ticks) of this run's processes
+    others: dict[int, int]  # pid → ticks of every other process
+
+
+def cpu_snapshot(callers: set[int], postmaster: int) -> CpuSnapshot:
+    """Every process of this run by role: this process's children and their descendants are
+    the callers, PostgreSQL (the postmaster and its backends), the gateway (``serve`` and its
+    workers) and the rest of the benchmark (this process, the local AWS backend)."""
+    at, machine, table = time.time(), _machine(), _processes()
+    me = os.getpid()
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    ticks: dict[int, tuple[str, int]] = {me: ("bench", table[me][1])}
+    for top in children.get(me, []):
+        if top in callers:
+            role = "callers"
+        elif top == postmaster:
+            role = "postgres"
+        elif b"\0serve\0" in _cmdline(top):
+            role = "gateway"
+        else:
+            role = "bench"
+        stack = [top]
+        while stack:
+            pid = stack.pop()
+            ticks[pid] = (role, table[pid][1])
+            stack += children.get(pid, [])
+    return CpuSnapshot(at, machine, ticks, {pid: t for pid, (_, t) in table.items() if pid not in ticks})
+
+
+def cpu_used(before: CpuSnapshot, after: CpuSnapshot) -> dict[str, Any]:
+    """Cores used between two snapshots, by role; "other": every other process of the machine."""
+    span = (after.at - before.at) * CLOCK_TICKS
+    used = dict.fromkeys(ROLES, 0.0)
+    for pid, (role, ticks) in after.ticks.items():
+        used[role] += ticks - before.ticks.get(pid, (role, 0))[1]
+    machine = {k: after.machine[k] - before.machine[k] for k in after.machine}
+    out: dict[str, Any] = {role: round(ticks / span, 3) for role, ticks in used.items()}
+    out["other"] = round(max(0.0, machine["busy"] - sum(used.values())) / span, 3)
+    out["idle"] = round(machine["idle"] / span, 3)
+    out["steal"] = round(machine["steal"] / span, 3)
+    # who the other load was (other engineers' tests, say): the busiest other programs by name
+    busiest: dict[str, float] = {}
+    for pid, ticks in after.others.items():
+        if ticks > before.others.get(pid, 0):
+            name = _comm(pid)
+            busiest[name] = busiest.get(name, 0.0) + (ticks - before.others.get(pid, 0)) / span
+    out["other_top"] = {k: round(v, 2) for k, v in sorted(busiest.items(), key=lambda kv: -kv[1])[:3]}
+    return out
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return "?"
+
+
+def spools(workdir: Path, rounds: int, seconds: float, warmup: float, callers: int, threads: int) -> dict[str, Any]:
+    """SQLite (the baseline) against PostgreSQL with 1 and 2 gateway processes, in one run.
+
+    Each gateway is ``python -m gateway serve`` as in production (sender running, logs to
+    a file, AWS at a local backend in its own process) on a fresh spool; each round runs
+    the three set-ups (in a rotated order) with both batch sizes, so set-ups that are
+    compared share the machine's conditions.
+    """
+    sys.path.insert(0, str(TESTS))
+    import psycopg  # noqa: PLC0415 - only this mode needs them
+    from passthrough import CREDS, REGION, child, wait_serving  # noqa: PLC0415
+    from postgres import PostgresServer  # noqa: PLC0415
+
+    runs: list[dict[str, Any]] = []
+    failures: list[str] = []
+    tags = iter(range(1, 16**3))
+    commands = [mp.Queue() for _ in range(callers)]
+    results: multiprocessing.Queue[tuple[int, tuple[int, int, int, list[str]]]] = mp.Queue()
+    procs = [mp.Process(target=spool_caller, args=(i, commands[i], results), name=f"caller-{i}") for i in range(callers)]
+    began = time.monotonic()
+    with PostgresServer.temporary() as pg, child(["local-aws", "--port", "0"], "local_aws_started", workdir) as aws:
+        postmaster = int((pg.data_dir / "postmaster.pid").read_text().split()[0])
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        env.update(CREDS, AWS_REGION=REGION, AWS_DEFAULT_REGION=REGION, AWS_ENDPOINT_URL_MARKETPLACE_METERING=str(aws["endpoint"]))
+        for proc in procs:
+            proc.start()
+        caller_pids = {p.pid for p in procs if p.pid is not None}
+        try:
+            for r in range(rounds):
+                # rotate the order, so no set-up always runs first (or right after another)
+                for setup in SPOOL_SETUPS[r % 3:] + SPOOL_SETUPS[:r % 3]:
+                    name = f"spool_{r}_{setup.key}"
+                    spool = pg.create_database(name) if setup.database == "postgresql" else str(workdir / f"{name}.db")
+                    serve = ["serve", "--listen", "127.0.0.1:0", "--spool", spool, "--processes", str(setup.processes)]
+                    with child(serve, "serving", workdir, env) as serving:
+                        target = str(serving["listen"])
+                        wait_serving(target)
+                        for size in SPOOL_BATCHES if r % 2 == 0 else SPOOL_BATCHES[::-1]:
+                            start_at = time.time() + 0.2
+                            load = Load(target, size, next(tags), threads, start_at, start_at + warmup, start_at + warmup + seconds)
+                            for q in commands:
+                                q.put(load)
+                            time.sleep(max(0.0, load.measure_from - time.time()))
+                            before = cpu_snapshot(caller_pids, postmaster)
+                            time.sleep(max(0.0, load.measure_to - time.time()))
+                            cpu = cpu_used(before, cpu_snapshot(caller_pids, postmaster))
+                            events = calls = failed = 0
+                            for _ in procs:
+                                try:
+                                    _, (e, c, f, examples) = results.get(timeout=RESULT_TIMEOUT)
+                                except queue.Empty:
+                                    raise RuntimeError("a caller process sent no figures") from None
+                                events, calls, failed = events + e, calls + c, failed + f
+                                failures += examples
+                            run = {"setup": setup.key, "batch": size, "round": r + 1,
+                                   "events_per_s": round(events / seconds, 1), "calls": calls, "failures": failed, "cpu": cpu}
+                            runs.append(run)
+                            print(f"  round {r + 1} {setup.label:<25} batches of {size:>4}: {run['events_per_s']:>9,.0f} events/s"
+                                  f"  cores: gateway {cpu['gateway']:.2f} postgres {cpu['postgres']:.2f} callers {cpu['callers']:.2f}"
+                                  f" other {cpu['other']:.2f} idle {cpu['idle']:.2f}{f'  {failed} FAILED' if failed else ''}",
+                                  file=sys.stderr)
+                    if setup.database == "postgresql":
+                        with psycopg.connect(pg.dsn(), autocommit=True) as conn:
+                            conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+                    else:
+                        for suffix in ("", "-wal", "-shm"):
+                            Path(spool + suffix).unlink(missing_ok=True)
+        finally:
+            for q in commands:
+                q.put(None)
+            for proc in procs:
+                proc.join(10)
+                if proc.is_alive():
+                    proc.kill()
+    summary = spool_summary(runs)
+    summary.update(failures=sum(r["failures"] for r in runs), failure_examples=failures[:5],
+                   elapsed_s=round(time.monotonic() - began, 1), runs=runs)
+    return summary
+
+
+def spool_summary(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Medians over rounds per set-up and batch size, and their ratio to SQLite's same batch size."""
+    out: dict[str, Any] = {}
+    for size in SPOOL_BATCHES:
+        for setup in SPOOL_SETUPS:
+            mine = [r for r in runs if r["setup"] == setup.key and r["batch"] == size]
+            out[f"{setup.key}_b{size}"] = {
+                "events_per_s": round(statistics.median(r["events_per_s"] for r in mine), 1),
+                "rounds": [r["events_per_s"] for r in mine],
+                "cpu": {k: round(statistics.median(r["cpu"][k] for r in mine), 3) for k in (*ROLES, "other", "idle", "steal")},
+            }
+        base = out[f"{BASELINE.key}_b{size}"]["events_per_s"]
+        for setup in SPOOL_SETUPS:
+            entry = out[f"{setup.key}_b{size}"]
+            entry["ratio_to_sqlite"] = round(entry["events_per_s"] / base, 3) if base else None
+    out["target"] = {f"postgresql_p{n}_b1000": "PASS" if out[f"postgresql_p{n}_b1000"]["events_per_s"] >= PG_TARGET else "MISS"
+                     for n in (1, 2)}
+    return out
+
+
+def spool_table(s: dict[str, Any], rounds: int, seconds: float, warmup: float, callers: int, threads: int) -> str:
+    rows = [f"RecordUsage by spool: gateway as `serve` processes, sender running; {callers} caller processes x {threads} "
+            f"connections; median of {rounds} round(s) of {seconds:g} s after {warmup:g} s warm-up",
+            f"{'spool, gateway processes':<26} {'batch':>5} {'events/s':>9} {'vs SQLite':>9}   "
+            f"cores used: {'gateway':>7} {'postgres':>8} {'callers':>7} {'other':>6} {'idle':>5}"]
+    for size in SPOOL_BATCHES:
+        for setup in SPOOL_SETUPS:
+            e = s[f"{setup.key}_b{size}"]
+            c = e["cpu"]
+            ratio = f"x{e['ratio_to_sqlite']:.2f}" if e["ratio_to_sqlite"] is not None else "-"
+            rows.append(f"{setup.label:<26} {size:>5} {e['events_per_s']:>9,.0f} {ratio:>9}   "
+                        f"{'':12}{c['gateway']:>7.2f} {c['postgres']:>8.2f} {c['callers']:>7.2f} {c['other']:>6.2f} {c['idle']:>5.2f}")
+    verdicts = "; ".join(f"{n} process{'es' if n > 1 else ''} {s[f'postgresql_p{n}_b1000']['events_per_s']:,.0f} "
+                         f"{s['target'][f'postgresql_p{n}_b1000']}" for n in (1, 2))
+    rows.append(f"target PostgreSQL, batches of 1000 >= {PG_TARGET:,.0f} events/s: {verdicts}")
+    return "\n".join(rows)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=5.0, help="length of each throughput run [default 5]")
@@ -351,11 +671,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--baseline-seconds", type=float, default=5.0, help="length of the no-placement baseline [default 5]")
     parser.add_argument("--max-seconds", type=float, default=120.0,
                         help="stop calling after this long even if placement goes on [default 120]")
-    parser.add_argument("--only", choices=("throughput", "placement"), help="run one of the two measurements")
-    parser.add_argument("--quick", action="store_true", help="a smoke run: 1 s throughput runs, 20,000 events, 1 s baseline")
+    parser.add_argument("--only", choices=("throughput", "placement", "spools"),
+                        help="run one measurement; spools (SQLite against PostgreSQL) runs only when named")
+    parser.add_argument("--rounds", type=int, default=3, help="spools: rounds over the three set-ups [default 3]")
+    parser.add_argument("--warmup", type=float, default=2.0, help="spools: unmeasured seconds before each run [default 2]")
+    parser.add_argument("--spool-callers", type=int, default=4, help="spools: caller processes [default 4]")
+    parser.add_argument("--threads", type=int, default=4, help="spools: threads (connections) per caller process [default 4]")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 1 s throughput runs, 20,000 events, 1 s baseline; "
+                        "spools: 1 round of 0.5 s after 0.3 s, 2 callers x 2 threads")
     args = parser.parse_args(argv)
     if args.quick:
         args.seconds, args.events, args.baseline_seconds = 1.0, 20_000, 1.0
+        if args.only == "spools":
+            args.seconds, args.rounds, args.warmup, args.spool_callers, args.threads = 0.5, 1, 0.3, 2, 2
     logs.configure("warning")
     print(f"record_usage: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, grpcio {grpc.__version__}", file=sys.stderr)
     result: dict[str, Any] = {"benchmark": "record_usage"}
@@ -365,12 +693,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.only in (None, "placement"):
             result["placement"] = placement_latency(Path(tmp), args.events, args.baseline_seconds, args.max_seconds)
             print(placement_table(result["placement"]))
+        if args.only == "spools":
+            result["spools"] = spools(Path(tmp), args.rounds, args.seconds, args.warmup, args.spool_callers, args.threads)
+            print(spool_table(result["spools"], args.rounds, args.seconds, args.warmup, args.spool_callers, args.threads))
     result["config"] = {"seconds": args.seconds, "callers": args.callers, "events": args.events,
                         "baseline_seconds": args.baseline_seconds, "cpus": os.cpu_count()}
+    if args.only == "spools":
+        result["config"].update(rounds=args.rounds, warmup=args.warmup, spool_callers=args.spool_callers, threads=args.threads,
+                                load_average=os.getloadavg())
     print(json.dumps(result))
-    failures = result.get("placement", {}).get("failures", 0)
-    for failure in result.get("placement", {}).get("failure_examples", []):
-        print(f"FAILED: {failure}", file=sys.stderr)
+    failures = 0
+    for name in ("placement", "spools"):
+        failures += result.get(name, {}).get("failures", 0)
+        for failure in result.get(name, {}).get("failure_examples", []):
+            print(f"FAILED: {failure}", file=sys.stderr)
     return 1 if failures else 0
 
 

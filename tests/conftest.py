@@ -7,6 +7,7 @@ import grpc
 import psycopg
 import pytest
 from postgres import PostgresServer
+from processes import local_aws_url  # noqa: F401 - the fixture of the process-level tests (test_crash, test_replicas)
 from psycopg import sql
 from support import FIXED_NOW, Clock, running_gateway, using_clock
 

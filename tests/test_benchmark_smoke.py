@@ -95,3 +95,30 @@ def test_spool_days_quick_run_reports_every_figure() -> None:
     assert positive(result["plateau_file_bytes"]) and positive(result["plateau_in_use_bytes"])
     assert result["failed_records"] == 0
     assert "windows full from day" in stdout
+
+
+@pytest.mark.slow
+def test_record_usage_spools_quick_run_reports_every_figure() -> None:
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "record_usage.py"), "--only", "spools", "--quick"],
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+
+    assert result["benchmark"] == "record_usage" and set(result) == {"benchmark", "spools", "config"}  # no other mode ran
+    spools = result["spools"]
+    assert spools["failures"] == 0, spools["failure_examples"]
+    for setup, label in (("sqlite_p1", "sqlite, 1 process"), ("postgresql_p1", "postgresql, 1 process"),
+                         ("postgresql_p2", "postgresql, 2 processes")):
+        for size in (100, 1000):
+            entry = spools[f"{setup}_b{size}"]
+            assert positive(entry["events_per_s"]) and positive(entry["ratio_to_sqlite"]), entry
+            assert len(entry["rounds"]) == result["config"]["rounds"] and all(positive(r) for r in entry["rounds"])
+            assert all(isinstance(v, float) and v >= 0 for k, v in entry["cpu"].items()), entry["cpu"]
+            assert positive(entry["cpu"]["gateway"]), entry["cpu"]  # the gateway's processes were found and measured
+            assert any(line.startswith(label) and f" {size:>5} " in line for line in done.stdout.splitlines()), label
+        assert spools[f"sqlite_p1_b{size}"]["ratio_to_sqlite"] == 1.0
+    for size in (100, 1000):
+        assert positive(spools[f"postgresql_p1_b{size}"]["cpu"]["postgres"])  # PostgreSQL did the storing
+    assert set(spools["target"].values()) <= {"PASS", "MISS"} and len(spools["target"]) == 2
+    assert len(spools["runs"]) == 6 and all(run["calls"] > 0 for run in spools["runs"])
+    assert "vs SQLite" in done.stdout and "target PostgreSQL, batches of 1000" in done.stdout  # the table came too

@@ -11,22 +11,16 @@ product, dimension and hour twice.
 
 from __future__ import annotations
 
-import json
-import os
 import random
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
-from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 
 import grpc
 import pytest
+from processes import GatewayProcess, http_json
 from recording import event, sums_of_events, wait_for
 
 from gateway.recording import placement
@@ -37,63 +31,6 @@ pytestmark = pytest.mark.slow
 HOUR = 3600
 CALLERS = 4
 BATCH = 50
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def http_json(url: str) -> object:
-    with urllib.request.urlopen(url, timeout=5) as reply:
-        return json.loads(reply.read())
-
-
-@pytest.fixture
-def local_aws_url(tmp_path: Path) -> Iterator[str]:
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "gateway", "local-aws", "--port", str(port)],
-                            stdout=open(tmp_path / "local-aws.log", "wb"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for(lambda: _reachable(url + "/_local/records"), what="local-aws to listen")
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(10)
-
-
-def _reachable(url: str) -> bool:
-    try:
-        http_json(url)
-        return True
-    except OSError:
-        return False
-
-
-class GatewayProcess:
-    """``python -m gateway serve`` on a spool; its JSON log says where it listens."""
-
-    def __init__(self, tmp_path: Path, aws_url: str, life: int) -> None:
-        self.log = tmp_path / f"gateway-{life}.log"
-        env = {**os.environ, "AWS_ENDPOINT_URL_MARKETPLACE_METERING": aws_url, "AWS_DEFAULT_REGION": "us-east-1",
-               "AWS_ACCESS_KEY_ID": "AKIDCRASHTEST", "AWS_SECRET_ACCESS_KEY": "crash-test-secret"}
-        args = ["serve", "--listen", "127.0.0.1:0", "--spool", str(tmp_path / "spool.db"), "--flush-interval", "200ms",
-                "--flush-grace", "0s", "--aws-max-rps", "100", "--flush-on-shutdown", "--grace", "5s"]
-        self.proc = subprocess.Popen([sys.executable, "-m", "gateway", *args], env=env,
-                                     stdout=open(self.log, "wb"), stderr=subprocess.STDOUT)
-        self.target = wait_for(self._listening, timeout=30, what="the gateway to serve")
-
-    def _listening(self) -> str | None:
-        assert self.proc.poll() is None, self.log.read_text()
-        for line in self.log.read_text().splitlines():
-            if '"serving"' in line:
-                return str(json.loads(line)["listen"])
-        return None
-
-    def lines(self, name: str) -> list[dict]:
-        return [json.loads(x) for x in self.log.read_text().splitlines() if f'"{name}"' in x]
 
 
 def make_batch(rng: random.Random, caller: int, n: int) -> list[pb.UsageEvent]:
@@ -124,7 +61,7 @@ def test_sigkill_and_restart_meter_every_acknowledged_event_once(tmp_path: Path,
     acked: list[bool] = []
     lock = threading.Lock()
     stop = threading.Event()
-    first = GatewayProcess(tmp_path, local_aws_url, 1)
+    first = GatewayProcess(tmp_path, "gateway-1", local_aws_url, tmp_path / "spool.db")
 
     def caller(c: int) -> None:
         crng = random.Random(rng.random())
@@ -154,7 +91,7 @@ def test_sigkill_and_restart_meter_every_acknowledged_event_once(tmp_path: Path,
     for t in threads:
         t.join()
 
-    second = GatewayProcess(tmp_path, local_aws_url, 2)
+    second = GatewayProcess(tmp_path, "gateway-2", local_aws_url, tmp_path / "spool.db")
     resent = [b for b, ok in zip(batches, acked) if not ok] + rng.sample([b for b, ok in zip(batches, acked) if ok], 5)
     duplicates = 0
     for batch in resent:

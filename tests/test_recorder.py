@@ -7,6 +7,8 @@ the tests run.
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from decimal import Decimal
@@ -16,7 +18,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from recording import event, running_recorder, sums_of_events, sums_of_records, wait_for
-from support import FIXED_NOW, Clock, details, local_session
+from postgres import PostgresServer
+from support import FIXED_NOW, Clock, Details, details, local_session
 
 from gateway.recording import placement
 from gateway.local_aws import DROP, LocalAws
@@ -308,3 +311,66 @@ def test_events_survive_a_restart_and_duplicates_are_still_known(local_aws: Loca
         with grpc.insecure_channel(target) as channel:
             assert record(pb_grpc.UsageRecorderServiceStub(channel), *events).duplicates == 4
     assert sums_of_records(local_aws.records()) == sums_of_events(events)
+
+
+def test_a_database_outage_under_load_is_unavailable_and_recovers_by_itself(
+        local_aws: LocalAws, private_postgres: PostgresServer) -> None:
+    """PostgreSQL stops while callers record: calls get UNAVAILABLE SPOOL_UNAVAILABLE
+    with RetryInfo (fast, not at their deadline), the recorder turns NOT_SERVING, and
+    when the database is back health returns with no call needed. Callers resend
+    what was not acknowledged, and AWS gets every event exactly once."""
+    dsn = private_postgres.create_database("spool")
+    with running_recorder(local_aws.endpoint_url, dsn, clock=CLOCK, flush_on_close=True) as (target, _), \
+            grpc.insecure_channel(target) as channel:
+        stub = pb_grpc.UsageRecorderServiceStub(channel)
+        health = health_pb2_grpc.HealthStub(channel)
+
+        def status() -> int:
+            return health.Check(health_pb2.HealthCheckRequest(service=RECORDER_SERVICE), timeout=5).status
+
+        batches: list[list[pb.UsageEvent]] = []
+        unacknowledged: list[list[pb.UsageEvent]] = []
+        refusals: list[Details] = []
+        stop = threading.Event()
+
+        def caller(c: int) -> None:
+            n = 0
+            while not stop.is_set():
+                batch = [event(f"c{c}-b{n}-e{i}", hours_ago(1 + i % 3), i % 7 + 1) for i in range(20)]
+                n += 1
+                batches.append(batch)
+                try:
+                    record(stub, *batch)
+                except grpc.RpcError as exc:
+                    refusals.append(details(exc))
+                    unacknowledged.append(batch)
+                    time.sleep(0.05)
+
+        callers = [threading.Thread(target=caller, args=(c,)) for c in range(3)]
+        for t in callers:
+            t.start()
+        wait_for(lambda: len(batches) > 30, what="callers recording")
+        private_postgres.stop("fast")
+        wait_for(lambda: status() == health_pb2.HealthCheckResponse.NOT_SERVING, what="the recorder NOT_SERVING")
+        wait_for(lambda: len(refusals) > 10, what="calls refused during the outage")
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as err:
+            record(stub, event("during", hours_ago(1)))
+        assert time.monotonic() - started < 1.0  # at once, not at the caller's deadline
+        unacknowledged.append([event("during", hours_ago(1))])
+        private_postgres.start()
+        wait_for(lambda: status() == health_pb2.HealthCheckResponse.SERVING, timeout=10, what="the recorder back")
+        time.sleep(0.3)
+        stop.set()
+        for t in callers:
+            t.join(30)
+
+        got = details(err.value)
+        assert (got.code, got.info.reason) == (grpc.StatusCode.UNAVAILABLE, "SPOOL_UNAVAILABLE") and got.retry is not None
+        assert {(r.code, r.info.reason) for r in refusals} == {(grpc.StatusCode.UNAVAILABLE, "SPOOL_UNAVAILABLE")}
+        for batch in unacknowledged:  # what a caller's retry policy does
+            reply = record(stub, *batch)
+            assert reply.accepted + reply.duplicates == len(batch)
+    # Closed with a flush: usage carried into the open hour (its earlier hours were sent) goes too.
+    expected = sums_of_events({e.event_id: e for b in batches + unacknowledged for e in b}.values())
+    assert sums_of_records(local_aws.records()) == expected

@@ -43,12 +43,12 @@ from typing import Any
 
 import psycopg
 import structlog
-from psycopg import conninfo, errors, sql
+from psycopg import conninfo, errors
 from psycopg_pool import ConnectionPool
 
 from gateway.recording.placement import EventRow
 from gateway.recording.spool import SpoolError, SpoolUnavailable
-from gateway.recording.sql import Cursor, SqlSpool
+from gateway.recording.sql import PROBE_SIZE, Cursor, SqlSpool
 
 SCHEMA_VERSION = 2  # numbered as SQLite's schema: version 2 is the first PostgreSQL has
 _LOCKS = 0x6D67  # advisory lock space of this program ("mg"): (_LOCKS, n) pairs
@@ -62,7 +62,7 @@ CONNECTION_DEFAULTS = {
     "keepalives_count": "3",
     "application_name": "metering-gateway",
 }
-POOL_WAIT = 5.0  # seconds a call waits for a free connection before SPOOL_UNAVAILABLE
+POOL_WAIT = 2.0  # seconds a call waits for a free connection before SPOOL_UNAVAILABLE
 
 log = structlog.get_logger("gateway.spool")
 
@@ -159,7 +159,7 @@ class _Db:
         self.conn = conn
 
     def execute(self, query: str, args: Sequence[Any] = ()) -> Cursor:
-        return self.conn.execute(_placeholders(query), args)  # type: ignore[return-value]
+        return self.conn.execute(_placeholders(query), args)
 
     def executemany(self, query: str, args: Sequence[Sequence[Any]]) -> None:
         with self.conn.cursor() as cur:
@@ -182,15 +182,19 @@ class PostgresSpool(SqlSpool):
         self._leader: psycopg.Connection[Any] | None = None
         self._leading = False
         self._leader_guard = threading.Lock()
-        self._pool = ConnectionPool(self._url, min_size=1, max_size=max(2, pool_size), open=False, timeout=POOL_WAIT,
-                                    kwargs={"autocommit": True}, check=ConnectionPool.check_connection,
-                                    name="spool")
+        self._pool_size = max(2, pool_size)
+        self._pool = self._new_pool()
+        self._last_error = ""
         try:
             self._connect_or_fail()
             self._open(now())
         except BaseException:
             self._pool.close()
             raise
+
+    def _new_pool(self) -> ConnectionPool[Any]:
+        return ConnectionPool(self._url, min_size=1, max_size=self._pool_size, open=False, timeout=POOL_WAIT,
+                              kwargs={"autocommit": True}, check=ConnectionPool.check_connection, name="spool")
 
     def _connect_or_fail(self) -> None:
         """Start-up needs the database once (to check its schema): a one-line error if not."""
@@ -208,7 +212,7 @@ class PostgresSpool(SqlSpool):
             db.execute("SELECT pg_advisory_xact_lock(?, ?)", (_LOCKS, _MIGRATION_LOCK))
             (exists,) = db.execute("SELECT to_regclass('meta') IS NOT NULL").fetchone()
             if not exists:
-                db.conn.execute(_SCHEMA)  # type: ignore[attr-defined]
+                db.conn.execute(_SCHEMA)
                 db.executemany("INSERT INTO meta (key, value) VALUES (?, ?)",
                                [("schema_version", str(SCHEMA_VERSION)), ("spool_id", str(uuid.uuid4()))])
                 log.info("spool_created", location=self.location, schema_version=SCHEMA_VERSION)
@@ -248,7 +252,15 @@ class PostgresSpool(SqlSpool):
     @contextmanager
     def _connection(self) -> Iterator[psycopg.Connection[Any]]:
         """A pooled connection; a database failure leaves as SpoolUnavailable, and
-        the connection is dropped (after a failover it may point at a read-only node)."""
+        the connection is dropped (after a failover it may point at a read-only node).
+
+        Once the database has failed, calls fail at once, without waiting on the
+        pool, until :meth:`probe` finds it back: callers get SPOOL_UNAVAILABLE
+        within their deadline, and the pool's reconnection backoff never delays
+        the recovery.
+        """
+        if not self._writable:
+            raise SpoolUnavailable(f"the database is unavailable ({self._last_error}); waiting for it to return")
         conn: psycopg.Connection[Any] | None = None
         try:
             with self._pool.connection() as conn:
@@ -261,8 +273,27 @@ class PostgresSpool(SqlSpool):
             error = SpoolUnavailable(f"{type(exc).__name__}: {_first_line(exc)}")
             log.error("spool_unavailable", location=self.location, error=str(error))
             if not isinstance(exc, errors.TransactionRollback):  # a deadlock or conflict is not an outage
+                self._last_error = str(error)
                 self._set_writable(False)
             raise error from exc
+
+    def probe(self) -> bool:
+        """Write (then delete) about one large batch's worth of bytes on a connection
+        of its own; when that works, calls go through a fresh pool again."""
+        try:
+            with psycopg.connect(self._url, autocommit=True) as conn, conn.transaction():
+                conn.execute("INSERT INTO probe (data) VALUES (%s)", (bytes(PROBE_SIZE),))
+                conn.execute("DELETE FROM probe")
+        except (*_UNAVAILABLE, errors.DiskFull) as exc:
+            self._last_error = f"{type(exc).__name__}: {_first_line(exc)}"
+            return False
+        if not self._writable:
+            stale, self._pool = self._pool, self._new_pool()
+            self._pool.open(wait=False)
+            threading.Thread(target=stale.close, kwargs={"timeout": POOL_WAIT}, name="spool-pool-close",
+                             daemon=True).start()
+            self._set_writable(True)
+        return True
 
     def _lock_key(self, db: Any, product_code: str, usage_dimension: str) -> None:
         db.execute("SELECT pg_advisory_xact_lock(?, hashtext(?))", (_LOCKS + _KEY_LOCKS, f"{product_code}\x1f{usage_dimension}"))
@@ -303,8 +334,8 @@ class PostgresSpool(SqlSpool):
                 if self._leading:
                     self._leader.execute("SELECT 1")  # the connection lives, so the lock is still ours
                     return True
-                (self._leading,) = self._leader.execute(
-                    "SELECT pg_try_advisory_lock(%s, %s)", (_LOCKS, _SENDER_LOCK)).fetchone()
+                self._leading = bool(_one(self._leader.execute(
+                    "SELECT pg_try_advisory_lock(%s, %s)", (_LOCKS, _SENDER_LOCK))))
                 if self._leading:
                     log.info("sender_leading", location=self.location)
                 return self._leading
@@ -322,10 +353,16 @@ class PostgresSpool(SqlSpool):
     def size(self) -> int:
         """Bytes of the spool's tables and indexes."""
         with self._reading() as db:
-            (total,) = db.conn.execute(sql.SQL(
+            return int(_one(db.conn.execute(
                 "SELECT COALESCE(SUM(pg_total_relation_size(t::regclass)), 0) FROM "
-                "unnest(ARRAY['events', 'records', 'taken', 'meta', 'probe']) AS t")).fetchone()
-        return int(total)
+                "unnest(ARRAY['events', 'records', 'taken', 'meta', 'probe']) AS t")))
+
+
+def _one(cur: psycopg.Cursor[Any]) -> Any:
+    """The one value of a one-row, one-column answer."""
+    row = cur.fetchone()
+    assert row is not None
+    return row[0]
 
 
 def _first_line(exc: BaseException) -> str:

@@ -46,7 +46,8 @@ log = structlog.get_logger("gateway.spool")
 
 
 class Cursor(Protocol):
-    rowcount: int
+    @property
+    def rowcount(self) -> int: ...
 
     def fetchone(self) -> Any: ...
 
@@ -58,9 +59,9 @@ class Cursor(Protocol):
 class Db(Protocol):
     """One connection inside a transaction, taking ``?`` placeholders."""
 
-    def execute(self, sql: str, args: Sequence[Any] = ()) -> Cursor: ...
+    def execute(self, sql: str, args: Sequence[Any] = (), /) -> Cursor: ...
 
-    def executemany(self, sql: str, args: Sequence[Sequence[Any]]) -> Any: ...
+    def executemany(self, sql: str, args: Sequence[Sequence[Any]], /) -> Any: ...
 
 
 class SqlSpool:

@@ -1,0 +1,275 @@
+"""What only the PostgreSQL spool has: many replicas on one database, one sender
+at a time, schema versions kept in the database, and a database that goes away
+and comes back. Its shared rules are tested in test_spool.py, on both databases.
+
+Each "replica" here is a PostgresSpool of its own (its own pool and connections),
+as each gateway process has; they race from threads.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from decimal import Decimal
+
+import psycopg
+import pytest
+from postgres import PostgresServer
+from test_spool import NOW, row
+
+from gateway.recording import placement
+from gateway.recording.placement import EventRow
+from gateway.recording.postgres import SCHEMA_VERSION, PostgresSpool, redact
+from gateway.recording.spool import PENDING, SpoolError, SpoolUnavailable, open_spool
+
+HOUR = placement.HOUR
+
+
+def run_all(*work: Callable[[], object]) -> list[BaseException]:
+    """Run each callable in a thread of its own, at once; the exceptions they raised."""
+    failures: list[BaseException] = []
+    start = threading.Barrier(len(work))
+
+    def run(job: Callable[[], object]) -> None:
+        start.wait()
+        try:
+            job()
+        except BaseException as exc:  # noqa: BLE001 - reported to the test
+            failures.append(exc)
+
+    threads = [threading.Thread(target=run, args=(job,)) for job in work]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return failures
+
+
+def db_rows(dsn: str, query: str) -> list[tuple[object, ...]]:
+    with psycopg.connect(dsn) as conn:
+        return conn.execute(query).fetchall()
+
+
+# -- schema --------------------------------------------------------------------------
+
+
+def test_replicas_starting_together_create_one_schema(postgres_dsn: str) -> None:
+    spools: list[PostgresSpool] = []
+    assert run_all(*[lambda: spools.append(PostgresSpool(postgres_dsn)) for _ in range(4)]) == []
+    assert len({s.spool_id for s in spools}) == 1  # one spool: one ClientToken salt for every replica
+    assert db_rows(postgres_dsn, "SELECT value FROM meta WHERE key = 'schema_version'") == [(str(SCHEMA_VERSION),)]
+    for spool in spools:
+        spool.close()
+
+
+def test_a_database_from_a_newer_release_is_refused(postgres_dsn: str) -> None:
+    PostgresSpool(postgres_dsn).close()
+    with psycopg.connect(postgres_dsn) as conn:
+        conn.execute("UPDATE meta SET value = %s WHERE key = 'schema_version'", (str(SCHEMA_VERSION + 1),))
+    with pytest.raises(SpoolError) as caught:
+        PostgresSpool(postgres_dsn)
+    message = str(caught.value)
+    assert "\n" not in message and f"schema version {SCHEMA_VERSION + 1}" in message and "newer" in message
+
+
+def test_the_password_is_never_shown(postgres_server: PostgresServer) -> None:
+    assert redact("postgresql://gateway:s3cret@db.example:5433/metering?sslmode=require") == \
+        "postgresql://gateway@db.example:5433/metering"
+    unreachable = f"postgresql://gateway:s3cret@127.0.0.1:{postgres_server.port + 1}/metering?connect_timeout=2"
+    with pytest.raises(SpoolError) as caught:
+        open_spool(unreachable)
+    message = str(caught.value)
+    assert "s3cret" not in message and "\n" not in message
+    assert message.startswith("cannot connect to postgresql://gateway@127.0.0.1:")
+
+
+# -- replicas at once -----------------------------------------------------------------
+
+
+def test_replicas_placing_at_once_put_every_event_in_exactly_one_record(postgres_dsn: str) -> None:
+    """Four replicas record overlapping batches and place at once, while a fifth
+    freezes records as a sender does: no event goes into two records or none, no
+    hour gets two records, and no record grows after it was frozen."""
+    replicas = [PostgresSpool(postgres_dsn) for _ in range(4)]
+    sender = PostgresSpool(postgres_dsn)
+    rng = random.Random(7)
+    events = [row(f"e{i}", hour_back=rng.randint(1, 4), quantity=str(rng.randint(1, 9)),
+                  product=rng.choice(("prod-a", "prod-b", "prod-c"))) for i in range(6000)]
+    frozen: dict[int, str] = {}
+    done = threading.Event()
+
+    def replica(spool: PostgresSpool, seed: int) -> None:
+        mine = random.Random(seed)
+        for _ in range(30):
+            batch = mine.sample(events, 200)  # overlapping batches, in any order
+            spool.record(batch)
+            spool.assign(NOW)
+
+    def freeze() -> None:
+        while not done.is_set():
+            for record in sender.due(NOW, grace=0):
+                if record.id not in frozen and random.random() < 0.3:
+                    attempt = sender.begin_attempt(record.id)
+                    if attempt is not None:
+                        frozen[attempt.id] = attempt.quantity
+
+    freezer = threading.Thread(target=freeze)
+    freezer.start()
+    try:
+        assert run_all(*[lambda s=s, i=i: replica(s, i) for i, s in enumerate(replicas)]) == []
+    finally:
+        done.set()
+        freezer.join()
+    replicas[0].record(events)  # whatever no batch happened to carry
+    replicas[0].assign(NOW)
+
+    by_id = {e.event_id: e for e in events}
+    assigned = db_rows(postgres_dsn, "SELECT event_id, record_id FROM events")
+    assert len(assigned) == len(events) and all(record_id is not None for _, record_id in assigned)
+    records = {r.id: r for r in replicas[0].list_records(limit=10_000)}
+    sums: Counter[int] = Counter()
+    for event_id, record_id in assigned:
+        sums[int(str(record_id))] += int(by_id[str(event_id)].quantity)
+    assert {i: Decimal(r.quantity) for i, r in records.items()} == {i: Decimal(q) for i, q in sums.items()}
+    hours = [(r.product_code, r.usage_dimension, r.hour) for r in records.values()]
+    assert len(hours) == len(set(hours))
+    assert frozen and all(records[i].quantity == q for i, q in frozen.items())  # frozen means frozen
+    for spool in (*replicas, sender):
+        spool.close()
+
+
+def test_overlapping_batches_in_opposite_orders_never_deadlock(postgres_dsn: str) -> None:
+    a, b = PostgresSpool(postgres_dsn), PostgresSpool(postgres_dsn)
+    results: list[tuple[int, int]] = []
+    for n in range(20):
+        batch = [row(f"r{n}-{i}") for i in range(300)]
+        assert run_all(lambda: results.append(a.record(batch)), lambda: results.append(b.record(batch[::-1]))) == []
+    assert all(accepted + duplicates == 300 for accepted, duplicates in results)
+    assert sum(accepted for accepted, _ in results) == 20 * 300
+    a.close()
+    b.close()
+
+
+# -- one sender ---------------------------------------------------------------------
+
+
+def test_one_replica_leads_and_the_next_takes_over_when_it_is_gone(postgres_dsn: str) -> None:
+    replicas = [PostgresSpool(postgres_dsn) for _ in range(3)]
+    assert [s.leads() for s in replicas] == [True, False, False]
+    assert [s.leads() for s in replicas] == [True, False, False]  # and keeps leading
+    replicas[0].close()  # a pod stopped: its connection, and so the lock, is gone
+    assert [s.leads() for s in replicas[1:]] == [True, False]
+    # A leader whose connection is cut (a network partition, the database killing it)
+    # knows at its next pass, and another replica leads.
+    with psycopg.connect(postgres_dsn, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND "
+                      "objid = 2 AND pid != pg_backend_pid()")
+    time.sleep(0.2)
+    assert replicas[1].leads() is False or replicas[2].leads() is False
+    assert replicas[2].leads() or replicas[1].leads()
+    assert sum(s.leads() for s in replicas[1:]) == 1
+    for spool in replicas[1:]:
+        spool.close()
+
+
+# -- the database goes away -------------------------------------------------------------
+
+
+def test_a_database_outage_is_never_an_acknowledgement_and_recovers(private_postgres: PostgresServer) -> None:
+    dsn = private_postgres.create_database("spool")
+    spool = PostgresSpool(dsn)
+    changes: list[bool] = []
+    spool.on_writable(changes.append)
+    assert spool.record([row("before")]) == (1, 0)
+    for stop in (lambda: private_postgres.stop("fast"), private_postgres.kill):
+        stop()
+        with pytest.raises(SpoolUnavailable):
+            spool.record([row("during")])
+        assert not spool.writable and changes[-1] is False
+        assert not spool.probe()
+        with pytest.raises(SpoolUnavailable):
+            spool.list_records()
+        private_postgres.start()
+        assert spool.probe() and spool.writable and changes[-1] is True
+        spool.assign(NOW)
+    assert spool.record([row("during"), row("after")]) == (2, 0)
+    assert spool.event_totals() == [("prod-a", "requests", "3")]
+    spool.close()
+
+
+def test_acknowledged_batches_survive_a_database_crash_under_load(private_postgres: PostgresServer) -> None:
+    """Writers keep recording while the database is killed and restarted: every batch
+    that returned is stored, every one that raised raised SpoolUnavailable, and
+    recording resumes once a probe (the gateway's watcher) finds the database back."""
+    dsn = private_postgres.create_database("spool")
+    spools = [PostgresSpool(dsn) for _ in range(3)]
+    acknowledged: list[EventRow] = []
+    other_errors: list[BaseException] = []
+    refused = 0
+    stop = threading.Event()
+    lock = threading.Lock()
+
+    def writer(spool: PostgresSpool, w: int) -> None:
+        nonlocal refused
+        n = 0
+        while not stop.is_set():
+            batch = [row(f"w{w}-b{n}-e{i}") for i in range(50)]
+            n += 1
+            try:
+                spool.record(batch)
+            except SpoolUnavailable:
+                with lock:
+                    refused += 1
+                time.sleep(0.05)
+                continue
+            except BaseException as exc:  # noqa: BLE001
+                other_errors.append(exc)
+                return
+            with lock:
+                acknowledged.extend(batch)
+
+    def watcher() -> None:
+        while not stop.wait(0.2):
+            for spool in spools:
+                if not spool.writable:
+                    spool.probe()
+
+    threads = [threading.Thread(target=writer, args=(s, i)) for i, s in enumerate(spools)]
+    threads.append(threading.Thread(target=watcher))
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    private_postgres.kill()
+    time.sleep(0.5)
+    private_postgres.start()
+    with lock:
+        before_restart = len(acknowledged)
+    time.sleep(1.5)
+    stop.set()
+    for t in threads:
+        t.join(30)
+    assert other_errors == [] and refused > 0
+    stored = {event_id for (event_id,) in db_rows(dsn, "SELECT event_id FROM events")}
+    assert {e.event_id for e in acknowledged} <= stored
+    assert len(acknowledged) > before_restart + 500  # recording resumed after the restart
+    for spool in spools:
+        spool.close()
+
+
+def test_pending_records_wait_for_the_database(private_postgres: PostgresServer) -> None:
+    dsn = private_postgres.create_database("spool")
+    spool = PostgresSpool(dsn)
+    spool.record([row("a", 2)])
+    private_postgres.stop("immediate")
+    with pytest.raises(SpoolUnavailable):
+        spool.assign(NOW)
+    assert spool.leads() is False  # no database, no lead: nobody sends what it cannot record
+    private_postgres.start()
+    assert spool.leads()
+    assert spool.probe()  # the gateway's watcher probes every second while the spool cannot write
+    spool.assign(NOW)
+    assert [r.state for r in spool.list_records()] == [PENDING]
+    spool.close()

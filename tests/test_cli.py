@@ -17,6 +17,7 @@ from typing import IO, Any
 
 import grpc
 import pytest
+from recording import wait_for
 from support import request
 
 from gateway.local_aws import LocalAws
@@ -204,7 +205,38 @@ def test_a_dead_worker_fails_the_whole() -> None:
     assert proc.returncode == 1
 
 
-def test_processes_and_spool_are_refused(tmp_path: Path) -> None:
+def test_processes_and_an_sqlite_spool_are_refused(tmp_path: Path) -> None:
     result = subprocess.run(gateway_cmd("serve", "--local", "--processes", "2", "--spool", str(tmp_path / "s.db")),
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 2 and "needs a PostgreSQL spool" in result.stderr
+
+
+def test_processes_share_a_postgresql_spool_and_one_of_them_sends(postgres_dsn: str) -> None:
+    """Both workers take RecordUsage on one database; an event id is known to both;
+    exactly one worker leads the sending."""
+    lines: list[str] = []
+    hour_ago = datetime.now(timezone.utc) - timedelta(hours=1)
+    with serve("--local", "--processes", "2", "--spool", postgres_dsn, "--flush-interval", "200ms",
+               "--flush-grace", "0s", lines=lines) as (proc, target):
+        replies = []
+        for n in range(24):  # each new connection is balanced by the kernel
+            event = pb.UsageEvent(event_id=f"e{n % 12}", product_code="prod-abc123", usage_dimension="requests",
+                                  usage_quantity=n % 12 + 1)
+            event.timestamp.FromDatetime(hour_ago)
+            with grpc.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)]) as ch:
+                replies.append(pb_grpc.UsageRecorderServiceStub(ch).RecordUsage(
+                    pb.RecordUsageRequest(events=[event]), timeout=10))
+        with grpc.insecure_channel(target) as ch:
+            def sent() -> list[pb.MeteringRecord]:
+                listing = pb_grpc.UsageRecorderServiceStub(ch).ListMeteringRecords(
+                    pb.ListMeteringRecordsRequest(state=pb.MeteringRecord.STATE_SENT), timeout=10)
+                return list(listing.records)
+            records = wait_for(sent, what="the hour metered")
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    logged = [json.loads(line) for line in [*lines, *out.splitlines()] if line.startswith("{")]
+    assert {e.get("worker") for e in logged if e["event"] == "rpc" and "RecordUsage" in e["method"]} == {0, 1}
+    assert [r.accepted for r in replies] == [1] * 12 + [0] * 12  # the second round: duplicates, whichever worker
+    assert [(r.quantity, r.attempts) for r in records] == [(str(sum(range(1, 13))), 1)]
+    assert len({e.get("worker") for e in logged if e["event"] == "sender_leading"}) == 1
+    assert proc.returncode == 0

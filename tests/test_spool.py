@@ -17,7 +17,9 @@ import pytest
 from gateway.recording import placement
 from gateway.recording.placement import EventRow
 from gateway.recording.spool import FAILED, PENDING, SENT, EventIdConflict, Spool, SpoolError, open_spool
+from gateway.recording.postgres import SCHEMA_VERSION as POSTGRES_SCHEMA
 from gateway.recording.sql import ASSIGN_CHUNK
+from gateway.recording.sqlite import SCHEMA_VERSION as SQLITE_SCHEMA
 
 NOW = 1_750_000_000.0
 HOUR = placement.HOUR
@@ -271,3 +273,37 @@ def test_a_spool_that_cannot_be_opened_says_so_in_one_line(store: Store, tmp_pat
     with pytest.raises(SpoolError) as caught:
         open_spool(bad)
     assert "\n" not in str(caught.value) and "password" not in str(caught.value)
+
+
+def schema_version(location: str, set_to: int | None = None) -> int:
+    """The version a spool's store says it has (set first, when ``set_to`` is given)."""
+    if location.startswith("postgresql://"):
+        with psycopg.connect(location) as conn:
+            if set_to is not None:
+                conn.execute("UPDATE meta SET value = %s WHERE key = 'schema_version'", (str(set_to),))
+            found = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            assert found is not None
+            return int(found[0])
+    db = sqlite3.connect(location)
+    try:
+        if set_to is not None:
+            db.execute(f"PRAGMA user_version = {int(set_to)}")
+        return int(db.execute("PRAGMA user_version").fetchone()[0])
+    finally:
+        db.close()
+
+
+def test_schema_versions_are_kept_and_a_newer_one_is_refused(store: Store) -> None:
+    assert SQLITE_SCHEMA == POSTGRES_SCHEMA  # one numbering for both databases
+    spool = reopen(store)
+    spool_id = spool.spool_id
+    spool.close()
+    assert schema_version(store()) == SQLITE_SCHEMA
+    again = reopen(store)  # opening again migrates nothing and keeps the spool's identity
+    assert again.spool_id == spool_id and schema_version(store()) == SQLITE_SCHEMA
+    again.close()
+    schema_version(store(), set_to=SQLITE_SCHEMA + 1)
+    with pytest.raises(SpoolError) as caught:
+        reopen(store)
+    message = str(caught.value)
+    assert "\n" not in message and f"schema version {SQLITE_SCHEMA + 1}" in message and "newer" in message

@@ -62,18 +62,6 @@ def test_a_spool_written_by_release_0_1_0_is_migrated_and_resumes(tmp_path: Path
     Spool(str(path)).close()  # opening again migrates nothing
 
 
-def test_a_spool_from_a_newer_release_is_refused(tmp_path: Path) -> None:
-    path = tmp_path / "spool.db"
-    Spool(str(path)).close()
-    db = sqlite3.connect(path)
-    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
-    db.close()
-    with pytest.raises(SpoolError) as caught:
-        Spool(str(path))
-    message = str(caught.value)
-    assert "\n" not in message and f"schema version {SCHEMA_VERSION + 1}" in message and "newer" in message
-
-
 def test_a_new_spool_is_the_migrated_one(tmp_path: Path) -> None:
     """Migrating release 0.1.0's file and creating a new one give the same schema."""
     shutil.copy(DATA / "spool-v1.db", tmp_path / "old.db")

@@ -12,11 +12,11 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from test_spool import NOW, row
+from test_spool import row
 
 from gateway.recording import placement
 from gateway.recording.placement import EventRow
-from gateway.recording.spool import FAILED, PENDING, SENT, WHOLE_WIRE, EventIdConflict, SpoolError, SpoolUnavailable
+from gateway.recording.spool import FAILED, PENDING, SENT, WHOLE_WIRE, EventIdConflict, SpoolUnavailable
 from gateway.recording.sqlite import SCHEMA_VERSION
 from gateway.recording.sqlite import SqliteSpool as Spool
 

@@ -13,6 +13,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 from decimal import Decimal
 
 import psycopg
@@ -263,3 +264,31 @@ def test_pending_records_wait_for_the_database(private_postgres: PostgresServer)
     spool.assign(NOW)
     assert [r.state for r in spool.list_records()] == [PENDING]
     spool.close()
+
+
+def test_libpq_variables_and_a_password_file_work(private_postgres: PostgresServer, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--spool postgresql://`` with the rest from libpq's PG* variables, and the
+    password from a password file, under real password authentication."""
+    private_postgres.create_database("metering")
+    with psycopg.connect(private_postgres.dsn(), autocommit=True) as admin:
+        admin.execute("CREATE ROLE gateway LOGIN PASSWORD 's3cret-pw'")
+        admin.execute("GRANT ALL ON DATABASE metering TO gateway")
+        admin.execute("ALTER DATABASE metering OWNER TO gateway")
+    hba = private_postgres.data_dir / "pg_hba.conf"
+    hba.write_text("host all gateway 127.0.0.1/32 scram-sha-256\n" + hba.read_text())
+    private_postgres.restart()
+    passfile = tmp_path / "pgpass"
+    passfile.write_text(f"127.0.0.1:{private_postgres.port}:metering:gateway:s3cret-pw\n")
+    passfile.chmod(0o600)
+    for name, value in {"PGHOST": "127.0.0.1", "PGPORT": str(private_postgres.port), "PGUSER": "gateway",
+                        "PGDATABASE": "metering", "PGPASSFILE": str(passfile)}.items():
+        monkeypatch.setenv(name, value)
+    spool = open_spool("postgresql://")
+    assert spool.location == f"postgresql://gateway@127.0.0.1:{private_postgres.port}/metering"
+    assert spool.record([row("a")]) == (1, 0)
+    spool.close()
+    passfile.write_text(f"127.0.0.1:{private_postgres.port}:metering:gateway:wrong\n")
+    with pytest.raises(SpoolError) as caught:
+        open_spool("postgresql://")
+    assert "password authentication failed" in str(caught.value) and "wrong" not in str(caught.value)

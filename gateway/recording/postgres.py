@@ -201,6 +201,8 @@ class PostgresSpool(SqlSpool):
         try:
             with psycopg.connect(self._url, autocommit=True) as conn:
                 conn.execute("SELECT 1")
+                info = conn.info  # what libpq chose, PG* variables included: for log lines
+                self.location = f"postgresql://{info.user}@{info.host}:{info.port}/{info.dbname}"
         except psycopg.Error as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise SpoolError(f"cannot connect to {self.location}: {first}") from None

@@ -268,7 +268,7 @@ class Settings:
         default=8,
         metadata=_setting(
             "Most connections one server process opens to a PostgreSQL spool (calls beyond them wait "
-            "up to 5s, then get SPOOL_UNAVAILABLE); one more holds the sender's lock.",
+            "up to 2s, then get SPOOL_UNAVAILABLE); one more holds the sender's lock.",
             parse=int,
             bounds=Bounds(2, 1000),
         ),

@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 
 ENV_PREFIX = "METERING_GATEWAY_"
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")  # a --spool that names a PostgreSQL database
+SPOOL_POOL_WAIT = 2.0  # seconds a call waits for a free PostgreSQL connection before SPOOL_UNAVAILABLE
 
 
 class ConfigError(ValueError):
@@ -268,7 +269,7 @@ class Settings:
         default=8,
         metadata=_setting(
             "Most connections one server process opens to a PostgreSQL spool (calls beyond them wait "
-            "up to 2s, then get SPOOL_UNAVAILABLE); one more holds the sender's lock.",
+            f"up to {SPOOL_POOL_WAIT:g}s, then get SPOOL_UNAVAILABLE); one more holds the sender's lock.",
             parse=int,
             bounds=Bounds(2, 1000),
         ),

@@ -46,6 +46,7 @@ import structlog
 from psycopg import conninfo, errors
 from psycopg_pool import ConnectionPool
 
+from gateway.config import SPOOL_POOL_WAIT
 from gateway.recording.placement import EventRow
 from gateway.recording.spool import SpoolError, SpoolUnavailable
 from gateway.recording.sql import PROBE_SIZE, Cursor, SqlSpool
@@ -62,7 +63,6 @@ CONNECTION_DEFAULTS = {
     "keepalives_count": "3",
     "application_name": "metering-gateway",
 }
-POOL_WAIT = 2.0  # seconds a call waits for a free connection before SPOOL_UNAVAILABLE
 
 log = structlog.get_logger("gateway.spool")
 
@@ -193,7 +193,7 @@ class PostgresSpool(SqlSpool):
             raise
 
     def _new_pool(self) -> ConnectionPool[Any]:
-        return ConnectionPool(self._url, min_size=1, max_size=self._pool_size, open=False, timeout=POOL_WAIT,
+        return ConnectionPool(self._url, min_size=1, max_size=self._pool_size, open=False, timeout=SPOOL_POOL_WAIT,
                               kwargs={"autocommit": True}, check=ConnectionPool.check_connection, name="spool")
 
     def _connect_or_fail(self) -> None:
@@ -206,7 +206,7 @@ class PostgresSpool(SqlSpool):
         except psycopg.Error as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise SpoolError(f"cannot connect to {self.location}: {first}") from None
-        self._pool.open(wait=True, timeout=POOL_WAIT * 2)
+        self._pool.open(wait=True, timeout=SPOOL_POOL_WAIT * 2)
 
     def _open(self, now: float) -> None:
         with self._transaction() as db:
@@ -292,7 +292,7 @@ class PostgresSpool(SqlSpool):
         if not self._writable:
             stale, self._pool = self._pool, self._new_pool()
             self._pool.open(wait=False)
-            threading.Thread(target=stale.close, kwargs={"timeout": POOL_WAIT}, name="spool-pool-close",
+            threading.Thread(target=stale.close, kwargs={"timeout": SPOOL_POOL_WAIT}, name="spool-pool-close",
                              daemon=True).start()
             self._set_writable(True)
         return True

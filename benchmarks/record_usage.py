@@ -15,8 +15,22 @@ events). The figure that matters is the ratio p99 during placement / p99 baselin
 the target from the issue is an absolute p99 under 50 ms during a 300,000-event
 placement.
 
+Spools (``--only spools``, run only when named): SQLite (the baseline) against
+PostgreSQL with one and two gateway processes, in one run. Each gateway is a real
+``python -m gateway serve --spool … --processes N`` (sender running, access log to a
+file, AWS at a local backend in its own process) on a fresh spool; PostgreSQL 16 runs
+on this machine (tests/postgres.py, from the pgserver wheel). ``--spool-callers``
+processes of ``--threads`` connections each send batches of 100 and of 1000 back to
+back (unique event ids, timestamps now); after ``--warmup`` seconds, the events of
+calls ending in the next ``--seconds`` count. ``--rounds`` rounds run the three
+set-ups in a rotated order; the table has the median events/s, its ratio to SQLite's
+at the same batch size, and the CPU cores each part used (gateway, PostgreSQL,
+callers; "other": the rest of the machine's busy time, other programs included),
+so a figure can be read against the load it was measured under.
+
 Prints a table and, last, one JSON line. Run: ``make bench`` or
-``.venv/bin/python benchmarks/record_usage.py [--seconds 5] [--callers 2] [--events 300000]``
+``.venv/bin/python benchmarks/record_usage.py [--seconds 5] [--callers 2] [--events 300000]``,
+``.venv/bin/python benchmarks/record_usage.py --only spools [--rounds 3] [--seconds 5]``
 (``--quick``: a smoke run of a few seconds).
 """
 

@@ -15,14 +15,14 @@ from decimal import Decimal
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from recording import BARE_503, BARE_507, ISE, ISE_AFTER_RECORD, OUTAGES, FakeAws, event, sums_of_events, sums_of_records
+from recording import BARE_507, ISE, ISE_AFTER_RECORD, OUTAGES, FakeAws, event, sums_of_events, sums_of_records
 
 from gateway import validation
 from gateway.recording import placement
 from gateway.recording.placement import HOUR, Content
 from gateway.recording.servicer import event_row
 from gateway.recording.sender import Sender
-from gateway.recording.spool import FAILED, PENDING, SENT, EventIdConflict
+from gateway.recording.spool import FAILED, PENDING, EventIdConflict
 from gateway.recording.sqlite import SqliteSpool as Spool
 from marketplace.metering.v1 import metering_pb2 as pb
 
@@ -196,149 +196,3 @@ def aggregator_record(row: object) -> object:
 
     return SimpleNamespace(identity=None, product_code=row.product_code, usage_dimension=row.usage_dimension,  # type: ignore[attr-defined]
                            quantity=Decimal(row.quantity))  # type: ignore[attr-defined]
-
-
-def sender_on_fake_aws() -> tuple[list[float], FakeAws, Spool, Sender]:
-    """A sender sending at once (no grace), on a fake clock, to AWS's rules in process."""
-    clock = [float(NOW)]
-    aws = FakeAws(lambda: clock[0])
-    spool = Spool(":memory:")
-    sender = Sender(spool, aws, interval=60, grace=0, max_rps=1e9, now=lambda: clock[0], sleep=lambda _: None)  # type: ignore[arg-type]
-    return clock, aws, spool, sender
-
-
-def test_a_lost_reply_then_an_outage_past_six_hours_never_bills_twice() -> None:
-    clock, aws, spool, sender = sender_on_fake_aws()
-    spool.record([event_row(event("lost-1", clock[0] - HOUR, 7))])
-    aws.lose_replies = 1
-    sender.tick()  # AWS records 7 for the last hour; the gateway hears nothing
-    assert sums_of_records(aws.ours()) == {("prod-a", "requests"): 7}
-    aws.down = BARE_503
-    for _ in range(7 * 6):  # seven hours of 503s (which rule a record out), then AWS is back
-        clock[0] += 10 * 60
-        sender.tick()
-    aws.down = None
-    for _ in range(6):
-        clock[0] += 20 * 60
-        sender.tick()
-    assert sums_of_records(aws.ours()) == {("prod-a", "requests"): 7}, "the usage was carried and billed twice"
-    [record] = spool.list_records(state=FAILED)
-    assert record.last_error.startswith("outcome unknown") and record.client_token in record.last_error
-
-
-def test_an_unknown_outcome_is_resent_until_the_window_really_closes() -> None:
-    """Not carried at the 30-minute safety margin: resent identically while AWS would still take it."""
-    clock, aws, spool, sender = sender_on_fake_aws()
-    spool.record([event_row(event("late-ok", clock[0] - HOUR, 4))])
-    aws.down = ISE_AFTER_RECORD  # recorded, then a 500: unknown
-    sender.tick()
-    aws.down = ISE  # more 500s, recording nothing
-    [record] = spool.list_records()
-    clock[0] = record.hour + 5 * HOUR + 45 * 60  # past the 30-minute margin, still inside AWS's window
-    sender.tick()
-    [record] = spool.list_records()
-    assert record.state == "PENDING" and record.attempts == 2 and not record.carried_hours
-    assert record.last_error.startswith("outcome unknown, resending identically: INTERNAL_SERVICE_ERROR")
-    aws.down = None
-    clock[0] += 5 * 60
-    sender.tick()  # the identical resend settles it: AWS answers with the record it holds
-    [record] = spool.list_records()
-    assert record.state == "SENT" and len(aws.ours()) == 1 and sums_of_records(aws.ours()) == {("prod-a", "requests"): 4}
-
-
-def test_sending_continues_past_a_record_that_fails_unexpectedly() -> None:
-    clock, aws, spool, sender = sender_on_fake_aws()
-    spool.record([event_row(event(f"iso-{p}", clock[0] - HOUR, 1, product=p)) for p in ("prod-a", "prod-b")])
-    original = aws.meter_usage
-
-    def broken_for_a(params: dict, **kw: object) -> object:
-        if params["ProductCode"] == "prod-a":
-            raise RuntimeError("a bug in one record's path")
-        return original(params, **kw)  # type: ignore[arg-type]
-
-    aws.meter_usage = broken_for_a  # type: ignore[method-assign]
-    sender.tick()
-    assert [r.product_code for r in aws.ours()] == ["prod-b"]
-
-
-def test_the_rate_limiter_token_is_taken_before_a_record_is_marked_in_flight() -> None:
-    clock, aws, spool, sender = sender_on_fake_aws()
-    spool.record([event_row(event("rl", clock[0] - HOUR, 1))])
-    seen: list[int] = []
-
-    def sleep(_: float) -> None:  # called while waiting for a token
-        seen.extend(r.in_flight for r in spool.list_records())
-        raise KeyboardInterrupt  # the process dies while waiting
-
-    sender.limiter = __import__("gateway.ratelimit", fromlist=["RateLimiter"]).RateLimiter(1e-9)
-    sender.limiter.allow()  # the one token is gone
-    sender._sleep = sleep
-    try:
-        sender.tick()
-    except KeyboardInterrupt:
-        pass
-    assert seen == [0]
-    assert not spool.list_records()[0].outcome_unknown
-
-
-def test_a_lost_reply_settled_by_the_resend_is_sent_once() -> None:
-    clock, aws, spool, sender = sender_on_fake_aws()
-    spool.record([event_row(event("lost-2", clock[0] - HOUR, 5))])
-    aws.lose_replies = 1
-    sender.tick()
-    clock[0] += 10 * 60
-    sender.tick()  # the identical resend: AWS answers with the same record id
-    [record] = spool.list_records()
-    assert record.state == SENT and record.metering_record_id == aws.ours()[0].metering_record_id
-    assert len(aws.ours()) == 1
-
-
-def test_an_unknown_outcome_is_resent_whatever_its_status_code() -> None:
-    """A 5xx no row names (507) is not retryable for a caller, but only the identical
-    resend can settle what it left unknown: the record is resent, never failed at once."""
-    clock, aws, spool, sender = sender_on_fake_aws()
-    spool.record([event_row(event("s507", clock[0] - HOUR, 6))])
-    aws.down = BARE_507
-    sender.tick()
-    [record] = spool.list_records()
-    assert record.state == "PENDING" and record.outcome_unknown
-    assert record.last_error.startswith("outcome unknown, resending identically: HTTP_507")
-    aws.down = None
-    clock[0] += 10 * 60
-    sender.tick()
-    [record] = spool.list_records()
-    assert record.state == "SENT" and sums_of_records(aws.ours()) == {("prod-a", "requests"): 6}
-
-
-def test_an_hour_taken_by_someone_else_settles_an_unknown_outcome_and_the_usage_is_carried() -> None:
-    """DUPLICATE_REQUEST to the identical resend: AWS holds no record of this request,
-    so the usage is carried and billed, not left FAILED for reconciliation."""
-    clock, aws, spool, sender = sender_on_fake_aws()
-    spool.record([event_row(event("dup", clock[0] - HOUR, 9))])
-    aws.down = ISE  # nothing recorded, outcome unknown
-    sender.tick()
-    [record] = spool.list_records()
-    assert record.outcome_unknown
-    aws.down = None
-    aws.take_hour("prod-a", "requests", record.hour)  # another life of the pod metered that hour
-    for _ in range(4):
-        clock[0] += 20 * 60
-        sender.tick()
-    assert not spool.list_records(state=FAILED)
-    assert sums_of_records(aws.ours()) == {("prod-a", "requests"): 9}
-    [sent] = spool.list_records(state=SENT)
-    assert sent.carried_hours == [record.hour]
-
-
-def test_a_refusal_after_an_unknown_outcome_fails_for_reconciliation() -> None:
-    clock, aws, spool, sender = sender_on_fake_aws()
-    spool.record([event_row(event("nr", clock[0] - HOUR, 2))])
-    aws.down = ISE_AFTER_RECORD
-    sender.tick()
-    aws.down = None
-    aws.state.products = {}  # the product is gone: AWS refuses the identical resend
-    clock[0] += 10 * 60
-    sender.tick()
-    [record] = spool.list_records(state=FAILED)
-    assert record.last_error.startswith("outcome unknown after 2 attempt(s), then refused: INVALID_PRODUCT_CODE")
-    assert record.client_token in record.last_error and aws.holds(record.client_token)

@@ -56,6 +56,7 @@ class Sent:
     first_ok: bool  # the first replica tried answered OK
     by: str  # the replica whose answer was OK
     resends: int  # sends after the first
+    known: int  # events the resend found stored already (the lost answer of a commit)
 
 
 def make_batch(rng: random.Random, caller: int, n: int) -> list[pb.UsageEvent]:
@@ -148,8 +149,7 @@ def test_replicas_killed_mid_stream_and_mid_send_meter_every_acknowledged_event_
             while not stop.is_set():
                 batch = make_batch(crng, c, n)
                 n += 1
-                replica = pick(crng)
-                assert replica is not None
+                replica = pick(crng) or live[0]
                 reply = to(replica, batch)
                 first_ok = reply is not None and reply.accepted == len(batch)
                 if reply is not None and not first_ok:
@@ -170,7 +170,10 @@ def test_replicas_killed_mid_stream_and_mid_send_meter_every_acknowledged_event_
                         with lock:  # one batch, one transaction: all of it stored before, or none
                             problems.append(f"resend to {replica.name} answered {reply}")
                 with lock:
-                    sent.append(Sent(batch, first_ok, replica.name, resends))
+                    sent.append(Sent(batch, first_ok, replica.name, resends, 0 if first_ok else reply.duplicates))
+        except Exception as exc:  # said by the test, not lost in a thread
+            with lock:
+                problems.append(f"caller {c}: {exc!r}")
         finally:
             for channel in channels.values():
                 channel.close()
@@ -206,6 +209,7 @@ def test_replicas_killed_mid_stream_and_mid_send_meter_every_acknowledged_event_
     assert not problems, problems
     without_ok = sum(1 for s in sent if not s.first_ok)
     resends = sum(s.resends for s in sent)
+    known = sum(1 for s in sent if s.known)
 
     # -- 2. acknowledged batches again, each to another replica than the one that took it --------
     duplicates = 0
@@ -296,7 +300,7 @@ def test_replicas_killed_mid_stream_and_mid_send_meter_every_acknowledged_event_
     assert ours == {(r["ClientToken"], r["MeteringRecordId"]) for r in records}
     led = [name for _, name in sorted((x["timestamp"], r.name) for r in launched for x in r.lines("sender_leading"))]
     print(f"batches {len(sent)} (+{1 + len(more)}), without OK at first {without_ok}, resends {resends}, "
-          f"cross-replica duplicates {duplicates}; killed mid-stream {victim.name} "
+          f"resent batches found stored {known}, cross-replica duplicates {duplicates}; killed mid-stream {victim.name} "
           f"({'leader' if victim_led else 'follower'}), mid-send {leader.name} (attempt {attempts} in flight, "
           f"{killed - faulted:.2f} s after the slow fault); led {'>'.join(led)}, lead taken {took_lead:.2f} s and "
           f"resent {resend_after:.2f} s after the kill; records {len(records)}; errors logged {dict(errors) or 0}; "

@@ -17,6 +17,7 @@ from pathlib import Path
 from decimal import Decimal
 
 import psycopg
+from psycopg import errors
 import pytest
 from postgres import PostgresServer
 from test_spool import NOW, row
@@ -157,7 +158,7 @@ def test_one_replica_leads_and_the_next_takes_over_when_it_is_gone(postgres_dsn:
     # knows at its next pass, and another replica leads.
     with psycopg.connect(postgres_dsn, autocommit=True) as admin:
         admin.execute("SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND "
-                      "objid = 2 AND pid != pg_backend_pid()")
+                      "classid = 28007 AND objid = 2 AND objsubid = 2 AND pid != pg_backend_pid()")
     time.sleep(0.2)
     assert replicas[1].leads() is False or replicas[2].leads() is False
     assert replicas[2].leads() or replicas[1].leads()
@@ -234,7 +235,7 @@ def test_acknowledged_batches_survive_a_database_crash_under_load(private_postgr
         t.start()
     time.sleep(0.5)
     private_postgres.kill()
-    time.sleep(0.5)
+    time.sleep(2.5)  # longer than a call waits for a connection: the outage is seen
     private_postgres.start()
     with lock:
         before_restart = len(acknowledged)
@@ -292,3 +293,97 @@ def test_libpq_variables_and_a_password_file_work(private_postgres: PostgresServ
     with pytest.raises(SpoolError) as caught:
         open_spool("postgresql://")
     assert "password authentication failed" in str(caught.value) and "wrong" not in str(caught.value)
+
+
+# -- what the review found ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("error", "outage"), [
+    (errors.DeadlockDetected, False), (errors.SerializationFailure, False), (errors.QueryCanceled, False),
+    (errors.LockNotAvailable, False), (errors.AdminShutdown, True), (errors.CannotConnectNow, True),
+    (errors.ReadOnlySqlTransaction, True), (errors.DiskFull, True), (psycopg.OperationalError, True),
+])
+def test_only_an_outage_stops_the_spool(postgres_dsn: str, error: type[Exception], outage: bool) -> None:
+    """A deadlock or a timeout fails one call; an outage (the database gone, shutting
+    down, read-only after a failover, out of disk) stops calls until a probe."""
+    spool = PostgresSpool(postgres_dsn)
+    assert spool._is_outage(error("test")) is outage
+    spool.close()
+
+
+def test_a_busy_pool_is_not_an_outage(postgres_dsn: str) -> None:
+    spool = PostgresSpool(postgres_dsn, pool_size=2)
+    held = [spool._pool.getconn() for _ in range(2)]  # every connection busy
+    with pytest.raises(SpoolUnavailable):
+        spool.record([row("a")])
+    assert spool.writable  # the database is fine: nothing stops, health stays SERVING
+    for conn in held:
+        spool._pool.putconn(conn)
+    assert spool.record([row("a")]) == (1, 0)
+    spool.close()
+
+
+def test_replicas_placing_while_the_leader_carries_never_deadlock(postgres_dsn: str) -> None:
+    """Placement claims events after locking their keys; carry locks the key, then
+    the record's events: no circle, so no deadlock, and nothing stops."""
+    replicas = [PostgresSpool(postgres_dsn) for _ in range(4)]
+    leader = PostgresSpool(postgres_dsn)
+    stop = threading.Event()
+    carried = 0
+
+    def place(spool: PostgresSpool, k: int) -> None:
+        rng, n = random.Random(k), 0
+        while not stop.is_set():
+            spool.record([row(f"{k}-{n}-{i}", hour_back=2, product=rng.choice(("prod-a", "prod-b")))
+                          for i in range(rng.randint(1, 1500))])
+            spool.assign(NOW)
+            n += 1
+
+    def carry() -> None:
+        nonlocal carried
+        while not stop.is_set():
+            for record in leader.list_records(state=PENDING, limit=50):
+                leader.carry(record.id, "DUPLICATE_REQUEST", NOW)
+                carried += 1
+
+    failures: list[BaseException] = []
+
+    def guarded(job: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                job()
+            except BaseException as exc:  # noqa: BLE001
+                failures.append(exc)
+        return run
+
+    threads = [threading.Thread(target=guarded(lambda s=s, k=k: place(s, k))) for k, s in enumerate(replicas)]
+    threads.append(threading.Thread(target=guarded(carry)))
+    for t in threads:
+        t.start()
+    time.sleep(6)
+    stop.set()
+    for t in threads:
+        t.join(60)
+    assert failures == [] and carried > 10
+    assert all(s.writable for s in (*replicas, leader))
+    for spool in (*replicas, leader):
+        spool.close()
+
+
+def test_sessions_keep_commits_durable_and_notice_a_vanished_peer(postgres_dsn: str) -> None:
+    """Whatever the database's defaults: commits wait for the log, and the server side
+    of every connection (the leader's too) drops a dead peer in about 25 s."""
+    spool = PostgresSpool(postgres_dsn)
+    assert spool.leads()
+    for conn in (spool._leader, spool._pool.getconn()):
+        assert conn is not None
+        shown = {name: conn.execute(f"SHOW {name}").fetchone()[0] for name in  # type: ignore[index]
+                 ("synchronous_commit", "tcp_keepalives_idle", "tcp_user_timeout")}
+        assert shown == {"synchronous_commit": "on", "tcp_keepalives_idle": "10", "tcp_user_timeout": "25000"}
+    spool.close()
+
+
+def test_an_unparsable_dsn_never_shows_its_password() -> None:
+    with pytest.raises(SpoolError) as caught:
+        PostgresSpool("postgresql://gw:s3cr%ZZet@db.example/metering")
+    assert "s3cr" not in str(caught.value) and "percent-encoded" in str(caught.value)

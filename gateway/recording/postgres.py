@@ -44,7 +44,7 @@ from typing import Any
 import psycopg
 import structlog
 from psycopg import conninfo, errors
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 
 from gateway.config import SPOOL_POOL_WAIT
 from gateway.recording.placement import EventRow
@@ -122,12 +122,30 @@ assert sorted(MIGRATIONS) == list(range(SCHEMA_VERSION, SCHEMA_VERSION + len(MIG
 _INSERT_EVENTS = (
     # Event-id order: two replicas inserting overlapping batches take row locks in
     # the same order, so they never deadlock. A repeated id is skipped, not an error.
+    # Binary parameters (%b): psycopg's text quoting of the arrays cost 40% of a
+    # process's time at 1000-event batches (benchmarks/record_usage.py --only spools).
     "INSERT INTO events (event_id, product_code, usage_dimension, hour, tags, quantity, whole, digest) "
-    "SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::bigint[], %s::text[], %s::text[], %s::int[], "
-    "%s::bytea[]) ORDER BY 1 ON CONFLICT (event_id) DO NOTHING"
+    "SELECT * FROM unnest(%b::text[], %b::text[], %b::text[], %b::bigint[], %b::text[], %b::text[], %b::int[], "
+    "%b::bytea[]) ORDER BY 1 ON CONFLICT (event_id) DO NOTHING"
 )
-# Errors that say the database, not our SQL, is the problem.
+# Errors that say the database, not our SQL, is the problem: the call answers SPOOL_UNAVAILABLE.
 _UNAVAILABLE = (psycopg.OperationalError, psycopg.InterfaceError, errors.ReadOnlySqlTransaction)
+# Of those, the SQLSTATE classes and codes that mean an outage (the database is gone,
+# shutting down, read-only after a failover, out of disk or memory): calls stop and
+# health turns NOT_SERVING until a probe succeeds. Anything else (a deadlock, a
+# serialization failure, a timeout, a busy pool) fails that one call only.
+_OUTAGE_CLASSES = ("08", "53", "58")
+_OUTAGE_CODES = frozenset({"57P01", "57P02", "57P03", "25006"})
+# Set on every connection: a commit is durable whatever the database's default, and the
+# server side of the connection notices a vanished peer in about 25 s (its defaults are
+# about two hours), so a dead leader's lock goes too.
+_SESSION = (
+    "SET synchronous_commit = on",
+    "SET tcp_keepalives_idle = 10",
+    "SET tcp_keepalives_interval = 5",
+    "SET tcp_keepalives_count = 3",
+    "SET tcp_user_timeout = 25000",
+)
 
 
 def redact(url: str) -> str:
@@ -139,6 +157,11 @@ def redact(url: str) -> str:
     user = f"{parts['user']}@" if parts.get("user") else ""
     port = f":{parts['port']}" if parts.get("port") else ""
     return f"postgresql://{user}{parts.get('host', '')}{port}/{parts.get('dbname', '')}"
+
+
+def _configure(conn: psycopg.Connection[Any]) -> None:
+    for statement in _SESSION:
+        conn.execute(statement)
 
 
 def _with_defaults(url: str) -> str:
@@ -177,14 +200,19 @@ class PostgresSpool(SqlSpool):
         self.location = redact(url)
         try:
             self._url = _with_defaults(url)
-        except psycopg.ProgrammingError as exc:
-            raise SpoolError(f"the PostgreSQL DSN cannot be read: {str(exc).splitlines()[0]}") from None
+        except psycopg.ProgrammingError:  # libpq's message may quote the password
+            raise SpoolError(f"the PostgreSQL DSN {self.location} cannot be parsed "
+                             "(is a special character in the password percent-encoded?)") from None
         self._leader: psycopg.Connection[Any] | None = None
         self._leading = False
         self._leader_guard = threading.Lock()
         self._pool_size = max(2, pool_size)
         self._pool = self._new_pool()
         self._last_error = ""
+        # Bumped when an outage closes the gate and when a probe opens it: a call that
+        # began in another generation never changes the state (its news is stale).
+        self._generation = 0
+        self._health = threading.Lock()
         try:
             self._connect_or_fail()
             self._open(now())
@@ -194,7 +222,8 @@ class PostgresSpool(SqlSpool):
 
     def _new_pool(self) -> ConnectionPool[Any]:
         return ConnectionPool(self._url, min_size=1, max_size=self._pool_size, open=False, timeout=SPOOL_POOL_WAIT,
-                              kwargs={"autocommit": True}, check=ConnectionPool.check_connection, name="spool")
+                              kwargs={"autocommit": True}, configure=_configure, check=ConnectionPool.check_connection,
+                              name="spool")
 
     def _connect_or_fail(self) -> None:
         """Start-up needs the database once (to check its schema): a one-line error if not."""
@@ -242,9 +271,11 @@ class PostgresSpool(SqlSpool):
 
     @contextmanager
     def _transaction(self, *, writer: bool = False) -> Iterator[_Db]:
-        with self._connection() as conn, conn.transaction():
-            yield _Db(conn)
-        self._set_writable(True)
+        with self._connection() as conn:
+            generation = self._generation
+            with conn.transaction():
+                yield _Db(conn)
+        self._reopen(generation)
 
     @contextmanager
     def _reading(self) -> Iterator[_Db]:
@@ -253,17 +284,17 @@ class PostgresSpool(SqlSpool):
 
     @contextmanager
     def _connection(self) -> Iterator[psycopg.Connection[Any]]:
-        """A pooled connection; a database failure leaves as SpoolUnavailable, and
-        the connection is dropped (after a failover it may point at a read-only node).
+        """A pooled connection; a database failure leaves as SpoolUnavailable.
 
-        Once the database has failed, calls fail at once, without waiting on the
-        pool, until :meth:`probe` finds it back: callers get SPOOL_UNAVAILABLE
-        within their deadline, and the pool's reconnection backoff never delays
-        the recovery.
+        An outage closes a gate: from then on calls fail at once, without waiting on
+        the pool, until :meth:`probe` finds the database back; callers get
+        SPOOL_UNAVAILABLE within their deadline, and the pool's reconnection backoff
+        never delays the recovery. A connection that failed is dropped (after a
+        failover it may point at a node that is now read-only).
         """
         if not self._writable:
-            raise SpoolUnavailable(f"the database is unavailable ({self._last_error}); waiting for it to return")
-        conn: psycopg.Connection[Any] | None = None
+            raise SpoolUnavailable(f"the database is unavailable ({self._last_error}); nothing was stored")
+        generation = self._generation
         try:
             with self._pool.connection() as conn:
                 try:
@@ -272,12 +303,41 @@ class PostgresSpool(SqlSpool):
                     conn.close()  # the pool discards a closed connection
                     raise
         except _UNAVAILABLE as exc:
-            error = SpoolUnavailable(f"{type(exc).__name__}: {_first_line(exc)}")
+            error = SpoolUnavailable(_unavailable_message(exc))
             log.error("spool_unavailable", location=self.location, error=str(error))
-            if not isinstance(exc, errors.TransactionRollback):  # a deadlock or conflict is not an outage
-                self._last_error = str(error)
-                self._set_writable(False)
+            if self._is_outage(exc):
+                self._close_gate(generation, str(error))
             raise error from exc
+
+    def _is_outage(self, exc: BaseException) -> bool:
+        if isinstance(exc, PoolTimeout):  # every connection busy, or none can be made?
+            try:
+                with psycopg.connect(self._url, autocommit=True, connect_timeout=2) as conn:
+                    conn.execute("SELECT 1")
+                return False
+            except psycopg.Error:
+                return True
+        code = getattr(exc, "sqlstate", None) or ""
+        if not code:  # no answer from the server at all: the connection is gone
+            return isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError))
+        return code[:2] in _OUTAGE_CLASSES or code in _OUTAGE_CODES
+
+    def _close_gate(self, generation: int, error: str) -> None:
+        with self._health:
+            if generation != self._generation or not self._writable:
+                return  # already closed, or news from before the last reopening
+            self._generation += 1
+            self._last_error = error
+            self._set_writable(False)
+
+    def _reopen(self, generation: int) -> None:
+        """A commit of the current generation proves the database writable (SQLite's
+        rule too); one begun before an outage was noticed proves nothing."""
+        if self._writable:
+            return
+        with self._health:
+            if generation == self._generation:
+                self._set_writable(True)
 
     def probe(self) -> bool:
         """Write (then delete) about one large batch's worth of bytes on a connection
@@ -286,19 +346,24 @@ class PostgresSpool(SqlSpool):
             with psycopg.connect(self._url, autocommit=True) as conn, conn.transaction():
                 conn.execute("INSERT INTO probe (data) VALUES (%s)", (bytes(PROBE_SIZE),))
                 conn.execute("DELETE FROM probe")
-        except (*_UNAVAILABLE, errors.DiskFull) as exc:
-            self._last_error = f"{type(exc).__name__}: {_first_line(exc)}"
+        except _UNAVAILABLE as exc:
+            self._last_error = _unavailable_message(exc)
             return False
-        if not self._writable:
-            stale, self._pool = self._pool, self._new_pool()
-            self._pool.open(wait=False)
-            threading.Thread(target=stale.close, kwargs={"timeout": SPOOL_POOL_WAIT}, name="spool-pool-close",
-                             daemon=True).start()
-            self._set_writable(True)
+        with self._health:
+            if not self._writable:
+                stale, self._pool = self._pool, self._new_pool()
+                self._pool.open(wait=False)
+                threading.Thread(target=stale.close, kwargs={"timeout": SPOOL_POOL_WAIT}, name="spool-pool-close",
+                                 daemon=True).start()
+                self._generation += 1
+                self._set_writable(True)
         return True
 
     def _lock_key(self, db: Any, product_code: str, usage_dimension: str) -> None:
-        db.execute("SELECT pg_advisory_xact_lock(?, hashtext(?))", (_LOCKS + _KEY_LOCKS, f"{product_code}\x1f{usage_dimension}"))
+        # One 64-bit lock per key: placers lock keys in sorted order, and a collision of
+        # two keys' hashes (about 2**-64) would only serialise them more.
+        db.execute("SELECT pg_advisory_xact_lock(hashtextextended(?, ?))",
+                   (f"{product_code}\x1f{usage_dimension}", _LOCKS + _KEY_LOCKS))
 
     def _assign_events(self, db: Any, record_id: int, ids: Sequence[int]) -> None:
         db.execute("UPDATE events SET record_id = ? WHERE seq = ANY(?)", (record_id, list(ids)))
@@ -333,6 +398,7 @@ class PostgresSpool(SqlSpool):
                 if self._leader is None or self._leader.closed:
                     self._leading = False
                     self._leader = psycopg.connect(self._url, autocommit=True)
+                    _configure(self._leader)
                 if self._leading:
                     self._leader.execute("SELECT 1")  # the connection lives, so the lock is still ours
                     return True
@@ -358,6 +424,13 @@ class PostgresSpool(SqlSpool):
             return int(_one(db.conn.execute(
                 "SELECT COALESCE(SUM(pg_total_relation_size(t::regclass)), 0) FROM "
                 "unnest(ARRAY['events', 'records', 'taken', 'meta', 'probe']) AS t")))
+
+
+def _unavailable_message(exc: BaseException) -> str:
+    """For the caller: what failed, and that a retry of the same batch is safe. A
+    commit whose answer was lost may have stored the batch: the retry then finds
+    its events as duplicates."""
+    return f"{type(exc).__name__}: {_first_line(exc)}"
 
 
 def _one(cur: psycopg.Cursor[Any]) -> Any:

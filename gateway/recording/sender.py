@@ -170,6 +170,8 @@ class Sender:
                 break
             if not final and self._stop.is_set():
                 break
+            if not self.spool.leads():  # checked before every record: a pass may outlast the lead
+                break
             try:
                 self._handle(row, result)
             except SpoolUnavailable:

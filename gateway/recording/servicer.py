@@ -115,7 +115,7 @@ class RecorderServicer(pb_grpc.UsageRecorderServiceServicer):
                                       violations=violations) from None
         except SpoolUnavailable as exc:  # logged with the database's own words by the spool
             raise errors.GatewayError("SPOOL_UNAVAILABLE", f"the spool cannot take events now ({exc}); nothing was "
-                                      "stored: retry the same batch", retry_delay=SPOOL_RETRY_DELAY) from None
+                                      "acknowledged: retry the same batch, with the same event ids", retry_delay=SPOOL_RETRY_DELAY) from None
         structlog.contextvars.bind_contextvars(accepted=accepted, duplicates=duplicates)
         return pb.RecordUsageResponse(accepted=accepted, duplicates=duplicates)
 

@@ -50,7 +50,9 @@ class SpoolError(Exception):
 
 
 class SpoolUnavailable(SpoolError):
-    """The database could not write (disk full, I/O error, unreachable): nothing was committed."""
+    """The database could not write (disk full, I/O error, unreachable). Nothing is
+    acknowledged; with PostgreSQL a commit whose answer was lost may have stored the
+    batch anyway, so a retry must use the same event ids (they count as duplicates)."""
 
 
 class EventIdConflict(SpoolError):

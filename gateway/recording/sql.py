@@ -162,17 +162,25 @@ class SqlSpool:
             return carries
 
         def place_chunk(db: Db) -> int:
+            unassigned = f"record_id IS NULL AND {self.SEQ} <= ?"
+            # The keys first, then the events: a placer never waits for a key while it
+            # holds events, and every placer takes keys in one order, so replicas
+            # placing (and carrying) at once never wait on each other in a circle.
+            keys = sorted({(p, d) for p, d in db.execute(
+                f"SELECT product_code, usage_dimension FROM events WHERE {unassigned} ORDER BY {self.SEQ} LIMIT ?",
+                (last, ASSIGN_CHUNK))})
+            if not keys:
+                return 0
+            for key in keys:
+                self._lock_key(db, *key)
             rows = db.execute(
                 f"SELECT {self.SEQ}, product_code, usage_dimension, hour, tags, quantity, whole FROM events "
-                f"WHERE record_id IS NULL AND {self.SEQ} <= ? ORDER BY {self.SEQ} LIMIT ?{self.CLAIM_ROWS}",
-                (last, ASSIGN_CHUNK),
+                f"WHERE {unassigned} AND (product_code, usage_dimension) IN (VALUES {', '.join(['(?, ?)'] * len(keys))}) "
+                f"ORDER BY {self.SEQ} LIMIT ?{self.CLAIM_ROWS}",
+                (last, *[part for key in keys for part in key], ASSIGN_CHUNK),
             ).fetchall()
-            pieces = placement.group(rows)
-            # Keys locked in one order by every placer: two replicas never wait on each other in a circle.
-            for key in sorted({(p.product_code, p.usage_dimension) for p in pieces}):
-                self._lock_key(db, *key)
             earliest = placement.earliest_hour(now, margin)
-            for piece in pieces:
+            for piece in placement.group(rows):
                 carry = self._place(db, piece, earliest)
                 if carry is not None:
                     carries.append(carry)

@@ -41,11 +41,12 @@ $(BUF): $(BUF_DIR)/package.json $(BUF_DIR)/package-lock.json
 proto: $(STAMP)
 	$(BIN)/python tools/genproto.py
 
-## bench: the pass-through, RecordUsage (throughput, latency during placement) and spool-size benchmarks (figures in README.md)
+## bench: the pass-through, RecordUsage (throughput, latency during placement, PostgreSQL vs SQLite) and spool-size benchmarks (figures in README.md)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/passthrough.py --processes 1
 	$(BIN)/python benchmarks/passthrough.py --processes 2
 	$(BIN)/python benchmarks/record_usage.py
+	$(BIN)/python benchmarks/record_usage.py --only spools
 	$(BIN)/python benchmarks/spool_days.py
 
 clean:

@@ -74,7 +74,11 @@ class GatewayProcess:
         args = ["serve", *SERVE_ARGS, "--spool", str(spool), *extra]
         self.proc = subprocess.Popen([sys.executable, "-m", "gateway", *args], env=env,
                                      stdout=open(self.log, "wb"), stderr=subprocess.STDOUT)
-        self.target = wait_for(self._listening, timeout=30, what=f"{name} to serve")
+        try:
+            self.target = wait_for(self._listening, timeout=30, what=f"{name} to serve")
+        except BaseException:
+            self.stop()  # no test holds it yet: it would outlive the test
+            raise
 
     def _listening(self) -> str | None:
         assert self.proc.poll() is None, self.log.read_text()

@@ -15,7 +15,9 @@ import subprocess
 import sys
 import urllib.request
 from collections.abc import Iterator
+from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
 from recording import wait_for
@@ -102,3 +104,19 @@ class GatewayProcess:
         if self.alive:
             self.proc.kill()
         self.proc.wait(10)
+
+
+def local_aws_records(url: str) -> list[dict[str, Any]]:
+    """What the local AWS process holds (``/_local/records``)."""
+    records = http_json(url + "/_local/records")
+    assert isinstance(records, list)
+    return records
+
+
+def sums_of_local_records(records: list[dict[str, Any]]) -> dict[tuple[str, str], Decimal]:
+    """Metered quantity per (product, dimension), exact."""
+    metered: dict[tuple[str, str], Decimal] = {}
+    for r in records:
+        key = (r["ProductCode"], r["UsageDimension"])
+        metered[key] = metered.get(key, Decimal(0)) + Decimal(r["Quantity"])
+    return metered

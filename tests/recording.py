@@ -1,9 +1,10 @@
-"""Helpers for the recorded-usage tests: events, and AWS's rules in process."""
+"""Helpers for the recorded-usage tests: events, batches for the crash tests, and AWS's rules in process."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import random
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
@@ -12,18 +13,23 @@ from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Any
 
+import grpc
 from support import local_session
 
 from gateway import errors
 from gateway.app import recording_servicer, serve_health
 from gateway.backend import Outcome, make_client
 from gateway.config import Settings
+from gateway.recording import placement
 from gateway.recording.lifecycle import Recording, open_recording
 from gateway.server import RECORDER_SERVICE, Gateway
 from gateway.local_aws import AwsError, Record, State
 from marketplace.metering.v1 import metering_pb2 as pb
+from marketplace.metering.v1 import metering_pb2_grpc as pb_grpc
 
 IDENTITY = "AKIDLOCALTEST"
+CRASH_BATCH = 50  # events per batch in the crash tests
+HOUR = placement.HOUR
 
 
 def event(event_id: str, when: float, quantity: int | str = 1, product: str = "prod-a", dimension: str = "requests",
@@ -154,3 +160,32 @@ def wait_for(condition: Callable[[], Any], timeout: float = 20.0, what: str = "c
         if time.monotonic() > end:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.05)
+
+
+def make_batch(rng: random.Random, caller: int, n: int) -> list[pb.UsageEvent]:
+    """``CRASH_BATCH`` events over the open hour and the three before it, timed by the wall
+    clock (the crash tests run real processes)."""
+    now = time.time()
+    current = placement.hour_of(now)
+    out = []
+    for i in range(CRASH_BATCH):
+        hours_back = rng.choice((0, 0, 1, 2, 3))
+        when = now if hours_back == 0 else current - hours_back * HOUR + rng.uniform(0, HOUR - 1)
+        quantity: int | str = (rng.randint(0, 1000) if rng.random() < 0.7
+                               else f"{rng.randint(0, 99)}.{rng.randint(0, 999999):06d}")
+        tags = {"tenant": f"t{rng.randint(0, 2)}"} if rng.random() < 0.5 else {}
+        out.append(event(f"c{caller}-b{n}-e{i}", when, quantity, product=f"prod-{rng.randint(0, 1)}",
+                         dimension=rng.choice(("requests", "gb")), **tags))
+    return out
+
+
+def record_usage(channel: grpc.Channel, batch: list[pb.UsageEvent]) -> pb.RecordUsageResponse | None:
+    try:
+        return pb_grpc.UsageRecorderServiceStub(channel).RecordUsage(pb.RecordUsageRequest(events=batch), timeout=5)
+    except grpc.RpcError:
+        return None
+
+
+def send(target: str, batch: list[pb.UsageEvent]) -> pb.RecordUsageResponse | None:
+    with grpc.insecure_channel(target) as channel:
+        return record_usage(channel, batch)

@@ -15,44 +15,19 @@ import random
 import signal
 import threading
 import time
-from decimal import Decimal
 from pathlib import Path
 
 import grpc
 import pytest
-from processes import GatewayProcess, http_json
-from recording import event, sums_of_events, wait_for
+from processes import GatewayProcess, local_aws_records, sums_of_local_records
+from recording import CRASH_BATCH, make_batch, send, sums_of_events, wait_for
 
-from gateway.recording import placement
 from marketplace.metering.v1 import metering_pb2 as pb
 from marketplace.metering.v1 import metering_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.slow
 HOUR = 3600
 CALLERS = 4
-BATCH = 50
-
-
-def make_batch(rng: random.Random, caller: int, n: int) -> list[pb.UsageEvent]:
-    now = time.time()
-    current = placement.hour_of(now)
-    out = []
-    for i in range(BATCH):
-        hours_back = rng.choice((0, 0, 1, 2, 3))
-        when = now if hours_back == 0 else current - hours_back * HOUR + rng.uniform(0, HOUR - 1)
-        quantity: int | str = rng.randint(0, 1000) if rng.random() < 0.7 else f"{rng.randint(0, 99)}.{rng.randint(0, 999999):06d}"
-        tags = {"tenant": f"t{rng.randint(0, 2)}"} if rng.random() < 0.5 else {}
-        out.append(event(f"c{caller}-b{n}-e{i}", when, quantity, product=f"prod-{rng.randint(0, 1)}",
-                         dimension=rng.choice(("requests", "gb")), **tags))
-    return out
-
-
-def send(target: str, batch: list[pb.UsageEvent]) -> pb.RecordUsageResponse | None:
-    with grpc.insecure_channel(target) as channel:
-        try:
-            return pb_grpc.UsageRecorderServiceStub(channel).RecordUsage(pb.RecordUsageRequest(events=batch), timeout=5)
-        except grpc.RpcError:
-            return None
 
 
 def test_sigkill_and_restart_meter_every_acknowledged_event_once(tmp_path: Path, local_aws_url: str) -> None:
@@ -98,19 +73,15 @@ def test_sigkill_and_restart_meter_every_acknowledged_event_once(tmp_path: Path,
         reply = send(second.target, batch)
         assert reply is not None and reply.accepted + reply.duplicates == len(batch)
         duplicates += reply.duplicates
-    assert duplicates >= 5 * BATCH  # the acknowledged ones, at least, were known
+    assert duplicates >= 5 * CRASH_BATCH  # the acknowledged ones, at least, were known
     more = [make_batch(rng, 99, n) for n in range(3)]
     for batch in more:
-        assert send(second.target, batch) == pb.RecordUsageResponse(accepted=BATCH)
+        assert send(second.target, batch) == pb.RecordUsageResponse(accepted=CRASH_BATCH)
     second.proc.send_signal(signal.SIGTERM)
     assert second.proc.wait(30) == 0, second.log.read_text()[-3000:]
 
-    records = http_json(local_aws_url + "/_local/records")
-    assert isinstance(records, list)
-    metered: dict[tuple[str, str], Decimal] = {}
-    for r in records:
-        key = (r["ProductCode"], r["UsageDimension"])
-        metered[key] = metered.get(key, Decimal(0)) + Decimal(r["Quantity"])
+    records = local_aws_records(local_aws_url)
+    metered = sums_of_local_records(records)
     unique = {ev.event_id: ev for batch in batches + more for ev in batch}
     assert metered == sums_of_events(unique.values())
     hours = [(r["ProductCode"], r["UsageDimension"], r["Hour"]) for r in records]

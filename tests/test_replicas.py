@@ -25,23 +25,20 @@ from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from decimal import Decimal
 from pathlib import Path
 
 import grpc
 import psycopg
 import pytest
-from processes import GatewayProcess, http_json
-from recording import event, sums_of_events, wait_for
+from processes import GatewayProcess, http_json, local_aws_records, sums_of_local_records
+from recording import CRASH_BATCH, event, make_batch, record_usage, send, sums_of_events, wait_for
 
 from gateway.recording import placement
 from marketplace.metering.v1 import metering_pb2 as pb
-from marketplace.metering.v1 import metering_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.slow
 HOUR = 3600
 CALLERS = 4
-BATCH = 50
 RESENT_ACKNOWLEDGED = 6
 # How late AWS answers the MeterUsage call in flight at the second kill: well under the
 # gateway's 5 s read timeout (so the attempt is still waiting), long enough to kill it first.
@@ -57,34 +54,6 @@ class Sent:
     by: str  # the replica whose answer was OK
     resends: int  # sends after the first
     known: int  # events the resend found stored already (the lost answer of a commit)
-
-
-def make_batch(rng: random.Random, caller: int, n: int) -> list[pb.UsageEvent]:
-    """BATCH events over the open hour and the three before it (times relative to now, as in test_crash)."""
-    now = time.time()
-    current = placement.hour_of(now)
-    out = []
-    for i in range(BATCH):
-        hours_back = rng.choice((0, 0, 1, 2, 3))
-        when = now if hours_back == 0 else current - hours_back * HOUR + rng.uniform(0, HOUR - 1)
-        quantity: int | str = (rng.randint(0, 1000) if rng.random() < 0.7
-                               else f"{rng.randint(0, 99)}.{rng.randint(0, 999999):06d}")
-        tags = {"tenant": f"t{rng.randint(0, 2)}"} if rng.random() < 0.5 else {}
-        out.append(event(f"c{caller}-b{n}-e{i}", when, quantity, product=f"prod-{rng.randint(0, 1)}",
-                         dimension=rng.choice(("requests", "gb")), **tags))
-    return out
-
-
-def record_usage(channel: grpc.Channel, batch: list[pb.UsageEvent]) -> pb.RecordUsageResponse | None:
-    try:
-        return pb_grpc.UsageRecorderServiceStub(channel).RecordUsage(pb.RecordUsageRequest(events=batch), timeout=5)
-    except grpc.RpcError:
-        return None
-
-
-def send(target: str, batch: list[pb.UsageEvent]) -> pb.RecordUsageResponse | None:
-    with grpc.insecure_channel(target) as channel:
-        return record_usage(channel, batch)
 
 
 def leading(replica: GatewayProcess) -> bool:
@@ -216,7 +185,7 @@ def test_replicas_killed_mid_stream_and_mid_send_meter_every_acknowledged_event_
     for s in rng.sample([s for s in sent if s.first_ok], RESENT_ACKNOWLEDGED):
         other = rng.choice([r for r in live if r.name != s.by])
         reply = send(other.target, s.batch)
-        assert reply == pb.RecordUsageResponse(duplicates=BATCH), f"{s.by}'s batch resent to {other.name}: {reply}"
+        assert reply == pb.RecordUsageResponse(duplicates=CRASH_BATCH), f"{s.by}'s batch resent to {other.name}: {reply}"
         duplicates += reply.duplicates
 
     # -- 3. kill -9 the leader while its MeterUsage call is in flight -----------------------------
@@ -236,8 +205,8 @@ def test_replicas_killed_mid_stream_and_mid_send_meter_every_acknowledged_event_
     # A key of its own, in the hour before this one: a new record, due at once (its hour is closed).
     last_hour = placement.hour_of(time.time()) - HOUR
     late = [event(f"late-e{i}", last_hour + rng.uniform(0, HOUR - 1), rng.randint(1, 1000), product="prod-late")
-            for i in range(BATCH)]
-    assert send(follower.target, late) == pb.RecordUsageResponse(accepted=BATCH)
+            for i in range(CRASH_BATCH)]
+    assert send(follower.target, late) == pb.RecordUsageResponse(accepted=CRASH_BATCH)
 
     def in_flight() -> tuple[int, str, int] | None:
         """The record whose attempt AWS has taken (and recorded) but not yet answered."""
@@ -271,19 +240,15 @@ def test_replicas_killed_mid_stream_and_mid_send_meter_every_acknowledged_event_
     # -- 4. more usage, then SIGTERM: the leader meters the open hour too -------------------------
     more = [make_batch(rng, 99, n) for n in range(3)]
     for batch in more:
-        assert send(follower.target, batch) == pb.RecordUsageResponse(accepted=BATCH)
+        assert send(follower.target, batch) == pb.RecordUsageResponse(accepted=CRASH_BATCH)
     follower.proc.send_signal(signal.SIGTERM)
     assert follower.proc.wait(30) == 0, follower.tail()
 
     # -- what AWS holds, and what the spool says ----------------------------------------------------
-    records = http_json(local_aws_url + "/_local/records")
-    assert isinstance(records, list)
-    metered: dict[tuple[str, str], Decimal] = {}
-    for r in records:
-        key = (r["ProductCode"], r["UsageDimension"])
-        metered[key] = metered.get(key, Decimal(0)) + Decimal(r["Quantity"])
+    records = local_aws_records(local_aws_url)
+    metered = sums_of_local_records(records)
     unique = {ev.event_id: ev for batch in [s.batch for s in sent] + [late] + more for ev in batch}
-    assert len(unique) == BATCH * (len(sent) + 1 + len(more))
+    assert len(unique) == CRASH_BATCH * (len(sent) + 1 + len(more))
     assert metered == sums_of_events(unique.values())
     hours = [(r["ProductCode"], r["UsageDimension"], r["Hour"]) for r in records]
     assert len(hours) == len(set(hours))

@@ -1,13 +1,17 @@
-"""Helpers shared by the tests: a live gateway on loopback, status details."""
+"""Helpers shared by the tests: a live gateway on loopback, status details, the Dockerfile read.
+
+Gateways as separate processes are started by processes.py."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone, tzinfo
+from pathlib import Path
 from typing import Any
 
 import boto3
@@ -22,6 +26,8 @@ from gateway.service import MeteringServicer
 from marketplace.metering.v1 import metering_pb2 as pb
 from marketplace.metering.v1 import metering_pb2_grpc as pb_grpc
 from metering_client import convert as client_convert
+
+ROOT = Path(__file__).resolve().parent.parent  # the repository
 
 LOCAL_CREDS = {"aws_access_key_id": "AKIDLOCALTEST", "aws_secret_access_key": "local-secret-never-logged"}
 
@@ -180,3 +186,45 @@ def details(exc: grpc.RpcError) -> Details:
             any_msg.Unpack(found["retry"])
     assert found["info"], "no ErrorInfo in the status details"
     return Details(exc.code(), exc.details(), found["info"][0], found["bad"], found["retry"], len(found["info"]))
+
+
+@dataclass(frozen=True)
+class Instruction:
+    keyword: str
+    args: str
+
+    @property
+    def exec_form(self) -> list[str]:
+        """The JSON argv of ``CMD [...]``, after any options (``--interval=10s CMD``)."""
+        text = self.args
+        if self.keyword == "HEALTHCHECK":
+            _, _, text = text.partition("CMD ")
+        value = json.loads(text)
+        assert isinstance(value, list) and all(isinstance(v, str) for v in value), f"{self.keyword} is not exec form"
+        return value
+
+
+def parse_dockerfile(text: str) -> list[list[Instruction]]:
+    """Stages of instructions; joins ``\\`` continuations, drops comments."""
+    stages: list[list[Instruction]] = [[]]
+    logical = ""
+    for line in text.splitlines():
+        if line.lstrip().startswith("#"):
+            continue
+        if line.endswith("\\"):
+            logical += line[:-1] + " "
+            continue
+        logical += line
+        if logical.strip():
+            keyword, _, args = logical.strip().partition(" ")
+            instruction = Instruction(keyword.upper(), " ".join(args.split()))
+            if instruction.keyword == "FROM":
+                stages.append([])
+            stages[-1].append(instruction)
+        logical = ""
+    return stages
+
+
+def first(stage: list[Instruction], keyword: str) -> Instruction:
+    [found] = [i for i in stage if i.keyword == keyword]
+    return found

@@ -13,10 +13,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import grpc
 import pytest
+from processes import GatewayProcess, free_port
 from recording import wait_for
 from support import request
 
@@ -41,37 +42,12 @@ def gateway_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "gateway", *args]
 
 
-def read_until(stream: IO[str], event: str, limit: int = 200, into: list[str] | None = None) -> dict[str, Any]:
-    """Read JSON log lines until one has this event; return it (all lines read go ``into``)."""
-    for _ in range(limit):
-        line = stream.readline()
-        if not line:
-            break
-        if into is not None:
-            into.append(line)
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
-        if entry.get("event") == event:
-            return entry
-    raise AssertionError(f"no {event!r} log line")
-
-
 @contextmanager
-def serve(*args: str, env: dict[str, str] | None = None, lines: list[str] | None = None) -> Iterator[tuple[subprocess.Popen[str], str]]:
-    proc = subprocess.Popen(
-        gateway_cmd("serve", "--listen", "127.0.0.1:0", *args),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})},
-    )
-    try:
-        assert proc.stdout is not None
-        line = read_until(proc.stdout, "serving", into=lines)
-        assert line["status"] == "SERVING"
-        yield proc, line["listen"]
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
+def serve(*args: str, env: dict[str, str] | None = None) -> Iterator[GatewayProcess]:
+    """``serve --listen 127.0.0.1:0 ARGS`` in this environment plus ``env``; SIGTERM on leaving."""
+    with GatewayProcess(gateway_cmd("serve", "--listen", "127.0.0.1:0", *args), {**os.environ, **(env or {})}) as gw:
+        assert gw.serving["status"] == "SERVING"
+        yield gw
 
 
 def health(target: str) -> subprocess.CompletedProcess[str]:
@@ -79,18 +55,15 @@ def health(target: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_serve_local_reports_serving_and_health_agrees() -> None:
-    with serve("--local") as (proc, target):
-        result = health(target)
+    with serve("--local") as gw:
+        result = health(gw.target)
         assert result.returncode == 0 and "SERVING" in result.stdout
-        assert pb_grpc.MeteringServiceStub(grpc.insecure_channel(target)).MeterUsage(wall_request(), timeout=10).metering_record_id
-    assert proc.returncode == 0
+        assert pb_grpc.MeteringServiceStub(grpc.insecure_channel(gw.target)).MeterUsage(wall_request(), timeout=10).metering_record_id
+    assert gw.proc.returncode == 0
 
 
 def test_health_fails_without_a_server() -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    result = health(f"127.0.0.1:{port}")
+    result = health(f"127.0.0.1:{free_port()}")
     assert result.returncode != 0 and "UNAVAILABLE" in result.stderr
 
 
@@ -102,19 +75,16 @@ def test_one_log_line_per_rpc_with_its_fields_and_no_secret() -> None:
             "AWS_REGION": "us-east-1",
             "AWS_ENDPOINT_URL_MARKETPLACE_METERING": backend.endpoint_url,
         }
-        lines: list[str] = []
-        with serve(env=env, lines=lines) as (proc, target):
-            stub = pb_grpc.MeteringServiceStub(grpc.insecure_channel(target))
+        with serve(env=env) as gw:
+            stub = pb_grpc.MeteringServiceStub(grpc.insecure_channel(gw.target))
             stub.MeterUsage(wall_request(usage_dimension="logged"), metadata=[("x-request-id", "req-from-caller")], timeout=10)
-            assert proc.stdout is not None
-            line = read_until(proc.stdout, "rpc", into=lines)
-        rest, err = proc.communicate(timeout=20)
-    out = "".join(lines) + rest
+            line = gw.wait_for(lambda e: e.get("event") == "rpc")
+    out = gw.output()  # its stdout and stderr
     assert line["method"] == "/marketplace.metering.v1.MeteringService/MeterUsage"
     assert line["code"] == "OK" and line["attempts"] == 1 and line["aws_request_id"]
     assert (line["product_code"], line["usage_dimension"], line["request_id"]) == ("prod-abc123", "logged", "req-from-caller")
     assert isinstance(line["duration_ms"], float)
-    assert SECRET not in out + err + json.dumps(line)
+    assert SECRET not in out + json.dumps(line)
     assert "long-term keys" in out  # the startup warning about access keys
 
 
@@ -182,27 +152,24 @@ def test_health_with_a_missing_ca_file_is_one_line(tmp_path: Path) -> None:
 
 
 def test_processes_share_one_port_and_drain_together() -> None:
-    lines: list[str] = []
-    with serve("--local", "--processes", "2", lines=lines) as (proc, target):
-        serving = json.loads(next(line for line in lines if '"serving"' in line))
+    with serve("--local", "--processes", "2") as gw:
+        serving = gw.serving
         assert serving["processes"] == 2 and len(serving["pids"]) == 2
         for n in range(24):  # each new connection is balanced by the kernel
-            with grpc.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)]) as ch:
+            with grpc.insecure_channel(gw.target, options=[("grpc.use_local_subchannel_pool", 1)]) as ch:
                 pb_grpc.MeteringServiceStub(ch).MeterUsage(wall_request(usage_dimension=f"mp-{n}"), timeout=10)
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=30)
-    workers = {json.loads(line).get("worker") for line in out.splitlines() if '"event": "rpc"' in line}
+        gw.proc.send_signal(signal.SIGTERM)
+        gw.wait(timeout=30)
+    workers = {e.get("worker") for e in gw.lines("rpc") if e.get("event") == "rpc"}
     assert workers == {0, 1}, "both worker processes should have served calls"
-    assert proc.returncode == 0
+    assert gw.proc.returncode == 0
 
 
 def test_a_dead_worker_fails_the_whole() -> None:
-    lines: list[str] = []
-    with serve("--local", "--processes", "2", lines=lines) as (proc, _):
-        serving = json.loads(next(line for line in lines if '"serving"' in line))
-        os.kill(serving["pids"][0], signal.SIGKILL)
-        proc.wait(timeout=30)
-    assert proc.returncode == 1
+    with serve("--local", "--processes", "2") as gw:
+        os.kill(gw.serving["pids"][0], signal.SIGKILL)
+        gw.wait(timeout=30)
+    assert gw.proc.returncode == 1
 
 
 def test_processes_and_an_sqlite_spool_are_refused(tmp_path: Path) -> None:
@@ -214,29 +181,28 @@ def test_processes_and_an_sqlite_spool_are_refused(tmp_path: Path) -> None:
 def test_processes_share_a_postgresql_spool_and_one_of_them_sends(postgres_dsn: str) -> None:
     """Both workers take RecordUsage on one database; an event id is known to both;
     exactly one worker leads the sending."""
-    lines: list[str] = []
     hour_ago = datetime.now(timezone.utc) - timedelta(hours=1)
     with serve("--local", "--processes", "2", "--spool", postgres_dsn, "--flush-interval", "200ms",
-               "--flush-grace", "0s", lines=lines) as (proc, target):
+               "--flush-grace", "0s") as gw:
         replies = []
         for n in range(24):  # each new connection is balanced by the kernel
             event = pb.UsageEvent(event_id=f"e{n % 12}", product_code="prod-abc123", usage_dimension="requests",
                                   usage_quantity=n % 12 + 1)
             event.timestamp.FromDatetime(hour_ago)
-            with grpc.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)]) as ch:
+            with grpc.insecure_channel(gw.target, options=[("grpc.use_local_subchannel_pool", 1)]) as ch:
                 replies.append(pb_grpc.UsageRecorderServiceStub(ch).RecordUsage(
                     pb.RecordUsageRequest(events=[event]), timeout=10))
-        with grpc.insecure_channel(target) as ch:
+        with grpc.insecure_channel(gw.target) as ch:
             def sent() -> list[pb.MeteringRecord]:
                 listing = pb_grpc.UsageRecorderServiceStub(ch).ListMeteringRecords(
                     pb.ListMeteringRecordsRequest(state=pb.MeteringRecord.STATE_SENT), timeout=10)
                 return list(listing.records)
             records = wait_for(sent, what="the hour metered")
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=30)
-    logged = [json.loads(line) for line in [*lines, *out.splitlines()] if line.startswith("{")]
+        gw.proc.send_signal(signal.SIGTERM)
+        gw.wait(timeout=30)
+    logged = gw.lines()
     assert {e.get("worker") for e in logged if e["event"] == "rpc" and "RecordUsage" in e["method"]} == {0, 1}
     assert [r.accepted for r in replies] == [1] * 12 + [0] * 12  # the second round: duplicates, whichever worker
     assert [(r.quantity, r.attempts) for r in records] == [(str(sum(range(1, 13))), 1)]
     assert len({e.get("worker") for e in logged if e["event"] == "sender_leading"}) == 1
-    assert proc.returncode == 0
+    assert gw.proc.returncode == 0

@@ -9,7 +9,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from helpers_clients import ROOT, gateway_process
+from processes import gateway_process
+from support import ROOT
 
 SCRIPT = textwrap.dedent(
     """

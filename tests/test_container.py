@@ -15,7 +15,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from helpers_clients import ROOT, first, free_port, gateway_process, parse_dockerfile, tool_env
+from processes import free_port, gateway_process, tool_env
+from support import ROOT, first, parse_dockerfile
 
 from gateway.config import parse_listen
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from processes import GatewayProcess, local_aws_records, sums_of_local_records
+from processes import last_batches_then_sigterm, local_aws_records, spooled_gateway, sums_of_local_records
 from recording import CRASH_BATCH, make_batch, send, sums_of_events, wait_for
 
 from marketplace.metering.v1 import metering_pb2 as pb
@@ -36,7 +36,7 @@ def test_sigkill_and_restart_meter_every_acknowledged_event_once(tmp_path: Path,
     acked: list[bool] = []
     lock = threading.Lock()
     stop = threading.Event()
-    first = GatewayProcess(tmp_path, "gateway-1", local_aws_url, tmp_path / "spool.db")
+    first = spooled_gateway(tmp_path, "gateway-1", local_aws_url, tmp_path / "spool.db")
 
     def caller(c: int) -> None:
         crng = random.Random(rng.random())
@@ -66,7 +66,7 @@ def test_sigkill_and_restart_meter_every_acknowledged_event_once(tmp_path: Path,
     for t in threads:
         t.join()
 
-    second = GatewayProcess(tmp_path, "gateway-2", local_aws_url, tmp_path / "spool.db")
+    second = spooled_gateway(tmp_path, "gateway-2", local_aws_url, tmp_path / "spool.db")
     resent = [b for b, ok in zip(batches, acked) if not ok] + rng.sample([b for b, ok in zip(batches, acked) if ok], 5)
     duplicates = 0
     for batch in resent:
@@ -74,11 +74,7 @@ def test_sigkill_and_restart_meter_every_acknowledged_event_once(tmp_path: Path,
         assert reply is not None and reply.accepted + reply.duplicates == len(batch)
         duplicates += reply.duplicates
     assert duplicates >= 5 * CRASH_BATCH  # the acknowledged ones, at least, were known
-    more = [make_batch(rng, 99, n) for n in range(3)]
-    for batch in more:
-        assert send(second.target, batch) == pb.RecordUsageResponse(accepted=CRASH_BATCH)
-    second.proc.send_signal(signal.SIGTERM)
-    assert second.proc.wait(30) == 0, second.log.read_text()[-3000:]
+    more = last_batches_then_sigterm(second, rng)
 
     records = local_aws_records(local_aws_url)
     metered = sums_of_local_records(records)

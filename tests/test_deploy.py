@@ -19,8 +19,8 @@ import kubernetes_validate
 import kubernetes_validate.utils
 import pytest
 import yaml
-from helpers_clients import ROOT, first, parse_dockerfile
 from kubernetes_validate.utils import major_minor
+from support import ROOT, first, parse_dockerfile
 
 from gateway.config import (
     ENV_PREFIX,

@@ -12,8 +12,7 @@ from typing import Any
 
 import grpc
 import pytest
-from helpers_clients import ROOT
-from support import Clock, running_gateway, using_clock
+from support import ROOT, Clock, running_gateway, using_clock
 
 from gateway import errors
 from gateway.local_aws import LocalAws

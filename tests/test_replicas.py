@@ -30,7 +30,14 @@ from pathlib import Path
 import grpc
 import psycopg
 import pytest
-from processes import GatewayProcess, http_json, local_aws_records, sums_of_local_records
+from processes import (
+    GatewayProcess,
+    http_json,
+    last_batches_then_sigterm,
+    local_aws_records,
+    spooled_gateway,
+    sums_of_local_records,
+)
 from recording import CRASH_BATCH, event, make_batch, record_usage, send, sums_of_events, wait_for
 
 from gateway.recording import placement
@@ -78,7 +85,7 @@ def launched() -> Iterator[list[GatewayProcess]]:
     replicas: list[GatewayProcess] = []
     yield replicas
     for replica in replicas:
-        replica.stop()
+        replica.kill()
 
 
 def test_replicas_killed_mid_stream_and_mid_send_meter_every_acknowledged_event_once(
@@ -88,7 +95,7 @@ def test_replicas_killed_mid_stream_and_mid_send_meter_every_acknowledged_event_
     started = time.monotonic()
 
     def start(name: str) -> GatewayProcess:
-        replica = GatewayProcess(tmp_path, name, local_aws_url, postgres_dsn)
+        replica = spooled_gateway(tmp_path, name, local_aws_url, postgres_dsn)
         launched.append(replica)
         return replica
 
@@ -238,11 +245,7 @@ def test_replicas_killed_mid_stream_and_mid_send_meter_every_acknowledged_event_
     resend_after = time.monotonic() - killed
 
     # -- 4. more usage, then SIGTERM: the leader meters the open hour too -------------------------
-    more = [make_batch(rng, 99, n) for n in range(3)]
-    for batch in more:
-        assert send(follower.target, batch) == pb.RecordUsageResponse(accepted=CRASH_BATCH)
-    follower.proc.send_signal(signal.SIGTERM)
-    assert follower.proc.wait(30) == 0, follower.tail()
+    more = last_batches_then_sigterm(follower, rng)
 
     # -- what AWS holds, and what the spool says ----------------------------------------------------
     records = local_aws_records(local_aws_url)

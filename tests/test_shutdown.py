@@ -11,7 +11,7 @@ from typing import Any
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from helpers_clients import GatewayProcess, gateway_process
+from processes import GatewayProcess, gateway_process
 
 from gateway.local_aws import SLOW
 from metering_client import MeteringClient, MeterResult, MeteringError
@@ -82,9 +82,9 @@ def test_sigterm_drains_the_call_in_flight_and_exits_0() -> None:
         assert result.metering_record_id
         assert gw.proc.wait(timeout=30) == 0
     assert gw.wait_for(lambda e: e.get("event") == "stopped")
-    [rpc] = [e for e in gw.lines if e.get("event") == "rpc" and e.get("usage_dimension") == "slow"]
+    [rpc] = [e for e in gw.lines() if e.get("event") == "rpc" and e.get("usage_dimension") == "slow"]
     assert rpc["code"] == "OK"
-    assert not [e for e in gw.lines if e.get("usage_dimension") == refused], "the refused call never reached the servicer"
+    assert not [e for e in gw.lines() if e.get("usage_dimension") == refused], "the refused call never reached the servicer"
 
 
 def test_a_call_longer_than_the_grace_does_not_hold_the_exit() -> None:

@@ -15,7 +15,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from helpers_clients import GatewayProcess, gateway_process, tool_env
+from processes import GatewayProcess, gateway_process, tool_env
 
 from metering_client import MeteringClient, MeteringError
 
@@ -127,7 +127,7 @@ def mtls_gateway(pki: dict) -> Iterator[GatewayProcess]:
 def test_tls_serves_a_client_that_trusts_the_ca(tls_gateway: GatewayProcess, pki: dict) -> None:
     assert meter(tls_gateway.target, root_certificates=pki["ca"].pem)
     assert meter(tls_gateway.target, root_certificates=pki["ca"].pem.read_bytes())
-    serving = next(e for e in tls_gateway.lines if e.get("event") == "serving")
+    serving = next(e for e in tls_gateway.lines() if e.get("event") == "serving")
     assert (serving["tls"], serving["mtls"]) == (True, False)
 
 

@@ -346,24 +346,11 @@ def test_replicas_placing_while_the_leader_carries_never_deadlock(postgres_dsn: 
                 leader.carry(record.id, "DUPLICATE_REQUEST", NOW)
                 carried += 1
 
-    failures: list[BaseException] = []
+    def stop_soon() -> None:
+        time.sleep(6)
+        stop.set()
 
-    def guarded(job: Callable[[], None]) -> Callable[[], None]:
-        def run() -> None:
-            try:
-                job()
-            except BaseException as exc:  # noqa: BLE001
-                failures.append(exc)
-        return run
-
-    threads = [threading.Thread(target=guarded(lambda s=s, k=k: place(s, k))) for k, s in enumerate(replicas)]
-    threads.append(threading.Thread(target=guarded(carry)))
-    for t in threads:
-        t.start()
-    time.sleep(6)
-    stop.set()
-    for t in threads:
-        t.join(60)
+    failures = run_all(*[lambda s=s, k=k: place(s, k) for k, s in enumerate(replicas)], carry, stop_soon)
     assert failures == [] and carried > 10
     assert all(s.writable for s in (*replicas, leader))
     for spool in (*replicas, leader):

@@ -33,7 +33,6 @@ opens fresh ones when the database is back. The password is never logged.
 from __future__ import annotations
 
 import functools
-import re
 import threading
 import time
 import uuid
@@ -49,7 +48,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from gateway.config import SPOOL_POOL_WAIT
 from gateway.recording.placement import EventRow
 from gateway.recording.spool import SpoolError, SpoolUnavailable
-from gateway.recording.sql import PROBE_SIZE, Cursor, SqlSpool
+from gateway.recording.sql import Cursor, SqlSpool
 
 SCHEMA_VERSION = 2  # numbered as SQLite's schema: version 2 is the first PostgreSQL has
 _LOCKS = 0x6D67  # advisory lock space of this program ("mg"): (_LOCKS, n) pairs
@@ -172,7 +171,7 @@ def _with_defaults(url: str) -> str:
 @functools.lru_cache(maxsize=256)
 def _placeholders(query: str) -> str:
     """The shared SQL's ``?`` as psycopg's ``%s`` (the shared SQL has no ``%``)."""
-    return re.sub(r"\?", "%s", query)
+    return query.replace("?", "%s")
 
 
 class _Db:
@@ -233,8 +232,7 @@ class PostgresSpool(SqlSpool):
                 info = conn.info  # what libpq chose, PG* variables included: for log lines
                 self.location = f"postgresql://{info.user}@{info.host}:{info.port}/{info.dbname}"
         except psycopg.Error as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise SpoolError(f"cannot connect to {self.location}: {first}") from None
+            raise SpoolError(f"cannot connect to {self.location}: {_first_line(exc)}") from None
         self._pool.open(wait=True, timeout=SPOOL_POOL_WAIT * 2)
 
     def _open(self, now: float) -> None:
@@ -344,8 +342,7 @@ class PostgresSpool(SqlSpool):
         of its own; when that works, calls go through a fresh pool again."""
         try:
             with psycopg.connect(self._url, autocommit=True) as conn, conn.transaction():
-                conn.execute("INSERT INTO probe (data) VALUES (%s)", (bytes(PROBE_SIZE),))
-                conn.execute("DELETE FROM probe")
+                self._write_probe(_Db(conn))
         except _UNAVAILABLE as exc:
             self._last_error = _unavailable_message(exc)
             return False
@@ -427,9 +424,7 @@ class PostgresSpool(SqlSpool):
 
 
 def _unavailable_message(exc: BaseException) -> str:
-    """For the caller: what failed, and that a retry of the same batch is safe. A
-    commit whose answer was lost may have stored the batch: the retry then finds
-    its events as duplicates."""
+    """What failed, in one line, for SpoolUnavailable and the log."""
     return f"{type(exc).__name__}: {_first_line(exc)}"
 
 

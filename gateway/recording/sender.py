@@ -2,8 +2,9 @@
 
 Every ``interval`` it places new events into records (:meth:`Spool.assign`);
 then, when this process is the spool's one sender (:meth:`Spool.leads`), it
-sends each PENDING record whose hour closed ``grace`` ago through the same path as MeteringService (validate → ``params.to_aws`` → ``Backend.meter_usage``),
-at most ``max_rps`` calls a second, and now and then prunes the spool. What
+sends each PENDING record whose hour closed ``grace`` ago through the same path
+as MeteringService (validate → ``params.to_aws`` → ``Backend.meter_usage``), at
+most ``max_rps`` calls a second, and now and then prunes the spool. What
 happens to a record depends only on the answer's reason (:func:`disposition`)
 and on what the answer says about delivery (the error table's
 :class:`gateway.errors.Delivery`):

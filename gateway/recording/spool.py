@@ -28,6 +28,7 @@ is done by one process at a time per spool.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -216,20 +217,16 @@ class Spool(Protocol):
         """(product, dimension, exact sum) of every stored event, for checks."""
 
 
-def is_postgres(location: str) -> bool:
-    return location.startswith(POSTGRES_SCHEMES)
-
-
-def open_spool(location: str, *, now: Callable[[], float] | None = None, pool_size: int = 4) -> Spool:
+def open_spool(location: str, *, now: Callable[[], float] = time.time, pool_size: int = 4) -> Spool:
     """The spool ``--spool`` names: a ``postgresql://`` URL, or an SQLite path.
 
     ``now`` dates migrations (tests pass their clock); ``pool_size`` bounds a
     PostgreSQL spool's connections. Raises SpoolError with a one-line message.
     """
-    if is_postgres(location):
+    if location.startswith(POSTGRES_SCHEMES):
         from gateway.recording.postgres import PostgresSpool  # psycopg only when asked for
 
-        return PostgresSpool(location, pool_size=pool_size, **({"now": now} if now else {}))
+        return PostgresSpool(location, pool_size=pool_size, now=now)
     from gateway.recording.sqlite import SqliteSpool
 
-    return SqliteSpool(location, **({"now": now} if now else {}))
+    return SqliteSpool(location, now=now)

@@ -116,11 +116,16 @@ class SqlSpool:
         """Write (then delete) about one large batch's worth of bytes; True when it could."""
         try:
             with self._transaction() as db:
-                db.execute("INSERT INTO probe (data) VALUES (?)", (bytes(PROBE_SIZE),))
-                db.execute("DELETE FROM probe")
+                self._write_probe(db)
         except SpoolUnavailable:
             return False
         return True
+
+    @staticmethod
+    def _write_probe(db: Db) -> None:
+        """The probe's write, inside the caller's transaction: room for a large batch?"""
+        db.execute("INSERT INTO probe (data) VALUES (?)", (bytes(PROBE_SIZE),))
+        db.execute("DELETE FROM probe")
 
     def leads(self) -> bool:
         return True

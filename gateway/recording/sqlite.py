@@ -144,7 +144,7 @@ class SqliteSpool(SqlSpool):
     """
 
     def __init__(self, path: str, *, now: Callable[[], float] = time.time) -> None:
-        self.path = self.location = path
+        self.location = path
         self._lock = threading.Lock()
         self._waiting = 0  # writers waiting for the lock: placement and pruning step aside
         self._counter = threading.Lock()  # guards _waiting
@@ -171,7 +171,7 @@ class SqliteSpool(SqlSpool):
         (version,) = self._db.execute("PRAGMA user_version").fetchone()
         if version > SCHEMA_VERSION:
             raise SpoolError(
-                f"spool {self.path!r} has schema version {version}, newer than this release's "
+                f"spool {self.location!r} has schema version {version}, newer than this release's "
                 f"{SCHEMA_VERSION}: it was written by a newer metering-gateway; run that release or newer"
             )
         existing = self._db.execute("SELECT 1 FROM sqlite_master WHERE name = 'records'").fetchone() is not None
@@ -184,7 +184,7 @@ class SqliteSpool(SqlSpool):
                 version += 1
                 db.execute(f"PRAGMA user_version = {version}")
             if existing:
-                log.info("spool_migrated", path=self.path, schema_version=version)
+                log.info("spool_migrated", path=self.location, schema_version=version)
         (self.spool_id,) = self._db.execute("SELECT value FROM meta WHERE key = 'spool_id'").fetchone()
 
     def close(self) -> None:
@@ -225,7 +225,7 @@ class SqliteSpool(SqlSpool):
             raise
         except sqlite3.Error as exc:
             error = _unavailable(exc)
-            log.error("spool_unavailable", path=self.path, error=str(error))
+            log.error("spool_unavailable", path=self.location, error=str(error))
             self._set_writable(False)
             raise error from exc
         finally:

@@ -255,6 +255,23 @@ class Settings:
             metavar="PATH",
         ),
     )
+    metrics_listen: str = field(
+        default="",
+        metadata=_setting(
+            "Address to serve Prometheus metrics on, HOST:PORT (path /metrics); one scrape shows the "
+            "total of all --processes. Empty: no metrics endpoint.",
+            metavar="HOST:PORT",
+        ),
+    )
+    authz_policy: str = field(
+        default="",
+        metadata=_setting(
+            "YAML policy of which mTLS callers (client certificate SAN: a URI such as a SPIFFE ID, or a "
+            "DNS name) may call which methods, and meter which products and dimensions. Needs "
+            "--tls-client-ca. Empty: every caller the CA admits may call every method.",
+            metavar="PATH",
+        ),
+    )
     spool: str = field(
         default="",
         metadata=_setting(
@@ -351,6 +368,11 @@ class Settings:
             return given[name].text.strip() if name in given else shown_value(_FIELDS[name], getattr(self, name))
 
         parse_listen(self.listen)
+        if self.metrics_listen:
+            try:
+                parse_listen(self.metrics_listen)
+            except ConfigError as exc:
+                raise ConfigError(f"{who('metrics_listen')}: {exc}") from None
         for f in _FIELDS.values():
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
@@ -384,7 +406,10 @@ class Settings:
             raise ConfigError("tls-cert and tls-key go together")
         if self.tls_client_ca and not self.tls_cert:
             raise ConfigError("tls-client-ca needs tls-cert and tls-key")
-        for name in ("tls_cert", "tls_key", "tls_client_ca"):
+        if self.authz_policy and not self.tls_client_ca:
+            raise ConfigError(f"{who('authz_policy')}: a policy names callers by their client certificate, "
+                              "so it needs mTLS (--tls-client-ca, with --tls-cert and --tls-key)")
+        for name in ("tls_cert", "tls_key", "tls_client_ca", "authz_policy"):
             path = getattr(self, name)
             if path and not os.path.isfile(path):
                 raise ConfigError(f"{name.replace('_', '-')}: no such file {path!r}")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import grpc
 import structlog
@@ -27,6 +27,25 @@ PUSHBACK_KEY = "grpc-retry-pushback-ms"
 _MAX_REQUEST_ID = 128
 
 log = structlog.get_logger("gateway.rpc")
+
+
+class Observer(Protocol):
+    """Told of every RPC of the wrapped services (the gRPC server metrics)."""
+
+    def started(self, method: str) -> None:
+        """``method`` ("/package.Service/Method") began."""
+
+    def handled(self, method: str, code: grpc.StatusCode, seconds: float) -> None:
+        """``method`` ended with ``code`` (the one the access log writes) after ``seconds``."""
+
+
+# Called with the method, the decoded request and the call's context before the
+# servicer runs; raises GatewayError (CALLER_NOT_ALLOWED) to refuse the call.
+Authorize = Callable[[str, Any, grpc.ServicerContext], None]
+
+
+def _allow_all(method: str, request: Any, context: grpc.ServicerContext) -> None:
+    return None
 
 
 def _request_id(context: grpc.ServicerContext) -> str:
@@ -56,8 +75,10 @@ def _abort(context: grpc.ServicerContext, status: grpc.Status, request_id: str, 
 class GatewayInterceptor(grpc.ServerInterceptor):
     """Wraps the unary-unary methods of the given services."""
 
-    def __init__(self, services: set[str]) -> None:
+    def __init__(self, services: set[str], *, observer: Observer | None = None, authorize: Authorize | None = None) -> None:
         self._services = services
+        self._observer = observer
+        self._authorize = authorize or _allow_all
 
     def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None], details: grpc.HandlerCallDetails
@@ -75,6 +96,8 @@ class GatewayInterceptor(grpc.ServerInterceptor):
             structlog.contextvars.bind_contextvars(request_id=request_id, method=method)
             started = time.perf_counter()
             code = grpc.StatusCode.OK
+            if self._observer is not None:
+                self._observer.started(method)
             try:
                 try:
                     request = deserialize(raw) if deserialize else raw
@@ -87,6 +110,7 @@ class GatewayInterceptor(grpc.ServerInterceptor):
                 # Trailers, on success as on failure: they travel with the status, so the
                 # id costs no extra send and never commits a call before its outcome.
                 context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
+                self._authorize(method, request, context)
                 return behavior(request, context)
             except errors.GatewayError as exc:
                 code = exc.code
@@ -104,7 +128,10 @@ class GatewayInterceptor(grpc.ServerInterceptor):
                 if code == grpc.StatusCode.OK and not context.is_active():  # the caller left first
                     remaining = context.time_remaining()
                     code = grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else grpc.StatusCode.CANCELLED
-                log.info("rpc", code=code.name, duration_ms=round((time.perf_counter() - started) * 1000, 3))
+                elapsed = time.perf_counter() - started
+                log.info("rpc", code=code.name, duration_ms=round(elapsed * 1000, 3))
+                if self._observer is not None:
+                    self._observer.handled(method, code, elapsed)
                 structlog.contextvars.clear_contextvars()
 
         return grpc.unary_unary_rpc_method_handler(

@@ -13,7 +13,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from gateway.config import ConfigError, Settings, format_listen
-from gateway.interceptors import GatewayInterceptor
+from gateway.interceptors import Authorize, GatewayInterceptor, Observer
 from marketplace.metering.v1 import metering_pb2 as pb
 
 METERING_SERVICE = pb.DESCRIPTOR.services_by_name["MeteringService"].full_name
@@ -44,13 +44,21 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
 class Gateway:
     """The running server. start() binds (or raises ConfigError), stop() drains."""
 
-    def __init__(self, settings: Settings, servicers: Sequence[Servicer], *, share_port: bool = False) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        servicers: Sequence[Servicer],
+        *,
+        share_port: bool = False,
+        observer: Observer | None = None,
+        authorize: Authorize | None = None,
+    ) -> None:
         self.settings = settings
         names = {s.name for s in servicers}
         self.health = health.HealthServicer(experimental_non_blocking=True)
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix="rpc"),
-            interceptors=[GatewayInterceptor(names)],
+            interceptors=[GatewayInterceptor(names, observer=observer, authorize=authorize)],
             options=[
                 # A port in use is an error, unless sibling worker processes share it on purpose.
                 ("grpc.so_reuseport", 1 if share_port else 0),

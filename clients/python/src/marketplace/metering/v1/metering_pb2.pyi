@@ -407,6 +407,8 @@ class MeteringRecord(_message.Message):
     LAST_ERROR_FIELD_NUMBER: _builtins.int
     CARRIED_FROM_FIELD_NUMBER: _builtins.int
     CLIENT_TOKEN_FIELD_NUMBER: _builtins.int
+    RECORD_ID_FIELD_NUMBER: _builtins.int
+    OUTCOME_UNKNOWN_FIELD_NUMBER: _builtins.int
     product_code: _builtins.str
     """As in MeterUsageRequest."""
     usage_dimension: _builtins.str
@@ -423,6 +425,14 @@ class MeteringRecord(_message.Message):
     """The last error AWS or the transport gave, if any."""
     client_token: _builtins.str
     """The ClientToken the record is (or will be) sent with."""
+    record_id: _builtins.str
+    """The gateway's id of the record (decimal digits), for RetryMeteringRecord."""
+    outcome_unknown: _builtins.bool
+    """True when an attempt may have been recorded by AWS without the gateway
+    hearing the answer (a 5xx, a dropped connection, a timeout). Such a record
+    is only ever resent identically; a FAILED one must be reconciled against
+    AWS's seller reports before it is retried.
+    """
     @_builtins.property
     def hour(self) -> _timestamp_pb2.Timestamp:
         """The start of the hour the record is metered under."""
@@ -452,10 +462,12 @@ class MeteringRecord(_message.Message):
         last_error: _builtins.str = ...,
         carried_from: _abc.Iterable[_timestamp_pb2.Timestamp] | None = ...,
         client_token: _builtins.str = ...,
+        record_id: _builtins.str = ...,
+        outcome_unknown: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["hour", b"hour"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocations", b"allocations", "attempts", b"attempts", "carried_from", b"carried_from", "client_token", b"client_token", "hour", b"hour", "last_error", b"last_error", "metering_record_id", b"metering_record_id", "product_code", b"product_code", "quantity", b"quantity", "state", b"state", "usage_dimension", b"usage_dimension"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocations", b"allocations", "attempts", b"attempts", "carried_from", b"carried_from", "client_token", b"client_token", "hour", b"hour", "last_error", b"last_error", "metering_record_id", b"metering_record_id", "outcome_unknown", b"outcome_unknown", "product_code", b"product_code", "quantity", b"quantity", "record_id", b"record_id", "state", b"state", "usage_dimension", b"usage_dimension"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -471,6 +483,8 @@ class ListMeteringRecordsRequest(_message.Message):
     PRODUCT_CODE_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
     state: Global___MeteringRecord.State.ValueType
     """Only records in this state; STATE_UNSPECIFIED lists all."""
     product_code: _builtins.str
@@ -479,6 +493,14 @@ class ListMeteringRecordsRequest(_message.Message):
     """At most this many records (default 100, at most 1000)."""
     page_token: _builtins.str
     """The next_page_token of an earlier call, to continue from there."""
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """Only records whose hour starts at or after this time; unset: no lower bound."""
+
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """Only records whose hour starts before this time; unset: no upper bound."""
+
     def __init__(
         self,
         *,
@@ -486,10 +508,12 @@ class ListMeteringRecordsRequest(_message.Message):
         product_code: _builtins.str = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "product_code", b"product_code", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "page_size", b"page_size", "page_token", b"page_token", "product_code", b"product_code", "start_time", b"start_time", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -522,3 +546,56 @@ class ListMeteringRecordsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListMeteringRecordsResponse: _TypeAlias = ListMeteringRecordsResponse  # noqa: Y015
+
+@_typing.final
+class RetryMeteringRecordRequest(_message.Message):
+    """Which record to put back in the queue."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECORD_ID_FIELD_NUMBER: _builtins.int
+    RECONCILED_FIELD_NUMBER: _builtins.int
+    record_id: _builtins.str
+    """The record's record_id, as ListMeteringRecords returns it. Required."""
+    reconciled: _builtins.bool
+    """The operator checked AWS's seller reports and found that AWS holds no
+    record of this one: needed to retry a record whose outcome is unknown,
+    which is then treated as never sent.
+    """
+    def __init__(
+        self,
+        *,
+        record_id: _builtins.str = ...,
+        reconciled: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reconciled", b"reconciled", "record_id", b"record_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetryMeteringRecordRequest: _TypeAlias = RetryMeteringRecordRequest  # noqa: Y015
+
+@_typing.final
+class RetryMeteringRecordResponse(_message.Message):
+    """The record as it stands after the retry was queued."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECORD_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def record(self) -> Global___MeteringRecord:
+        """The record, now STATE_PENDING."""
+
+    def __init__(
+        self,
+        *,
+        record: Global___MeteringRecord | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["record", b"record"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["record", b"record"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetryMeteringRecordResponse: _TypeAlias = RetryMeteringRecordResponse  # noqa: Y015

@@ -131,6 +131,11 @@ class UsageRecorderServiceStub:
                 request_serializer=marketplace_dot_metering_dot_v1_dot_metering__pb2.ListMeteringRecordsRequest.SerializeToString,
                 response_deserializer=marketplace_dot_metering_dot_v1_dot_metering__pb2.ListMeteringRecordsResponse.FromString,
                 _registered_method=True)
+        self.RetryMeteringRecord = channel.unary_unary(
+                '/marketplace.metering.v1.UsageRecorderService/RetryMeteringRecord',
+                request_serializer=marketplace_dot_metering_dot_v1_dot_metering__pb2.RetryMeteringRecordRequest.SerializeToString,
+                response_deserializer=marketplace_dot_metering_dot_v1_dot_metering__pb2.RetryMeteringRecordResponse.FromString,
+                _registered_method=True)
 
 
 class UsageRecorderServiceServicer:
@@ -158,6 +163,19 @@ class UsageRecorderServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RetryMeteringRecord(self, request, context):
+        """Puts a FAILED record back in the queue (STATE_PENDING) once its cause is
+        fixed (a customer entitled again, say). The sender then resends it exactly
+        as before, with the same ClientToken, or carries its usage to a later hour
+        if its own hour has left AWS's six-hour window. A record whose outcome is
+        unknown (AWS may hold it) is refused with FAILED_PRECONDITION, reason
+        OUTCOME_UNKNOWN, unless the request says it was reconciled. An operator's
+        call: keep it behind the authorization policy.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_UsageRecorderServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -170,6 +188,11 @@ def add_UsageRecorderServiceServicer_to_server(servicer, server):
                     servicer.ListMeteringRecords,
                     request_deserializer=marketplace_dot_metering_dot_v1_dot_metering__pb2.ListMeteringRecordsRequest.FromString,
                     response_serializer=marketplace_dot_metering_dot_v1_dot_metering__pb2.ListMeteringRecordsResponse.SerializeToString,
+            ),
+            'RetryMeteringRecord': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetryMeteringRecord,
+                    request_deserializer=marketplace_dot_metering_dot_v1_dot_metering__pb2.RetryMeteringRecordRequest.FromString,
+                    response_serializer=marketplace_dot_metering_dot_v1_dot_metering__pb2.RetryMeteringRecordResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -230,6 +253,33 @@ class UsageRecorderService:
             '/marketplace.metering.v1.UsageRecorderService/ListMeteringRecords',
             marketplace_dot_metering_dot_v1_dot_metering__pb2.ListMeteringRecordsRequest.SerializeToString,
             marketplace_dot_metering_dot_v1_dot_metering__pb2.ListMeteringRecordsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetryMeteringRecord(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/marketplace.metering.v1.UsageRecorderService/RetryMeteringRecord',
+            marketplace_dot_metering_dot_v1_dot_metering__pb2.RetryMeteringRecordRequest.SerializeToString,
+            marketplace_dot_metering_dot_v1_dot_metering__pb2.RetryMeteringRecordResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -123,6 +123,15 @@ class UsageRecorderServiceStub:
     """
     ListMeteringRecords: _grpc.UnaryUnaryMultiCallable[_metering_pb2.ListMeteringRecordsRequest, _metering_pb2.ListMeteringRecordsResponse]
     """Lists the hourly records, newest hour first."""
+    RetryMeteringRecord: _grpc.UnaryUnaryMultiCallable[_metering_pb2.RetryMeteringRecordRequest, _metering_pb2.RetryMeteringRecordResponse]
+    """Puts a FAILED record back in the queue (STATE_PENDING) once its cause is
+    fixed (a customer entitled again, say). The sender then resends it exactly
+    as before, with the same ClientToken, or carries its usage to a later hour
+    if its own hour has left AWS's six-hour window. A record whose outcome is
+    unknown (AWS may hold it) is refused with FAILED_PRECONDITION, reason
+    OUTCOME_UNKNOWN, unless the request says it was reconciled. An operator's
+    call: keep it behind the authorization policy.
+    """
 
 @_typing.type_check_only
 class UsageRecorderServiceAsyncStub(UsageRecorderServiceStub):
@@ -142,6 +151,15 @@ class UsageRecorderServiceAsyncStub(UsageRecorderServiceStub):
     """
     ListMeteringRecords: _aio.UnaryUnaryMultiCallable[_metering_pb2.ListMeteringRecordsRequest, _metering_pb2.ListMeteringRecordsResponse]  # type: ignore[assignment]
     """Lists the hourly records, newest hour first."""
+    RetryMeteringRecord: _aio.UnaryUnaryMultiCallable[_metering_pb2.RetryMeteringRecordRequest, _metering_pb2.RetryMeteringRecordResponse]  # type: ignore[assignment]
+    """Puts a FAILED record back in the queue (STATE_PENDING) once its cause is
+    fixed (a customer entitled again, say). The sender then resends it exactly
+    as before, with the same ClientToken, or carries its usage to a later hour
+    if its own hour has left AWS's six-hour window. A record whose outcome is
+    unknown (AWS may hold it) is refused with FAILED_PRECONDITION, reason
+    OUTCOME_UNKNOWN, unless the request says it was reconciled. An operator's
+    call: keep it behind the authorization policy.
+    """
 
 class UsageRecorderServiceServicer(metaclass=_abc_1.ABCMeta):
     """Records usage events durably and meters them to AWS hourly, one record per
@@ -170,5 +188,20 @@ class UsageRecorderServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_metering_pb2.ListMeteringRecordsResponse, _abc.Awaitable[_metering_pb2.ListMeteringRecordsResponse]]:
         """Lists the hourly records, newest hour first."""
+
+    @_abc_1.abstractmethod
+    def RetryMeteringRecord(
+        self,
+        request: _metering_pb2.RetryMeteringRecordRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_metering_pb2.RetryMeteringRecordResponse, _abc.Awaitable[_metering_pb2.RetryMeteringRecordResponse]]:
+        """Puts a FAILED record back in the queue (STATE_PENDING) once its cause is
+        fixed (a customer entitled again, say). The sender then resends it exactly
+        as before, with the same ClientToken, or carries its usage to a later hour
+        if its own hour has left AWS's six-hour window. A record whose outcome is
+        unknown (AWS may hold it) is refused with FAILED_PRECONDITION, reason
+        OUTCOME_UNKNOWN, unless the request says it was reconciled. An operator's
+        call: keep it behind the authorization policy.
+        """
 
 def add_UsageRecorderServiceServicer_to_server(servicer: UsageRecorderServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,32 +1,48 @@
-# syntax=docker/dockerfile:1
-# The metering gateway as a container: `docker build -t metering-gateway .`
+# The metering gateway as a container: `make image` (docker, podman or buildah,
+# whichever works), or `docker build -t metering-gateway .`; docs/deploy.md#container.
 #
-# Stage 1 builds wheels (the gateway and every dependency); the final stage
-# installs those wheels only: no compiler, no build tools, no source tree.
+# Stage 1 installs into a virtual environment at /opt/metering-gateway: first every
+# dependency at the exact version and hash requirements/image.lock names (`make
+# lock` refreshes it), so two builds on different days install the same thing;
+# then the gateway itself. The final stage copies that environment only: no
+# compiler, no pip run, no source tree.
+#
+# Plain Dockerfile syntax on purpose: no `# syntax=` line (it pulls a frontend
+# image, so offline builds fail) and no RUN --mount (docker needs BuildKit for it);
+# docker's classic builder and BuildKit, podman and buildah all build it as it is.
+# Any Python 3.11 base works: PYTHON_IMAGE=python:3.11-slim, or a Debian bookworm
+# image with python3-venv (`make image PYTHON_IMAGE=...`).
 ARG PYTHON_IMAGE=python:3.11-slim
 
 FROM ${PYTHON_IMAGE} AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 WORKDIR /src
+COPY requirements/image.lock ./requirements/
+# Wheels only (--only-binary): a dependency without one for this platform fails
+# here, loudly, instead of needing a compiler.
+RUN python3 -m venv /opt/metering-gateway \
+    && /opt/metering-gateway/bin/pip install --require-hashes --only-binary=:all: -r requirements/image.lock
 COPY pyproject.toml README.md ./
 COPY gateway ./gateway
 COPY clients/python ./clients/python
-# The server wheel ships the generated stubs from clients/python/src; the client
-# wheel is built too, so a broken client distribution fails the image build.
-RUN pip wheel --wheel-dir /wheels . ./clients/python
+# No build isolation: setuptools comes from the lock file too. The server wheel
+# ships the generated stubs from clients/python/src; the client wheel is built too
+# (and dropped), so a broken client distribution fails the image build.
+RUN /opt/metering-gateway/bin/pip install --no-deps --no-build-isolation . \
+    && /opt/metering-gateway/bin/pip wheel --no-deps --no-build-isolation --wheel-dir /tmp/client ./clients/python \
+    && /opt/metering-gateway/bin/pip check
 
 FROM ${PYTHON_IMAGE}
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PIP_NO_CACHE_DIR=1 \
+    PATH=/opt/metering-gateway/bin:$PATH \
     METERING_GATEWAY_LISTEN=0.0.0.0:50051
-# Only the server distribution is installed: it already holds the stubs, and the
-# client distribution would own the same files a second time.
-RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
-    pip install --no-index --find-links=/wheels metering-gateway \
-    && useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin gateway \
+# The group gets the same id as the user (10001), so USER 10001:10001 has a group
+# entry (`id -gn` says gateway) and files it writes carry a named group.
+RUN groupadd --gid 10001 gateway \
+    && useradd --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin gateway \
     && install -d -o 10001 -g 10001 /var/lib/metering-gateway
+COPY --from=build /opt/metering-gateway /opt/metering-gateway
 WORKDIR /var/lib/metering-gateway
 USER 10001:10001
 EXPOSE 50051

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable, Mapping
 from datetime import timedelta
 
@@ -16,10 +17,12 @@ import boto3
 import structlog
 from grpc_health.v1 import health_pb2
 
-from gateway import credentials
+from gateway import authz, credentials, metrics, metrics_server
 from gateway.backend import SERVICE, Backend, RetryPolicy, make_client
 from gateway.config import ConfigError, Settings
+from gateway.interceptors import Authorize
 from gateway.local_aws import BANNER
+from gateway.recording import gauges
 from gateway.recording.lifecycle import Recording, open_recording
 from gateway.server import METERING_SERVICE, RECORDER_SERVICE, Gateway, Servicer
 from gateway.service import MeteringServicer
@@ -27,6 +30,14 @@ from marketplace.metering.v1 import metering_pb2_grpc as pb_grpc
 
 log = structlog.get_logger("gateway")
 LOCAL_REGION = "us-east-1"
+# Everything a SIGTERM sets off (the drain, stopping the sender, the optional flush,
+# closing the spool, a parent's wait for its workers) ends within --grace plus this,
+# whatever AWS does, so that --grace below the platform's stop timeout (docker stop:
+# 10 s) by this much never gets the process killed.
+SHUTDOWN_MARGIN = 1.0
+# Of that margin, what the sender always gets to stop cleanly after a drain that took
+# the whole grace (it may be idle between ticks; a call in flight is abandoned).
+CLOSE_FLOOR = 0.5
 
 
 def aws_session(settings: Settings, env: Mapping[str, str]) -> boto3.session.Session:
@@ -42,6 +53,14 @@ def aws_session(settings: Settings, env: Mapping[str, str]) -> boto3.session.Ses
     if known and region not in known:
         raise ConfigError(f"unknown AWS region {region!r} for AWS Marketplace Metering (AWS_REGION)")
     return session
+
+
+def authorizer(settings: Settings) -> Authorize | None:
+    """The --authz-policy check of every call, or None (every caller the CA admits may call anything).
+
+    Raises ConfigError (one line) for a policy with any error.
+    """
+    return authz.load_policy(settings.authz_policy).authorize if settings.authz_policy else None
 
 
 def warn_about_credentials(settings: Settings, session: boto3.session.Session) -> None:
@@ -69,13 +88,20 @@ def run(
     *,
     share_port: bool = False,
     on_ready: Callable[[int], None] | None = None,
+    metrics_worker: bool = False,
 ) -> int:
     """Serve until SIGTERM, then drain; ``endpoint`` overrides AWS's (the local backend).
 
     ``on_ready(port)`` replaces the ``serving`` log line (a worker tells its parent).
+    ``metrics_worker``: a worker of ``--processes N``, whose metrics go to its parent's
+    PROMETHEUS_MULTIPROC_DIR; the parent serves them (:mod:`gateway.metrics_server`).
     """
     stop = stop_on_signals()  # a SIGTERM during start-up must drain, not kill
+    authorize = authorizer(settings)  # a bad policy stops start-up before anything else
     session = aws_session(settings, os.environ)
+    registry = metrics.install(multiprocess=metrics_worker) if settings.metrics_listen else None
+    # Bound before anything starts, so that a port in use stops start-up with one line.
+    exporter = metrics_server.start(settings.metrics_listen, registry) if registry and not metrics_worker else None
     client = make_client(settings, endpoint_url=endpoint, session=session)
     if on_ready is None:  # workers leave it to their parent, which says it once
         warn_about_credentials(settings, session)
@@ -87,19 +113,29 @@ def run(
     recording = open_recording(settings, client) if settings.spool else None
     if recording:
         servicers.append(recording_servicer(recording))
-    gateway = Gateway(settings, servicers, share_port=share_port)
+    observer = metrics.GrpcMetrics(s.name for s in servicers) if registry else None
+    gateway = Gateway(settings, servicers, share_port=share_port, authorize=authorize, observer=observer)
+    if exporter is not None:
+        assert registry is not None
+        metrics_server.scrape_registry(registry, gauges.reader(recording.spool, recording.now) if recording else None)
     port = gateway.start()
     if recording:
         recording.watch_health(lambda ok: serve_health(gateway, RECORDER_SERVICE, ok))
     if on_ready is not None:
         on_ready(port)
     else:
-        log_serving(settings, port, endpoint, session.region_name)
+        log_serving(settings, port, endpoint, session.region_name,
+                    **({"metrics": exporter.address} if exporter is not None else {}))
     while not stop.wait(3600):
         pass
-    gateway.stop()
-    if recording:  # after the server drained RecordUsage calls, before AWS goes away
-        recording.close(flush=settings.flush_on_shutdown, budget=max(settings.grace, 5.0))
+    deadline = time.monotonic() + settings.grace
+    if recording:  # the sender winds down while the server drains, not after
+        recording.begin_close()
+    gateway.stop(settings.grace)
+    if recording:  # after the server drained RecordUsage calls: the flush gets what is left of the grace
+        recording.close(flush=settings.flush_on_shutdown, budget=max(deadline - time.monotonic(), CLOSE_FLOOR))
+    if exporter is not None:
+        exporter.stop()
     return 0
 
 
@@ -112,6 +148,7 @@ def serve_health(gateway: Gateway, service: str, serving: bool) -> None:
     """One service's readiness (the recorder's follows its spool's writability)."""
     status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
     gateway.health.set(service, status)
+    metrics.set_serving(service, serving)
 
 
 def log_serving(settings: Settings, port: int, endpoint: str | None, region: str | None, **extra: object) -> None:

@@ -34,7 +34,7 @@ from botocore.exceptions import (
 )
 from botocore.exceptions import ConnectionError as AwsConnectionError
 
-from gateway import errors
+from gateway import errors, metrics
 from gateway.config import Settings
 
 SERVICE = "meteringmarketplace"
@@ -113,18 +113,33 @@ class Backend:
         *,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
+        source: str = metrics.METER_USAGE,
     ) -> None:
         self.client = client
         self.policy = policy
         self._clock = clock
         self._sleep = sleep
+        self.source = source  # who calls through this backend, for the AWS metrics
 
     def meter_usage(self, params: dict[str, Any], *, deadline: float | None = None) -> Outcome:
         """One MeterUsage, retried while it can help and the deadline allows.
 
         ``deadline`` is on this object's clock (monotonic seconds); None means no
-        deadline. The ClientToken is fixed before the first attempt.
+        deadline. The ClientToken is fixed before the first attempt. Each call and
+        each attempt is counted by its outcome (``gateway.metrics``).
         """
+        try:
+            outcome = self._meter_usage(params, deadline)
+        except errors.GatewayError as exc:
+            metrics.aws_call(self.source, exc.reason)
+            raise
+        except Exception:
+            metrics.aws_call(self.source, "INTERNAL")  # what the interceptor will answer
+            raise
+        metrics.aws_call(self.source, metrics.DRY_RUN if outcome.dry_run else metrics.OK)
+        return outcome
+
+    def _meter_usage(self, params: dict[str, Any], deadline: float | None) -> Outcome:
         params = dict(params)
         params.setdefault("ClientToken", str(uuid.uuid4()))
         if deadline is not None and deadline - self._clock() < MIN_ATTEMPT_SECONDS:
@@ -133,11 +148,13 @@ class Backend:
         while True:
             attempt += 1
             structlog.contextvars.bind_contextvars(attempts=attempt)
+            started = time.perf_counter()
             try:
                 response = self.client.meter_usage(**params)
             except ClientError as exc:
                 failure = self._from_client_error(exc, attempt)
                 if isinstance(failure, Outcome):
+                    metrics.aws_attempt(self.source, metrics.DRY_RUN, time.perf_counter() - started)
                     return failure
             except _TRANSPORT_ERRORS as exc:
                 failure = errors.GatewayError(
@@ -156,10 +173,14 @@ class Backend:
                     "INVALID_REQUEST", f"refused by botocore: {exc}", aws_attempts=attempt - 1
                 ) from None
             else:
+                metrics.aws_attempt(self.source, metrics.OK, time.perf_counter() - started)
                 request_id = _request_id(response)
                 structlog.contextvars.bind_contextvars(aws_request_id=request_id)
                 return Outcome(response.get("MeteringRecordId", ""), False, attempt, request_id, params["ClientToken"])
 
+            # Every answer is an attempt (missing credentials and botocore's own checks,
+            # raised above, sent nothing and count only as the call's reason).
+            metrics.aws_attempt(self.source, failure.reason, time.perf_counter() - started)
             # The caller hears how many AWS calls this request cost, so that its own
             # gRPC retries do not multiply them (see GatewayError.pushback_ms).
             failure.aws_attempts = attempt
@@ -171,6 +192,7 @@ class Backend:
                 if left - pause < MIN_ATTEMPT_SECONDS:
                     raise failure  # no time for another attempt: say what stopped us
             log.info("aws_retry", reason=failure.reason, attempt=attempt, pause_ms=round(pause * 1000, 1))
+            metrics.aws_retry(self.source, failure.reason)
             self._sleep(pause)
 
     def _from_client_error(self, exc: ClientError, attempt: int) -> Outcome | errors.GatewayError:

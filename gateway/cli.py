@@ -1,23 +1,40 @@
-"""The ``metering-gateway`` command: serve, health, local-aws."""
+"""The ``metering-gateway`` command: serve, health, records (admin), local-aws."""
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import sys
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import NoReturn
 
 import grpc
 import structlog
+from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
 
-from gateway import app, logs, workers
-from gateway.config import ConfigError, Settings, add_settings_arguments, format_listen, parse_listen, settings_from
+from gateway import app, logs, records_output, workers
+from gateway.config import (
+    ConfigError,
+    Settings,
+    add_settings_arguments,
+    format_duration,
+    format_listen,
+    parse_duration,
+    parse_listen,
+    settings_from,
+)
 from gateway.local_aws import LocalAws
+from marketplace.metering.v1 import metering_pb2 as pb
+from marketplace.metering.v1 import metering_pb2_grpc as pb_grpc
+
+PAGE_SIZE = 1000  # records per ListMeteringRecords call (the server's most)
 
 log = structlog.get_logger("gateway")
 
@@ -37,6 +54,103 @@ def health_target(env: Mapping[str, str]) -> str:
     return format_listen(host, port)
 
 
+def _seconds(text: str) -> float:
+    """``--timeout``: a duration (``30s``, ``2m``) or bare seconds (``3``, as health always took)."""
+    try:
+        value = float(text)
+    except ValueError:
+        try:
+            value = parse_duration(text)
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    if not 0 < value < 3600:
+        raise argparse.ArgumentTypeError(f"{text!r} is not between 0s and 1h")
+    return value
+
+
+def add_target_arguments(parser: argparse.ArgumentParser, *, timeout: float = 3.0) -> None:
+    """How a command reaches a running gateway: the same for health and the admin commands,
+    so one set of METERING_GATEWAY_HEALTH_* variables serves both inside the container."""
+    parser.add_argument("--target", default=health_target(os.environ), metavar="HOST:PORT",
+                        help="the gateway [env METERING_GATEWAY_HEALTH_TARGET; default the local end of "
+                        "METERING_GATEWAY_LISTEN, else 127.0.0.1:50051]")
+    parser.add_argument("--timeout", type=_seconds, default=timeout, metavar="DURATION",
+                        help=f"how long to wait for each answer, e.g. 3s [default {format_duration(timeout)}]")
+    parser.add_argument("--tls-ca", default=os.environ.get("METERING_GATEWAY_HEALTH_TLS_CA", ""),
+                        help="PEM CA to trust: connect over TLS [env METERING_GATEWAY_HEALTH_TLS_CA]")
+    parser.add_argument("--tls-cert", default=os.environ.get("METERING_GATEWAY_HEALTH_TLS_CERT", ""),
+                        help="PEM client certificate for mTLS [env METERING_GATEWAY_HEALTH_TLS_CERT]")
+    parser.add_argument("--tls-key", default=os.environ.get("METERING_GATEWAY_HEALTH_TLS_KEY", ""),
+                        help="PEM client key for mTLS [env METERING_GATEWAY_HEALTH_TLS_KEY]")
+
+
+_STATES = {"pending": pb.MeteringRecord.STATE_PENDING, "sent": pb.MeteringRecord.STATE_SENT,
+           "failed": pb.MeteringRecord.STATE_FAILED}
+_MONTH = re.compile(r"(\d{4})-(\d{2})")
+
+
+def _since(text: str) -> datetime:
+    """``--since``: a duration back from now (``6h``) or an RFC 3339 time with its offset."""
+    try:
+        return datetime.now(timezone.utc) - timedelta(seconds=parse_duration(text))
+    except ConfigError:
+        pass
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither a duration (6h, 30m, 7d) nor an RFC 3339 time (2026-11-03T14:00:00Z)") from None
+    if when.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"{text!r} has no UTC offset (add Z, or +02:00)")
+    return when
+
+
+def _month(text: str) -> tuple[datetime, datetime]:
+    """``--month 2026-11`` → the UTC month's first instant and the next month's."""
+    match = _MONTH.fullmatch(text)
+    if not match or not 1 <= int(match[2]) <= 12 or int(match[1]) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a month like 2026-11")
+    year, month = int(match[1]), int(match[2])
+    start = datetime(year, month, 1, tzinfo=timezone.utc)
+    return start, datetime(year + month // 12, month % 12 + 1, 1, tzinfo=timezone.utc)
+
+
+def _limit(text: str) -> int:
+    if not (text.isascii() and text.isdigit()):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of records (0: all)")
+    return int(text)
+
+
+def _record_id(text: str) -> str:
+    if not (text.isascii() and text.isdigit()):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a record id (the digits in the ID column of records list)")
+    return text
+
+
+def _records_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    records = sub.add_parser("records", help="list, retry and export a running gateway's hourly records",
+                             description="Admin commands for recorded usage (UsageRecorderService), over gRPC.")
+    commands = records.add_subparsers(dest="records_command", required=True)
+    listing = commands.add_parser("list", help="the hourly records, newest hour first")
+    listing.add_argument("--state", type=str.lower, choices=list(_STATES), help="only records in this state")
+    listing.add_argument("--product", default="", help="only records of this product code")
+    listing.add_argument("--since", type=_since, metavar="DURATION|TIME",
+                         help="only hours starting at or after now minus a duration (6h) or an RFC 3339 time")
+    listing.add_argument("--limit", type=_limit, default=0, help="at most this many records [default 0: all]")
+    listing.add_argument("--output", choices=list(records_output.FORMATS), default="table",
+                         help="table for a person, json (one array) or csv for machines [default table]")
+    add_target_arguments(listing, timeout=10.0)
+    retry = commands.add_parser("retry", help="put a FAILED record back in the queue, once its cause is fixed")
+    retry.add_argument("record_id", type=_record_id, metavar="ID", help="the record's ID, as records list shows it")
+    retry.add_argument("--reconciled", action="store_true",
+                       help="AWS's seller reports hold no record of it: needed when its outcome is unknown")
+    add_target_arguments(retry, timeout=10.0)
+    export = commands.add_parser("export", help="every record of a UTC month, oldest first, for reconciliation")
+    export.add_argument("--month", type=_month, required=True, metavar="YYYY-MM", help="the UTC month, e.g. 2026-11")
+    export.add_argument("--output", choices=["csv", "json"], default="csv", help="[default csv]")
+    add_target_arguments(export, timeout=10.0)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="metering-gateway",
@@ -52,17 +166,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     add_settings_arguments(serve)
     check = sub.add_parser("health", help="exit 0 only when a gateway reports SERVING")
-    check.add_argument("--target", default=health_target(os.environ),
-                       help="HOST:PORT of the gateway [env METERING_GATEWAY_HEALTH_TARGET; default the local end of "
-                       "METERING_GATEWAY_LISTEN, else 127.0.0.1:50051]")
+    add_target_arguments(check)
     check.add_argument("--service", default="", help="service name to check; default the whole server")
-    check.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for an answer [default 3]")
-    check.add_argument("--tls-ca", default=os.environ.get("METERING_GATEWAY_HEALTH_TLS_CA", ""),
-                       help="PEM CA to trust: check over TLS [env METERING_GATEWAY_HEALTH_TLS_CA]")
-    check.add_argument("--tls-cert", default=os.environ.get("METERING_GATEWAY_HEALTH_TLS_CERT", ""),
-                       help="PEM client certificate for mTLS [env METERING_GATEWAY_HEALTH_TLS_CERT]")
-    check.add_argument("--tls-key", default=os.environ.get("METERING_GATEWAY_HEALTH_TLS_KEY", ""),
-                       help="PEM client key for mTLS [env METERING_GATEWAY_HEALTH_TLS_KEY]")
+    _records_parser(sub)
     local = sub.add_parser("local-aws", help="run only the local AWS Metering stand-in (nothing is billed)")
     local.add_argument("--host", default="127.0.0.1", help="address to listen on [default 127.0.0.1]")
     local.add_argument("--port", type=int, default=4599, help="port to listen on [default 4599]")
@@ -101,21 +207,100 @@ def _channel(args: argparse.Namespace) -> grpc.Channel:
     return grpc.secure_channel(args.target, creds)
 
 
-def health_check(args: argparse.Namespace) -> int:
+def _failure(exc: grpc.RpcError) -> str:
+    """``CODE: details [REASON]``: the status, and the ErrorInfo reason when the gateway sent one."""
+    text = f"{exc.code().name}: {exc.details()}"
+    try:
+        status = rpc_status.from_call(exc)  # type: ignore[arg-type]
+    except ValueError:  # details that contradict the status: show the status alone
+        status = None
+    for detail in status.details if status is not None else ():
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info):
+            return f"{text} [{info.reason}]"
+    return text
+
+
+def _with_gateway(args: argparse.Namespace, work: Callable[[grpc.Channel], int]) -> int:
+    """Run ``work`` on a channel to ``--target``; a failure is one line on stderr and exit 1."""
     try:
         with _channel(args) as channel:
-            reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
-            )
+            return work(channel)
     except grpc.RpcError as exc:
-        print(f"{args.target}: {exc.code().name}: {exc.details()}", file=sys.stderr)
-        return 1
+        print(f"{args.target}: {_failure(exc)}", file=sys.stderr)
     except OSError as exc:
         print(f"{args.target}: {exc}", file=sys.stderr)
-        return 1
-    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-    print(f"{args.target}: {status}")
-    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+    return 1
+
+
+def health_check(args: argparse.Namespace) -> int:
+    def check(channel: grpc.Channel) -> int:
+        reply = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+        )
+        status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+        print(f"{args.target}: {status}")
+        return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+    return _with_gateway(args, check)
+
+
+def _every_record(channel: grpc.Channel, request: pb.ListMeteringRecordsRequest, timeout: float,
+                  limit: int = 0) -> list[pb.MeteringRecord]:
+    """Every page of a listing, newest hour first (at most ``limit`` records when set)."""
+    stub = pb_grpc.UsageRecorderServiceStub(channel)
+    found: list[pb.MeteringRecord] = []
+    request.page_size = min(limit, PAGE_SIZE) if limit else PAGE_SIZE
+    while True:
+        reply = stub.ListMeteringRecords(request, timeout=timeout)
+        found.extend(reply.records)
+        if not reply.next_page_token or (limit and len(found) >= limit):
+            return found[:limit] if limit else found
+        request.page_token = reply.next_page_token
+
+
+def records_list(args: argparse.Namespace) -> int:
+    state = _STATES.get(args.state or "", pb.MeteringRecord.STATE_UNSPECIFIED)
+    request = pb.ListMeteringRecordsRequest(state=state, product_code=args.product)
+    if args.since is not None:
+        request.start_time.FromDatetime(args.since)
+
+    def show(channel: grpc.Channel) -> int:
+        records = _every_record(channel, request, args.timeout, args.limit)
+        sys.stdout.write(records_output.FORMATS[args.output](records))
+        return 0
+
+    return _with_gateway(args, show)
+
+
+def records_export(args: argparse.Namespace) -> int:
+    start, end = args.month
+    request = pb.ListMeteringRecordsRequest()
+    request.start_time.FromDatetime(start)
+    request.end_time.FromDatetime(end)
+
+    def export(channel: grpc.Channel) -> int:
+        records = _every_record(channel, request, args.timeout)
+        sys.stdout.write(records_output.FORMATS[args.output](reversed(records)))  # oldest first
+        return 0
+
+    return _with_gateway(args, export)
+
+
+def records_retry(args: argparse.Namespace) -> int:
+    def retry(channel: grpc.Channel) -> int:
+        reply = pb_grpc.UsageRecorderServiceStub(channel).RetryMeteringRecord(
+            pb.RetryMeteringRecordRequest(record_id=args.record_id, reconciled=args.reconciled), timeout=args.timeout)
+        r = reply.record
+        print(f"{args.target}: record {r.record_id} is {records_output.state_name(r.state)} again: {r.product_code} / "
+              f"{r.usage_dimension}, hour {records_output.iso(r.hour)}, quantity {r.quantity}, ClientToken "
+              f"{r.client_token}; the gateway resends it when due (records list shows how it went)")
+        return 0
+
+    return _with_gateway(args, retry)
+
+
+RECORDS_COMMANDS = {"list": records_list, "retry": records_retry, "export": records_export}
 
 
 def local_aws(args: argparse.Namespace) -> int:
@@ -161,6 +346,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             exit_now(serve(settings_from(args)))
         if args.command == "health":
             return health_check(args)
+        if args.command == "records":
+            return RECORDS_COMMANDS[args.records_command](args)
         return local_aws(args)
     except ConfigError as exc:
         print(f"metering-gateway: error: {exc}", file=sys.stderr)

@@ -182,9 +182,14 @@ class Settings:
         ),
     )
     grace: float = field(
-        default=10.0,
+        # 8 s: with the second of shutdown margin (gateway.app.SHUTDOWN_MARGIN) and the
+        # interpreter's exit, a SIGTERM ends well inside docker/podman stop's default 10 s.
+        default=8.0,
         metadata=_setting(
-            "On SIGTERM, how long calls in flight may take to finish.",
+            "On SIGTERM, how long calls in flight may take to finish; --flush-on-shutdown gets what "
+            "is left, and the process exits within a second after it, whatever AWS does. Keep it 2s "
+            "below the platform's stop timeout (docker stop: 10s, see --stop-timeout; Kubernetes: "
+            "terminationGracePeriodSeconds).",
             parse=parse_duration,
             bounds=Bounds(0, HOUR),  # platforms kill far sooner; more is a typo
         ),

@@ -87,6 +87,8 @@ RULES: Mapping[str, Rule] = {
     # The credentials may not do this (including a refused dry run).
     "UNAUTHORIZED": Rule(Code.PERMISSION_DENIED),
     "ACCESS_DENIED": Rule(Code.PERMISSION_DENIED),
+    # The mTLS caller may not call this method, or meter this product or dimension (--authz-policy).
+    "CALLER_NOT_ALLOWED": Rule(Code.PERMISSION_DENIED),
     # Try again later. Throttling and a bare 503 (the front door did not take the
     # request) rule a record out; AWS's own 5xx answers do not.
     "THROTTLING": Rule(Code.RESOURCE_EXHAUSTED, retryable=True),
@@ -102,6 +104,11 @@ RULES: Mapping[str, Rule] = {
     # The recorded-usage spool.
     "EVENT_ID_CONFLICT": Rule(Code.ALREADY_EXISTS),
     "SPOOL_UNAVAILABLE": Rule(Code.UNAVAILABLE, retryable=True),
+    # An operator's RetryMeteringRecord: no such record, or one that is not FAILED, or
+    # one AWS may hold (reconcile it against the seller reports first).
+    "RECORD_NOT_FOUND": Rule(Code.NOT_FOUND),
+    "RECORD_NOT_FAILED": Rule(Code.FAILED_PRECONDITION),
+    "OUTCOME_UNKNOWN": Rule(Code.FAILED_PRECONDITION),
     # Anything else.
     "INTERNAL": Rule(Code.INTERNAL),
 }
@@ -168,6 +175,9 @@ class GatewayError(Exception):
     maybe_delivered: bool = False
 
     aws_attempts: int = 0  # calls made to AWS for this request (the gateway's own retries)
+    # More ErrorInfo metadata (lowerCamel keys), for what the gateway decided alone: e.g.
+    # the refused caller's identity and product. The AWS keys above cannot be overridden.
+    extra_metadata: Mapping[str, str] = field(default_factory=dict)
     rule: Rule = field(init=False)
 
     def __post_init__(self) -> None:
@@ -208,7 +218,7 @@ class GatewayError(Exception):
         return max(0, round(self.retry_delay * 1000))
 
     def metadata(self) -> dict[str, str]:
-        out: dict[str, str] = {}
+        out: dict[str, str] = dict(self.extra_metadata)
         if self.aws_code is not None:
             out["awsErrorCode"] = self.aws_code
         if self.aws_request_id:

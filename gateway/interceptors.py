@@ -19,6 +19,7 @@ import structlog
 from google.protobuf.message import DecodeError
 
 from gateway import errors
+from gateway.identity import caller_identity
 from gateway.validation import Violation
 
 REQUEST_ID_KEY = "x-request-id"
@@ -93,7 +94,10 @@ class GatewayInterceptor(grpc.ServerInterceptor):
         def wrapped(raw: bytes, context: grpc.ServicerContext) -> Any:
             structlog.contextvars.clear_contextvars()
             request_id = _request_id(context)
-            structlog.contextvars.bind_contextvars(request_id=request_id, method=method)
+            # Who calls (the mTLS identity, null without one) and from where, on every line of the RPC.
+            structlog.contextvars.bind_contextvars(
+                request_id=request_id, method=method, caller=caller_identity(context.auth_context()), peer=context.peer()
+            )
             started = time.perf_counter()
             code = grpc.StatusCode.OK
             if self._observer is not None:

@@ -1,7 +1,7 @@
 """structlog set-up: JSON lines on stdout, context bound per RPC.
 
-Per-RPC fields (request id, method, product code, attempts, aws_request_id) are
-bound with ``structlog.contextvars`` by whoever learns them, and written once by
+Per-RPC fields (request id, method, caller identity and peer, product code, attempts,
+aws_request_id) are bound with ``structlog.contextvars`` by whoever learns them, and written once by
 the access-log interceptor when the RPC ends. Secrets never enter the context.
 """
 

@@ -12,6 +12,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from gateway import metrics
 from gateway.config import ConfigError, Settings, format_listen
 from gateway.interceptors import Authorize, GatewayInterceptor, Observer
 from marketplace.metering.v1 import metering_pb2 as pb
@@ -91,11 +92,15 @@ class Gateway:
         self.server.start()
         for name in ("", *self._names):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        for name in self._names:
+            metrics.set_serving(name, True)
         return self.port
 
     def stop(self, grace: float | None = None) -> None:
         """NOT_SERVING first, then refuse new calls and let those in flight finish."""
         self.health.enter_graceful_shutdown()
+        for name in self._names:
+            metrics.set_serving(name, False)
         self.server.stop(self.settings.grace if grace is None else grace).wait()
 
     def wait(self, timeout: float | None = None) -> bool:

@@ -16,13 +16,14 @@ import os
 import queue
 import signal
 import socket
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import structlog
 
-from gateway import app, logs
+from gateway import app, logs, metrics_server
 from gateway.config import ConfigError, Settings, format_listen
 
 log = structlog.get_logger("gateway.workers")
@@ -51,7 +52,8 @@ def _worker(settings: Settings, endpoint: str | None, index: int, ready: Any) ->
     logs.configure(settings.log_level, worker=index)
     code = 1
     try:
-        code = app.run(settings, endpoint, share_port=True, on_ready=lambda port: ready.put((index, port, "")))
+        code = app.run(settings, endpoint, share_port=True, on_ready=lambda port: ready.put((index, port, "")),
+                       metrics_worker=bool(settings.metrics_listen))
     except ConfigError as exc:
         ready.put((index, 0, str(exc)))
     except Exception as exc:  # the parent must hear of it, not wait for READY_TIMEOUT
@@ -62,10 +64,12 @@ def _worker(settings: Settings, endpoint: str | None, index: int, ready: Any) ->
 
 
 def supervise(settings: Settings, endpoint: str | None) -> int:
+    app.authorizer(settings)  # refuse a bad --authz-policy once too; each worker loads its own
     session = app.aws_session(settings, os.environ)  # refuse bad AWS settings once, before any worker starts
     app.warn_about_credentials(settings, session)
     host, port = settings.listen_host_port
-    with reserve_port(host, port) as bound:
+    # The metrics directory and environment exist before the first worker is spawned.
+    with reserve_port(host, port) as bound, metrics_server.for_workers(settings) as exported:
         conf = dataclasses.replace(settings, listen=format_listen(host, bound))
         ctx = multiprocessing.get_context("spawn")
         ready = ctx.Queue()
@@ -81,12 +85,15 @@ def supervise(settings: Settings, endpoint: str | None) -> int:
             raise
         if stop.is_set():
             return _terminate(procs, conf.grace)
-        app.log_serving(conf, bound, endpoint, session.region_name,
-                        processes=settings.processes, pids=[p.pid for p in procs])
+        app.log_serving(conf, bound, endpoint, session.region_name, processes=settings.processes,
+                        pids=[p.pid for p in procs], **({"metrics": exported.address} if exported else {}))
         while not stop.wait(0.5):
             dead = [p for p in procs if not p.is_alive()]
             if dead:
                 log.error("worker_died", worker=dead[0].name, exitcode=dead[0].exitcode)
+                if exported:  # its last word (SERVING, leading) no longer counts while the others drain
+                    for proc in dead:
+                        exported.process_exited(proc.pid)
                 _terminate(procs, conf.grace)
                 return 1
         return _terminate(procs, conf.grace)
@@ -109,13 +116,20 @@ def _await_ready(procs: list[Any], ready: Any, stop: Any) -> None:
 
 
 def _terminate(procs: list[Any], grace: float) -> int:
-    """SIGTERM every worker (each drains within ``grace``); 0 when all exit 0."""
+    """SIGTERM every worker; 0 when all exit 0.
+
+    Each worker ends within ``grace`` + app.SHUTDOWN_MARGIN; one that does not is
+    killed then, so the whole stops within the same budget as a single process (a
+    killed worker is a crash, which the spool is built to survive).
+    """
+    deadline = time.monotonic() + grace + app.SHUTDOWN_MARGIN
     for proc in procs:
         if proc.is_alive() and proc.pid is not None:
             os.kill(proc.pid, signal.SIGTERM)
     for proc in procs:
-        proc.join(grace + 10)
+        proc.join(max(0.0, deadline - time.monotonic()))
         if proc.is_alive():
+            log.error("worker_killed", worker=proc.name, after_s=round(grace + app.SHUTDOWN_MARGIN, 3))
             proc.kill()
             proc.join()
     return 0 if all(p.exitcode == 0 for p in procs) else 1

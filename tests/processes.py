@@ -197,12 +197,13 @@ def gateway_process(*flags: str, argv: Sequence[str] | None = None, env: Mapping
     return GatewayProcess(command, env if env is not None else tool_env())
 
 
-def spooled_gateway(directory: Path, name: str, aws_url: str, spool: str | Path, *extra: str) -> GatewayProcess:
-    """``python -m gateway serve SERVE_ARGS`` on ``spool`` (a file or a postgresql:// DSN) calling
-    the local AWS at ``aws_url``, logging to ``directory/name.log``."""
+def spooled_gateway(directory: Path, name: str, aws_url: str, spool: str | Path, *extra: str,
+                    args: Sequence[str] = SERVE_ARGS) -> GatewayProcess:
+    """``python -m gateway serve SERVE_ARGS`` (or ``args``) on ``spool`` (a file or a postgresql://
+    DSN) calling the local AWS at ``aws_url``, logging to ``directory/name.log``."""
     env = {**os.environ, "AWS_ENDPOINT_URL_MARKETPLACE_METERING": aws_url, "AWS_DEFAULT_REGION": "us-east-1",
            "AWS_ACCESS_KEY_ID": "AKIDCRASHTEST", "AWS_SECRET_ACCESS_KEY": "crash-test-secret"}
-    return GatewayProcess([*SERVE, *SERVE_ARGS, "--spool", str(spool), *extra], env,
+    return GatewayProcess([*SERVE, *args, "--spool", str(spool), *extra], env,
                           log=directory / f"{name}.log", name=name)
 
 

@@ -1,28 +1,45 @@
-"""The Dockerfile, checked without a Docker engine: parsed, and its commands run here.
+"""The Dockerfile, its lock file and `make image`; the image itself where docker or podman works.
 
-The HEALTHCHECK and CMD run verbatim (exec form, the argv as written) with the
+Without a container engine the Dockerfile is parsed and its commands run here:
+the HEALTHCHECK and CMD verbatim (exec form, the argv as written) with the
 image's ENV, overridden the way ``docker run -e`` would: a free loopback port
-instead of 0.0.0.0:50051, and the local backend instead of AWS.
+instead of 0.0.0.0:50051, and the local backend instead of AWS. Where docker
+(with an engine) or podman can build and run containers, the last test builds
+the image with `make image` and runs it; elsewhere it says why it was skipped.
+``PYTHON_IMAGE`` names another base image (a local one, for offline builds).
 """
 
 from __future__ import annotations
 
 import fnmatch
+import json
+import os
+import re
 import shlex
+import shutil
 import subprocess
 import sys
+import time
+import tomllib
+import uuid
 import zipfile
+from concurrent import futures
+from importlib import metadata
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
 from processes import free_port, gateway_process, tool_env
 from support import ROOT, first, parse_dockerfile
 
 from gateway.config import parse_listen
+from metering_client import MeteringClient, MeteringError
 
 
 PREAMBLE, *STAGES = parse_dockerfile((ROOT / "Dockerfile").read_text())
 BUILD, FINAL = STAGES if len(STAGES) == 2 else (None, None)
+LOCK_PATH = "requirements/image.lock"
+VENV = "/opt/metering-gateway"
 
 
 def image_env() -> dict[str, str]:
@@ -50,19 +67,38 @@ def test_two_stages_on_slim_python() -> None:
     assert first(FINAL, "FROM").args == "${PYTHON_IMAGE}"
 
 
-def test_the_final_stage_installs_wheels_only() -> None:
-    assert "pip wheel" in " ".join(i.args for i in BUILD if i.keyword == "RUN")
-    runs = " ".join(i.args for i in FINAL if i.keyword == "RUN")
-    assert "from=build" in runs and "--no-index" in runs and "--find-links=/wheels" in runs
-    for tool in ("gcc", "build-essential", "apt-get", "pip wheel", "setup.py"):
-        assert tool not in runs
-    assert not [i for i in FINAL if i.keyword in ("COPY", "ADD")], "no source tree in the final image"
+def test_the_build_stage_installs_the_lock_file_then_the_gateway() -> None:
+    runs = [i.args for i in BUILD if i.keyword == "RUN"]
+    assert f"-r {LOCK_PATH}" in runs[0] and "--require-hashes" in runs[0] and "--only-binary=:all:" in runs[0]
+    assert "--no-deps" in runs[1], "the gateway's dependencies come from the lock file only"
+    assert first(BUILD, "ENV").args.count("PIP_NO_CACHE_DIR=1") == 1
 
 
-def test_runs_as_a_numeric_non_root_user() -> None:
+def test_the_final_stage_copies_the_built_environment_only() -> None:
+    assert first(FINAL, "COPY").args == f"--from=build {VENV} {VENV}", "no source tree, no wheels, no pip run"
+    assert not [i for i in FINAL if i.keyword == "ADD"]
+    run = first(FINAL, "RUN").args
+    for tool in ("pip", "gcc", "build-essential", "apt-get", "setup.py"):
+        assert tool not in run
+    assert f"PATH={VENV}/bin:$PATH" in first(FINAL, "ENV").args
+
+
+def test_builds_offline_with_any_builder() -> None:
+    """No `# syntax=` line (it pulls a frontend image), no BuildKit-only RUN --mount."""
+    text = (ROOT / "Dockerfile").read_text()
+    assert not re.match(r"\s*#\s*syntax\s*=", text, re.IGNORECASE)
+    assert not [i for stage in STAGES for i in stage if i.keyword == "RUN" and "--mount" in i.args]
+
+
+def test_runs_as_a_numeric_non_root_user_with_its_group() -> None:
     user = first(FINAL, "USER").args
-    uid = user.split(":")[0]
+    uid, _, gid = user.partition(":")
     assert uid.isdigit() and int(uid) != 0  # numeric, so Kubernetes' runAsNonRoot can check it
+    run = first(FINAL, "RUN").args
+    # the group the image runs as exists, with that id (`id -gn` says gateway)
+    assert f"groupadd --gid {gid} gateway" in run
+    assert f"useradd --uid {uid} --gid {gid} " in run and "--user-group" not in run
+    assert f"install -d -o {uid} -g {gid} /var/lib/metering-gateway" in run
 
 
 def test_port_signal_and_commands() -> None:
@@ -115,3 +151,236 @@ def test_the_server_wheel_has_the_console_script(tmp_path: Path) -> None:
         [entry_points] = [n for n in names if n.endswith("entry_points.txt")]
         assert "metering-gateway = gateway.cli:main" in zf.read(entry_points).decode()
     assert "gateway/cli.py" in names and "marketplace/metering/v1/metering_pb2.py" in names
+
+
+# -- the lock file: the image's exact dependencies ----------------------------------------------------------
+
+
+def _name(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def lock_pins(text: str) -> dict[str, tuple[str, list[str]]]:
+    """``name -> (version, hashes)`` of a pip-compile --generate-hashes file; every requirement must be ``==``."""
+    pins: dict[str, tuple[str, list[str]]] = {}
+    for block in re.split(r"\n(?=\S)", text):
+        line = block.split("\\", 1)[0].strip()
+        if not line or line.startswith("#"):
+            continue
+        name, sep, version = line.partition("==")
+        assert sep and re.fullmatch(r"[\w.+!-]+", version.strip()), f"not pinned with ==: {line!r}"
+        pins[_name(name)] = (version.strip(), re.findall(r"--hash=sha256:([0-9a-f]{64})", block))
+    return pins
+
+
+def missing_pins(requirements: list[str], pins: dict[str, tuple[str, list[str]]]) -> list[str]:
+    """What ``requirements`` need (their dependencies too, as installed here: the image's Python,
+    3.11 on Linux) that the lock file does not pin, or pins outside what they allow."""
+    missing: list[str] = []
+    seen: set[tuple[str, str]] = set()
+    todo = [Requirement(r) for r in requirements]
+    while todo:
+        req = todo.pop()
+        name = _name(req.name)
+        if name in pins:
+            if not req.specifier.contains(pins[name][0], prereleases=True):
+                missing.append(f"{req} (the lock has {pins[name][0]})")
+        else:
+            missing.append(str(req))
+        for extra in ("", *sorted(req.extras)):
+            if (name, extra) in seen:
+                continue
+            seen.add((name, extra))
+            try:
+                requires = metadata.requires(req.name) or []
+            except metadata.PackageNotFoundError:
+                continue
+            for dep in map(Requirement, requires):
+                if dep.marker is None or dep.marker.evaluate({"extra": extra}):
+                    todo.append(dep)
+    return sorted(set(missing))
+
+
+def runtime_requirements() -> list[str]:
+    return list(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"])
+
+
+def test_the_lock_file_pins_every_runtime_dependency_with_hashes() -> None:
+    """Refresh it with `make lock` after changing pyproject.toml's dependencies."""
+    pins = lock_pins((ROOT / LOCK_PATH).read_text())
+    assert missing_pins(runtime_requirements(), pins) == [], "run `make lock`"
+    assert [name for name, (_, hashes) in pins.items() if not hashes] == []
+    # the build backend too: the image installs the gateway without build isolation
+    build = tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]["requires"]
+    assert missing_pins(build, pins) == [], "run `make lock`"
+    assert "Python 3.11" in (ROOT / LOCK_PATH).read_text(), "made with the image's Python"
+
+
+def test_a_dependency_added_without_make_lock_is_caught() -> None:
+    pins = lock_pins((ROOT / LOCK_PATH).read_text())
+    assert missing_pins([*runtime_requirements(), "left-pad>=1"], pins) == ["left-pad>=1"]
+    assert missing_pins(["boto3>=999"], pins) == [f"boto3>=999 (the lock has {pins['boto3'][0]})"]
+    del pins["jmespath"]  # a transitive one (boto3's)
+    assert any(m.startswith("jmespath") for m in missing_pins(runtime_requirements(), pins))
+
+
+# -- make image: docker, podman or buildah, whichever works -------------------------------------------------
+
+
+def make_image(tmp_path: Path, working: set[str], **variables: str) -> subprocess.CompletedProcess[str]:
+    """``make image`` with stand-ins for the three builders; ``working`` answer ``info``."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for tool in ("docker", "podman", "buildah"):
+        script = bin_dir / tool
+        script.write_text(f'#!/bin/sh\necho "{tool} $*" >> "{tmp_path}/calls"\n'
+                          f'[ "$1" = info ] && exit {0 if tool in working else 1}\nexit 0\n')
+        script.chmod(0o755)
+    env = {k: v for k, v in tool_env().items() if k not in ("PYTHON_IMAGE", "IMAGE", "MAKEFLAGS")}
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
+    args = [f"{k}={v}" for k, v in variables.items()]
+    return subprocess.run(["make", "--no-print-directory", "-C", str(ROOT), "image", *args], env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def builds(tmp_path: Path) -> list[str]:
+    return [c for c in (tmp_path / "calls").read_text().splitlines() if not c.endswith(" info")]
+
+
+@pytest.mark.parametrize(("working", "expected"), [
+    ({"docker", "podman", "buildah"}, "docker build -t metering-gateway:dev ."),
+    ({"podman", "buildah"}, "podman build --format docker -t metering-gateway:dev ."),  # a docker client, no engine
+    ({"buildah"}, "buildah bud --format docker -t metering-gateway:dev ."),
+])
+def test_make_image_picks_the_builder_that_works(tmp_path: Path, working: set[str], expected: str) -> None:
+    done = make_image(tmp_path, working)
+    assert done.returncode == 0, done.stderr
+    assert builds(tmp_path) == [expected]
+
+
+def test_make_image_takes_the_tag_and_base_image(tmp_path: Path) -> None:
+    done = make_image(tmp_path, {"podman"}, IMAGE="gw:1", PYTHON_IMAGE="localhost/python:3.11")
+    assert done.returncode == 0, done.stderr
+    assert builds(tmp_path) == ["podman build --format docker --build-arg PYTHON_IMAGE=localhost/python:3.11 -t gw:1 ."]
+
+
+def test_make_image_without_a_builder_says_so(tmp_path: Path) -> None:
+    done = make_image(tmp_path, set())
+    assert done.returncode != 0
+    assert "no container builder works here: install docker (with a running engine), podman or buildah" in done.stderr
+    assert builds(tmp_path) == []
+
+
+# -- the image for real, where docker or podman can build and run it ----------------------------------------
+
+BASE_IMAGE = os.environ.get("PYTHON_IMAGE") or "python:3.11-slim"
+
+
+def _run(*argv: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout)
+
+
+def _why(done: subprocess.CompletedProcess[str]) -> str:
+    """The last line it complained with."""
+    lines = [line.strip() for line in (done.stderr.strip() or done.stdout).splitlines() if line.strip()]
+    return lines[-1] if lines else f"exit {done.returncode}"
+
+
+def container_engine() -> str:
+    """docker if its engine answers, else podman (as `make image` picks); skips the test when neither
+    can build and run containers from BASE_IMAGE here, saying why."""
+    reasons = []
+    for engine in ("docker", "podman"):
+        if shutil.which(engine) is None:
+            reasons.append(f"{engine} is not installed")
+            continue
+        info = _run(engine, "info")
+        if info.returncode == 0:
+            break
+        reasons.append(f"{engine} info: {_why(info)}")
+    else:
+        pytest.skip(f"no container builder: {'; '.join(reasons)} (buildah alone builds but cannot run the image)")
+    if _run(engine, "image", "inspect", BASE_IMAGE).returncode != 0:
+        try:
+            pulled = _run(engine, "pull", BASE_IMAGE, timeout=300)
+            why = _why(pulled) if pulled.returncode != 0 else ""
+        except subprocess.TimeoutExpired:
+            why = "no answer in 300 s"
+        if why:
+            pytest.skip(f"{engine}: the base image {BASE_IMAGE} is not here and cannot be pulled ({why}); "
+                        "set PYTHON_IMAGE to a local Python 3.11 image (docs/deploy.md, Container)")
+    probe = _run(engine, "run", "--rm", BASE_IMAGE, "true")
+    if probe.returncode != 0:
+        pytest.skip(f"{engine} cannot run containers here: {_why(probe)}")
+    return engine
+
+
+def exec_python(engine: str, name: str, code: str) -> str:
+    """Run Python code in the container (the image's own interpreter); its stdout."""
+    done = _run(engine, "exec", name, "python3", "-c", code)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def local_faults(engine: str, name: str, body: dict[str, object] | None = None) -> list[dict[str, object]]:
+    """The embedded local AWS's fault queue, POSTing ``body`` first (the endpoint listens in the container only)."""
+    logs = _run(engine, "logs", name)
+    [started] = [json.loads(line) for line in (logs.stdout + logs.stderr).splitlines()
+                 if '"local_aws_started"' in line]
+    url = f"{started['endpoint']}/_local/faults"
+    post = "" if body is None else (
+        f"u.urlopen(u.Request({url!r}, data={json.dumps(body).encode()!r}, method='POST')).read();")
+    return json.loads(exec_python(engine, name, f"import urllib.request as u;{post}print(u.urlopen({url!r}).read().decode())"))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_the_image_builds_runs_and_stops_within_the_default_10s(tmp_path: Path) -> None:
+    """`make image`, run it (`serve` with the local backend), health through the image's own HEALTHCHECK and
+    the published port, user 10001:10001 named gateway; then `stop` with its default 10 s while a call
+    waits on a slow AWS: exit code 0, not 137."""
+    engine = container_engine()
+    tag = f"localhost/metering-gateway:test-{uuid.uuid4().hex[:8]}"
+    name = f"metering-gateway-test-{uuid.uuid4().hex[:8]}"
+    build = subprocess.run(["make", "--no-print-directory", "-C", str(ROOT), "image", f"IMAGE={tag}",
+                            *([f"PYTHON_IMAGE={BASE_IMAGE}"] if "PYTHON_IMAGE" in os.environ else [])],
+                           capture_output=True, text=True, timeout=800)
+    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
+    port = free_port()
+    try:
+        started = _run(engine, "run", "-d", "--name", name, "-p", f"127.0.0.1:{port}:50051",
+                       "-e", "METERING_GATEWAY_LOCAL=true", tag)
+        assert started.returncode == 0, started.stderr
+        check = [engine, "exec", name, *first(FINAL, "HEALTHCHECK").exec_form]
+        end = time.monotonic() + 60
+        while (health := _run(*check)).returncode != 0:
+            assert time.monotonic() < end, f"never SERVING: {_why(health)}\n{_run(engine, 'logs', name).stdout[-3000:]}"
+            time.sleep(0.5)
+        assert "SERVING" in health.stdout
+        outside = subprocess.run(["metering-gateway", "health", "--target", f"127.0.0.1:{port}"], env=tool_env(),
+                                 capture_output=True, text=True, timeout=30)
+        assert outside.returncode == 0, outside.stderr
+        ids = [_run(engine, "exec", name, "id", flag).stdout.strip() for flag in ("-u", "-g", "-gn")]
+        assert ids == ["10001", "10001", "gateway"]
+
+        local_faults(engine, name, {"error": "slow", "delay": 60.0, "count": 10, "operation": "MeterUsage"})
+        with futures.ThreadPoolExecutor(1) as pool, MeteringClient(f"127.0.0.1:{port}", retry=None) as client:
+            call = pool.submit(client.meter_usage, product_code="prod-abc123", usage_dimension="slow", quantity=1,
+                               timeout=120)
+            end = time.monotonic() + 30
+            while local_faults(engine, name)[0]["remaining"] == 10:  # the call has reached the local AWS
+                assert time.monotonic() < end and not call.done()
+                time.sleep(0.2)
+            t0 = time.monotonic()
+            stopped = _run(engine, "stop", name, timeout=60)  # no -t: the default 10 s
+            took = time.monotonic() - t0
+            with pytest.raises(MeteringError) as cut:
+                call.result(timeout=5)
+        assert stopped.returncode == 0, stopped.stderr
+        code = _run(engine, "inspect", name, "--format", "{{.State.ExitCode}}").stdout.strip()
+        print(f"{engine}: stop took {took:.2f}s, exit code {code}, the caller got {cut.value.code.name}")
+        assert code == "0", _run(engine, "logs", name).stdout[-3000:]
+        assert took < 10
+    finally:
+        _run(engine, "rm", "-f", name)
+        _run(engine, "rmi", "-f", tag)

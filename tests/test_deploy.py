@@ -22,6 +22,7 @@ import yaml
 from kubernetes_validate.utils import major_minor
 from support import ROOT, first, parse_dockerfile
 
+from gateway.app import SHUTDOWN_MARGIN
 from gateway.config import (
     ENV_PREFIX,
     SETTINGS_FIELDS,
@@ -331,10 +332,11 @@ def test_ports_agree_with_listen_probes_and_services(w: Workload) -> None:
 
 @pytest.mark.parametrize("w", ALL)
 def test_every_probe_is_grpc_health_on_the_grpc_port(w: Workload) -> None:
-    # Readiness asks for the service that must work for the pod to take calls: with a
-    # spool, the recorder (NOT_SERVING when the spool cannot write).
-    ready = RECORDER_SERVICE if w.has_spool else METERING_SERVICE
-    expected = {"startupProbe": "", "livenessProbe": "", "readinessProbe": ready}
+    # Readiness asks for MeteringService, with a spool too: the pod is one endpoint for
+    # both services, and the recorder (NOT_SERVING while the spool cannot write) turns
+    # so on every replica at once when a shared database is down, so readiness on it
+    # would take MeterUsage away as well (docs/deploy.md, "Probes and readiness").
+    expected = {"startupProbe": "", "livenessProbe": "", "readinessProbe": METERING_SERVICE}
     for name, service in expected.items():
         probe = w.container.get(name)
         assert probe is not None, f"no {name}"
@@ -343,15 +345,37 @@ def test_every_probe_is_grpc_health_on_the_grpc_port(w: Workload) -> None:
         assert probe["grpc"].get("service", "") == service, f"{name} asks for {probe['grpc'].get('service', '')!r}"
 
 
+# The health statuses that follow the spool's writability (tests/test_health.py shows ""
+# and MeteringService do not, and that nothing about AWS changes any of them).
+SPOOL_DEPENDENT = {RECORDER_SERVICE}
+
+
+@pytest.mark.parametrize("w", ALL)
+def test_no_probe_depends_on_the_spool(w: Workload) -> None:
+    """A full disk or an unreachable database must neither restart the pod (liveness, startup:
+    a restart fixes neither) nor take it out of the Service (readiness: MeterUsage needs no spool)."""
+    for name in ("startupProbe", "livenessProbe", "readinessProbe"):
+        service = w.container[name]["grpc"].get("service", "")
+        assert service not in SPOOL_DEPENDENT, f"{name} follows the spool: {service}"
+
+
+@pytest.mark.parametrize("w", [w for w in ALL if w.values[0].has_spool and w.values[0].kind == "Deployment"])
+def test_replicas_with_a_spool_have_a_headless_service_for_client_side_health_checks(w: Workload) -> None:
+    """Callers that skip a replica whose recorder is down (round_robin + healthCheckConfig) need each pod's address."""
+    headless = [s for s in w.selected_by("Service") if s["spec"].get("clusterIP") == "None"]
+    assert headless, "no headless Service selects the pods"
+    assert all(not s["spec"].get("publishNotReadyAddresses", False) for s in headless)
+
+
 @pytest.mark.parametrize("w", ALL)
 def test_the_platform_waits_longer_than_the_drain_everywhere(w: Workload) -> None:
     pre_stop = w.container["lifecycle"]["preStop"]["exec"]["command"]
     assert pre_stop[0] == "sleep"
     assert "terminationGracePeriodSeconds" in w.pod  # not Kubernetes' default of 30s by accident
     settings = w.settings
-    # With --flush-on-shutdown the sender then sends the open hour, for up to max(grace, 5s) (gateway/app.py).
-    flush = max(settings.grace, 5.0) if settings.spool and settings.flush_on_shutdown else 0.0
-    assert w.pod["terminationGracePeriodSeconds"] > settings.grace + float(pre_stop[1]) + flush
+    # Everything after SIGTERM (the drain, the sender, --flush-on-shutdown, closing the spool) ends within
+    # the grace plus SHUTDOWN_MARGIN (gateway/app.py), whatever AWS does.
+    assert w.pod["terminationGracePeriodSeconds"] > settings.grace + float(pre_stop[1]) + SHUTDOWN_MARGIN
 
 
 @pytest.mark.parametrize("w", ALL)

@@ -1,7 +1,8 @@
-"""The README says what the code does: settings and status codes."""
+"""The README says what the code does: settings, status codes and the layout."""
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -26,3 +27,21 @@ def test_every_status_reason_is_documented() -> None:
                 "DISABLED_API", "INTERNAL"}
     missing = set(errors.RULES) - set(documented) - families
     assert not missing, f"README's status table does not mention {sorted(missing)}"
+
+
+def test_layout_lists_every_module() -> None:
+    """Every module of the gateway, the client, the tools, the benchmarks and the tests'
+    shared helpers has its own row (or a place in a row) in the README's Layout table."""
+    text = (ROOT / "README.md").read_text()
+    layout = text[text.index("\n## Layout\n") :]
+    layout = layout[: layout.find("\n## ", 1)] if "\n## " in layout[1:] else layout
+    listed = set(re.findall(r"`([^`]+)`", "\n".join(line.split("|")[1] for line in layout.splitlines() if line.startswith("| `"))))
+    modules = [
+        *(ROOT / "gateway").rglob("*.py"),
+        *(ROOT / "clients" / "python" / "src" / "metering_client").glob("*.py"),
+        *(ROOT / "tools").glob("*.py"),
+        *(ROOT / "benchmarks").glob("*.py"),
+        *(p for p in (ROOT / "tests").glob("*.py") if not p.name.startswith("test_")),
+    ]
+    missing = sorted(str(p.relative_to(ROOT)) for p in modules if str(p.relative_to(ROOT)) not in listed)
+    assert not missing, f"README's Layout does not list {missing}"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from recording import BARE_503, BARE_507, ISE, ISE_AFTER_RECORD, FakeAws, event, sums_of_records
 
+from gateway import errors
 from gateway.recording.placement import HOUR
 from gateway.recording.sender import Sender
 from gateway.recording.servicer import event_row
@@ -170,3 +171,68 @@ def test_a_sender_that_loses_the_lead_mid_pass_stops_sending() -> None:
     spool.leads = lambda: next(answers, False)  # type: ignore[method-assign]
     sender.tick()
     assert len(aws.ours()) == 1 and [r.attempts for r in spool.list_records()].count(0) == 2
+
+
+def not_entitled_once(aws: FakeAws) -> None:
+    """AWS refuses the next call as CUSTOMER_NOT_ENTITLED (the buyer's subscription lapsed)."""
+    original = aws.meter_usage
+
+    def refuse(params: dict, **kw: object) -> object:
+        aws.meter_usage = original  # type: ignore[method-assign]  # then fixed
+        raise errors.from_aws("CustomerNotEntitledException", "not entitled", "req-x", http_status=400)
+
+    aws.meter_usage = refuse  # type: ignore[method-assign]
+
+
+def test_a_retried_record_is_resent_identically_inside_the_window() -> None:
+    clock, aws, spool, sender = sender_on_fake_aws()
+    spool.record([event_row(event("ne", clock[0] - HOUR, 4))])
+    not_entitled_once(aws)
+    sender.tick()
+    [failed] = spool.list_records(state=FAILED)
+    clock[0] += 30 * 60
+    spool.retry_failed(failed.id, reconciled=False, now=clock[0])
+    sender.tick()
+    [sent] = spool.list_records(state=SENT)
+    assert (sent.id, sent.client_token, sent.hour, sent.attempts) == (failed.id, failed.client_token, failed.hour, 2)
+    assert aws.holds(failed.client_token) and sums_of_records(aws.ours()) == {("prod-a", "requests"): 4}
+
+
+def test_a_retried_record_whose_hour_left_the_window_is_carried() -> None:
+    """Fixed a day later: AWS no longer takes the record's hour, so its usage goes to the
+    next hour AWS takes, under a new ClientToken (AWS never held the old one)."""
+    clock, aws, spool, sender = sender_on_fake_aws()
+    spool.record([event_row(event("late-fix", clock[0] - HOUR, 5))])
+    not_entitled_once(aws)
+    sender.tick()
+    [failed] = spool.list_records(state=FAILED)
+    clock[0] += 24 * HOUR
+    spool.retry_failed(failed.id, reconciled=False, now=clock[0])
+    sender.tick()  # carried
+    sender.tick()  # the new record is due in the same pass or the next
+    assert not spool.list_records(state=FAILED)
+    [sent] = spool.list_records(state=SENT)
+    assert sent.carried_hours == [failed.hour] and sent.client_token != failed.client_token
+    assert sums_of_records(aws.ours()) == {("prod-a", "requests"): 5} and not aws.holds(failed.client_token)
+
+
+def test_a_reconciled_unknown_outcome_past_the_window_is_carried_once() -> None:
+    """AWS answered 500 and held nothing; the resend was refused; the operator found no
+    record in AWS's reports and retried it reconciled: its usage is billed once."""
+    clock, aws, spool, sender = sender_on_fake_aws()
+    spool.record([event_row(event("rec", clock[0] - HOUR, 6))])
+    aws.down = ISE
+    sender.tick()
+    aws.down = None
+    not_entitled_once(aws)
+    clock[0] += 10 * 60
+    sender.tick()
+    [failed] = spool.list_records(state=FAILED)
+    assert failed.outcome_unknown and failed.last_error.startswith("outcome unknown")
+    clock[0] += 12 * HOUR
+    spool.retry_failed(failed.id, reconciled=True, now=clock[0])
+    sender.tick()
+    sender.tick()
+    [sent] = spool.list_records(state=SENT)
+    assert sent.carried_hours == [failed.hour] and not spool.list_records(state=FAILED)
+    assert sums_of_records(aws.ours()) == {("prod-a", "requests"): 6} and len(aws.ours()) == 1

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from recording import event, running_recorder, sums_of_events, sums_of_records, wait_for
 from postgres import PostgresServer
@@ -299,6 +300,115 @@ def test_listing_filters_and_pages(recorder: tuple) -> None:
         with pytest.raises(grpc.RpcError) as err:
             stub.ListMeteringRecords(bad, timeout=10)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def stamp(seconds: float) -> Timestamp:
+    out = Timestamp()
+    out.FromNanoseconds(int(seconds * 1e9))
+    return out
+
+
+def test_listing_by_time_range(recorder: tuple) -> None:
+    stub, _ = recorder
+    record(stub, *[event(f"t{h}", hours_ago(h), h + 1) for h in range(1, 5)])
+    wait_for(lambda: len(listed(stub)) == 4, what="the events placed")
+    two_back = placement.hour_of(hours_ago(2))
+    # Hours starting at or after the start, before the end; a bound inside an hour excludes that hour's start.
+    inside = listed(stub, start_time=stamp(two_back - HOUR), end_time=stamp(two_back + HOUR))
+    assert [r.hour.ToSeconds() for r in inside] == [two_back, two_back - HOUR]
+    assert [r.hour.ToSeconds() for r in listed(stub, start_time=stamp(two_back - 0.5))] == [
+        two_back + HOUR, two_back]
+    assert [r.hour.ToSeconds() for r in listed(stub, end_time=stamp(two_back - HOUR + 0.5))] == [
+        two_back - HOUR, two_back - 2 * HOUR]
+    pages = [stub.ListMeteringRecords(pb.ListMeteringRecordsRequest(page_size=1, start_time=stamp(two_back - HOUR)),
+                                      timeout=10)]
+    pages.append(stub.ListMeteringRecords(pb.ListMeteringRecordsRequest(
+        page_size=5, start_time=stamp(two_back - HOUR), page_token=pages[0].next_page_token), timeout=10))
+    assert [r.hour.ToSeconds() for p in pages for r in p.records] == [two_back + HOUR, two_back, two_back - HOUR]
+    assert len({r.record_id for p in pages for r in p.records}) == 3
+    assert all(r.record_id.isdigit() for p in pages for r in p.records)
+    for bad, fields in ((dict(start_time=stamp(two_back), end_time=stamp(two_back)), ["end_time"]),
+                        (dict(start_time=Timestamp(seconds=two_back, nanos=-1)), ["start_time"])):
+        with pytest.raises(grpc.RpcError) as err:
+            listed(stub, **bad)
+        got = details(err.value)
+        assert (got.code, got.info.reason, got.fields) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_REQUEST", fields)
+
+
+def retry(stub: pb_grpc.UsageRecorderServiceStub, record_id: str, reconciled: bool = False) -> pb.MeteringRecord:
+    request = pb.RetryMeteringRecordRequest(record_id=record_id, reconciled=reconciled)
+    return stub.RetryMeteringRecord(request, timeout=10).record
+
+
+def refusal(stub: pb_grpc.UsageRecorderServiceStub, record_id: str, reconciled: bool = False) -> Details:
+    with pytest.raises(grpc.RpcError) as err:
+        retry(stub, record_id, reconciled)
+    return details(err.value)
+
+
+def test_retrying_records_maps_every_refusal(local_aws: LocalAws, tmp_path: Path) -> None:
+    with running_recorder(local_aws.endpoint_url, str(tmp_path / "s.db"), clock=CLOCK, start_sender=False,
+                          aws_max_attempts=1) as (target, recording), grpc.insecure_channel(target) as channel:
+        stub = pb_grpc.UsageRecorderServiceStub(channel)
+        record(stub, event("unknown", hours_ago(3), 3), event("refused", hours_ago(2), 2), event("ok", hours_ago(1), 1))
+        local_aws.inject("InternalServiceErrorException", 1)  # hours_ago(3) goes first: AWS may hold it
+        local_aws.inject("CustomerNotEntitledException", 1)  # hours_ago(2) is refused; hours_ago(1) is sent
+        recording.sender.tick()
+        local_aws.inject("CustomerNotEntitledException", 1)  # the unknown one's identical resend is refused
+        time.sleep(0.3)  # its backoff
+        recording.sender.tick()
+        by_id = {r.product_code + str(r.hour.ToSeconds()): r for r in listed(stub)}
+        unknown, refused, sent = (by_id[f"prod-a{placement.hour_of(hours_ago(n))}"] for n in (3, 2, 1))
+        assert (unknown.state, unknown.outcome_unknown, refused.state, refused.outcome_unknown, sent.state) == (
+            State.STATE_FAILED, True, State.STATE_FAILED, False, State.STATE_SENT)
+
+        for bad in ("", "abc", "-1", "1.0", "\uff11", str(2**63)):  # "１": a digit, but not an ASCII one
+            got = refusal(stub, bad)
+            assert (got.code, got.info.reason, got.fields) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_REQUEST",
+                                                               ["record_id"]), bad
+        got = refusal(stub, "987654")
+        assert (got.code, got.info.reason, got.info.domain) == (grpc.StatusCode.NOT_FOUND, "RECORD_NOT_FOUND",
+                                                                "metering-gateway")
+        got = refusal(stub, sent.record_id, reconciled=True)
+        assert (got.code, got.info.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "RECORD_NOT_FAILED")
+        assert "SENT" in got.message and sent.metering_record_id in got.message
+        got = refusal(stub, unknown.record_id)
+        assert (got.code, got.info.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "OUTCOME_UNKNOWN")
+        for what in (placement.timestamp_of(unknown.hour.ToSeconds()).isoformat(), "quantity 3", unknown.client_token,
+                     f"records retry {unknown.record_id} --reconciled"):
+            assert what in got.message, what
+
+        again = retry(stub, unknown.record_id, reconciled=True)
+        assert (again.state, again.outcome_unknown, again.client_token, again.record_id) == (
+            State.STATE_PENDING, False, unknown.client_token, unknown.record_id)
+        assert "reconciled" in again.last_error
+        assert retry(stub, refused.record_id).state == State.STATE_PENDING
+        got = refusal(stub, refused.record_id)  # the second retry of one record
+        assert (got.code, got.info.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "RECORD_NOT_FAILED")
+        assert "queued already" in got.message
+
+        recording.sender.tick()  # the identical requests, same ClientTokens
+        assert {r.state for r in listed(stub)} == {State.STATE_SENT}
+        assert sorted(r.client_token for r in local_aws.records()) == sorted(
+            r.client_token for r in (unknown, refused, sent))
+
+
+def test_a_retry_while_the_spool_cannot_write_is_unavailable(local_aws: LocalAws, tmp_path: Path) -> None:
+    with running_recorder(local_aws.endpoint_url, str(tmp_path / "s.db"), clock=CLOCK, start_sender=False) as (
+            target, recording), grpc.insecure_channel(target) as channel:
+        stub = pb_grpc.UsageRecorderServiceStub(channel)
+        record(stub, event("a", hours_ago(1), 1))
+        local_aws.inject("CustomerNotEntitledException", 1)
+        recording.sender.tick()
+        (failed,) = listed(stub)
+        recording.spool._db.execute("PRAGMA query_only = 1")  # every write now fails, as on a read-only volume
+        try:
+            got = refusal(stub, failed.record_id)
+        finally:
+            recording.spool._db.execute("PRAGMA query_only = 0")
+        assert (got.code, got.info.reason) == (grpc.StatusCode.UNAVAILABLE, "SPOOL_UNAVAILABLE") and got.retry
+        assert listed(stub)[0].state == State.STATE_FAILED
+        assert retry(stub, failed.record_id).state == State.STATE_PENDING
 
 
 def test_events_survive_a_restart_and_duplicates_are_still_known(local_aws: LocalAws, tmp_path: Path) -> None:

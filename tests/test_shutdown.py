@@ -1,19 +1,25 @@
-"""SIGTERM: health goes NOT_SERVING, new calls are refused, the call in flight finishes, exit 0."""
+"""SIGTERM: health goes NOT_SERVING, new calls are refused, the call in flight finishes (or is cut at the
+grace), and the process exits 0 within a 10-second stop, whatever AWS does."""
 
 from __future__ import annotations
 
 import json
+import signal
 import time
 import urllib.request
 from concurrent import futures
+from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from processes import GatewayProcess, gateway_process
+from processes import GatewayProcess, gateway_process, local_aws_records, spooled_gateway
+from recording import event, event_value, send, wait_for
 
 from gateway.local_aws import SLOW
+from marketplace.metering.v1 import metering_pb2 as pb
 from metering_client import MeteringClient, MeterResult, MeteringError
 
 pytestmark = pytest.mark.slow
@@ -99,3 +105,65 @@ def test_a_call_longer_than_the_grace_does_not_hold_the_exit() -> None:
             call.result(timeout=30)
     assert cut.value.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
     assert took < 20, f"exit took {took:.1f}s; the grace is 1s and the call would take 40s"
+
+
+# -- a SIGTERM fits a 10-second stop (docker stop, podman stop), whatever AWS does -------------------------
+
+STOP_TIMEOUT = 10.0  # docker/podman stop's default: SIGKILL this long after SIGTERM
+# Only what puts a record in the sender's hands at once; every shutdown setting stays at its default.
+SENDING = ("--listen", "127.0.0.1:0", "--flush-interval", "200ms", "--flush-grace", "0s")
+
+
+def stop_with_calls_in_flight(tmp_path: Path, aws_url: str, spool: str | Path, *flags: str) -> None:
+    """SIGTERM while the sender's call and a caller's MeterUsage call wait on a slow AWS.
+
+    The sender's call is recorded by AWS at once and answered a minute late (the
+    answer lost on the way back): the record must come back after a restart, resent
+    with the same ClientToken, which AWS answers with the record it holds.
+    """
+    faults = aws_url + "/_local/faults"
+    control(faults, "POST", {"error": SLOW, "delay": 60.0, "record": True, "operation": "MeterUsage"})
+    first = spooled_gateway(tmp_path, "gateway-1", aws_url, spool, *flags, args=SENDING)
+    last_hour = time.time() - 3600  # a closed hour: due at once with --flush-grace 0s
+    events = [event(f"stop-{i}", last_hour, i + 1, product="prod-abc123", dimension="stop") for i in range(5)]
+    assert send(first.target, events) == pb.RecordUsageResponse(accepted=5)
+    [in_flight] = wait_for(lambda: local_aws_records(aws_url), what="the sender's call to reach AWS")
+    control(faults, "POST", {"error": SLOW, "delay": 60.0, "count": 10, "operation": "MeterUsage"})
+    with futures.ThreadPoolExecutor(1) as pool, MeteringClient(first.target, retry=None) as client:
+        call = pool.submit(client.meter_usage, product_code="prod-abc123", usage_dimension="slow", quantity=1,
+                           timeout=120)
+        wait_for(lambda: control(faults, "GET")[0]["remaining"] < 10, what="the caller's call to reach AWS")
+        assert not call.done()
+        started = time.monotonic()
+        first.proc.send_signal(signal.SIGTERM)
+        code = first.wait(timeout=30)
+        took = time.monotonic() - started
+        # The caller heard a definite status before the process was gone, not a hang to its own deadline.
+        with pytest.raises(MeteringError) as cut:
+            call.result(timeout=1)
+    print(f"{' '.join(flags) or 'defaults'}: exit {code} {took:.2f}s after SIGTERM, caller got {cut.value.code.name}")
+    assert code == 0, first.tail()
+    assert took < STOP_TIMEOUT - 0.5, f"exit took {took:.1f}s after SIGTERM; docker stop kills at {STOP_TIMEOUT:g}s"
+    assert cut.value.code in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE), cut.value
+
+    control(faults, "DELETE")
+    with spooled_gateway(tmp_path, "gateway-2", aws_url, spool, args=SENDING) as second:
+        sent = second.wait_for(lambda e: e.get("event") == "record_sent" and e.get("usage_dimension") == "stop")
+        assert second.terminate() == 0
+    assert (sent["client_token"], sent["metering_record_id"]) == (in_flight["ClientToken"], in_flight["MeteringRecordId"])
+    assert sent["attempt"] >= 2, "resent, not made anew"
+    [record] = [r for r in local_aws_records(aws_url) if r["UsageDimension"] == "stop"]
+    assert Decimal(record["Quantity"]) == sum(event_value(ev) for ev in events)  # every acknowledged event, once
+
+
+def test_defaults_end_within_a_10s_stop_with_calls_in_flight(tmp_path: Path, local_aws_url: str) -> None:
+    stop_with_calls_in_flight(tmp_path, local_aws_url, tmp_path / "spool.db")
+
+
+def test_an_aws_slower_than_every_timeout_does_not_hold_the_exit(tmp_path: Path, local_aws_url: str) -> None:
+    """Read timeouts past the grace: the calls in flight are given up on, not waited for."""
+    stop_with_calls_in_flight(tmp_path, local_aws_url, tmp_path / "spool.db", "--aws-read-timeout", "60s")
+
+
+def test_two_processes_end_within_a_10s_stop(tmp_path: Path, local_aws_url: str, postgres_dsn: str) -> None:
+    stop_with_calls_in_flight(tmp_path, local_aws_url, postgres_dsn, "--processes", "2", "--aws-read-timeout", "60s")

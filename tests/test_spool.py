@@ -7,16 +7,29 @@ test_spool_sqlite.py and test_spool_postgres.py."""
 from __future__ import annotations
 
 import sqlite3
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
 
 from gateway.recording import placement
 from gateway.recording.placement import EventRow
-from gateway.recording.spool import FAILED, PENDING, SENT, EventIdConflict, Spool, SpoolError, open_spool
+from gateway.recording.spool import (
+    FAILED,
+    PENDING,
+    SENT,
+    EventIdConflict,
+    OutcomeUnknown,
+    RecordNotFailed,
+    RecordNotFound,
+    Spool,
+    SpoolError,
+    open_spool,
+)
 from gateway.recording.postgres import SCHEMA_VERSION as POSTGRES_SCHEMA
 from gateway.recording.sql import ASSIGN_CHUNK
 from gateway.recording.sqlite import SCHEMA_VERSION as SQLITE_SCHEMA
@@ -247,6 +260,134 @@ def test_listing_filters_and_pages_newest_hour_first(store: Store) -> None:
         ("prod-b", "CUSTOMER_NOT_ENTITLED: no")]
     assert len(spool.list_records(product_code="prod-a")) == 3
     assert spool.list_records(state=PENDING, product_code="prod-b") == []
+
+
+def test_listing_by_hour_range_pages_within_it(store: Store) -> None:
+    spool = reopen(store)
+    spool.record([row(f"{p}{h}", h, product=p) for h in range(1, 6) for p in ("prod-a", "prod-b")])
+    spool.assign(NOW)
+    current = placement.hour_of(NOW)
+    since, until = current - 4 * HOUR, current - HOUR  # hours 4, 3 and 2 back: [since, until)
+    inside = spool.list_records(since=since, until=until)
+    assert sorted({r.hour for r in inside}) == [since, since + HOUR, since + 2 * HOUR] and len(inside) == 6
+    first = spool.list_records(since=since, until=until, limit=4)
+    rest = spool.list_records(since=since, until=until, limit=4, after=(first[-1].hour, first[-1].id))
+    assert first + rest == inside and len(rest) == 2
+    assert [r.hour for r in spool.list_records(since=current - HOUR)] == [current - HOUR] * 2
+    assert len(spool.list_records(until=since, product_code="prod-b")) == 1
+
+
+# -- an operator's retry -------------------------------------------------------------
+
+
+def failed_record(spool: Spool, *, unknown: bool = False, event_id: str = "a") -> int:
+    """A record FAILED by AWS (CUSTOMER_NOT_ENTITLED), after an unknown outcome if ``unknown``."""
+    spool.record([row(event_id, 2, "3", tags='[["t","1"]]')])
+    spool.assign(NOW)
+    (record,) = [r for r in spool.due(NOW, grace=0)]
+    spool.begin_attempt(record.id)
+    if unknown:  # a read timeout: AWS may hold it; the resend is refused
+        spool.settle(record.id, uncertain=True)
+        spool.begin_attempt(record.id)
+        spool.settle(record.id, uncertain=None)
+    else:
+        spool.settle(record.id, uncertain=None)
+    spool.mark_failed(record.id, "CUSTOMER_NOT_ENTITLED: no", NOW)
+    return record.id
+
+
+def test_a_failed_record_goes_back_in_the_queue_as_the_same_request(store: Store) -> None:
+    spool = reopen(store)
+    record_id = failed_record(spool)
+    before = spool.get(record_id)
+    assert before is not None and before.state == FAILED and spool.due(NOW + 60, grace=0) == []
+    retried = spool.retry_failed(record_id, reconciled=False, now=NOW + 60)
+    assert retried.state == PENDING and retried.next_attempt == NOW + 60
+    assert (retried.client_token, retried.allocations, retried.quantity, retried.attempts) == (
+        before.client_token, before.allocations, before.quantity, before.attempts)
+    assert retried.last_error.startswith("retried by operator at ") and retried.last_error.endswith(
+        "; was: CUSTOMER_NOT_ENTITLED: no")
+    assert [r.id for r in spool.due(NOW + 60, grace=0)] == [record_id]  # due now, not after a backoff
+    spool.record([row("late", 2, "1")])  # later usage of that hour does not change the frozen request
+    spool.assign(NOW + 60)
+    again = spool.get(record_id)
+    assert again is not None and (again.quantity, again.client_token) == ("3", before.client_token)
+
+
+def test_a_retry_is_refused_for_a_missing_or_unfailed_record(store: Store) -> None:
+    spool = reopen(store)
+    with pytest.raises(RecordNotFound):
+        spool.retry_failed(12345, reconciled=False, now=NOW)
+    spool.record([row("p", 1), row("s", 2)])
+    spool.assign(NOW)
+    pending, sent = sorted(spool.list_records(), key=lambda r: -r.hour)
+    spool.begin_attempt(sent.id)
+    spool.mark_sent(sent.id, "mr-1", NOW)
+    for record_id, state in ((pending.id, PENDING), (sent.id, SENT)):
+        with pytest.raises(RecordNotFailed) as caught:
+            spool.retry_failed(record_id, reconciled=True, now=NOW)
+        assert caught.value.row.state == state
+    stored = spool.get(sent.id)
+    assert stored is not None and (stored.state, stored.metering_record_id) == (SENT, "mr-1")
+
+
+def test_an_unknown_outcome_is_retried_only_once_reconciled(store: Store) -> None:
+    spool = reopen(store)
+    record_id = failed_record(spool, unknown=True)
+    with pytest.raises(OutcomeUnknown) as caught:
+        spool.retry_failed(record_id, reconciled=False, now=NOW)
+    assert caught.value.row.outcome_unknown
+    kept = spool.get(record_id)
+    assert kept is not None and kept.state == FAILED and kept.outcome_unknown  # refused: nothing changed
+    retried = spool.retry_failed(record_id, reconciled=True, now=NOW)
+    assert retried.state == PENDING and not retried.outcome_unknown and (retried.in_flight, retried.uncertain) == (0, 0)
+    assert "(reconciled: AWS held no record of it)" in retried.last_error
+    assert retried.client_token == kept.client_token and retried.attempts == kept.attempts == 2
+    # As never sent: its usage may now be carried (it could not while AWS might hold it).
+    carries = spool.carry(record_id, "six_hour_limit", NOW)
+    assert [c.quantity for c in carries] == ["3"]
+    (moved,) = spool.list_records()
+    assert (moved.state, moved.hour, moved.carried_hours) == (PENDING, kept.hour + HOUR, [kept.hour])
+
+
+def test_two_retries_at_once_one_wins(store: Store) -> None:
+    """Two replicas (or operators) retry one record together: the second waits for the
+    first's row lock, then finds the record PENDING and is refused."""
+    first, second = reopen(store), reopen(store)
+    record_id = failed_record(first)
+    read, go = threading.Event(), threading.Event()
+    records = first._records  # type: ignore[attr-defined]
+
+    def pause_after_the_locked_read(*args: Any, **kwargs: Any) -> Any:
+        found = records(*args, **kwargs)
+        if kwargs.get("lock"):
+            read.set()
+            go.wait(10)
+        return found
+
+    first._records = pause_after_the_locked_read  # type: ignore[attr-defined]
+    outcomes: dict[str, Any] = {}
+
+    def retry(name: str, spool: Spool) -> None:
+        try:
+            outcomes[name] = spool.retry_failed(record_id, reconciled=False, now=NOW)
+        except Exception as exc:  # noqa: BLE001 - the outcome is what the test checks
+            outcomes[name] = exc
+
+    a = threading.Thread(target=retry, args=("first", first))
+    a.start()
+    assert read.wait(10)
+    b = threading.Thread(target=retry, args=("second", second))
+    b.start()
+    b.join(0.5)
+    assert b.is_alive(), f"the second retry did not wait for the first: {outcomes}"
+    go.set()
+    a.join(10)
+    b.join(15)
+    assert outcomes["first"].state == PENDING
+    assert isinstance(outcomes["second"], RecordNotFailed) and outcomes["second"].row.state == PENDING
+    first.close()
+    second.close()
 
 
 def test_a_former_senders_late_outcome_never_undoes_a_sent_record(store: Store) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 
 import structlog
 
+from gateway import metrics
 from gateway.backend import Backend, RetryPolicy
 from gateway.config import ConfigError, Settings
 from gateway.recording.sender import Sender
@@ -42,6 +43,7 @@ class Recording:
     sender: Sender
     _stop: threading.Event = field(default_factory=threading.Event)
     _watcher: threading.Thread | None = None
+    now: Callable[[], float] = time.time  # the recording's clock (epoch seconds), as open_recording got it
 
     def watch_health(self, set_serving: Callable[[bool], None]) -> None:
         """Report the spool's writability through ``set_serving`` from now on."""
@@ -58,14 +60,24 @@ class Recording:
             except Exception:  # the watcher must outlive any surprise, or health never comes back
                 log.exception("spool_watch_failed")
 
+    def begin_close(self) -> None:
+        """At SIGTERM, while the server drains: the sender and the watcher start winding down."""
+        self._stop.set()
+        self.sender.request_stop()
+
     def close(self, *, flush: bool, budget: float) -> None:
         """After the server drained its calls: stop the sender (flushing the open
-        hour if asked), then close the spool, which is consistent at every commit."""
-        self._stop.set()
+        hour if asked), then close the spool, which is consistent at every commit.
+
+        Takes ``budget`` seconds at most, whatever AWS does: a call still in
+        flight then is abandoned (the sender says why that is safe).
+        """
+        deadline = time.monotonic() + budget
+        self.begin_close()
         if self._watcher is not None:
-            self._watcher.join()
+            self._watcher.join(max(0.0, deadline - time.monotonic()))
         try:
-            self.sender.stop(flush=flush, budget=budget)
+            self.sender.stop(flush=flush, budget=max(0.0, deadline - time.monotonic()))
         finally:
             self.spool.close()
 
@@ -88,8 +100,8 @@ def open_recording(
     clock = now or time.time
     servicer = RecorderServicer(spool, future_skew=skew, max_age=timedelta(seconds=settings.event_retention),
                                 now=lambda: datetime.fromtimestamp(clock(), timezone.utc))
-    backend = Backend(client, RetryPolicy(1, settings.aws_backoff_base, settings.aws_backoff_max))
+    backend = Backend(client, RetryPolicy(1, settings.aws_backoff_base, settings.aws_backoff_max), source=metrics.SENDER)
     sender = Sender(spool, backend, interval=settings.flush_interval, grace=settings.flush_grace,
                     max_rps=settings.aws_max_rps, future_skew=skew, call_timeout=settings.aws_read_timeout * 2,
                     event_retention=settings.event_retention, record_retention=settings.record_retention, now=clock)
-    return Recording(spool, servicer, sender.start() if start else sender)
+    return Recording(spool, servicer, sender.start() if start else sender, now=clock)

@@ -47,7 +47,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from gateway.config import SPOOL_POOL_WAIT
 from gateway.recording.placement import EventRow
-from gateway.recording.spool import SpoolError, SpoolUnavailable
+from gateway.recording.spool import Recorded, SpoolError, SpoolUnavailable
 from gateway.recording.sql import Cursor, SqlSpool
 
 SCHEMA_VERSION = 2  # numbered as SQLite's schema: version 2 is the first PostgreSQL has
@@ -367,7 +367,7 @@ class PostgresSpool(SqlSpool):
 
     # -- recording ---------------------------------------------------------------
 
-    def record(self, events: Sequence[EventRow]) -> tuple[int, int]:
+    def record(self, events: Sequence[EventRow]) -> Recorded:
         """Store a batch in one transaction → (accepted, duplicates). Durable on return.
 
         Raises EventIdConflict (and stores nothing) when an event id was accepted
@@ -379,7 +379,10 @@ class PostgresSpool(SqlSpool):
                                                                                      list(columns[7])])
             accepted = max(cur.rowcount, 0)
             self._check_conflicts(db, events, accepted)
-        return accepted, len(events) - accepted
+            # Rows this transaction inserted carry its id (a replica's concurrent ones, theirs).
+            return Recorded.of(events, accepted, lambda: [i for (i,) in db.conn.execute(
+                "SELECT event_id FROM events WHERE event_id = ANY(%s) AND xmin = pg_current_xact_id()::xid",
+                (list(columns[0]),))])
 
     # -- one sender ----------------------------------------------------------------
 

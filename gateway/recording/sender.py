@@ -36,7 +36,7 @@ from datetime import datetime, timedelta, timezone
 
 import structlog
 
-from gateway import errors, params, validation
+from gateway import errors, metrics, params, validation
 from gateway.backend import Backend, RetryPolicy
 from gateway.config import Settings
 from gateway.ratelimit import RateLimiter
@@ -81,6 +81,12 @@ class TickResult:
 
 def _iso(hour: int) -> str:
     return placement.timestamp_of(hour).isoformat()
+
+
+def _finished(thread: threading.Thread, deadline: float) -> bool:
+    """Join ``thread`` until ``deadline`` (monotonic); whether it ended."""
+    thread.join(max(0.0, deadline - time.monotonic()))
+    return not thread.is_alive()
 
 
 def _outcome_unknown(row: RecordRow, why: str) -> str:
@@ -143,16 +149,45 @@ class Sender:
             if self._stop.wait(self.interval):
                 return
 
+    def request_stop(self) -> None:
+        """End the loop after the record in hand; SIGTERM calls it at once, so the
+        loop winds down while the server drains instead of after."""
+        self._stop.set()
+
     def stop(self, *, flush: bool = False, budget: float = 10.0) -> TickResult | None:
         """End the loop; with ``flush``, also send every PENDING record up to the
-        current, still open hour (one attempt each, within ``budget`` seconds)."""
+        current, still open hour (one attempt each). Returns within ``budget``
+        seconds whatever AWS does; None when it did not flush (or could not finish).
+
+        A call still in flight when the budget runs out is abandoned, not waited
+        for: its record was marked in flight (``begin_attempt`` commits before AWS
+        hears of it), so the next start resends it identically, with the same
+        ClientToken, exactly as after a crash mid-call.
+        """
+        deadline = time.monotonic() + budget
         self._stop.set()
         if self._thread is not None:
-            self._thread.join()
+            if not _finished(self._thread, deadline):
+                log.warning("sender_abandoned", budget_s=round(budget, 3),
+                            note="a call in flight is resent identically at the next start")
+                return None
             self._thread = None
-        result = self.tick(final=True, budget=budget) if flush else None
-        self.log_stats(force=True)
-        return result
+        result: list[TickResult | None] = []
+
+        def final() -> None:
+            try:
+                result.append(self.tick(final=True, budget=deadline - time.monotonic()) if flush else None)
+                self.log_stats(force=True)
+            except Exception:  # the spool may be unreachable: say so, the exit goes on
+                log.exception("sender_stop_failed")
+
+        last = threading.Thread(target=final, name="sender-final", daemon=True)
+        last.start()
+        if not _finished(last, deadline):
+            log.warning("flush_budget_exhausted" if flush else "sender_abandoned", budget_s=round(budget, 3),
+                        note="a call in flight is resent identically at the next start")
+            return None
+        return result[0] if result else None
 
     # -- one pass --------------------------------------------------------------
 
@@ -163,7 +198,9 @@ class Sender:
         for carry in self.spool.assign(now, self.margin):
             carry.log(LATE)
         result = TickResult()
-        if not self.spool.leads():
+        leading = self.spool.leads()
+        metrics.set_leader(leading)
+        if not leading:
             return result  # another replica sends this spool's records
         for row in self.spool.due(now, self.grace, final=final):
             if budget is not None and time.monotonic() - started > budget:
@@ -172,6 +209,7 @@ class Sender:
             if not final and self._stop.is_set():
                 break
             if not self.spool.leads():  # checked before every record: a pass may outlast the lead
+                metrics.set_leader(False)
                 break
             try:
                 self._handle(row, result)
@@ -228,6 +266,7 @@ class Sender:
             structlog.contextvars.clear_contextvars()
         self.spool.mark_sent(frozen.id, outcome.metering_record_id, self._now())
         result.sent += 1
+        metrics.record_sent(frozen.product_code, frozen.usage_dimension, frozen.quantity)
         log.info("record_sent", metering_record_id=outcome.metering_record_id, aws_request_id=outcome.aws_request_id, **fields)
 
     def _refused(self, row: RecordRow, exc: errors.GatewayError, fields: dict[str, object], result: TickResult) -> None:
@@ -245,12 +284,14 @@ class Sender:
                 error = f"outcome unknown, resending identically: {error}"
             self.spool.retry_later(row.id, error, self._now() + delay)
             result.retried += 1
+            metrics.record_retried(exc.reason)
             log.warning("record_retry", reason=exc.reason, error=exc.message, retry_in_s=round(delay, 3), **fields)
         else:
             if row.outcome_unknown:  # an earlier attempt may sit in AWS: say so, for reconciliation
                 error = _outcome_unknown(row, f"then refused: {error}")
             self.spool.mark_failed(row.id, error, self._now())
             result.failed += 1
+            metrics.record_failed(exc.reason, outcome_unknown=row.outcome_unknown)
             log.error("record_failed", reason=exc.reason, error=exc.message, **fields)
 
     def _carry(self, row: RecordRow, reason: str, now: float, result: TickResult) -> None:
@@ -259,6 +300,7 @@ class Sender:
             # stays listed for reconciliation against AWS's records of that hour.
             self.spool.mark_failed(row.id, _outcome_unknown(row, f"not carried ({reason}), to avoid billing twice"), now)
             result.failed += 1
+            metrics.record_failed(reason, outcome_unknown=True)
             log.error("record_outcome_unknown", reason=reason, product_code=row.product_code,
                       usage_dimension=row.usage_dimension, hour=_iso(row.hour), quantity=row.quantity,
                       client_token=row.client_token, attempts=row.attempts)

@@ -5,7 +5,9 @@ RecordUsage: validate the whole batch (every violation, named ``events[i].<field
 answers UNAVAILABLE ``SPOOL_UNAVAILABLE`` (nothing was committed), and an
 event_id reused with another payload ALREADY_EXISTS ``EVENT_ID_CONFLICT``.
 ListMeteringRecords only reads: the hourly records as the sender last placed
-them, newest hour first, filtered and paged.
+them, newest hour first, filtered and paged. RetryMeteringRecord is an
+operator's: a FAILED record back in the queue, the identical request again, and
+never one AWS may hold unless the operator reconciled it (``OUTCOME_UNKNOWN``).
 
 The assembly (:mod:`gateway.app`) registers the servicer and wires the spool's
 writability to the recorder's health; nothing here imports the assembly, and
@@ -23,10 +25,21 @@ from datetime import datetime, timedelta
 import grpc
 import structlog
 
-from gateway import errors, validation
+from gateway import errors, metrics, validation
 from gateway.recording import placement
 from gateway.recording.placement import EventRow
-from gateway.recording.spool import FAILED, PENDING, SENT, EventIdConflict, RecordRow, Spool, SpoolUnavailable
+from gateway.recording.spool import (
+    FAILED,
+    PENDING,
+    SENT,
+    EventIdConflict,
+    OutcomeUnknown,
+    RecordNotFailed,
+    RecordNotFound,
+    RecordRow,
+    Spool,
+    SpoolUnavailable,
+)
 from gateway.service import utcnow
 from marketplace.metering.v1 import metering_pb2 as pb
 from marketplace.metering.v1 import metering_pb2_grpc as pb_grpc
@@ -34,6 +47,7 @@ from marketplace.metering.v1 import metering_pb2_grpc as pb_grpc
 PAGE_SIZE_DEFAULT = 100
 PAGE_SIZE_MAX = 1000
 SPOOL_RETRY_DELAY = 1.0  # what RetryInfo tells a caller when the spool cannot write
+RECORD_ID_MAX = 2**63 - 1  # both databases' record ids are 64-bit
 CONFLICT = "was accepted before with a different product, dimension, timestamp, quantity or tags"
 
 log = structlog.get_logger("gateway.recorder")
@@ -68,11 +82,57 @@ def record_message(row: RecordRow) -> pb.MeteringRecord:
         attempts=row.attempts,
         last_error=row.last_error,
         client_token=row.client_token,
+        record_id=str(row.id),
+        outcome_unknown=row.outcome_unknown,
     )
     msg.hour.FromDatetime(placement.timestamp_of(row.hour))
     for hour in row.carried_hours:
         msg.carried_from.add().FromDatetime(placement.timestamp_of(hour))
     return msg
+
+
+def record_id_of(text: str) -> int:
+    """RetryMeteringRecord's ``record_id``: the decimal digits ListMeteringRecords gave."""
+    if not (text.isascii() and text.isdigit()) or int(text) > RECORD_ID_MAX:
+        raise errors.invalid([validation.Violation("record_id", "must be a record_id as ListMeteringRecords "
+                                                   "returns it (decimal digits)")])
+    return int(text)
+
+
+def hour_range(request: pb.ListMeteringRecordsRequest) -> tuple[int | None, int | None]:
+    """start_time and end_time as bounds on a record's hour, which starts on a whole
+    second: ``hour >= 10.5`` is ``hour >= 11``, and so is ``hour < 10.5`` ``hour < 11``."""
+    violations = []
+    bounds: list[int | None] = []
+    for name in ("start_time", "end_time"):
+        if not request.HasField(name):
+            bounds.append(None)
+            continue
+        stamp = getattr(request, name)
+        if not 0 <= stamp.nanos < 1_000_000_000:
+            violations.append(validation.Violation(name, "nanos must be between 0 and 999999999"))
+        bounds.append(stamp.seconds + (1 if stamp.nanos > 0 else 0))
+    start, end = request.start_time, request.end_time
+    if not violations and None not in bounds and (end.seconds, end.nanos) <= (start.seconds, start.nanos):
+        violations.append(validation.Violation("end_time", "must be after start_time"))
+    if violations:
+        raise errors.invalid(violations)
+    return bounds[0], bounds[1]
+
+
+def _not_failed(row: RecordRow) -> str:
+    why = {PENDING: "it is queued already and is sent when due",
+           SENT: f"AWS accepted it (metering record id {row.metering_record_id})"}.get(row.state, "")
+    return f"record {row.id} is {row.state}, not FAILED: {why}"
+
+
+def _reconcile_first(row: RecordRow) -> str:
+    """What the operator checks before retrying a record AWS may hold, and how to confirm."""
+    return (f"record {row.id}: AWS may hold it (outcome unknown after {row.attempts} attempt(s)). Reconcile first: "
+            f"look in the seller's AWS usage reports for {row.product_code} / {row.usage_dimension}, hour "
+            f"{placement.timestamp_of(row.hour).isoformat()}, quantity {row.quantity} (ClientToken {row.client_token}). "
+            f"Only if AWS holds no such record, retry with reconciled set "
+            f"(metering-gateway records retry {row.id} --reconciled); if it does, leave this record FAILED")
 
 
 def encode_token(row: RecordRow) -> str:
@@ -108,7 +168,8 @@ class RecorderServicer(pb_grpc.UsageRecorderServiceServicer):
         if violations:
             raise errors.invalid(violations, "batch")
         try:
-            accepted, duplicates = self._spool.record([event_row(e) for e in request.events])
+            rows = [event_row(e) for e in request.events]
+            recorded = self._spool.record(rows)
         except EventIdConflict as exc:
             violations = [validation.Violation(f"events[{i}].event_id", CONFLICT) for i in exc.indices]
             raise errors.GatewayError("EVENT_ID_CONFLICT", f"{exc}: " + ", ".join(v.field for v in violations),
@@ -116,6 +177,9 @@ class RecorderServicer(pb_grpc.UsageRecorderServiceServicer):
         except SpoolUnavailable as exc:  # logged with the database's own words by the spool
             raise errors.GatewayError("SPOOL_UNAVAILABLE", f"the spool cannot take events now ({exc}); nothing was "
                                       "acknowledged: retry the same batch, with the same event ids", retry_delay=SPOOL_RETRY_DELAY) from None
+        accepted, duplicates = recorded
+        metrics.usage_recorded(((rows[i].product_code, rows[i].usage_dimension, rows[i].quantity) for i in recorded.new),
+                               accepted, duplicates)
         structlog.contextvars.bind_contextvars(accepted=accepted, duplicates=duplicates)
         return pb.RecordUsageResponse(accepted=accepted, duplicates=duplicates)
 
@@ -125,11 +189,12 @@ class RecorderServicer(pb_grpc.UsageRecorderServiceServicer):
         if request.page_size < 0:
             raise errors.invalid([validation.Violation("page_size", "must not be negative")])
         size = min(request.page_size or PAGE_SIZE_DEFAULT, PAGE_SIZE_MAX)
+        since, until = hour_range(request)
         after = decode_token(request.page_token) if request.page_token else None
         try:
             rows = self._spool.list_records(
                 state=_STATE_NAMES.get(request.state), product_code=request.product_code or None, after=after,
-                limit=size + 1,
+                limit=size + 1, since=since, until=until,
             )
         except SpoolUnavailable as exc:
             raise errors.GatewayError("SPOOL_UNAVAILABLE", f"the spool cannot be read now ({exc}); retry",
@@ -140,3 +205,23 @@ class RecorderServicer(pb_grpc.UsageRecorderServiceServicer):
             records=[record_message(r) for r in rows],
             next_page_token=encode_token(rows[-1]) if more else "",
         )
+
+    def RetryMeteringRecord(  # noqa: N802
+        self, request: pb.RetryMeteringRecordRequest, context: grpc.ServicerContext
+    ) -> pb.RetryMeteringRecordResponse:
+        """An operator's call: a FAILED record back in the queue (the spool logs who and what)."""
+        record_id = record_id_of(request.record_id)
+        structlog.contextvars.bind_contextvars(record_id=record_id, reconciled=request.reconciled)
+        try:
+            row = self._spool.retry_failed(record_id, reconciled=request.reconciled, now=self._now().timestamp())
+        except RecordNotFound:
+            raise errors.GatewayError("RECORD_NOT_FOUND", f"no record {record_id} (it may have been pruned after "
+                                      "--record-retention, or carried into another record)") from None
+        except RecordNotFailed as exc:
+            raise errors.GatewayError("RECORD_NOT_FAILED", _not_failed(exc.row)) from None
+        except OutcomeUnknown as exc:
+            raise errors.GatewayError("OUTCOME_UNKNOWN", _reconcile_first(exc.row)) from None
+        except SpoolUnavailable as exc:
+            raise errors.GatewayError("SPOOL_UNAVAILABLE", f"the spool cannot be written now ({exc}); nothing "
+                                      "changed: retry", retry_delay=SPOOL_RETRY_DELAY) from None
+        return pb.RetryMeteringRecordResponse(record=record_message(row))

@@ -18,7 +18,8 @@ Life of usage (every implementation):
    so a crash mid-call cannot change what a resend sends (same ClientToken).
 4. :meth:`Spool.mark_sent`, :meth:`Spool.retry_later`, :meth:`Spool.mark_failed`
    store the outcome; :meth:`Spool.carry` returns a record's events to the pool,
-   marks its hour unusable, and places them again in later hours.
+   marks its hour unusable, and places them again in later hours. An operator's
+   :meth:`Spool.retry_failed` puts a FAILED record back, its request unchanged.
 5. :meth:`Spool.prune` keeps storage bounded.
 
 :meth:`Spool.leads` says whether this process is the one that sends: sending
@@ -29,12 +30,13 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import structlog
 
+from gateway import metrics
 from gateway.config import POSTGRES_SCHEMES
 from gateway.recording import placement
 from gateway.recording.placement import Content, EventRow
@@ -62,6 +64,33 @@ class EventIdConflict(SpoolError):
     def __init__(self, indices: Sequence[int]) -> None:
         super().__init__(f"{len(indices)} event id(s) were accepted before with a different payload")
         self.indices = list(indices)
+
+
+class RetryRefused(Exception):
+    """An operator's retry (:meth:`Spool.retry_failed`) that the record's state rules out."""
+
+
+class RecordNotFound(RetryRefused):
+    def __init__(self, record_id: int) -> None:
+        super().__init__(f"no record {record_id}")
+        self.record_id = record_id
+
+
+class RecordNotFailed(RetryRefused):
+    """Only a FAILED record goes back in the queue: a PENDING one is queued already
+    (another retry may just have won), a SENT one is billed."""
+
+    def __init__(self, row: RecordRow) -> None:
+        super().__init__(f"record {row.id} is {row.state}, not {FAILED}")
+        self.row = row
+
+
+class OutcomeUnknown(RetryRefused):
+    """AWS may hold the record: a retry needs the operator's word that it does not."""
+
+    def __init__(self, row: RecordRow) -> None:
+        super().__init__(f"record {row.id}: AWS may hold it (outcome unknown); reconcile first")
+        self.row = row
 
 
 @dataclass(frozen=True)
@@ -124,7 +153,8 @@ class Carry:
     quantity: str
 
     def log(self, reason: str) -> None:
-        """Every carry leaves one line: where usage went, and why."""
+        """Every carry leaves one line (and a count): where usage went, and why."""
+        metrics.usage_carried(reason)
         log.warning(
             "usage_carried",
             reason=reason,
@@ -141,6 +171,37 @@ class Stats:
     pending: int
     oldest_pending_hour: int | None
     unassigned_events: int
+    sent: int = 0
+    failed: int = 0
+    failed_outcome_unknown: int = 0  # FAILED records AWS may hold (RecordRow.outcome_unknown)
+
+
+class Recorded(tuple[int, int]):
+    """What :meth:`Spool.record` did: ``(accepted, duplicates)``, and ``new``, the
+    indices of the batch's events stored by this call (an event_id repeated within
+    the batch counts once, at its first index), for what was recorded per product."""
+
+    new: tuple[int, ...]
+
+    def __new__(cls, accepted: int, duplicates: int, new: Sequence[int] = ()) -> Recorded:
+        self = super().__new__(cls, (accepted, duplicates))
+        self.new = tuple(new)
+        return self
+
+    @classmethod
+    def of(cls, events: Sequence[EventRow], accepted: int, stored: Callable[[], Collection[str]]) -> Recorded:
+        """``stored()`` gives the event ids this transaction inserted; asked only when
+        the batch was part new, part duplicate (a resent batch), never on the common paths."""
+        if accepted == len(events):
+            return cls(accepted, 0, range(len(events)))
+        if accepted == 0:
+            return cls(0, len(events))
+        inserted = set(stored())
+        first: dict[str, int] = {}
+        for i, event in enumerate(events):
+            if event.event_id in inserted:
+                first.setdefault(event.event_id, i)
+        return cls(accepted, len(events) - accepted, sorted(first.values()))
 
 
 @dataclass(frozen=True)
@@ -173,7 +234,7 @@ class Spool(Protocol):
 
     def close(self) -> None: ...
 
-    def record(self, events: Sequence[EventRow]) -> tuple[int, int]:
+    def record(self, events: Sequence[EventRow]) -> Recorded:
         """Store a batch in one transaction → (accepted, duplicates). Durable on return."""
 
     def assign(self, now: float, margin: float = placement.SAFETY_MARGIN) -> list[Carry]:
@@ -204,9 +265,18 @@ class Spool(Protocol):
 
     def get(self, record_id: int) -> RecordRow | None: ...
 
+    def retry_failed(self, record_id: int, *, reconciled: bool, now: float) -> RecordRow:
+        """A FAILED record back to PENDING, due at ``now``, with its frozen request
+        (same content, same ClientToken). With ``reconciled`` (the operator found no
+        record of it in AWS's reports), an unknown outcome is cleared: the record is
+        then as if never sent, and may be carried. Raises RecordNotFound,
+        RecordNotFailed, or OutcomeUnknown (outcome unknown and not ``reconciled``)."""
+
     def list_records(self, *, state: str | None = None, product_code: str | None = None,
-                     after: tuple[int, int] | None = None, limit: int = 100) -> list[RecordRow]:
-        """Records newest hour first; ``after`` is the (hour, id) of the last one seen."""
+                     after: tuple[int, int] | None = None, limit: int = 100,
+                     since: int | None = None, until: int | None = None) -> list[RecordRow]:
+        """Records newest hour first; ``after`` is the (hour, id) of the last one seen;
+        ``since``/``until``: only hours starting at or after ``since``, before ``until``."""
 
     def stats(self) -> Stats: ...
 

@@ -26,7 +26,10 @@ from gateway.recording.spool import (
     SENT,
     Carry,
     EventIdConflict,
+    OutcomeUnknown,
     Pruned,
+    RecordNotFailed,
+    RecordNotFound,
     RecordRow,
     Stats,
     SpoolUnavailable,
@@ -307,8 +310,42 @@ class SqlSpool:
 
     def mark_failed(self, record_id: int, error: str, now: float) -> None:
         with self._transaction() as db:
-            db.execute("UPDATE records SET state = ?, last_error = ?, in_flight = 0, closed_at = ? WHERE id = ? AND state = ?",
+            # An attempt still in flight (its sender died mid-call) may sit in AWS: the
+            # record keeps saying so once FAILED (RecordRow.outcome_unknown).
+            db.execute("UPDATE records SET state = ?, last_error = ?, uncertain = CASE WHEN in_flight = 1 THEN 1 ELSE "
+                       "uncertain END, in_flight = 0, closed_at = ? WHERE id = ? AND state = ?",
                        (FAILED, error, now, record_id, PENDING))
+
+    def retry_failed(self, record_id: int, *, reconciled: bool, now: float) -> RecordRow:
+        """A FAILED record back to PENDING, due at ``now``; see :meth:`Spool.retry_failed`.
+
+        The row is locked for the transaction, so of two retries at once (two
+        replicas, two operators) one wins and the other finds the record PENDING.
+        Content, ClientToken and attempts stay: the resend is the identical request.
+        """
+        with self._transaction() as db:
+            rows = self._records(db, "id = ?", (record_id,), lock=True)
+            if not rows:
+                raise RecordNotFound(record_id)
+            row = rows[0]
+            if row.state != FAILED:
+                raise RecordNotFailed(row)
+            if row.outcome_unknown and not reconciled:
+                raise OutcomeUnknown(row)
+            note = f"retried by operator at {placement.timestamp_of(int(now)).isoformat()}"
+            if row.outcome_unknown:
+                note += " (reconciled: AWS held no record of it)"
+            # Cleared flags: AWS holds nothing of it (the operator's word, or a known
+            # outcome), so the sender may carry it if its hour has left AWS's window.
+            db.execute("UPDATE records SET state = ?, next_attempt = ?, last_error = ?, in_flight = 0, uncertain = 0, "
+                       "closed_at = 0 WHERE id = ?",
+                       (PENDING, now, f"{note}; was: {row.last_error}" if row.last_error else note, record_id))
+            (retried,) = self._records(db, "id = ?", (record_id,))
+        log.warning("record_retried_by_operator", record_id=record_id, product_code=row.product_code,
+                    usage_dimension=row.usage_dimension, hour=placement.timestamp_of(row.hour).isoformat(),
+                    quantity=row.quantity, client_token=row.client_token, attempts=row.attempts,
+                    reconciled=row.outcome_unknown, previous_error=row.last_error)
+        return retried
 
     def carry(self, record_id: int, reason: str, now: float, margin: float = placement.SAFETY_MARGIN) -> list[Carry]:
         """The record's hour cannot take its usage: mark the hour unusable for this
@@ -383,8 +420,10 @@ class SqlSpool:
         return rows[0] if rows else None
 
     def list_records(self, *, state: str | None = None, product_code: str | None = None,
-                     after: tuple[int, int] | None = None, limit: int = 100) -> list[RecordRow]:
-        """Records newest hour first; ``after`` is the (hour, id) of the last one seen."""
+                     after: tuple[int, int] | None = None, limit: int = 100,
+                     since: int | None = None, until: int | None = None) -> list[RecordRow]:
+        """Records newest hour first; ``after`` is the (hour, id) of the last one seen;
+        ``since``/``until``: only hours starting at or after ``since``, before ``until``."""
         where: list[str] = ["1 = 1"]
         args: list[Any] = []
         if state:
@@ -393,6 +432,12 @@ class SqlSpool:
         if product_code:
             where.append("product_code = ?")
             args.append(product_code)
+        if since is not None:
+            where.append("hour >= ?")
+            args.append(int(since))
+        if until is not None:
+            where.append("hour < ?")
+            args.append(int(until))
         if after is not None:
             where.append("(hour < ? OR (hour = ? AND id < ?))")
             args += [after[0], after[0], after[1]]
@@ -403,7 +448,11 @@ class SqlSpool:
         with self._reading() as db:
             pending, oldest = db.execute("SELECT COUNT(*), MIN(hour) FROM records WHERE state = ?", (PENDING,)).fetchone()
             (unassigned,) = db.execute("SELECT COUNT(*) FROM events WHERE record_id IS NULL").fetchone()
-        return Stats(int(pending), None if oldest is None else int(oldest), int(unassigned))
+            counts = {state: int(n) for state, n in db.execute("SELECT state, COUNT(*) FROM records GROUP BY state")}
+            (unknown,) = db.execute("SELECT COUNT(*) FROM records WHERE state = ? AND (uncertain = 1 OR in_flight = 1)",
+                                    (FAILED,)).fetchone()
+        return Stats(int(pending), None if oldest is None else int(oldest), int(unassigned), sent=counts.get(SENT, 0),
+                     failed=counts.get(FAILED, 0), failed_outcome_unknown=int(unknown))
 
     def event_totals(self) -> list[tuple[str, str, str]]:
         """(product, dimension, exact sum) of every stored event, for checks."""

@@ -30,7 +30,7 @@ import structlog
 from gateway import validation
 from gateway.recording import placement
 from gateway.recording.placement import Content, EventRow
-from gateway.recording.spool import DECIMAL_WIRE, PENDING, WHOLE_WIRE, SpoolError, SpoolUnavailable
+from gateway.recording.spool import DECIMAL_WIRE, PENDING, WHOLE_WIRE, Recorded, SpoolError, SpoolUnavailable
 from gateway.recording.sql import SqlSpool
 
 # How long placement and pruning step aside, at most, while writers wait for the lock.
@@ -242,18 +242,21 @@ class SqliteSpool(SqlSpool):
         with self._lock:
             yield self._db
 
-    def record(self, events: Sequence[EventRow]) -> tuple[int, int]:
+    def record(self, events: Sequence[EventRow]) -> Recorded:
         """Store a batch in one transaction → (accepted, duplicates). Durable on return.
 
         Raises EventIdConflict (and stores nothing) when an event id was accepted
         before, or earlier in the batch, with another digest.
         """
         with self._transaction(writer=True) as db:
+            # New rows get rowids above the largest one (one writer at a time): which are ours.
+            (top,) = db.execute("SELECT COALESCE(MAX(rowid), 0) FROM events").fetchone()
             before = db.total_changes
             db.executemany(_INSERT_EVENT, events)
             accepted = db.total_changes - before
             self._check_conflicts(db, events, accepted)
-        return accepted, len(events) - accepted
+            return Recorded.of(events, accepted, lambda: [i for (i,) in db.execute(
+                "SELECT event_id FROM events WHERE rowid > ?", (top,))])
 
     def size(self) -> int:
         """Bytes of the database's pages in use (the file may hold free pages too)."""

@@ -13,6 +13,7 @@ from metering_client.errors import (
     AccessDenied,
     AlreadyExists,
     AwsUnreachable,
+    CallerNotAllowed,
     Cancelled,
     CredentialsRefused,
     CustomerNotEntitled,
@@ -40,8 +41,12 @@ from metering_client.errors import (
     MeteringError,
     MissingAuthenticationToken,
     NoCredentials,
+    NotFound,
+    OutcomeUnknown,
     OutOfRange,
     PermissionDenied,
+    RecordNotFailed,
+    RecordNotFound,
     RequestExpired,
     ResourceExhausted,
     SignatureDoesNotMatch,
@@ -55,13 +60,14 @@ from metering_client.errors import (
 )
 
 __all__ = [
-    "REASONS", "AccessDenied", "Allocation", "AlreadyExists", "AwsUnreachable", "Cancelled", "CredentialsRefused",
+    "REASONS", "AccessDenied", "Allocation", "AlreadyExists", "AwsUnreachable", "CallerNotAllowed", "Cancelled",
+    "CredentialsRefused",
     "EventIdConflict", "ExpiredToken", "HttpError", "InvalidClientTokenId", "SignatureDoesNotMatch", "SpoolUnavailable",
     "UnrecognizedClient", "InvalidSignature", "IncompleteSignature", "MissingAuthenticationToken", "RequestExpired",
     "CustomerNotEntitled", "DeadlineExceeded", "DisabledApi", "DuplicateRequest", "FailedPrecondition",
     "FieldViolation", "IdempotencyConflict", "Internal", "InternalServiceError", "InvalidArgument",
     "InvalidEndpointRegion", "InvalidProductCode", "InvalidRequest", "InvalidTag", "InvalidUsageAllocations",
-    "InvalidUsageDimension", "MeterResult", "MeteringClient", "MeteringError", "NoCredentials", "OutOfRange",
-    "PermissionDenied", "RecordResult", "ResourceExhausted", "RetryPolicy", "Throttled",
+    "InvalidUsageDimension", "MeterResult", "MeteringClient", "MeteringError", "NoCredentials", "NotFound", "OutOfRange", "OutcomeUnknown",
+    "PermissionDenied", "RecordNotFailed", "RecordNotFound", "RecordResult", "ResourceExhausted", "RetryPolicy", "Throttled",
     "TimestampOutOfBounds", "Unauthenticated", "Unauthorized", "Unavailable", "UsageEvent",
 ]

@@ -64,6 +64,7 @@ class MeteringError(Exception):
 class InvalidArgument(MeteringError): ...
 class OutOfRange(MeteringError): ...
 class AlreadyExists(MeteringError): ...
+class NotFound(MeteringError): ...
 class FailedPrecondition(MeteringError): ...
 class PermissionDenied(MeteringError): ...
 class ResourceExhausted(MeteringError): ...
@@ -102,6 +103,14 @@ class MissingAuthenticationToken(CredentialsRefused): ...
 class RequestExpired(CredentialsRefused): ...
 class Unauthorized(PermissionDenied): ...
 class AccessDenied(PermissionDenied): ...
+class CallerNotAllowed(PermissionDenied):
+    """The gateway's --authz-policy refuses this mTLS caller the method, product or dimension; see ``metadata``."""
+class RecordNotFound(NotFound):
+    """RetryMeteringRecord: no record has that record_id."""
+class RecordNotFailed(FailedPrecondition):
+    """RetryMeteringRecord: the record is not FAILED (already queued again, or sent)."""
+class OutcomeUnknown(FailedPrecondition):
+    """RetryMeteringRecord: AWS may hold the record; reconcile it first, then retry with ``reconciled=True``."""
 class Throttled(ResourceExhausted):
     """AWS kept throttling after the gateway's and this client's retries; see ``retry_delay``."""
 class InternalServiceError(Unavailable): ...
@@ -114,7 +123,7 @@ class SpoolUnavailable(Unavailable):
     """RecordUsage: the gateway could not store the batch (nothing was stored); resend it after ``retry_delay``."""
 
 
-# The table: ErrorInfo.reason → class. Reasons are the gateway's (contract §3).
+# The table: ErrorInfo.reason → class. Reasons are the gateway's (docs/api.md, Status codes).
 REASONS: Mapping[str, type[MeteringError]] = {
     "INVALID_REQUEST": InvalidRequest,
     "INVALID_PRODUCT_CODE": InvalidProductCode,
@@ -138,6 +147,7 @@ REASONS: Mapping[str, type[MeteringError]] = {
     "REQUEST_EXPIRED": RequestExpired,
     "UNAUTHORIZED": Unauthorized,
     "ACCESS_DENIED": AccessDenied,
+    "CALLER_NOT_ALLOWED": CallerNotAllowed,
     "THROTTLING": Throttled,
     "INTERNAL_SERVICE_ERROR": InternalServiceError,
     "AWS_UNREACHABLE": AwsUnreachable,
@@ -147,6 +157,9 @@ REASONS: Mapping[str, type[MeteringError]] = {
     "HTTP_504": HttpError,
     "EVENT_ID_CONFLICT": EventIdConflict,
     "SPOOL_UNAVAILABLE": SpoolUnavailable,
+    "RECORD_NOT_FOUND": RecordNotFound,
+    "RECORD_NOT_FAILED": RecordNotFailed,
+    "OUTCOME_UNKNOWN": OutcomeUnknown,
     "DEADLINE_EXCEEDED": DeadlineExceeded,
     "INTERNAL": Internal,
 }
@@ -156,6 +169,7 @@ CODES: Mapping[grpc.StatusCode, type[MeteringError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
     grpc.StatusCode.OUT_OF_RANGE: OutOfRange,
     grpc.StatusCode.ALREADY_EXISTS: AlreadyExists,
+    grpc.StatusCode.NOT_FOUND: NotFound,
     grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
     grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,

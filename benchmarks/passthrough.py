@@ -21,6 +21,12 @@ the median over rounds and latency percentiles come from all rounds' samples.
 Prints a table, PASS/MISS against the targets of the design (gateway throughput
 at concurrency 16 at least 0.8 of direct; p50 latency added at concurrency 1 under
 1 ms) and, last, one JSON line. Exits non-zero only if a call failed.
+
+``--with-metrics`` measures what Prometheus metrics cost: a second gateway process,
+the same but with ``--metrics-listen``, is a third mode ("gateway+metrics") in the
+same rounds, reported as a ratio to the plain gateway. At the end one scrape of its
+/metrics must count every MeterUsage call that gateway answered OK (warm-up
+included), or the run fails: metrics that recorded nothing would cost nothing.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -47,6 +54,7 @@ from typing import Any
 import boto3
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.backend import make_client
 from gateway.config import Settings
@@ -58,6 +66,7 @@ REGION = "us-east-1"
 CREDS = {"AWS_ACCESS_KEY_ID": "local", "AWS_SECRET_ACCESS_KEY": "local"}
 CONCURRENCIES = (1, 16)
 MODES = ("direct", "gateway")
+METRICS_MODE = "gateway+metrics"  # --with-metrics: a gateway serving /metrics too
 CALL_TIMEOUT = 10.0  # seconds; a caller's deadline, as a real service would set
 THROUGHPUT_RATIO_TARGET = 0.8  # gateway/direct at concurrency 16
 ADDED_P50_TARGET_MS = 1.0  # at concurrency 1
@@ -86,13 +95,14 @@ def _wait_for_line(log: Path, proc: subprocess.Popen[bytes], event: str, timeout
 
 
 @contextmanager
-def child(args: Sequence[str], event: str, workdir: Path, env: dict[str, str] | None = None) -> Iterator[dict[str, Any]]:
+def child(args: Sequence[str], event: str, workdir: Path, env: dict[str, str] | None = None,
+          name: str | None = None) -> Iterator[dict[str, Any]]:
     """Run ``python -m gateway ARGS`` with stdout to a file; yield its ``event`` log line.
 
-    Logs go to a file, not a pipe, so the measuring process spends nothing
-    draining the gateway's per-RPC access log.
+    Logs go to a file (``name``.log, by default the command's), not a pipe, so the
+    measuring process spends nothing draining the gateway's per-RPC access log.
     """
-    log = workdir / f"{args[0]}.log"
+    log = workdir / f"{name or args[0]}.log"
     with log.open("wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "gateway", *args], stdout=out, stderr=subprocess.STDOUT,
                                 env=os.environ if env is None else env)
@@ -153,6 +163,15 @@ def gateway_call(channels: Sequence[grpc.Channel]) -> Call:
     return call
 
 
+def scraped_ok_meter_usage(address: str) -> float:
+    """``grpc_server_handled_total{grpc_code="OK",grpc_method="MeterUsage"}`` from one scrape."""
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+               if sample.name == "grpc_server_handled_total"
+               and sample.labels.get("grpc_method") == "MeterUsage" and sample.labels.get("grpc_code") == "OK")
+
+
 # --- measuring ----------------------------------------------------------------------
 
 
@@ -209,10 +228,10 @@ def percentile(samples: Sequence[float], p: int) -> float:
     return statistics.quantiles(samples, n=100, method="inclusive")[p - 1]
 
 
-def summarise(runs: Sequence[Run]) -> dict[str, Any]:
+def summarise(runs: Sequence[Run], modes: Sequence[str] = MODES) -> dict[str, Any]:
     """Figures per mode and concurrency, the ratios and the added latency."""
     out: dict[str, Any] = {}
-    for mode in MODES:
+    for mode in modes:
         for c in CONCURRENCIES:
             mine = [r for r in runs if r.mode == mode and r.concurrency == c]
             pooled = [x for r in mine for x in r.latencies]
@@ -228,6 +247,11 @@ def summarise(runs: Sequence[Run]) -> dict[str, Any]:
         out[f"ratio_c{c}"] = round(g["throughput"] / d["throughput"], 3) if d["throughput"] else 0.0
         out[f"added_p50_ms_c{c}"] = round(g["p50_ms"] - d["p50_ms"], 3)
         out[f"added_p99_ms_c{c}"] = round(g["p99_ms"] - d["p99_ms"], 3)
+        if METRICS_MODE in modes:  # what metrics cost: gateway+metrics against the plain gateway
+            m = out[f"{METRICS_MODE}_c{c}"]
+            out[f"metrics_ratio_c{c}"] = round(m["throughput"] / g["throughput"], 3) if g["throughput"] else 0.0
+            out[f"metrics_added_p50_ms_c{c}"] = round(m["p50_ms"] - g["p50_ms"], 3)
+            out[f"metrics_added_p99_ms_c{c}"] = round(m["p99_ms"] - g["p99_ms"], 3)
     out["targets"] = {
         "ratio_c16_at_least_0.8": "PASS" if out["ratio_c16"] >= THROUGHPUT_RATIO_TARGET else "MISS",
         "added_p50_ms_c1_under_1": "PASS" if out["added_p50_ms_c1"] < ADDED_P50_TARGET_MS else "MISS",
@@ -235,14 +259,19 @@ def summarise(runs: Sequence[Run]) -> dict[str, Any]:
     return out
 
 
-def table(summary: dict[str, Any]) -> str:
-    rows = [f"{'':>4} {'':8} {'calls/s':>9} {'p50 ms':>8} {'p99 ms':>8}"]
+def table(summary: dict[str, Any], modes: Sequence[str] = MODES) -> str:
+    w = max(8, *map(len, modes))
+    rows = [f"{'':>4} {'':{w}} {'calls/s':>9} {'p50 ms':>8} {'p99 ms':>8}"]
     for c in CONCURRENCIES:
-        for mode in MODES:
+        for mode in modes:
             s = summary[f"{mode}_c{c}"]
-            rows.append(f"c={c:<2} {mode:8} {s['throughput']:9.1f} {s['p50_ms']:8.3f} {s['p99_ms']:8.3f}")
-        rows.append(f"c={c:<2} {'added':8} {'x' + format(summary[f'ratio_c{c}'], '.3f'):>9} "
+            rows.append(f"c={c:<2} {mode:{w}} {s['throughput']:9.1f} {s['p50_ms']:8.3f} {s['p99_ms']:8.3f}")
+        rows.append(f"c={c:<2} {'added':{w}} {'x' + format(summary[f'ratio_c{c}'], '.3f'):>9} "
                     f"{summary[f'added_p50_ms_c{c}']:+8.3f} {summary[f'added_p99_ms_c{c}']:+8.3f}")
+        if METRICS_MODE in modes:
+            rows.append(f"c={c:<2} {'metrics':{w}} {'x' + format(summary[f'metrics_ratio_c{c}'], '.3f'):>9} "
+                        f"{summary[f'metrics_added_p50_ms_c{c}']:+8.3f} {summary[f'metrics_added_p99_ms_c{c}']:+8.3f}"
+                        f"  ({METRICS_MODE} against gateway)")
     t = summary["targets"]
     rows.append(f"target gateway/direct throughput at c=16 >= {THROUGHPUT_RATIO_TARGET}: "
                 f"{summary['ratio_c16']:.3f} {t['ratio_c16_at_least_0.8']}")
@@ -251,9 +280,12 @@ def table(summary: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-def benchmark(calls: int, rounds: int, warmup: int, max_seconds: float, processes: int = 1) -> tuple[dict[str, Any], list[Run]]:
+def benchmark(calls: int, rounds: int, warmup: int, max_seconds: float, processes: int = 1,
+              with_metrics: bool = False) -> tuple[dict[str, Any], list[Run]]:
     ids = itertools.count()
     runs: list[Run] = []
+    modes = (*MODES, METRICS_MODE) if with_metrics else MODES
+    answered: dict[str, int] = dict.fromkeys(modes, 0)  # successful calls per mode, warm-up included
     with tempfile.TemporaryDirectory(prefix="passthrough-") as tmp:
         workdir = Path(tmp)
         with child(["local-aws", "--port", "0"], "local_aws_started", workdir) as started:
@@ -262,25 +294,37 @@ def benchmark(calls: int, rounds: int, warmup: int, max_seconds: float, processe
             # botocore reads only AWS_DEFAULT_REGION; AWS_REGION is what other SDKs (and the docs) use
             env.update(CREDS, AWS_REGION=REGION, AWS_DEFAULT_REGION=REGION, AWS_ENDPOINT_URL_MARKETPLACE_METERING=endpoint)
             serve = ["serve", "--listen", "127.0.0.1:0", "--processes", str(processes)]
-            with child(serve, "serving", workdir, env) as serving:
-                target = str(serving["listen"])
-                wait_serving(target)
-                with contextlib.ExitStack() as stack:
+            with contextlib.ExitStack() as stack:
+                paths: dict[str, Call] = {"direct": direct_call(endpoint)}
+                serving: dict[str, dict[str, Any]] = {}
+                for mode in modes[1:]:
+                    extra = ["--metrics-listen", "127.0.0.1:0"] if mode == METRICS_MODE else []
+                    serving[mode] = stack.enter_context(child([*serve, *extra], "serving", workdir, env, name=mode))
+                    target = str(serving[mode]["listen"])
+                    wait_serving(target)
                     # one connection per concurrent caller, as the direct loop's pool has
                     channels = [stack.enter_context(grpc.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)]))
                                 for _ in range(max(CONCURRENCIES))]
-                    paths = {"direct": direct_call(endpoint), "gateway": gateway_call(channels)}
-                    for mode in MODES:  # connections, caches, lazy imports: not measured
-                        measure(mode, paths[mode], max(CONCURRENCIES), warmup, max_seconds, ids)
-                    for i in range(rounds):
-                        for c in CONCURRENCIES:
-                            # alternate which path goes first, so neither always gets the cooler machine
-                            for mode in MODES if i % 2 == 0 else MODES[::-1]:
-                                run = measure(mode, paths[mode], c, calls, max_seconds, ids)
-                                print(f"  round {i + 1} c={c:<2} {mode:8} {run.throughput:8.1f} calls/s"
-                                      f"{f'  {len(run.failures)} FAILED' if run.failures else ''}", file=sys.stderr)
-                                runs.append(run)
-    return summarise(runs), runs
+                    paths[mode] = gateway_call(channels)
+                for mode in modes:  # connections, caches, lazy imports: not measured
+                    answered[mode] += len(measure(mode, paths[mode], max(CONCURRENCIES), warmup, max_seconds, ids).latencies)
+                for i in range(rounds):
+                    for c in CONCURRENCIES:
+                        # rotate which path goes first, so none always gets the cooler machine
+                        for mode in modes[i % len(modes):] + modes[:i % len(modes)]:
+                            run = measure(mode, paths[mode], c, calls, max_seconds, ids)
+                            print(f"  round {i + 1} c={c:<2} {mode:{max(8, *map(len, modes))}} {run.throughput:8.1f} calls/s"
+                                  f"{f'  {len(run.failures)} FAILED' if run.failures else ''}", file=sys.stderr)
+                            runs.append(run)
+                            answered[mode] += len(run.latencies)
+                summary = summarise(runs, modes)
+                if with_metrics:  # the metrics were recorded: one scrape counts every call answered OK
+                    scraped = scraped_ok_meter_usage(str(serving[METRICS_MODE]["metrics"]))
+                    summary["metrics_check"] = {"answered_ok": answered[METRICS_MODE], "scraped_handled_ok": scraped}
+                    if scraped != answered[METRICS_MODE]:
+                        raise RuntimeError(f"{METRICS_MODE}: /metrics counts {scraped:g} MeterUsage calls handled OK, "
+                                           f"but {answered[METRICS_MODE]} were answered")
+    return summary, runs
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -290,17 +334,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=200, help="unmeasured calls per path first [default 200]")
     parser.add_argument("--max-seconds", type=float, default=30.0, help="time limit of one run [default 30]")
     parser.add_argument("--processes", type=int, default=1, help="gateway server processes (serve --processes) [default 1]")
+    parser.add_argument("--with-metrics", action="store_true",
+                        help=f"a third mode, {METRICS_MODE!r}: a gateway with --metrics-listen, against the plain gateway")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 20 calls, 1 round, 16 warm-up calls")
     args = parser.parse_args(argv)
     if args.quick:
         args.calls, args.rounds, args.warmup = 20, 1, 16
-    print(f"pass-through: gateway with {args.processes} process(es), {args.calls} calls per run, {args.rounds} rounds, {os.cpu_count()} CPUs, "
+    print(f"pass-through: gateway with {args.processes} process(es){' and with metrics' if args.with_metrics else ''}, {args.calls} calls per run, {args.rounds} rounds, {os.cpu_count()} CPUs, "
           f"Python {sys.version.split()[0]}, grpcio {grpc.__version__}, boto3 {boto3.__version__}", file=sys.stderr)
-    summary, runs = benchmark(args.calls, args.rounds, args.warmup, args.max_seconds, args.processes)
+    summary, runs = benchmark(args.calls, args.rounds, args.warmup, args.max_seconds, args.processes, args.with_metrics)
     failures = [f for r in runs for f in r.failures]
     summary["failures"] = len(failures)
-    summary["config"] = {"calls": args.calls, "rounds": args.rounds, "cpus": os.cpu_count(), "processes": args.processes}
-    print(table(summary))
+    summary["config"] = {"calls": args.calls, "rounds": args.rounds, "cpus": os.cpu_count(), "processes": args.processes,
+                         "with_metrics": args.with_metrics}
+    print(table(summary, (*MODES, METRICS_MODE) if args.with_metrics else MODES))
     for failure in failures[:5]:
         print(f"FAILED: {failure}", file=sys.stderr)
     print(json.dumps({"benchmark": "passthrough", **summary}))

@@ -51,8 +51,13 @@ def image_env() -> dict[str, str]:
 
 
 def container_env(port: int) -> dict[str, str]:
-    """The image's ENV, with what a test run changes, as ``docker run -e`` would."""
-    return tool_env(**{**image_env(), "METERING_GATEWAY_LISTEN": f"127.0.0.1:{port}", "METERING_GATEWAY_LOCAL": "true"})
+    """The image's ENV, with what a test run changes, as ``docker run -e`` would.
+
+    ``$PATH`` in the image's ENV is this environment's (the dev venv's bin first):
+    the image's /opt/metering-gateway/bin does not exist here."""
+    env = tool_env()
+    image = {k: re.sub(r"\$\{?(\w+)\}?", lambda m: env.get(m.group(1), ""), v) for k, v in image_env().items()}
+    return {**env, **image, "METERING_GATEWAY_LISTEN": f"127.0.0.1:{port}", "METERING_GATEWAY_LOCAL": "true"}
 
 
 def healthcheck(env: dict[str, str]) -> subprocess.CompletedProcess[str]:

@@ -52,7 +52,7 @@ def test_kinds_and_names() -> None:
 
 
 def test_the_container_serves_on_50051_and_the_service_points_there() -> None:
-    [port] = CONTAINER["ports"]
+    [port] = [p for p in CONTAINER["ports"] if p["name"] == "grpc"]
     assert (port["containerPort"], port["name"], port["protocol"]) == (PORT, "grpc", "TCP")
     assert parse_listen(ENV["METERING_GATEWAY_LISTEN"]) == ("0.0.0.0", PORT)
     [svc] = SERVICE["spec"]["ports"]
@@ -320,6 +320,13 @@ def test_the_manifests_hold_both_kinds_of_spool() -> None:
 def test_ports_agree_with_listen_probes_and_services(w: Workload) -> None:
     port = w.grpc_port
     assert w.settings.listen_host_port == ("0.0.0.0", port)
+    # Metrics on a port of their own, named "metrics", that no Service exposes, and the
+    # scrape annotations point at it.
+    metrics = parse_listen(w.settings.metrics_listen)
+    assert metrics[0] == "0.0.0.0" and metrics[1] != port
+    assert {"name": "metrics", "containerPort": metrics[1], "protocol": "TCP"} in w.container["ports"]
+    annotations = w.obj["spec"]["template"]["metadata"].get("annotations", {})
+    assert annotations.get("prometheus.io/port") == str(metrics[1]) and annotations.get("prometheus.io/scrape") == "true"
     services = w.selected_by("Service")
     assert services, "no Service selects the pods"
     by_name = {p["name"]: p["containerPort"] for p in w.container["ports"] if "name" in p}

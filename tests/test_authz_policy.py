@@ -133,12 +133,13 @@ callers:
     refusal(policy, None, LIST, pb.ListMeteringRecordsRequest())  # "*" is any identity, never none
 
 
-def test_the_example_in_the_docs_is_a_valid_policy() -> None:
-    text = (ROOT / "docs" / "authorization.md").read_text()
-    examples = re.findall(r"```yaml\n(.*?)```", text, re.S)
+@pytest.mark.parametrize("doc", ["docs/authorization.md", "README.md"])
+def test_the_examples_in_the_docs_are_valid_policies(doc: str) -> None:
+    text = (ROOT / doc).read_text()
+    examples = [e for e in re.findall(r"```yaml\n(.*?)```", text, re.S) if e.lstrip().startswith(("callers:", "#"))]
     assert examples
     for example in examples:
-        parse_policy(example, "docs/authorization.md")
+        parse_policy(example, doc)
 
 
 M = "marketplace.metering.v1.MeteringService/MeterUsage"

@@ -43,8 +43,8 @@ proto: $(STAMP)
 
 ## bench: the pass-through, RecordUsage (throughput, latency during placement, PostgreSQL vs SQLite) and spool-size benchmarks (figures in README.md)
 bench: $(STAMP)
-	$(BIN)/python benchmarks/passthrough.py --processes 1
-	$(BIN)/python benchmarks/passthrough.py --processes 2
+	$(BIN)/python benchmarks/passthrough.py --processes 1 --with-metrics
+	$(BIN)/python benchmarks/passthrough.py --processes 2 --with-metrics
 	$(BIN)/python benchmarks/record_usage.py
 	$(BIN)/python benchmarks/record_usage.py --only spools
 	$(BIN)/python benchmarks/spool_days.py

@@ -145,6 +145,10 @@ def parse_policy(text: str, source: str) -> Policy:
         raise ConfigError(_one_line(f"authz-policy {source}{line}: not valid YAML: {exc.problem or exc.context}")) from None
     except yaml.YAMLError as exc:
         raise ConfigError(_one_line(f"authz-policy {source}: not valid YAML: {exc}")) from None
+    except RecursionError:
+        raise ConfigError(f"authz-policy {source}: not valid YAML: nested too deeply") from None
+    except Exception as exc:  # the parser's own failures on odd input (ValueError, OverflowError, ...): still one line
+        raise ConfigError(_one_line(f"authz-policy {source}: not valid YAML: {type(exc).__name__}: {exc}")) from None
     if root is None:
         raise ConfigError(f"authz-policy {source}: the file is empty; it must list callers (see docs/authorization.md)")
     try:

@@ -35,6 +35,9 @@ from marketplace.metering.v1 import metering_pb2 as pb
 from marketplace.metering.v1 import metering_pb2_grpc as pb_grpc
 
 PAGE_SIZE = 1000  # records per ListMeteringRecords call (the server's most)
+EXPORT_READS = 3  # full reads of a month at most, for two in a row that agree
+# After a month's end, usage may still be carried into its last hours for this long (AWS's six-hour window, margin).
+MONTH_SETTLES = timedelta(hours=7)
 
 log = structlog.get_logger("gateway")
 
@@ -92,9 +95,14 @@ _MONTH = re.compile(r"(\d{4})-(\d{2})")
 def _since(text: str) -> datetime:
     """``--since``: a duration back from now (``6h``) or an RFC 3339 time with its offset."""
     try:
-        return datetime.now(timezone.utc) - timedelta(seconds=parse_duration(text))
+        seconds = parse_duration(text)
     except ConfigError:
         pass
+    else:
+        try:
+            return datetime.now(timezone.utc) - timedelta(seconds=seconds)
+        except OverflowError:
+            raise argparse.ArgumentTypeError(f"{text!r} reaches back before the year 1") from None
     try:
         when = datetime.fromisoformat(text)
     except ValueError:
@@ -102,7 +110,10 @@ def _since(text: str) -> datetime:
             f"{text!r} is neither a duration (6h, 30m, 7d) nor an RFC 3339 time (2026-11-03T14:00:00Z)") from None
     if when.tzinfo is None:
         raise argparse.ArgumentTypeError(f"{text!r} has no UTC offset (add Z, or +02:00)")
-    return when
+    try:
+        return when.astimezone(timezone.utc)  # a protobuf Timestamp holds UTC years 1 to 9999 only
+    except OverflowError:
+        raise argparse.ArgumentTypeError(f"{text!r} is out of range (years 1 to 9999, in UTC)") from None
 
 
 def _month(text: str) -> tuple[datetime, datetime]:
@@ -111,6 +122,8 @@ def _month(text: str) -> tuple[datetime, datetime]:
     if not match or not 1 <= int(match[2]) <= 12 or int(match[1]) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a month like 2026-11")
     year, month = int(match[1]), int(match[2])
+    if (year, month) == (9999, 12):  # the next month's first instant, its end, is past datetime's range
+        raise argparse.ArgumentTypeError(f"{text!r} is out of range (0001-01 to 9999-11)")
     start = datetime(year, month, 1, tzinfo=timezone.utc)
     return start, datetime(year + month // 12, month % 12 + 1, 1, tzinfo=timezone.utc)
 
@@ -273,6 +286,22 @@ def records_list(args: argparse.Namespace) -> int:
     return _with_gateway(args, show)
 
 
+def _agreed(read: Callable[[], list[pb.MeteringRecord]], tries: int = EXPORT_READS) -> list[pb.MeteringRecord] | None:
+    """``read()`` again until two reads in a row agree; None after ``tries`` reads.
+
+    A listing pages newest hour first over a live table: a carry between two pages can
+    move usage from a record not yet read into one already read, and one read would
+    miss it. Two identical reads in a row saw no such move.
+    """
+    last = read()
+    for _ in range(tries - 1):
+        again = read()
+        if again == last:
+            return again
+        last = again
+    return None
+
+
 def records_export(args: argparse.Namespace) -> int:
     start, end = args.month
     request = pb.ListMeteringRecordsRequest()
@@ -280,7 +309,20 @@ def records_export(args: argparse.Namespace) -> int:
     request.end_time.FromDatetime(end)
 
     def export(channel: grpc.Channel) -> int:
-        records = _every_record(channel, request, args.timeout)
+        def read() -> list[pb.MeteringRecord]:
+            pages = pb.ListMeteringRecordsRequest()
+            pages.CopyFrom(request)  # from the first page each time
+            return _every_record(channel, pages, args.timeout)
+
+        records = _agreed(read)
+        if records is None:
+            print(f"{args.target}: records changed during the export ({EXPORT_READS} reads disagreed); "
+                  "retry, or export a closed month", file=sys.stderr)
+            return 1
+        if datetime.now(timezone.utc) < end + MONTH_SETTLES:
+            print(f"note: {start:%Y-%m} is not closed yet (until {end + MONTH_SETTLES:%Y-%m-%dT%H:%M}Z): "
+                  "usage may still be recorded or carried into it; export it again after that for the final "
+                  "figures", file=sys.stderr)
         sys.stdout.write(records_output.FORMATS[args.output](reversed(records)))  # oldest first
         return 0
 

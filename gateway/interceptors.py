@@ -73,8 +73,31 @@ def _abort(context: grpc.ServicerContext, status: grpc.Status, request_id: str, 
     context.abort_with_status(_Status(status.code, status.details, trailers))
 
 
+def _refused(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """A handler of ``handler``'s kind that refuses every call with INTERNAL.
+
+    Only unary-unary methods are wrapped (authorization, access log, metrics): a
+    streaming method of a wrapped service fails closed instead of running unchecked.
+    :class:`gateway.server.Gateway` refuses to start with one; this is the backstop.
+    """
+
+    def refuse(request: Any, context: grpc.ServicerContext) -> Any:
+        request_id = _request_id(context)
+        log.error("rpc_refused", method=method, request_id=request_id, error="not a unary method")
+        _abort(context, errors.internal("streaming methods are not supported by the gateway").to_grpc_status(), request_id)
+
+    kinds = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }
+    make: Any = kinds[(bool(handler.request_streaming), bool(handler.response_streaming))]
+    return make(refuse, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+
+
 class GatewayInterceptor(grpc.ServerInterceptor):
-    """Wraps the unary-unary methods of the given services."""
+    """Wraps the unary-unary methods of the given services; refuses their other methods."""
 
     def __init__(self, services: set[str], *, observer: Observer | None = None, authorize: Authorize | None = None) -> None:
         self._services = services
@@ -86,8 +109,10 @@ class GatewayInterceptor(grpc.ServerInterceptor):
     ) -> grpc.RpcMethodHandler | None:
         handler = continuation(details)
         method = details.method  # "/package.Service/Method"
-        if handler is None or handler.unary_unary is None or method.split("/")[1] not in self._services:
+        if handler is None or method.split("/")[1] not in self._services:
             return handler
+        if handler.unary_unary is None:
+            return _refused(method, handler)
         behavior = handler.unary_unary
         deserialize = handler.request_deserializer
 

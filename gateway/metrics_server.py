@@ -6,7 +6,9 @@ multiprocess mode has it: it makes a private directory and sets
 ``PROMETHEUS_MULTIPROC_DIR`` before it spawns the workers, each worker writes its
 values to files there, and a scrape of the parent sums them (so one scrape shows the
 total of every process). The parent reads the spool's gauges from a spool of its
-own, removes the gauges of a worker that exited, and the directory at exit.
+own (a scrape probes it while it cannot write: the parent has no health watcher to
+reopen it after an outage), removes the gauges of a worker that exited, and the
+directory at exit.
 """
 
 from __future__ import annotations
@@ -102,7 +104,7 @@ def for_workers(settings: Settings) -> Iterator[WorkersEndpoint | None]:
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry, path=directory)
         endpoint = start(settings.metrics_listen, scrape_registry(
-            registry, gauges.reader(spool, time.time) if spool is not None else None))
+            registry, gauges.reader(spool, time.time, probe=True) if spool is not None else None))
         yield WorkersEndpoint(endpoint, directory)
     finally:
         if endpoint is not None:

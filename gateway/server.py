@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import grpc
+from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -30,6 +31,22 @@ class Servicer:
     add: Callable[[Any, grpc.Server], None]
 
 
+def check_unary(services: Iterable[str], pool: descriptor_pool.DescriptorPool | None = None) -> None:
+    """ValueError unless every method of ``services`` is unary-unary, as their protobuf
+    descriptors say: the interceptor wraps only those (authorization, access log,
+    metrics), so a streaming method must not ship unnoticed."""
+    pool = pool or descriptor_pool.Default()
+    for name in sorted(services):
+        try:
+            service = pool.FindServiceByName(name)
+        except KeyError:
+            raise ValueError(f"service {name} has no protobuf descriptor; cannot check that its methods are unary") from None
+        streaming = [m.name for m in service.methods if m.client_streaming or m.server_streaming]
+        if streaming:
+            raise ValueError(f"service {name} has streaming methods ({', '.join(streaming)}); "
+                             "the gateway's interceptor supports unary methods only")
+
+
 def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     if not settings.tls_cert:
         return None
@@ -43,7 +60,10 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
 
 
 class Gateway:
-    """The running server. start() binds (or raises ConfigError), stop() drains."""
+    """The running server. start() binds (or raises ConfigError), stop() drains.
+
+    A servicer whose service has a method that is not unary-unary is refused at
+    construction (ValueError, see :func:`check_unary`)."""
 
     def __init__(
         self,
@@ -56,6 +76,7 @@ class Gateway:
     ) -> None:
         self.settings = settings
         names = {s.name for s in servicers}
+        check_unary(names)
         self.health = health.HealthServicer(experimental_non_blocking=True)
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix="rpc"),

@@ -185,18 +185,40 @@ def heading_anchor(heading: str) -> str:
 
 
 def test_the_issue_asks_for_these_alerts() -> None:
-    """Oldest pending near 6h, FAILED, outcome unknown, throttling, AWS errors, recorder NOT_SERVING."""
+    """Oldest pending near 6h, FAILED (new and still outstanding), outcome unknown (likewise), throttling,
+    AWS errors, recorder NOT_SERVING, no sender."""
     by_metric: dict[str, set[str]] = {}
     for alert in ALERTS:
         for metric in identifiers(alert["expr"])[0]:
             by_metric.setdefault(metric, set()).add(alert["alert"])
     for metric in ("metering_gateway_oldest_pending_record_age_seconds", "metering_gateway_records",
-                   "metering_gateway_records_failed_outcome_unknown", "metering_gateway_aws_attempts_total",
-                   "metering_gateway_aws_calls_total", "metering_gateway_serving", "metering_gateway_spool_up", "up"):
+                   "metering_gateway_records_failed_outcome_unknown", "metering_gateway_records_failed_total",
+                   "metering_gateway_records_outcome_unknown_total", "metering_gateway_aws_attempts_total",
+                   "metering_gateway_aws_calls_total", "metering_gateway_serving", "metering_gateway_spool_up",
+                   "metering_gateway_sender_leader", "up"):
         assert metric in by_metric, f"no alert on {metric}"
-    critical = {a["alert"] for a in ALERTS if a["labels"]["severity"] == "critical"}
-    assert {"MeteringGatewayRecordsOutcomeUnknown", "MeteringGatewayRecordsNearAwsLimit",
+    severity = {a["alert"]: a["labels"]["severity"] for a in ALERTS}
+    critical = {name for name, level in severity.items() if level == "critical"}
+    assert {"MeteringGatewayNewRecordsOutcomeUnknown", "MeteringGatewayRecordsNearAwsLimit",
             "MeteringGatewayRecorderNotServing"} <= critical
+
+
+def test_standing_failed_alerts_are_reminders_and_new_ones_come_from_counters() -> None:
+    """A record left FAILED on purpose keeps the gauge alerts firing for --record-retention, and they are
+    silenced for it: so they are warnings that wait an hour, and new failures page from the counters,
+    which such a silence does not hide."""
+    by_name = {a["alert"]: a for a in ALERTS}
+    for standing, new in (("MeteringGatewayRecordsFailed", "MeteringGatewayNewRecordsFailed"),
+                          ("MeteringGatewayRecordsOutcomeUnknown", "MeteringGatewayNewRecordsOutcomeUnknown")):
+        assert by_name[standing]["labels"]["severity"] == "warning", standing
+        assert by_name[standing]["for"] == "1h", standing
+        gauges, _ = identifiers(by_name[standing]["expr"])
+        assert gauges <= {"metering_gateway_records", "metering_gateway_records_failed_outcome_unknown"}, standing
+        counters, functions = identifiers(by_name[new]["expr"])
+        assert counters and all(m.endswith("_total") for m in counters), new
+        assert "increase" in functions, new
+    # An outcome-unknown record is counted by both counters: only its own alert may page for it.
+    assert "metering_gateway_records_outcome_unknown_total" in by_name["MeteringGatewayNewRecordsFailed"]["expr"]
 
 
 def test_rules_name_only_exported_metrics_and_functions() -> None:

@@ -184,6 +184,8 @@ M = "marketplace.metering.v1.MeteringService/MeterUsage"
     (f"callers:\n  - identity: a\n    methods: [{M}]\n    products:\n      p: [{{a: b}}]\n", "callers[0].products.p[0]: is a mapping"),
     ("callers: *x\n", "p.yaml:1: not valid YAML"),
     ("a: 1\n---\nb: 2\n", "not valid YAML"),
+    ("[" * 5000, "authz-policy p.yaml: not valid YAML: nested too deeply"),
+    ("callers:\n  - identity: " + "{a: " * 5000 + "\n", "not valid YAML: nested too deeply"),
 ])
 def test_a_bad_policy_is_one_line_naming_the_file_and_the_place(text: str, expected: str) -> None:
     with pytest.raises(ConfigError) as caught:

@@ -27,8 +27,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from recording import event, running_recorder, wait_for
 from support import FIXED_NOW, Clock, request
 
-from gateway import metrics
+from gateway import metrics, metrics_server
 from gateway.backend import Backend, RetryPolicy
+from gateway.config import Settings
 from gateway.local_aws import LocalAws
 from gateway.metrics_server import scrape_registry, start
 from gateway.recording import gauges, placement
@@ -325,6 +326,22 @@ def test_spool_down_in_postgres_is_spool_up_0(private_postgres: Any) -> None:
         assert "metering_gateway_records" not in families
     finally:
         spool.close()
+
+
+def test_parent_spool_up_recovers_after_a_postgres_restart(private_postgres: Any) -> None:
+    """--processes N: the parent reads the gauges through a spool of its own, with no
+    health watcher beside it; a scrape during an outage closes that spool's gate, and
+    a later scrape must reopen it (probe) once the database is back."""
+    settings = Settings(metrics_listen="127.0.0.1:0", spool=private_postgres.create_database("parent"))
+    with metrics_server.for_workers(settings) as exported:
+        assert exported is not None
+        assert value(scrape(exported.address), "metering_gateway_spool_up") == 1
+        private_postgres.stop()
+        assert value(scrape(exported.address), "metering_gateway_spool_up") == 0
+        private_postgres.start()
+        wait_for(lambda: value(scrape(exported.address), "metering_gateway_spool_up") == 1, timeout=15,
+                 what="spool_up 1 after the database came back")
+        assert value(scrape(exported.address), "metering_gateway_records", state="PENDING") == 0
 
 
 def test_spool_record_says_which_events_were_new(tmp_path: Path) -> None:

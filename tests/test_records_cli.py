@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
 from pki import Authority
 from processes import BIN, GatewayProcess, free_port, gateway_process, http_json, local_aws_records, tool_env
 from recording import event, running_recorder, send, wait_for
@@ -25,6 +26,7 @@ from gateway import cli
 from gateway.local_aws import LocalAws
 from gateway.recording import placement
 from gateway.records_output import COLUMNS
+from marketplace.metering.v1 import metering_pb2 as pb
 
 HOUR = 3600
 CLI = str(BIN / "metering-gateway")
@@ -245,6 +247,79 @@ def test_list_and_export_page_through_every_record(local_aws: LocalAws, clock: C
         assert [r["hour"] for r in run_main("list")] == hours
         assert [r["hour"] for r in run_main("list", "--limit", "3")] == hours[:3]
         assert [r["quantity"] for r in run_main("export", "--month", hours[0][:7])] == ["5", "4", "3", "2", "1"]
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["list", "--since", "100000000d"], "'100000000d' reaches back before the year 1"),
+    (["list", "--since", "1000000000d"], "reaches back before the year 1"),
+    (["list", "--since", "99999999999999999999d"], "reaches back before the year 1"),
+    (["list", "--since", "0001-01-01T00:00:00+01:00"], "is out of range (years 1 to 9999, in UTC)"),
+    (["list", "--since", "9999-12-31T23:59:59-01:00"], "is out of range"),
+    (["export", "--month", "9999-12"], "'9999-12' is out of range (0001-01 to 9999-11)"),
+])
+def test_out_of_range_times_are_usage_errors(args: list[str], expected: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["records", *args, "--target", "127.0.0.1:1"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: metering-gateway records" in err and expected in err and "Traceback" not in err, err
+
+
+def fake_reads(monkeypatch: pytest.MonkeyPatch, *reads: list[tuple[int, str]]) -> list[str]:
+    """``records export`` sees ``reads`` in turn, one per full read of the month (records as
+    (hour, quantity)); returns the page token each read began with."""
+    queue = list(reads)
+    began: list[str] = []
+
+    def every_record(channel: Any, request: Any, timeout: float, limit: int = 0) -> list[Any]:
+        began.append(request.page_token)
+        request.page_token = "spent"  # as the real one leaves it
+        rows = queue.pop(0)
+        return [pb.MeteringRecord(record_id=str(i), hour=Timestamp(seconds=hour), quantity=quantity)
+                for i, (hour, quantity) in enumerate(rows)]
+
+    monkeypatch.setattr(cli, "_every_record", every_record)
+    return began
+
+
+NOV = int(datetime(2020, 11, 3, tzinfo=timezone.utc).timestamp())
+# Newest first, as listed. A carry between two reads moves usage from the older record to the newer.
+BEFORE, CARRIED = [(NOV + HOUR, "1"), (NOV, "2")], [(NOV + HOUR, "3"), (NOV, "0")]
+
+
+def export(capsys: pytest.CaptureFixture[str], month: str = "2020-11") -> tuple[int, str, str]:
+    code = cli.main(["records", "export", "--month", month, "--target", "127.0.0.1:1", "--output", "json"])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_export_reads_until_two_reads_agree(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    began = fake_reads(monkeypatch, BEFORE, CARRIED, CARRIED)
+    code, out, err = export(capsys)
+    assert code == 0 and err == "", err
+    assert [r["quantity"] for r in json.loads(out)] == ["0", "3"]  # the settled read, oldest first
+    assert began == ["", "", ""]  # every read from the first page
+    fake_reads(monkeypatch, BEFORE, BEFORE)
+    code, out, err = export(capsys)
+    assert code == 0 and [r["quantity"] for r in json.loads(out)] == ["2", "1"]
+
+
+def test_export_of_records_that_keep_changing_fails(monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    fake_reads(monkeypatch, BEFORE, CARRIED, BEFORE)
+    code, out, err = export(capsys)
+    assert code == 1 and out == ""
+    assert err.strip() == ("127.0.0.1:1: records changed during the export (3 reads disagreed); "
+                           "retry, or export a closed month")
+
+
+def test_export_of_a_month_not_yet_closed_says_so(monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    month = datetime.now(timezone.utc).strftime("%Y-%m")
+    fake_reads(monkeypatch, BEFORE, BEFORE)
+    code, out, err = export(capsys, month)
+    assert code == 0 and json.loads(out)
+    assert err.startswith(f"note: {month} is not closed yet") and "may still be recorded or carried into it" in err, err
 
 
 def test_an_unreachable_gateway_is_one_line_and_exit_1() -> None:

@@ -4,13 +4,14 @@ the lead checked before every record."""
 
 from __future__ import annotations
 
+import pytest
 from recording import BARE_503, BARE_507, ISE, ISE_AFTER_RECORD, FakeAws, event, sums_of_records
 
-from gateway import errors
+from gateway import errors, metrics
 from gateway.recording.placement import HOUR
 from gateway.recording.sender import Sender
 from gateway.recording.servicer import event_row
-from gateway.recording.spool import FAILED, SENT
+from gateway.recording.spool import FAILED, SENT, Carry, SpoolUnavailable
 from gateway.recording.sqlite import SqliteSpool as Spool
 
 NOW = 1_750_000_000.0
@@ -236,3 +237,73 @@ def test_a_reconciled_unknown_outcome_past_the_window_is_carried_once() -> None:
     [sent] = spool.list_records(state=SENT)
     assert sent.carried_hours == [failed.hour] and not spool.list_records(state=FAILED)
     assert sums_of_records(aws.ours()) == {("prod-a", "requests"): 6} and len(aws.ours()) == 1
+
+
+def counted(registry: object, name: str) -> float:
+    """A counter's total over its labels, read in this process."""
+    return sum(s.value for m in registry.collect() for s in m.samples if s.name == name)  # type: ignore[attr-defined]
+
+
+def test_two_senders_hearing_one_ok_count_it_once() -> None:
+    """A leader cut off mid-call and its successor both hear AWS's OK for one record (the
+    same ClientToken): the record is SENT, and sent and metered once in the counters."""
+    clock, aws, spool, sender = sender_on_fake_aws()
+    successor = Sender(spool, aws, interval=60, grace=0, max_rps=1e9, now=lambda: clock[0], sleep=lambda _: None)  # type: ignore[arg-type]
+    spool.record([event_row(event("twice", clock[0] - HOUR, 3))])
+    original = aws.meter_usage
+
+    def successor_first(params: dict, **kw: object) -> object:
+        aws.meter_usage = original  # type: ignore[method-assign]
+        successor.tick()  # resends the record in flight and stores AWS's OK first
+        return original(params, **kw)  # type: ignore[arg-type]
+
+    aws.meter_usage = successor_first  # type: ignore[method-assign]
+    registry = metrics.install()
+    try:
+        sender.tick()
+        assert counted(registry, "metering_gateway_records_sent_total") == 1
+        assert counted(registry, "metering_gateway_usage_metered_quantity_total") == 3
+    finally:
+        metrics.uninstall()
+    [record] = spool.list_records(state=SENT)
+    assert record.attempts == 2 and len(aws.ours()) == 1
+
+
+def test_a_late_refusal_of_a_record_sent_meanwhile_is_not_counted_as_failed() -> None:
+    clock, aws, spool, sender = sender_on_fake_aws()
+    successor = Sender(spool, aws, interval=60, grace=0, max_rps=1e9, now=lambda: clock[0], sleep=lambda _: None)  # type: ignore[arg-type]
+    spool.record([event_row(event("late-no", clock[0] - HOUR, 2))])
+    original = aws.meter_usage
+
+    def successor_sends_then_refuse(params: dict, **kw: object) -> object:
+        aws.meter_usage = original  # type: ignore[method-assign]
+        successor.tick()
+        raise errors.from_aws("CustomerNotEntitledException", "not entitled", "req-x", http_status=400)
+
+    aws.meter_usage = successor_sends_then_refuse  # type: ignore[method-assign]
+    registry = metrics.install()
+    try:
+        sender.tick()
+        assert counted(registry, "metering_gateway_records_sent_total") == 1
+        assert counted(registry, "metering_gateway_records_failed_total") == 0
+    finally:
+        metrics.uninstall()
+    assert [r.state for r in spool.list_records()] == [SENT]
+
+
+def test_a_tick_failing_before_the_lead_is_known_clears_the_leader_gauge() -> None:
+    clock, aws, spool, sender = sender_on_fake_aws()
+    registry = metrics.install()
+    try:
+        sender.tick()
+        assert counted(registry, "metering_gateway_sender_leader") == 1
+
+        def unavailable(now: float, margin: float = 0.0) -> list[Carry]:
+            raise SpoolUnavailable("disk I/O error")
+
+        spool.assign = unavailable  # type: ignore[method-assign]
+        with pytest.raises(SpoolUnavailable):
+            sender.tick()
+        assert counted(registry, "metering_gateway_sender_leader") == 0, "a stale 1 while no tick can run"
+    finally:
+        metrics.uninstall()

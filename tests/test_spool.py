@@ -232,6 +232,46 @@ def test_failed_records_keep_their_events_until_record_retention(store: Store) -
     assert spool.list_records() == [] and spool.event_totals() == []
 
 
+
+def test_pruning_spares_a_record_an_operator_retried_meanwhile(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The prune picks old FAILED records without locking them; on PostgreSQL an operator's
+    retry (FAILED → PENDING) on another replica can commit before the delete. The retried
+    record and its usage must stay; the old SENT record beside it still goes."""
+    from gateway.recording import postgres
+
+    spool, other = reopen(store), reopen(store)  # two replicas on one database
+    if not isinstance(spool, postgres.PostgresSpool):
+        pytest.skip("SQLite has one writer: the prune's transaction holds the write lock, no retry gets between")
+    spool.record([row("a", hour_back=3), row("b", hour_back=3, quantity="2", product="prod-b")])
+    spool.assign(NOW)
+    failed, sent = spool.list_records(product_code="prod-a") + spool.list_records(product_code="prod-b")
+    spool.begin_attempt(failed.id)
+    spool.settle(failed.id, uncertain=None)
+    assert spool.mark_failed(failed.id, "CUSTOMER_NOT_ENTITLED: no", NOW)
+    spool.begin_attempt(sent.id)
+    assert spool.mark_sent(sent.id, "mr-1", NOW)
+    later = NOW + 40 * DAY
+    execute = postgres._Db.execute
+    retried: list[Any] = []
+
+    def retry_after_the_selection(self: Any, query: str, args: Any = ()) -> Any:
+        if not query.startswith("SELECT id FROM records WHERE state IN") or retried:
+            return execute(self, query, args)
+        selected = execute(self, query, args).fetchall()
+        retried.append(other.retry_failed(failed.id, reconciled=False, now=later))  # committed meanwhile
+        return selected
+
+    monkeypatch.setattr(postgres._Db, "execute", retry_after_the_selection)
+    pruned = spool.prune(later, event_retention=7 * DAY, record_retention=30 * DAY)
+    assert retried, "the prune no longer selects as this test expects"
+    kept = spool.get(failed.id)
+    assert kept is not None and kept.state == PENDING, "a record retried by an operator was pruned"
+    assert spool.get(sent.id) is None and pruned.records == 1
+    assert spool.event_totals() == [("prod-a", "requests", "1")], "the retried record's usage was deleted"
+    other.close()
+    spool.close()
+
+
 def test_taken_hours_older_than_any_placement_are_pruned(store: Store) -> None:
     spool = reopen(store)
     spool.record([row("a", 2)])
@@ -400,9 +440,10 @@ def test_a_former_senders_late_outcome_never_undoes_a_sent_record(store: Store) 
     spool.begin_attempt(record.id)
     resend = spool.begin_attempt(record.id)  # the successor finds it in flight
     assert resend is not None and resend.attempts == 2 and resend.uncertain and resend.client_token == record.client_token
-    spool.mark_sent(record.id, "mr-1", NOW)
+    assert spool.mark_sent(record.id, "mr-1", NOW) is True
+    assert spool.mark_sent(record.id, "mr-1", NOW + 1) is False  # the other sender heard the same OK: counted once
     spool.retry_later(record.id, "THROTTLING: late", NOW + 60)
-    spool.mark_failed(record.id, "ACCESS_DENIED: late", NOW)
+    assert spool.mark_failed(record.id, "ACCESS_DENIED: late", NOW) is False
     spool.settle(record.id, uncertain=True)
     final = spool.get(record.id)
     assert final is not None

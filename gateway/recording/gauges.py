@@ -27,6 +27,17 @@ def reading(spool: Spool, now: float) -> metrics.SpoolReading:
     )
 
 
-def reader(spool: Spool, clock: Callable[[], float]) -> Callable[[], metrics.SpoolReading]:
-    """A reading of ``spool`` at ``clock()`` on every call: :class:`gateway.metrics.ScrapeCollector`'s ``read``."""
-    return lambda: reading(spool, clock())
+def reader(spool: Spool, clock: Callable[[], float], *, probe: bool = False) -> Callable[[], metrics.SpoolReading]:
+    """A reading of ``spool`` at ``clock()`` on every call: :class:`gateway.metrics.ScrapeCollector`'s ``read``.
+
+    ``probe``: a spool that cannot write is probed before it is read. For a spool with
+    no health watcher beside it (the parent's of ``--processes N``): an outage closes
+    its gate, and nothing else would ever reopen it. The collector bounds the time.
+    """
+
+    def read() -> metrics.SpoolReading:
+        if probe and not spool.writable:
+            spool.probe()  # False while still down: the read below then fails at once
+        return reading(spool, clock())
+
+    return read

@@ -195,10 +195,14 @@ class Sender:
         """Place new events, then send what is due. Returns what happened."""
         started = time.monotonic()
         now = self._now()
-        for carry in self.spool.assign(now, self.margin):
-            carry.log(LATE)
+        try:
+            for carry in self.spool.assign(now, self.margin):
+                carry.log(LATE)
+            leading = self.spool.leads()
+        except BaseException:
+            metrics.set_leader(False)  # not known to lead: never a stale 1 while ticks fail
+            raise
         result = TickResult()
-        leading = self.spool.leads()
         metrics.set_leader(leading)
         if not leading:
             return result  # another replica sends this spool's records
@@ -264,9 +268,12 @@ class Sender:
             return
         finally:
             structlog.contextvars.clear_contextvars()
-        self.spool.mark_sent(frozen.id, outcome.metering_record_id, self._now())
-        result.sent += 1
-        metrics.record_sent(frozen.product_code, frozen.usage_dimension, frozen.quantity)
+        # Counted once, by the sender whose answer made it SENT: two senders may hear one OK.
+        if self.spool.mark_sent(frozen.id, outcome.metering_record_id, self._now()):
+            result.sent += 1
+            metrics.record_sent(frozen.product_code, frozen.usage_dimension, frozen.quantity)
+        else:
+            fields["already"] = True
         log.info("record_sent", metering_record_id=outcome.metering_record_id, aws_request_id=outcome.aws_request_id, **fields)
 
     def _refused(self, row: RecordRow, exc: errors.GatewayError, fields: dict[str, object], result: TickResult) -> None:
@@ -289,21 +296,25 @@ class Sender:
         else:
             if row.outcome_unknown:  # an earlier attempt may sit in AWS: say so, for reconciliation
                 error = _outcome_unknown(row, f"then refused: {error}")
-            self.spool.mark_failed(row.id, error, self._now())
-            result.failed += 1
-            metrics.record_failed(exc.reason, outcome_unknown=row.outcome_unknown)
+            if self.spool.mark_failed(row.id, error, self._now()):
+                result.failed += 1
+                metrics.record_failed(exc.reason, outcome_unknown=row.outcome_unknown)
+            else:  # another sender settled it first (SENT stays SENT): nothing to count
+                fields["already_settled"] = True
             log.error("record_failed", reason=exc.reason, error=exc.message, **fields)
 
     def _carry(self, row: RecordRow, reason: str, now: float, result: TickResult) -> None:
         if row.outcome_unknown:
             # An attempt may sit in AWS unheard; carrying would bill it twice. The record
             # stays listed for reconciliation against AWS's records of that hour.
-            self.spool.mark_failed(row.id, _outcome_unknown(row, f"not carried ({reason}), to avoid billing twice"), now)
-            result.failed += 1
-            metrics.record_failed(reason, outcome_unknown=True)
+            failed = self.spool.mark_failed(row.id, _outcome_unknown(row, f"not carried ({reason}), to avoid billing twice"),
+                                            now)
+            if failed:
+                result.failed += 1
+                metrics.record_failed(reason, outcome_unknown=True)
             log.error("record_outcome_unknown", reason=reason, product_code=row.product_code,
                       usage_dimension=row.usage_dimension, hour=_iso(row.hour), quantity=row.quantity,
-                      client_token=row.client_token, attempts=row.attempts)
+                      client_token=row.client_token, attempts=row.attempts, **({} if failed else {"already_settled": True}))
             return
         for carry in self.spool.carry(row.id, reason, now, self.margin):
             carry.log(reason)

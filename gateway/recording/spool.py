@@ -249,14 +249,18 @@ class Spool(Protocol):
     def begin_attempt(self, record_id: int) -> RecordRow | None:
         """Freeze the record and count the attempt, committed before AWS is called."""
 
-    def mark_sent(self, record_id: int, metering_record_id: str, now: float) -> None: ...
+    def mark_sent(self, record_id: int, metering_record_id: str, now: float) -> bool:
+        """Store AWS's OK (over a FAILED another sender stored). True when this call
+        made the record SENT: count it then only (two senders may hear one OK)."""
 
     def settle(self, record_id: int, *, uncertain: bool | None) -> None:
         """The last attempt is over; see :class:`gateway.errors.Delivery`."""
 
     def retry_later(self, record_id: int, error: str, next_attempt: float) -> None: ...
 
-    def mark_failed(self, record_id: int, error: str, now: float) -> None: ...
+    def mark_failed(self, record_id: int, error: str, now: float) -> bool:
+        """A PENDING record FAILED with ``error``. True when this call failed it (False:
+        no longer PENDING, another sender settled it): count it then only."""
 
     def carry(self, record_id: int, reason: str, now: float, margin: float = placement.SAFETY_MARGIN) -> list[Carry]:
         """Mark the record's hour unusable and place its events again."""

@@ -282,14 +282,16 @@ class SqlSpool:
             rows = self._records(db, "id = ? AND state = ?", (record_id, PENDING))
         return rows[0] if rows else None
 
-    def mark_sent(self, record_id: int, metering_record_id: str, now: float) -> None:
-        """AWS's answer is the truth, whatever another sender stored meanwhile."""
+    def mark_sent(self, record_id: int, metering_record_id: str, now: float) -> bool:
+        """AWS's answer is the truth, whatever another sender stored meanwhile (a
+        FAILED record becomes SENT). True when this call made the record SENT; False
+        when it already was (another sender heard the same answer first) or is gone."""
         with self._transaction() as db:
-            db.execute(
+            return db.execute(
                 "UPDATE records SET state = ?, metering_record_id = ?, last_error = '', in_flight = 0, uncertain = 0, "
-                "closed_at = ? WHERE id = ?",
-                (SENT, metering_record_id, now, record_id),
-            )
+                "closed_at = ? WHERE id = ? AND state <> ?",
+                (SENT, metering_record_id, now, record_id, SENT),
+            ).rowcount > 0
 
     def settle(self, record_id: int, *, uncertain: bool | None) -> None:
         """The last attempt is over. ``uncertain``: True when AWS may have recorded
@@ -308,13 +310,15 @@ class SqlSpool:
             db.execute("UPDATE records SET last_error = ?, next_attempt = ? WHERE id = ? AND state = ?",
                        (error, next_attempt, record_id, PENDING))
 
-    def mark_failed(self, record_id: int, error: str, now: float) -> None:
+    def mark_failed(self, record_id: int, error: str, now: float) -> bool:
+        """True when this call made the PENDING record FAILED (False: it no longer was)."""
         with self._transaction() as db:
             # An attempt still in flight (its sender died mid-call) may sit in AWS: the
             # record keeps saying so once FAILED (RecordRow.outcome_unknown).
-            db.execute("UPDATE records SET state = ?, last_error = ?, uncertain = CASE WHEN in_flight = 1 THEN 1 ELSE "
-                       "uncertain END, in_flight = 0, closed_at = ? WHERE id = ? AND state = ?",
-                       (FAILED, error, now, record_id, PENDING))
+            return db.execute(
+                "UPDATE records SET state = ?, last_error = ?, uncertain = CASE WHEN in_flight = 1 THEN 1 ELSE "
+                "uncertain END, in_flight = 0, closed_at = ? WHERE id = ? AND state = ?",
+                (FAILED, error, now, record_id, PENDING)).rowcount > 0
 
     def retry_failed(self, record_id: int, *, reconciled: bool, now: float) -> RecordRow:
         """A FAILED record back to PENDING, due at ``now``; see :meth:`Spool.retry_failed`.
@@ -395,12 +399,21 @@ class SqlSpool:
             return lambda db: int(db.execute(sql, (*args, PRUNE_CHUNK)).rowcount)
 
         def delete_old_records(db: Db) -> int:
-            ids = [(i,) for (i,) in db.execute("SELECT id FROM records WHERE state IN (?, ?) AND closed_at < ? LIMIT ?",
-                                               (SENT, FAILED, now - record_retention, PRUNE_CHUNK))]
-            if ids:
-                db.executemany("DELETE FROM events WHERE record_id = ?", ids)
-                db.executemany("DELETE FROM records WHERE id = ?", ids)
-            return len(ids)
+            old = "state IN (?, ?) AND closed_at < ?"
+            ids = [i for (i,) in db.execute(f"SELECT id FROM records WHERE {old} LIMIT ?",
+                                            (SENT, FAILED, now - record_retention, PRUNE_CHUNK))]
+            if not ids:
+                return 0
+            # The selection took no locks: an operator's retry (FAILED → PENDING) on another
+            # replica may commit before the delete. The delete checks again (PostgreSQL
+            # re-evaluates a row changed meanwhile), and only its rows lose their events.
+            marks = ",".join("?" * len(ids))
+            deleted = [(i,) for (i,) in db.execute(
+                f"DELETE FROM records WHERE id IN ({marks}) AND {old} RETURNING id",
+                (*ids, SENT, FAILED, now - record_retention)).fetchall()]
+            if deleted:
+                db.executemany("DELETE FROM events WHERE record_id = ?", deleted)
+            return len(deleted)  # short of a chunk after a race: the rest waits for the next pass
 
         events = self._in_chunks(delete(
             "DELETE FROM events WHERE event_id IN (SELECT e.event_id FROM records r JOIN events e ON e.record_id = r.id "

@@ -4,6 +4,8 @@ the lead checked before every record."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from recording import BARE_503, BARE_507, ISE, ISE_AFTER_RECORD, FakeAws, event, sums_of_records
 
@@ -244,20 +246,25 @@ def counted(registry: object, name: str) -> float:
     return sum(s.value for m in registry.collect() for s in m.samples if s.name == name)  # type: ignore[attr-defined]
 
 
-def test_two_senders_hearing_one_ok_count_it_once() -> None:
-    """A leader cut off mid-call and its successor both hear AWS's OK for one record (the
-    same ClientToken): the record is SENT, and sent and metered once in the counters."""
+def overtaken_sender(event_id: str, quantity: int, answer: Any) -> tuple[Any, Any, Sender]:
+    """A sender whose AWS call is overtaken: inside it, a successor (a new leader) sends
+    the same record first; ``answer(original, params, kw)`` then answers the first call."""
     clock, aws, spool, sender = sender_on_fake_aws()
     successor = Sender(spool, aws, interval=60, grace=0, max_rps=1e9, now=lambda: clock[0], sleep=lambda _: None)  # type: ignore[arg-type]
-    spool.record([event_row(event("twice", clock[0] - HOUR, 3))])
+    spool.record([event_row(event(event_id, clock[0] - HOUR, quantity))])
     original = aws.meter_usage
 
-    def successor_first(params: dict, **kw: object) -> object:
+    def overtaken(params: dict, **kw: object) -> object:
         aws.meter_usage = original  # type: ignore[method-assign]
-        successor.tick()  # resends the record in flight and stores AWS's OK first
-        return original(params, **kw)  # type: ignore[arg-type]
+        successor.tick()  # resends the record in flight and stores its outcome first
+        return answer(original, params, kw)
 
-    aws.meter_usage = successor_first  # type: ignore[method-assign]
+    aws.meter_usage = overtaken  # type: ignore[method-assign]
+    return aws, spool, sender
+
+
+def test_two_senders_hearing_one_ok_count_it_once() -> None:
+    aws, spool, sender = overtaken_sender("twice", 3, lambda original, params, kw: original(params, **kw))
     registry = metrics.install()
     try:
         sender.tick()
@@ -270,17 +277,10 @@ def test_two_senders_hearing_one_ok_count_it_once() -> None:
 
 
 def test_a_late_refusal_of_a_record_sent_meanwhile_is_not_counted_as_failed() -> None:
-    clock, aws, spool, sender = sender_on_fake_aws()
-    successor = Sender(spool, aws, interval=60, grace=0, max_rps=1e9, now=lambda: clock[0], sleep=lambda _: None)  # type: ignore[arg-type]
-    spool.record([event_row(event("late-no", clock[0] - HOUR, 2))])
-    original = aws.meter_usage
-
-    def successor_sends_then_refuse(params: dict, **kw: object) -> object:
-        aws.meter_usage = original  # type: ignore[method-assign]
-        successor.tick()
+    def refuse(original: Any, params: dict, kw: dict) -> object:
         raise errors.from_aws("CustomerNotEntitledException", "not entitled", "req-x", http_status=400)
 
-    aws.meter_usage = successor_sends_then_refuse  # type: ignore[method-assign]
+    _, spool, sender = overtaken_sender("late-no", 2, refuse)
     registry = metrics.install()
     try:
         sender.tick()

@@ -60,7 +60,7 @@ def authorizer(settings: Settings) -> Authorize | None:
 
     Raises ConfigError (one line) for a policy with any error.
     """
-    return authz.load_policy(settings.authz_policy).authorize if settings.authz_policy else None
+    return authz.load_policy(settings.authz_policy).check if settings.authz_policy else None
 
 
 def warn_about_credentials(settings: Settings, session: boto3.session.Session) -> None:

@@ -12,17 +12,12 @@ import difflib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
 
 import yaml
 
 from gateway.config import ConfigError
 from gateway.errors import GatewayError
-from gateway.identity import caller_identity
 from marketplace.metering.v1 import metering_pb2 as pb
-
-if TYPE_CHECKING:
-    import grpc
 
 ANY = "*"  # an identity, a product or the dimensions: anything
 REASON = "CALLER_NOT_ALLOWED"
@@ -70,12 +65,9 @@ class Policy:
 
     grants: Mapping[str, Grant]
 
-    def authorize(self, method: str, request: object, context: grpc.ServicerContext) -> None:
-        """The interceptor's hook: the caller's certificate identity, checked."""
-        self.check(caller_identity(context.auth_context()), method, request)
-
     def check(self, identity: str | None, method: str, request: object) -> None:
         """Return if ``identity`` may call ``method`` with ``request``; else raise CALLER_NOT_ALLOWED.
+        The interceptor's ``authorize`` hook, with the identity it read from the certificate.
 
         A metering request is checked for every (product, dimension) it meters, and a
         RecordUsage batch is refused whole, naming its first refused event.

@@ -40,12 +40,12 @@ class Observer(Protocol):
         """``method`` ended with ``code`` (the one the access log writes) after ``seconds``."""
 
 
-# Called with the method, the decoded request and the call's context before the
-# servicer runs; raises GatewayError (CALLER_NOT_ALLOWED) to refuse the call.
-Authorize = Callable[[str, Any, grpc.ServicerContext], None]
+# Called with the caller's identity (None without one), the method and the decoded
+# request before the servicer runs; raises GatewayError (CALLER_NOT_ALLOWED) to refuse.
+Authorize = Callable[[str | None, str, Any], None]
 
 
-def _allow_all(method: str, request: Any, context: grpc.ServicerContext) -> None:
+def _allow_all(identity: str | None, method: str, request: Any) -> None:
     return None
 
 
@@ -120,9 +120,8 @@ class GatewayInterceptor(grpc.ServerInterceptor):
             structlog.contextvars.clear_contextvars()
             request_id = _request_id(context)
             # Who calls (the mTLS identity, null without one) and from where, on every line of the RPC.
-            structlog.contextvars.bind_contextvars(
-                request_id=request_id, method=method, caller=caller_identity(context.auth_context()), peer=context.peer()
-            )
+            caller = caller_identity(context.auth_context())
+            structlog.contextvars.bind_contextvars(request_id=request_id, method=method, caller=caller, peer=context.peer())
             started = time.perf_counter()
             code = grpc.StatusCode.OK
             if self._observer is not None:
@@ -139,7 +138,7 @@ class GatewayInterceptor(grpc.ServerInterceptor):
                 # Trailers, on success as on failure: they travel with the status, so the
                 # id costs no extra send and never commits a call before its outcome.
                 context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
-                self._authorize(method, request, context)
+                self._authorize(caller, method, request)
                 return behavior(request, context)
             except errors.GatewayError as exc:
                 code = exc.code

@@ -212,29 +212,6 @@ def installed() -> bool:
 # -- gRPC server metrics --------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class MethodLabels:
-    grpc_type: str
-    grpc_service: str
-    grpc_method: str
-
-
-def method_labels(method: str) -> MethodLabels:
-    """``/pkg.Service/Method`` → go-grpc-prometheus's labels; the type from the service's
-    descriptor when it is known (every method the gateway serves is unary)."""
-    _, service, name = method.split("/", 2)
-    kind = "unary"
-    try:
-        found = descriptor_pool.Default().FindServiceByName(service).FindMethodByName(name)
-    except KeyError:
-        found = None
-    if found is not None:
-        streams = (found.client_streaming, found.server_streaming)
-        kind = {(False, False): "unary", (True, False): "client_stream", (False, True): "server_stream",
-                (True, True): "bidi_stream"}[streams]
-    return MethodLabels(kind, service, name)
-
-
 def service_methods(service: str) -> list[str]:
     """Every method of a service known to the protobuf runtime, as ``/pkg.Service/Method``."""
     try:
@@ -244,53 +221,63 @@ def service_methods(service: str) -> list[str]:
     return [f"/{service}/{m.name}" for m in found.methods]
 
 
+@dataclass(frozen=True)
+class _MethodSeries:
+    """One method's labelled series, looked up once: ``.labels()`` costs about as much as
+    the increments themselves, on every call."""
+
+    started: Any
+    received: Any
+    sent: Any
+    handling: Any
+    handled: Mapping[str, Any]  # by Go code name
+
+
 class GrpcMetrics:
     """The interceptor's :class:`gateway.interceptors.Observer`: go-grpc-prometheus's
     server metrics. Every method of ``services`` starts at 0 (started, and handled for
     every code), as its InitializeMetrics does, so that rate() works from the first
-    scrape. For a unary method one message is received per call and one sent per OK."""
+    scrape. For a unary method one message is received per call and one sent per OK.
+    ``grpc_type`` is always ``unary``: the interceptor observes no other kind (the
+    server refuses to start with one, :func:`gateway.server.check_unary`)."""
 
     def __init__(self, services: Iterable[str]) -> None:
-        self._labels: dict[str, MethodLabels] = {}
-        m = _families
-        if m is None:
-            return
+        self._families: _Families | None = None
+        self._series: dict[str, _MethodSeries] = {}
         for service in services:
             for method in service_methods(service):
-                labels = self._of(method)
-                key = (labels.grpc_type, labels.grpc_service, labels.grpc_method)
-                m.started.labels(*key)
-                m.received.labels(*key)
-                m.sent.labels(*key)
-                m.handling.labels(*key)
-                for code in GO_CODE_NAMES.values():
-                    m.handled.labels(*key, code)
+                self._of(method)
 
-    def _of(self, method: str) -> MethodLabels:
-        labels = self._labels.get(method)
-        if labels is None:
-            labels = self._labels[method] = method_labels(method)
-        return labels
+    def _of(self, method: str) -> _MethodSeries | None:
+        m = _families
+        if m is None:
+            return None
+        if m is not self._families:  # installed anew (tests): the series of the new families
+            self._families, self._series = m, {}
+        series = self._series.get(method)
+        if series is None:
+            _, service, name = method.split("/", 2)
+            key = ("unary", service, name)
+            series = self._series[method] = _MethodSeries(
+                m.started.labels(*key), m.received.labels(*key), m.sent.labels(*key), m.handling.labels(*key),
+                {code: m.handled.labels(*key, code) for code in GO_CODE_NAMES.values()},
+            )
+        return series
 
     def started(self, method: str) -> None:
-        m = _families
-        if m is None:
-            return
-        labels = self._of(method)
-        key = (labels.grpc_type, labels.grpc_service, labels.grpc_method)
-        m.started.labels(*key).inc()
-        m.received.labels(*key).inc()
+        series = self._of(method)
+        if series is not None:
+            series.started.inc()
+            series.received.inc()
 
     def handled(self, method: str, code: grpc.StatusCode, seconds: float) -> None:
-        m = _families
-        if m is None:
+        series = self._of(method)
+        if series is None:
             return
-        labels = self._of(method)
-        key = (labels.grpc_type, labels.grpc_service, labels.grpc_method)
-        m.handled.labels(*key, GO_CODE_NAMES.get(code, "Unknown")).inc()
-        m.handling.labels(*key).observe(seconds)
+        series.handled[GO_CODE_NAMES.get(code, "Unknown")].inc()
+        series.handling.observe(seconds)
         if code == grpc.StatusCode.OK:
-            m.sent.labels(*key).inc()
+            series.sent.inc()
 
 
 def set_serving(service: str, serving: bool) -> None:

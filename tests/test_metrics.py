@@ -376,9 +376,18 @@ def test_go_code_names_cover_every_code() -> None:
     assert metrics.GO_CODE_NAMES[grpc.StatusCode.CANCELLED] == "Canceled"  # Go's spelling
 
 
-def test_method_labels_from_the_descriptor() -> None:
-    assert metrics.method_labels(f"/{METERING}/MeterUsage") == metrics.MethodLabels("unary", METERING, "MeterUsage")
-    assert metrics.method_labels("/unknown.Service/Call") == metrics.MethodLabels("unary", "unknown.Service", "Call")
+def test_method_labels_are_go_grpc_prometheus_ones() -> None:
+    registry = metrics.install()
+    try:
+        observer = metrics.GrpcMetrics([METERING])
+        for method in (f"/{METERING}/MeterUsage", "/unknown.Service/Call"):
+            observer.started(method)
+            observer.handled(method, grpc.StatusCode.OK, 0.01)
+        started = {tuple(s.labels.values()): s.value for m in registry.collect() for s in m.samples
+                   if s.name == "grpc_server_started_total"}
+    finally:
+        metrics.uninstall()
+    assert started == {("unary", METERING, "MeterUsage"): 1, ("unary", "unknown.Service", "Call"): 1}
 
 
 class _Client:

@@ -89,7 +89,7 @@ def test_a_streaming_method_of_a_wrapped_service_fails_closed() -> None:
         yield b"data"
 
     handlers = {"Watch": grpc.unary_stream_rpc_method_handler(watch)}
-    interceptor = GatewayInterceptor({"test.Mixed"}, authorize=lambda method, request, context: authorized.append(method))
+    interceptor = GatewayInterceptor({"test.Mixed"}, authorize=lambda identity, method, request: authorized.append(method))
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), interceptors=[interceptor])
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("test.Mixed", handlers),))
     port = server.add_insecure_port("127.0.0.1:0")

@@ -2,10 +2,11 @@
 # whichever works), or `docker build -t metering-gateway .`; docs/deploy.md#container.
 #
 # Stage 1 installs into a virtual environment at /opt/metering-gateway: first every
-# dependency at the exact version and hash requirements/image.lock names (`make
-# lock` refreshes it), so two builds on different days install the same thing;
-# then the gateway itself. The final stage copies that environment only: no
-# compiler, no pip run, no source tree.
+# dependency at the exact version and hash requirements/image.txt names (exported
+# from uv.lock by `make lock`: the versions `make test` tests), so two builds on
+# different days install the same thing; then the gateway itself, built with the
+# locked setuptools. Then the build tools leave: the final stage copies an
+# environment with no pip, setuptools or wheel, and no test folders, only what runs.
 #
 # Plain Dockerfile syntax on purpose: no `# syntax=` line (it pulls a frontend
 # image, so offline builds fail) and no RUN --mount (docker needs BuildKit for it);
@@ -17,20 +18,25 @@ ARG PYTHON_IMAGE=python:3.11-slim
 FROM ${PYTHON_IMAGE} AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 WORKDIR /src
-COPY requirements/image.lock ./requirements/
+COPY requirements/image.txt ./requirements/
 # Wheels only (--only-binary): a dependency without one for this platform fails
 # here, loudly, instead of needing a compiler.
 RUN python3 -m venv /opt/metering-gateway \
-    && /opt/metering-gateway/bin/pip install --require-hashes --only-binary=:all: -r requirements/image.lock
+    && /opt/metering-gateway/bin/pip install --require-hashes --only-binary=:all: -r requirements/image.txt
 COPY pyproject.toml README.md ./
 COPY gateway ./gateway
 COPY clients/python ./clients/python
-# No build isolation: setuptools comes from the lock file too. The server wheel
-# ships the generated stubs from clients/python/src; the client wheel is built too
-# (and dropped), so a broken client distribution fails the image build.
+# No build isolation: setuptools comes from the lock too. The server wheel ships
+# the generated stubs from clients/python/src; the client wheel is built too (and
+# dropped), so a broken client distribution fails the image build. Then pip checks
+# the whole, and the build tools and every package's own tests are removed.
 RUN /opt/metering-gateway/bin/pip install --no-deps --no-build-isolation . \
     && /opt/metering-gateway/bin/pip wheel --no-deps --no-build-isolation --wheel-dir /tmp/client ./clients/python \
-    && /opt/metering-gateway/bin/pip check
+    && /opt/metering-gateway/bin/pip check \
+    && /opt/metering-gateway/bin/pip uninstall --yes --quiet setuptools \
+    && /opt/metering-gateway/bin/python -m pip uninstall --yes --quiet pip \
+    && find /opt/metering-gateway -depth -type d \( -name tests -o -name test \) \
+        -path '*/site-packages/*' -exec rm -rf {} +
 
 FROM ${PYTHON_IMAGE}
 ENV PYTHONDONTWRITEBYTECODE=1 \

@@ -1,36 +1,54 @@
-# The two commands a newcomer needs: `make serve` and `make test`.
-# Both create .venv and install everything on first use.
+# The two commands a newcomer needs: `make serve` and `make test`. Both install
+# exactly what uv.lock lists into .venv (uv comes first, from the same lock), so a
+# fresh machine needs python3, pip and make (and node for the proto lint).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+UV_DIR ?= .tools/uv
+UV := $(UV_DIR)/bin/uv
 LISTEN ?= 127.0.0.1:50051
 PYTEST_ARGS ?=
 BUF_DIR := tools/buf
 BUF := $(BUF_DIR)/node_modules/.bin/buf
+IMAGE_REQUIREMENTS := requirements/image.txt
 
-.PHONY: serve test proto lint-proto bench docs clean image lock
+# uv works on $(VENV) with the interpreter $(PYTHON), and never downloads a Python of its own.
+export UV_PROJECT_ENVIRONMENT := $(VENV)
+export UV_PYTHON_DOWNLOADS := never
+export UV_PYTHON_PREFERENCE := only-system
 
-$(STAMP): pyproject.toml clients/python/pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]' -e ./clients/python
-	touch $(STAMP)
+.PHONY: serve test sync lock-check proto lint-proto bench docs clean image lock
+
+# uv itself, at the version uv.lock lists, checked against its hashes (tools/uv_bootstrap.py).
+$(UV_DIR)/.lock-seen: uv.lock tools/uv_bootstrap.py
+	@$(PYTHON) tools/uv_bootstrap.py --tools $(UV_DIR)
+	@touch $@
+
+## lock-check: fail in one line when pyproject.toml changed and uv.lock was not refreshed (no network needed)
+lock-check: $(UV_DIR)/.lock-seen
+	@$(UV) lock --check --offline --quiet >/dev/null 2>&1 || \
+		{ echo "uv.lock does not match pyproject.toml: run \`make lock\` and review its diff" >&2; exit 1; }
+
+## sync: make $(VENV) exactly what uv.lock lists (the project and its client editable); fast when it already is
+sync: lock-check
+	@$(UV) sync --frozen --quiet --python $(PYTHON)
 
 ## serve: run the gateway on $(LISTEN) with the embedded local AWS backend (nothing is billed)
-serve: $(STAMP)
+serve: sync
 	$(BIN)/metering-gateway serve --local --listen $(LISTEN)
 
 ## test: run every test (and lint the proto when node is installed)
-test: $(STAMP) lint-proto
+test: sync lint-proto
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 ## lint-proto: Buf's STANDARD lint on protos/ (Buf's CLI from npm, pinned in tools/buf)
 lint-proto:
 	@if command -v npm >/dev/null 2>&1; then \
 		$(MAKE) --no-print-directory --silent $(BUF) && $(BUF) lint && $(BUF) build -o /dev/null && echo "lint-proto: buf lint passed"; \
+	elif [ "$$REQUIRE_EVERY_TEST" = 1 ]; then \
+		echo "lint-proto: REQUIRE_EVERY_TEST=1, but npm is not installed (it installs @bufbuild/buf)" >&2; exit 1; \
 	else \
-		echo "lint-proto skipped: node not found (npm is needed to install @bufbuild/buf)"; \
+		echo "lint-proto skipped: node not found (npm is needed to install @bufbuild/buf): the proto is not linted"; \
 	fi
 
 $(BUF): $(BUF_DIR)/package.json $(BUF_DIR)/package-lock.json
@@ -38,11 +56,11 @@ $(BUF): $(BUF_DIR)/package.json $(BUF_DIR)/package-lock.json
 	touch $@
 
 ## proto: regenerate the Python code from protos/ (never edit it by hand)
-proto: $(STAMP)
+proto: sync
 	$(BIN)/python tools/genproto.py
 
 ## bench: the pass-through, RecordUsage (throughput, latency during placement, PostgreSQL vs SQLite) and spool-size benchmarks (figures in README.md)
-bench: $(STAMP)
+bench: sync
 	$(BIN)/python benchmarks/passthrough.py --processes 1 --with-metrics
 	$(BIN)/python benchmarks/passthrough.py --processes 2 --with-metrics
 	$(BIN)/python benchmarks/record_usage.py
@@ -60,21 +78,17 @@ image:
 	else echo "make image: no container builder works here: install docker (with a running engine), podman or buildah" >&2; exit 1; fi; \
 	set -x; $$build $(if $(PYTHON_IMAGE),--build-arg PYTHON_IMAGE=$(PYTHON_IMAGE)) -t $(IMAGE) .
 
-## lock: bring requirements/image.lock (the image's exact dependencies, with hashes) in line with pyproject.toml;
-## LOCK_ARGS=--upgrade moves every pin to the newest version pyproject.toml allows
-LOCK_PYTHON ?= python3.11
-LOCK_VENV := build/lock-venv
-LOCK_ARGS ?=
-lock:
-	$(LOCK_PYTHON) -m venv $(LOCK_VENV)
-	$(LOCK_VENV)/bin/python -m pip install --quiet pip-tools==7.6.2
-	CUSTOM_COMPILE_COMMAND="make lock" $(LOCK_VENV)/bin/pip-compile --quiet --generate-hashes --allow-unsafe \
-		--all-build-deps --strip-extras --no-emit-index-url --no-emit-find-links $(LOCK_ARGS) \
-		--output-file requirements/image.lock pyproject.toml
+## lock: resolve every dependency again, to the newest releases pyproject.toml allows, into uv.lock,
+## and export the image's share of it to $(IMAGE_REQUIREMENTS); then run `make test` and review the diff
+## (README.md, "Dependencies"). LOCK_ARGS= keeps today's pins and only brings the lock in line with pyproject.toml.
+LOCK_ARGS ?= --upgrade
+lock: $(UV_DIR)/.lock-seen
+	$(UV) lock $(LOCK_ARGS)
+	$(UV) export --frozen --no-dev --no-emit-workspace --group build --quiet --output-file $(IMAGE_REQUIREMENTS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info clients/python/build clients/python/src/*.egg-info $(BUF_DIR)/node_modules clients/node/node_modules
+	rm -rf $(VENV) .tools build *.egg-info clients/python/build clients/python/src/*.egg-info $(BUF_DIR)/node_modules clients/node/node_modules
 
 ## docs: rewrite the README's settings table from gateway/config.py
-docs: $(STAMP)
+docs: sync
 	$(BIN)/python tools/settings_table.py

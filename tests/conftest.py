@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+import random
 import uuid
 from collections.abc import Iterator
 
@@ -24,6 +26,16 @@ def clock() -> Iterator[Clock]:
     """
     with using_clock(Clock(FIXED_NOW)) as fresh:
         yield fresh
+
+
+@pytest.fixture
+def rng(request: pytest.FixtureRequest) -> random.Random:
+    """A random generator whose seed is printed (pytest shows it with a failure) and
+    replayed by ``TEST_SEED=<seed>``; a new seed each run otherwise."""
+    seed = int(os.environ.get("TEST_SEED") or random.SystemRandom().randrange(2**32))
+    print(f"random seed {seed}: replay with TEST_SEED={seed} make test PYTEST_ARGS='{request.node.nodeid}'")
+    request.node.user_properties.append(("seed", seed))
+    return random.Random(seed)
 
 
 @pytest.fixture

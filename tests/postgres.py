@@ -253,6 +253,19 @@ class PostgresServer:
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
         return self.dsn(name)
 
+    def password_database(self, name: str, role: str, password: str) -> str:
+        """A database ``name`` owned by a LOGIN ``role`` that must give ``password`` over TCP
+        (scram-sha-256, as a managed PostgreSQL asks; the other roles keep trust). Restarts
+        the server to load the rule. Returns the DSN without the password."""
+        self.create_database(name)
+        with psycopg.connect(self.dsn(), autocommit=True) as admin:
+            admin.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(role), sql.Literal(password)))
+            admin.execute(sql.SQL("ALTER DATABASE {} OWNER TO {}").format(sql.Identifier(name), sql.Identifier(role)))
+        hba = self.data_dir / "pg_hba.conf"
+        hba.write_text(f"host all {role} 127.0.0.1/32 scram-sha-256\n" + hba.read_text())
+        self.restart()
+        return f"postgresql://{role}@127.0.0.1:{self.port}/{name}"
+
     def close(self) -> None:
         """Stop the server (killing it if a clean stop fails) and remove ``base_dir``."""
         try:

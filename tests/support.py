@@ -6,16 +6,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import re
 import time
+import tomllib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone, tzinfo
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import boto3
 import grpc
+import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
@@ -228,3 +232,40 @@ def parse_dockerfile(text: str) -> list[list[Instruction]]:
 def first(stage: list[Instruction], keyword: str) -> Instruction:
     [found] = [i for i in stage if i.keyword == keyword]
     return found
+
+
+# -- the lock -------------------------------------------------------------------------------------
+
+
+def normalize(name: str) -> str:
+    """A distribution's name as PEP 503 compares it."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def lock() -> dict[str, Any]:
+    """uv.lock, parsed: every install reads its versions."""
+    return tomllib.loads((ROOT / "uv.lock").read_text())
+
+
+def locked_versions() -> dict[str, str]:
+    """``name -> version`` of every package the lock pins from a registry (not the workspace's own)."""
+    return {normalize(p["name"]): p["version"] for p in lock()["package"] if "registry" in p["source"]}
+
+
+def required(text: str) -> dict[str, str]:
+    """``name -> version`` pinned by a requirements file exported from the lock (``name==version \\``)."""
+    return {normalize(m[1]): m[2] for m in re.finditer(r"^([A-Za-z0-9][\w.-]*)==([\w.+!-]+)", text, re.MULTILINE)}
+
+
+# -- tests that need a tool this machine may lack -------------------------------------------------
+
+# .ci/run installs every tool the suite can use and sets this: there, a missing tool fails.
+REQUIRE_EVERY_TEST = os.environ.get("REQUIRE_EVERY_TEST") == "1"
+
+
+def unchecked(why: str) -> NoReturn:
+    """Skip a test whose tool is missing here, saying which promise goes unchecked;
+    under REQUIRE_EVERY_TEST=1 (CI), fail instead: CI runs every test the suite has."""
+    if REQUIRE_EVERY_TEST:
+        pytest.fail(f"REQUIRE_EVERY_TEST=1, but this test cannot run here: {why}")
+    pytest.skip(why)

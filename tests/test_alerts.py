@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 import yaml
-from support import ROOT
+from support import ROOT, unchecked
 
 from gateway.errors import RULES
 from gateway.server import METERING_SERVICE, RECORDER_SERVICE
@@ -29,9 +29,14 @@ RULE_TESTS = ROOT / "tests" / "data" / "prometheus-rules.test.yaml"
 DASHBOARD_FILE = ROOT / "deploy" / "grafana-dashboard.json"
 RUNBOOK = ROOT / "docs" / "operations.md"
 PROMTOOL = shutil.which("promtool")
-needs_promtool = pytest.mark.skipif(
-    PROMTOOL is None, reason="promtool is not installed (Debian/Ubuntu: apt-get install prometheus); "
-    "the rules' syntax and behaviour are then unchecked, only their YAML and names")
+
+
+@pytest.fixture
+def promtool() -> str:
+    if PROMTOOL is None:
+        unchecked("promtool is not installed (Debian/Ubuntu: apt-get install prometheus): the alert rules' "
+                  "syntax and behaviour are unchecked, only their YAML and names")
+    return PROMTOOL
 
 GROUPS: list[dict[str, Any]] = yaml.safe_load(RULES_FILE.read_text())["groups"]
 ALERTS: list[dict[str, Any]] = [r for g in GROUPS for r in g["rules"] if "alert" in r]
@@ -130,17 +135,15 @@ def test_identifiers_finds_metrics_not_labels_functions_or_numbers() -> None:
 # --- the rules -----------------------------------------------------------------------
 
 
-@needs_promtool
-def test_promtool_checks_the_rules() -> None:
-    result = subprocess.run([str(PROMTOOL), "check", "rules", str(RULES_FILE)], capture_output=True, text=True, timeout=60)
+def test_promtool_checks_the_rules(promtool: str) -> None:
+    result = subprocess.run([promtool, "check", "rules", str(RULES_FILE)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"SUCCESS: {len(ALERTS)} rules found" in result.stdout
 
 
-@needs_promtool
-def test_each_alert_fires_on_its_story_and_stays_silent_when_healthy() -> None:
+def test_each_alert_fires_on_its_story_and_stays_silent_when_healthy(promtool: str) -> None:
     """tests/data/prometheus-rules.test.yaml: promtool evaluates the rules on synthetic series."""
-    result = subprocess.run([str(PROMTOOL), "test", "rules", str(RULE_TESTS)], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([promtool, "test", "rules", str(RULE_TESTS)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUCCESS" in result.stdout
 
@@ -308,11 +311,10 @@ def test_the_oldest_pending_panel_marks_awss_six_hours() -> None:
     assert defaults["custom"]["thresholdsStyle"]["mode"] != "off"
 
 
-@needs_promtool
-def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
+def test_dashboard_queries_are_valid_promql(tmp_path: Path, promtool: str) -> None:
     """promtool parses each panel query, given to it as a recording rule (Grafana's variables filled in)."""
     rules = [{"record": f"panel:{i}", "expr": without_grafana_variables(expr)} for i, (_, expr) in enumerate(panel_exprs())]
     path = tmp_path / "panels.yaml"
     path.write_text(yaml.safe_dump({"groups": [{"name": "panels", "rules": rules}]}))
-    result = subprocess.run([str(PROMTOOL), "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
+    result = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -1,4 +1,8 @@
-"""``pip install ./clients/python`` into a fresh venv gives a client that meters through a live gateway."""
+"""``pip install ./clients/python`` into a fresh venv gives a client that meters through a live gateway.
+
+The client's dependencies are installed at uv.lock's versions (exported, with their
+hashes), and the client wheel is built with the locked setuptools, so a release on
+PyPI cannot change what this test tests."""
 
 from __future__ import annotations
 
@@ -11,6 +15,8 @@ from pathlib import Path
 import pytest
 from processes import gateway_process
 from support import ROOT
+
+UV = Path(sys.executable).parent / "uv"  # the lock's uv, in the dev venv
 
 SCRIPT = textwrap.dedent(
     """
@@ -42,11 +48,16 @@ def test_the_client_installs_alone_and_meters(tmp_path: Path) -> None:
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     py = venv / "bin" / "python"
-    install = subprocess.run(
-        [str(py), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", str(ROOT / "clients" / "python")],
-        capture_output=True, text=True, timeout=600,
-    )
-    assert install.returncode == 0, install.stdout + install.stderr
+    locked = tmp_path / "client-requirements.txt"
+    subprocess.run([str(UV), "export", "--frozen", "--quiet", "--package", "metering-gateway-client", "--no-dev",
+                    "--no-emit-workspace", "--output-file", str(locked)], cwd=ROOT, check=True, timeout=60)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+                    "--wheel-dir", str(tmp_path / "wheels"), str(ROOT / "clients" / "python")], check=True, timeout=300)
+    [wheel] = (tmp_path / "wheels").glob("metering_gateway_client-*.whl")
+    for args in (["--require-hashes", "-r", str(locked)], ["--no-deps", str(wheel)]):
+        install = subprocess.run([str(py), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", *args],
+                                 capture_output=True, text=True, timeout=600)
+        assert install.returncode == 0, install.stdout + install.stderr
     (tmp_path / "meter.py").write_text(SCRIPT)
     with gateway_process() as gw:
         run = subprocess.run([str(py), str(tmp_path / "meter.py"), gw.target], capture_output=True, text=True,
@@ -61,3 +72,5 @@ def test_the_client_installs_alone_and_meters(tmp_path: Path) -> None:
     assert records["product_code"] == "prod-venv"
     freeze = subprocess.run([str(py), "-m", "pip", "freeze"], capture_output=True, text=True, check=True).stdout.lower()
     assert "boto" not in freeze and "structlog" not in freeze  # the server's dependencies stay out
+    check = subprocess.run([str(py), "-m", "pip", "check"], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout  # the wheel's own requirements are met by the locked versions

@@ -30,8 +30,7 @@ HOUR = 3600
 CALLERS = 4
 
 
-def test_sigkill_and_restart_meter_every_acknowledged_event_once(tmp_path: Path, local_aws_url: str) -> None:
-    rng = random.Random()
+def test_sigkill_and_restart_meter_every_acknowledged_event_once(tmp_path: Path, local_aws_url: str, rng: random.Random) -> None:
     batches: list[list[pb.UsageEvent]] = []
     acked: list[bool] = []
     lock = threading.Lock()

@@ -12,7 +12,7 @@ from typing import Any
 
 import grpc
 import pytest
-from support import ROOT, Clock, running_gateway, using_clock
+from support import ROOT, Clock, running_gateway, unchecked, using_clock
 
 from gateway import errors
 from gateway.local_aws import LocalAws
@@ -22,10 +22,13 @@ from marketplace.metering.v1 import metering_pb2 as pb
 NODE_DIR = ROOT / "clients" / "node"
 NODE, NPM = shutil.which("node"), shutil.which("npm")
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(NODE is None or NPM is None, reason="node and npm are needed for the Node.js caller test"),
-]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def node() -> None:
+    if NODE is None or NPM is None:
+        unchecked("node and npm are not installed: the Node.js caller (clients/node) is unchecked")
 
 
 @pytest.fixture(scope="module")

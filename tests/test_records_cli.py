@@ -44,6 +44,7 @@ class Gateway:
         self.process = process
         self.target = process.target
         self.aws_url = aws_url
+        self.hours: dict[int, int] = {}  # what the test metered: hours ago -> the hour (epoch seconds)
 
     def fail_next(self, error: str, count: int = 1, status: int | None = None) -> None:
         fault: dict[str, Any] = {"error": error, "count": count, "operation": "MeterUsage"}
@@ -87,8 +88,13 @@ def ago(hours: float) -> float:
 def metered(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     """Three hours metered: prod-a one and three hours ago (with tags), prod-b two hours ago."""
     for gateway in start(tmp_path_factory.mktemp("metered")):
-        batch = [event("a1", ago(1), "2.5", product="prod-a", team="search, ads"), event("a2", ago(1), "1.5"),
-                 event("b", ago(2), 3, product="prod-b"), event("a3", ago(3), "0.125")]
+        # The hours are fixed once, from one reading of the clock, and each event sits in the
+        # middle of its hour: the tests compare with these, never with the clock at their own time.
+        now = placement.hour_of(time.time())
+        gateway.hours = {n: now - n * HOUR for n in (1, 2, 3)}
+        mid = {n: hour + HOUR // 2 for n, hour in gateway.hours.items()}
+        batch = [event("a1", mid[1], "2.5", product="prod-a", team="search, ads"), event("a2", mid[1], "1.5"),
+                 event("b", mid[2], 3, product="prod-b"), event("a3", mid[3], "0.125")]
         assert send(gateway.target, batch) is not None
         wait_for(lambda: [r["state"] for r in gateway.listed()] == ["SENT"] * 3, what="three hours sent")
         yield gateway
@@ -101,7 +107,7 @@ def iso(hour: int) -> str:
 def test_list_as_json_matches_what_aws_recorded(metered: Gateway) -> None:
     listed = metered.listed()
     assert [r["product_code"] for r in listed] == ["prod-a", "prod-b", "prod-a"]  # newest hour first
-    assert [r["hour"] for r in listed] == [iso(placement.hour_of(ago(n))) for n in (1, 2, 3)]
+    assert [r["hour"] for r in listed] == [iso(metered.hours[n]) for n in (1, 2, 3)]
     aws = {r["MeteringRecordId"]: r for r in metered.aws()}
     for record in listed:
         held = aws[record["metering_record_id"]]

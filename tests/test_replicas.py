@@ -47,9 +47,11 @@ pytestmark = pytest.mark.slow
 HOUR = 3600
 CALLERS = 4
 RESENT_ACKNOWLEDGED = 6
-# How late AWS answers the MeterUsage call in flight at the second kill: well under the
-# gateway's 5 s read timeout (so the attempt is still waiting), long enough to kill it first.
-SLOW_AWS = 4.0
+# How late AWS answers the MeterUsage call in flight at the second kill: long enough to
+# kill the leader first on the busiest machine, and well under the replicas' read timeout
+# (READ_TIMEOUT), so the attempt is still waiting when the leader dies.
+SLOW_AWS = 30.0
+READ_TIMEOUT = ("--aws-read-timeout", "60s")
 # Log events that must never appear: a record given up, or a sender pass that broke.
 NEVER = ("record_failed", "record_outcome_unknown", "record_handling_failed", "sender_tick_failed")
 
@@ -89,13 +91,12 @@ def launched() -> Iterator[list[GatewayProcess]]:
 
 
 def test_replicas_killed_mid_stream_and_mid_send_meter_every_acknowledged_event_once(
-    tmp_path: Path, local_aws_url: str, postgres_dsn: str, launched: list[GatewayProcess]
+    tmp_path: Path, local_aws_url: str, postgres_dsn: str, launched: list[GatewayProcess], rng: random.Random
 ) -> None:
-    rng = random.Random()
     started = time.monotonic()
 
     def start(name: str) -> GatewayProcess:
-        replica = spooled_gateway(tmp_path, name, local_aws_url, postgres_dsn)
+        replica = spooled_gateway(tmp_path, name, local_aws_url, postgres_dsn, *READ_TIMEOUT)
         launched.append(replica)
         return replica
 

@@ -82,6 +82,38 @@ def test_sending_continues_past_a_record_that_fails_unexpectedly() -> None:
     assert [r.product_code for r in aws.ours()] == ["prod-b"]
 
 
+@pytest.mark.parametrize(("max_rps", "records"), [(10.0, 200), (1.0, 30), (0.5, 12)])
+def test_the_sender_calls_aws_at_most_max_rps_a_second(max_rps: float, records: int) -> None:
+    """``--aws-max-rps`` measured on the sender's own clock (its sleeps move it): after a
+    burst of at most max(1, rate) calls, never more than the rate allows in any stretch
+    of time, and no slower than it allows either."""
+    clock = [float(NOW)]
+
+    def sleep(seconds: float) -> None:
+        clock[0] += seconds
+
+    aws = FakeAws(lambda: clock[0])
+    called: list[float] = []
+    original = aws.meter_usage
+
+    def timed(params: dict[str, Any], **kw: Any) -> Any:
+        called.append(clock[0])
+        return original(params, **kw)
+
+    aws.meter_usage = timed  # type: ignore[method-assign]
+    spool = Spool(":memory:")
+    sender = Sender(spool, aws, interval=60, grace=0, max_rps=max_rps, now=lambda: clock[0], sleep=sleep,  # type: ignore[arg-type]
+                    monotonic=lambda: clock[0])
+    spool.record([event_row(event(f"r{i}", NOW - HOUR, 1, dimension=f"d{i}")) for i in range(records)])
+    assert sender.tick().sent == records
+    burst = max(1.0, max_rps)
+    assert len(called) == records
+    for i in range(records):  # any stretch [called[i], called[j]] holds at most burst + rate * its length
+        for j in range(i, records):
+            assert j - i + 1 <= burst + max_rps * (called[j] - called[i]) + 1e-6, (i, j, called[i], called[j])
+    assert called[-1] - called[0] == pytest.approx((records - burst) / max_rps, rel=0.02)
+
+
 def test_the_rate_limiter_token_is_taken_before_a_record_is_marked_in_flight() -> None:
     clock, aws, spool, sender = sender_on_fake_aws()
     spool.record([event_row(event("rl", clock[0] - HOUR, 1))])

@@ -9,23 +9,32 @@ as each gateway process has; they race from threads.
 from __future__ import annotations
 
 import random
+import subprocess
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable
-from pathlib import Path
 from decimal import Decimal
+from pathlib import Path
+from urllib.parse import quote
 
+import grpc
 import psycopg
-from psycopg import errors
 import pytest
 from postgres import PostgresServer
+from processes import SERVE, gateway_process, tool_env
+from psycopg import errors
+from recording import event, wait_for
+from support import ROOT
 from test_spool import NOW, row
 
 from gateway.recording import placement
 from gateway.recording.placement import EventRow
 from gateway.recording.postgres import SCHEMA_VERSION, PostgresSpool, redact
 from gateway.recording.spool import PENDING, SpoolError, SpoolUnavailable, open_spool
+from marketplace.metering.v1 import metering_pb2 as pb
+from marketplace.metering.v1 import metering_pb2_grpc as pb_grpc
 
 HOUR = placement.HOUR
 
@@ -47,6 +56,7 @@ def run_all(*work: Callable[[], object]) -> list[BaseException]:
         t.start()
     for t in threads:
         t.join(120)
+    assert not [t for t in threads if t.is_alive()], "a job never finished (a deadlock?)"
     return failures
 
 
@@ -100,10 +110,12 @@ def test_replicas_placing_at_once_put_every_event_in_exactly_one_record(postgres
             spool.record(batch)
             spool.assign(NOW)
 
+    pick = random.Random(rng.random())
+
     def freeze() -> None:
         while not done.is_set():
             for record in sender.due(NOW, grace=0):
-                if record.id not in frozen and random.random() < 0.3:
+                if record.id not in frozen and pick.random() < 0.3:
                     attempt = sender.begin_attempt(record.id)
                     if attempt is not None:
                         frozen[attempt.id] = attempt.quantity
@@ -148,6 +160,12 @@ def test_overlapping_batches_in_opposite_orders_never_deadlock(postgres_dsn: str
 # -- one sender ---------------------------------------------------------------------
 
 
+def sender_lock_holders(dsn: str) -> list[int]:
+    """The backends holding the sender lock (advisory lock (_LOCKS, 2))."""
+    return [pid for (pid,) in db_rows(dsn, "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND "
+                                           "classid = 28007 AND objid = 2 AND objsubid = 2 AND granted")]
+
+
 def test_one_replica_leads_and_the_next_takes_over_when_it_is_gone(postgres_dsn: str) -> None:
     replicas = [PostgresSpool(postgres_dsn) for _ in range(3)]
     assert [s.leads() for s in replicas] == [True, False, False]
@@ -155,16 +173,36 @@ def test_one_replica_leads_and_the_next_takes_over_when_it_is_gone(postgres_dsn:
     replicas[0].close()  # a pod stopped: its connection, and so the lock, is gone
     assert [s.leads() for s in replicas[1:]] == [True, False]
     # A leader whose connection is cut (a network partition, the database killing it)
-    # knows at its next pass, and another replica leads.
+    # knows at its next pass; a replica that asked first meanwhile leads.
+    [holder] = sender_lock_holders(postgres_dsn)
     with psycopg.connect(postgres_dsn, autocommit=True) as admin:
-        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND "
-                      "classid = 28007 AND objid = 2 AND objsubid = 2 AND pid != pg_backend_pid()")
-    time.sleep(0.2)
-    assert replicas[1].leads() is False or replicas[2].leads() is False
-    assert replicas[2].leads() or replicas[1].leads()
-    assert sum(s.leads() for s in replicas[1:]) == 1
+        admin.execute("SELECT pg_terminate_backend(%s)", (holder,))
+    wait_for(lambda: sender_lock_holders(postgres_dsn) == [], what="the leader's session gone")
+    assert replicas[2].leads() is True
+    assert replicas[1].leads() is False  # its connection is gone, and the lock is taken
+    assert [s.leads() for s in replicas[1:]] == [False, True]
     for spool in replicas[1:]:
         spool.close()
+
+
+def test_a_leader_cut_off_takes_the_lead_back_in_the_same_call(private_postgres: PostgresServer) -> None:
+    """Nobody else wants the lead: the first pass after the cut (the flush at shutdown
+    is one pass) leads again at once, on a new connection, instead of giving up."""
+    dsn = private_postgres.create_database("spool")
+    spool = PostgresSpool(dsn)
+    assert spool.leads()
+    [holder] = sender_lock_holders(dsn)
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", (holder,))
+    wait_for(lambda: sender_lock_holders(dsn) == [], what="the leader's session gone")
+    assert spool.leads() is True
+    assert sender_lock_holders(dsn) not in ([], [holder])
+    # The same after the whole database went away and came back (what a restart or failover does).
+    private_postgres.stop("fast")
+    private_postgres.start()
+    assert spool.leads() is True
+    spool.close()
+    assert sender_lock_holders(dsn) == []  # closing gives the lead up at once
 
 
 # -- the database goes away -------------------------------------------------------------
@@ -181,6 +219,11 @@ def test_a_database_outage_is_never_an_acknowledgement_and_recovers(private_post
         with pytest.raises(SpoolUnavailable):
             spool.record([row("during")])
         assert not spool.writable and changes[-1] is False
+        # From then on a call fails at once: it never asks the pool (and so never waits for it).
+        asked = spool._pool.get_stats()["requests_num"]
+        with pytest.raises(SpoolUnavailable):
+            spool.record([row("during")])
+        assert spool._pool.get_stats()["requests_num"] == asked
         assert not spool.probe()
         with pytest.raises(SpoolUnavailable):
             spool.list_records()
@@ -233,20 +276,23 @@ def test_acknowledged_batches_survive_a_database_crash_under_load(private_postgr
     threads.append(threading.Thread(target=watcher))
     for t in threads:
         t.start()
-    time.sleep(0.5)
-    private_postgres.kill()
-    time.sleep(2.5)  # longer than a call waits for a connection: the outage is seen
-    private_postgres.start()
-    with lock:
-        before_restart = len(acknowledged)
-    time.sleep(1.5)
-    stop.set()
-    for t in threads:
-        t.join(30)
+    try:
+        wait_for(lambda: len(acknowledged) >= 500, what="writers recording")
+        private_postgres.kill()
+        # Until every replica has seen the outage (a call waits up to the pool's wait first).
+        wait_for(lambda: refused > 0 and not any(s.writable for s in spools), timeout=60, what="the outage seen")
+        with lock:
+            before_restart = len(acknowledged)
+        private_postgres.start()
+        wait_for(lambda: len(acknowledged) > before_restart + 500, timeout=60, what="recording resumed after the restart")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    assert not [t for t in threads if t.is_alive()]
     assert other_errors == [] and refused > 0
     stored = {event_id for (event_id,) in db_rows(dsn, "SELECT event_id FROM events")}
     assert {e.event_id for e in acknowledged} <= stored
-    assert len(acknowledged) > before_restart + 500  # recording resumed after the restart
     for spool in spools:
         spool.close()
 
@@ -271,14 +317,7 @@ def test_libpq_variables_and_a_password_file_work(private_postgres: PostgresServ
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """``--spool postgresql://`` with the rest from libpq's PG* variables, and the
     password from a password file, under real password authentication."""
-    private_postgres.create_database("metering")
-    with psycopg.connect(private_postgres.dsn(), autocommit=True) as admin:
-        admin.execute("CREATE ROLE gateway LOGIN PASSWORD 's3cret-pw'")
-        admin.execute("GRANT ALL ON DATABASE metering TO gateway")
-        admin.execute("ALTER DATABASE metering OWNER TO gateway")
-    hba = private_postgres.data_dir / "pg_hba.conf"
-    hba.write_text("host all gateway 127.0.0.1/32 scram-sha-256\n" + hba.read_text())
-    private_postgres.restart()
+    private_postgres.password_database("metering", "gateway", "s3cret-pw")
     passfile = tmp_path / "pgpass"
     passfile.write_text(f"127.0.0.1:{private_postgres.port}:metering:gateway:s3cret-pw\n")
     passfile.chmod(0o600)
@@ -374,3 +413,40 @@ def test_an_unparsable_dsn_never_shows_its_password() -> None:
     with pytest.raises(SpoolError) as caught:
         PostgresSpool("postgresql://gw:s3cr%ZZet@db.example/metering")
     assert "s3cr" not in str(caught.value) and "percent-encoded" in str(caught.value)
+
+
+# -- the password, as a real `serve` prints (or does not print) it -------------------------------
+
+
+def test_serve_never_prints_the_spool_password(private_postgres: PostgresServer) -> None:
+    """``serve --spool postgresql://gateway:PASSWORD@…`` against a database that asks for the
+    password (scram): start-up with a wrong one, start-up, calls, an outage and its end, and
+    the stop; not one line of its output shows the password, raw or percent-encoded."""
+    password = f"pw-{uuid.uuid4().hex}/+"  # characters a DSN must percent-encode, too
+    dsn = private_postgres.password_database("metering", "gateway", password)
+    encoded = quote(password, safe="")
+    url = dsn.replace("gateway@", f"gateway:{encoded}@")
+    secrets = (password, encoded, password[3:19])
+
+    wrong = url.replace(encoded, quote(password[::-1], safe=""))
+    refused = subprocess.run([*SERVE, "--local", "--listen", "127.0.0.1:0", "--spool", wrong], env=tool_env(),
+                             cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0 and "password authentication failed" in refused.stderr, refused.stderr
+    seen = [refused.stdout + refused.stderr]
+
+    with gateway_process("--spool", url, "--flush-interval", "200ms") as gw, grpc.insecure_channel(gw.target) as channel:
+        stub = pb_grpc.UsageRecorderServiceStub(channel)
+        ok = stub.RecordUsage(pb.RecordUsageRequest(events=[event("a", time.time(), 2)]), timeout=10)
+        assert ok.accepted == 1
+        private_postgres.stop("fast")
+        with pytest.raises(grpc.RpcError):
+            stub.RecordUsage(pb.RecordUsageRequest(events=[event("b", time.time(), 2)]), timeout=10)
+        gw.wait_for(lambda e: e.get("event") == "spool_unavailable")
+        private_postgres.start()
+        gw.wait_for(lambda e: e.get("event") == "spool_writable_again")
+        assert gw.terminate() == 0
+        seen.append(gw.output())
+    text = "\n".join(seen)
+    assert "postgresql://gateway@127.0.0.1" in text  # where it connects is said, without the password
+    for secret in secrets:
+        assert secret not in text

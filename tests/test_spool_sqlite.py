@@ -16,12 +16,29 @@ from test_spool import row
 
 from gateway.recording import placement
 from gateway.recording.placement import EventRow
-from gateway.recording.spool import FAILED, PENDING, SENT, WHOLE_WIRE, EventIdConflict, SpoolUnavailable
+from gateway.recording.spool import FAILED, PENDING, SENT, WHOLE_WIRE, EventIdConflict, SpoolUnavailable, open_spool
 from gateway.recording.sqlite import SCHEMA_VERSION
 from gateway.recording.sqlite import SqliteSpool as Spool
 
 HOUR = placement.HOUR
 DATA = Path(__file__).parent / "data"
+
+
+# -- durability --------------------------------------------------------------------
+
+
+def test_every_commit_is_synced_to_disk_not_only_written(tmp_path: Path) -> None:
+    """A committed RecordUsage survives a power cut, not only a crash: WAL with
+    ``synchronous=FULL`` syncs the log at every commit. ``kill -9`` cannot tell FULL
+    from NORMAL or OFF (the page cache outlives the process), so the crash tests
+    cannot guard this; the settings are read back from the spool's own connection,
+    as opened by ``open_spool`` (what ``serve --spool FILE`` does)."""
+    spool = open_spool(str(tmp_path / "spool.db"))
+    assert isinstance(spool, Spool)
+    db = spool._db
+    assert db.execute("PRAGMA synchronous").fetchone() == (2,)  # 0 OFF, 1 NORMAL, 2 FULL, 3 EXTRA
+    assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    spool.close()
 
 
 # -- schema versions ---------------------------------------------------------------

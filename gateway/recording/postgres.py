@@ -260,9 +260,7 @@ class PostgresSpool(SqlSpool):
 
     def close(self) -> None:
         with self._leader_guard:
-            if self._leader is not None:
-                self._leader.close()  # releases the sender lock at once
-                self._leader = None
+            self._drop_leader()  # closing its connection releases the sender lock at once
         self._pool.close()
 
     # -- transactions --------------------------------------------------------------
@@ -391,30 +389,44 @@ class PostgresSpool(SqlSpool):
 
         The lock lives on a connection of its own: it is held for as long as that
         connection is, and released by PostgreSQL when the connection closes, for
-        whatever reason. A broken connection means the lock may be someone else's.
+        whatever reason. A broken connection means the lock may be someone else's:
+        the lead is lost, and asked for again at once on a new connection. So a
+        replica whose database came back leads again on its next pass, and a flush
+        at shutdown (one pass) still sends instead of finding only the dead
+        connection of before the outage.
         """
         with self._leader_guard:
+            if self._leading and not self._still_leading():
+                self._drop_leader()
             try:
                 if self._leader is None or self._leader.closed:
-                    self._leading = False
                     self._leader = psycopg.connect(self._url, autocommit=True)
                     _configure(self._leader)
-                if self._leading:
-                    self._leader.execute("SELECT 1")  # the connection lives, so the lock is still ours
-                    return True
-                self._leading = bool(_one(self._leader.execute(
-                    "SELECT pg_try_advisory_lock(%s, %s)", (_LOCKS, _SENDER_LOCK))))
-                if self._leading:
-                    log.info("sender_leading", location=self.location)
+                if not self._leading:
+                    self._leading = bool(_one(self._leader.execute(
+                        "SELECT pg_try_advisory_lock(%s, %s)", (_LOCKS, _SENDER_LOCK))))
+                    if self._leading:
+                        log.info("sender_leading", location=self.location)
                 return self._leading
-            except psycopg.Error as exc:
-                if self._leading:
-                    log.warning("sender_lead_lost", location=self.location, error=_first_line(exc))
-                self._leading = False
-                if self._leader is not None:
-                    self._leader.close()
-                    self._leader = None
+            except psycopg.Error:
+                self._drop_leader()
                 return False
+
+    def _still_leading(self) -> bool:
+        """Whether the connection holding the lock lives (so the lock is still ours)."""
+        assert self._leader is not None
+        try:
+            self._leader.execute("SELECT 1")
+            return True
+        except psycopg.Error as exc:
+            log.warning("sender_lead_lost", location=self.location, error=_first_line(exc))
+            return False
+
+    def _drop_leader(self) -> None:
+        self._leading = False
+        if self._leader is not None:
+            self._leader.close()
+            self._leader = None
 
     # -- size ----------------------------------------------------------------------
 

@@ -110,6 +110,7 @@ class Sender:
         margin: float = placement.SAFETY_MARGIN,
         now: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
+        monotonic: Callable[[], float] = time.monotonic,
         call_timeout: float = 30.0,
         event_retention: float = Settings.event_retention,
         record_retention: float = Settings.record_retention,
@@ -120,7 +121,7 @@ class Sender:
         self.grace = grace
         self.margin = margin
         self.future_skew = future_skew
-        self.limiter = RateLimiter(max_rps)
+        self.limiter = RateLimiter(max_rps, clock=monotonic)  # ``sleep`` waits for its tokens
         self.call_timeout = call_timeout
         self._now = now
         self._sleep = sleep

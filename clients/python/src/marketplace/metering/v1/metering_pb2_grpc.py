@@ -5,7 +5,7 @@ import warnings
 
 from marketplace.metering.v1 import metering_pb2 as marketplace_dot_metering_dot_v1_dot_metering__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.85.4'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 

@@ -59,13 +59,15 @@ $(BUF): $(BUF_DIR)/package.json $(BUF_DIR)/package-lock.json
 proto: sync
 	$(BIN)/python tools/genproto.py
 
-## bench: the pass-through, RecordUsage (throughput, latency during placement, PostgreSQL vs SQLite) and spool-size benchmarks (figures in README.md)
+## bench: the pass-through, RecordUsage (throughput, latency during placement, PostgreSQL vs SQLite), spool-size and hostile-caller benchmarks (figures in README.md)
 bench: sync
 	$(BIN)/python benchmarks/passthrough.py --processes 1 --with-metrics
 	$(BIN)/python benchmarks/passthrough.py --processes 2 --with-metrics
 	$(BIN)/python benchmarks/record_usage.py
 	$(BIN)/python benchmarks/record_usage.py --only spools
 	$(BIN)/python benchmarks/spool_days.py
+	$(BIN)/python benchmarks/abuse.py --only tag-bomb
+	$(BIN)/python benchmarks/abuse.py --only connections
 
 ## image: build the container image $(IMAGE) with docker, podman or buildah, whichever works here
 ## (PYTHON_IMAGE=... picks another Python 3.11 base image, e.g. a local one for offline builds)

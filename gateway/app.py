@@ -25,7 +25,7 @@ from gateway.local_aws import BANNER
 from gateway.recording import gauges
 from gateway.recording.lifecycle import Recording, open_recording
 from gateway.server import METERING_SERVICE, RECORDER_SERVICE, Gateway, Servicer
-from gateway.service import MeteringServicer
+from gateway.service import CallSlots, MeteringServicer
 from marketplace.metering.v1 import metering_pb2_grpc as pb_grpc
 
 log = structlog.get_logger("gateway")
@@ -99,7 +99,8 @@ def run(
     stop = stop_on_signals()  # a SIGTERM during start-up must drain, not kill
     authorize = authorizer(settings)  # a bad policy stops start-up before anything else
     session = aws_session(settings, os.environ)
-    registry = metrics.install(multiprocess=metrics_worker) if settings.metrics_listen else None
+    registry = (metrics.install(multiprocess=metrics_worker, max_series=settings.metrics_max_series)
+                if settings.metrics_listen else None)
     # Bound before anything starts, so that a port in use stops start-up with one line.
     exporter = metrics_server.start(settings.metrics_listen, registry) if registry and not metrics_worker else None
     client = make_client(settings, endpoint_url=endpoint, session=session)
@@ -107,7 +108,8 @@ def run(
         warn_about_credentials(settings, session)
     backend = Backend(client, RetryPolicy(settings.aws_max_attempts, settings.aws_backoff_base, settings.aws_backoff_max))
     servicers = [
-        Servicer(METERING_SERVICE, MeteringServicer(backend, future_skew=timedelta(seconds=settings.timestamp_skew)),
+        Servicer(METERING_SERVICE, MeteringServicer(backend, future_skew=timedelta(seconds=settings.timestamp_skew),
+                                                    slots=CallSlots(settings.aws_call_limit)),
                  pb_grpc.add_MeteringServiceServicer_to_server),
     ]
     recording = open_recording(settings, client) if settings.spool else None

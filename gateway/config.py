@@ -31,8 +31,13 @@ class ConfigError(ValueError):
     """A setting is unusable; the message is one line meant for a person."""
 
 
-_DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)(ms|s|m|h|d))+$")
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+# ASCII digits only: Python's int() and re's \d also take ٥ or १, which nobody means in a setting.
+_DURATION = re.compile(r"^(?:([0-9]+(?:\.[0-9]+)?)(ms|s|m|h|d))+$")
+_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h|d)")
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+_NUMBER = re.compile(r"[+-]?(?:(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|nan|inf(?:inity)?)", re.IGNORECASE)
+_SIZE = re.compile(r"([0-9]+)\s*(B|KiB|MiB|GiB)?")
+_SIZE_UNITS = {None: 1, "B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3}
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 MINUTE, HOUR, DAY = 60.0, 3600.0, 86400.0
 
@@ -60,6 +65,37 @@ def format_duration(seconds: float) -> str:
     return f"{round(seconds * 1000, 6):g}ms"
 
 
+def parse_int(text: str) -> int:
+    """A whole number in ASCII digits."""
+    if not _INTEGER.fullmatch(text.strip()):
+        raise ConfigError(f"{text!r} is not a whole number")
+    return int(text.strip())
+
+
+def parse_number(text: str) -> float:
+    """A decimal number in ASCII digits (``0.5``, ``10``, ``2e3``); nan and inf parse, for
+    check() to refuse as not finite."""
+    if not _NUMBER.fullmatch(text.strip()):
+        raise ConfigError(f"{text!r} is not a number")
+    return float(text.strip())
+
+
+def parse_size(text: str) -> int:
+    """``4MiB`` → 4194304 bytes; B, KiB, MiB, GiB, or a plain number of bytes."""
+    match = _SIZE.fullmatch(text.strip())
+    if not match:
+        raise ConfigError(f"{text!r} is not a size (examples: 65536, 512KiB, 4MiB)")
+    return int(match.group(1)) * _SIZE_UNITS[match.group(2)]
+
+
+def format_size(size: float) -> str:
+    """Bytes as a person would write them (``4MiB``): parse_size's inverse."""
+    for unit in ("GiB", "MiB", "KiB"):
+        if size and size % _SIZE_UNITS[unit] == 0:
+            return f"{int(size) // _SIZE_UNITS[unit]}{unit}"
+    return str(int(size))
+
+
 def parse_bool(text: str) -> bool:
     lowered = text.strip().lower()
     if lowered in {"1", "true", "yes", "on"}:
@@ -71,7 +107,7 @@ def parse_bool(text: str) -> bool:
 
 def parse_listen(text: str) -> tuple[str, int]:
     """``HOST:PORT`` (IPv6 as ``[::1]:PORT``) → (host, port), checked."""
-    match = re.fullmatch(r"\[([^\]]+)\]:(\d+)|([^:\[\]]+):(\d+)", text.strip())
+    match = re.fullmatch(r"\[([^\]]+)\]:([0-9]+)|([^:\[\]]+):([0-9]+)", text.strip())
     if not match:
         raise ConfigError(f"listen address {text!r} is not HOST:PORT")
     host = match.group(1) or match.group(3)
@@ -89,6 +125,27 @@ def parse_listen(text: str) -> tuple[str, int]:
 def format_listen(host: str, port: int) -> str:
     """(host, port) → ``HOST:PORT``, with IPv6 hosts in brackets: parse_listen's inverse."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+_KEYWORD_DSN = re.compile(r"(?:^|\s)(?:host|hostaddr|port|dbname|user|password|passfile|sslmode|service|options)\s*=",
+                          re.IGNORECASE)
+
+
+def check_spool_location(location: str, who: str = "--spool") -> None:
+    """ConfigError unless ``location`` is a durable spool: an SQLite file path or a postgresql:// URL.
+
+    The message never repeats the value: a DSN in the wrong form may hold a password.
+    """
+    if location.startswith(POSTGRES_SCHEMES):
+        return
+    if location.strip() == ":memory:" or location.startswith("file:"):
+        raise ConfigError(f"{who}: an in-memory or URI-form SQLite spool is refused: an acknowledged event must "
+                          "outlive the process; give a file path, or a postgresql:// URL")
+    if _KEYWORD_DSN.search(location):
+        raise ConfigError(f"{who}: this looks like a PostgreSQL keyword DSN (host=... dbname=...), which would become "
+                          "an SQLite file of that name; give it as a URL: postgresql://USER@HOST:PORT/DBNAME")
+    if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", location):
+        raise ConfigError(f"{who}: only postgresql:// URLs and SQLite file paths are spools")
 
 
 @dataclass(frozen=True)
@@ -152,13 +209,13 @@ class Settings:
     local_port: int = field(
         default=0,
         metadata=_setting(
-            "Port of the embedded local backend with --local (0 picks a free one).", parse=int, bounds=Bounds(0, 65535)
+            "Port of the embedded local backend with --local (0 picks a free one).", parse=parse_int, bounds=Bounds(0, 65535)
         ),
     )
     max_workers: int = field(
         default=32,
         metadata=_setting(
-            "Threads serving RPCs; also the size of the AWS connection pool.", parse=int, bounds=Bounds(1, 1024)
+            "Threads serving RPCs; also the size of the AWS connection pool.", parse=parse_int, bounds=Bounds(1, 1024)
         ),
     )
     max_concurrent_rpcs: int = field(
@@ -167,8 +224,89 @@ class Settings:
             "Most RPCs one server process holds at once, running or waiting for a thread; calls beyond it "
             "fail at once with RESOURCE_EXHAUSTED instead of queueing while AWS is slow. "
             "0 means 4 × --max-workers; otherwise at least --max-workers.",
-            parse=int,
+            parse=parse_int,
             bounds=Bounds(0, 100_000),
+        ),
+    )
+    max_aws_calls: int = field(
+        default=0,
+        metadata=_setting(
+            "Most MeterUsage calls one server process has waiting on AWS at once; more fail at once "
+            "with RESOURCE_EXHAUSTED (CONCURRENCY_LIMIT_EXCEEDED), so a slow AWS never takes the "
+            "threads that health, RecordUsage and the rest need. 0 means 3/4 of --max-workers; "
+            "otherwise below --max-workers.",
+            parse=parse_int,
+            bounds=Bounds(0, 1023),
+        ),
+    )
+    max_message_size: int = field(
+        default=1024 * 1024,
+        metadata=_setting(
+            "Largest request a caller may send (bytes; KiB and MiB suffixes); a larger one gets "
+            "RESOURCE_EXHAUSTED. 1MiB holds a batch of 1000 events of up to 1 KiB each; decoding a "
+            "hostile request may take 25 times its size in memory, for a moment.",
+            parse=parse_size,
+            bounds=Bounds(64 * 1024, 64 * 1024 * 1024),
+        ),
+    )
+    max_connections: int = field(
+        default=1000,
+        metadata=_setting(
+            "Most client connections one server process keeps open; more are refused until some close.",
+            parse=parse_int,
+            bounds=Bounds(1, 100_000),
+        ),
+    )
+    max_streams_per_connection: int = field(
+        default=100,
+        metadata=_setting(
+            "Most calls and streams one client connection may have open at once (HTTP/2 "
+            "SETTINGS_MAX_CONCURRENT_STREAMS).",
+            parse=parse_int,
+            bounds=Bounds(1, 10_000),
+        ),
+    )
+    max_connection_idle: float = field(
+        default=5 * MINUTE,
+        metadata=_setting(
+            "A client connection with no call for this long is closed (GOAWAY); clients reconnect on "
+            "their next call.",
+            parse=parse_duration,
+            bounds=Bounds(1, 7 * DAY),
+        ),
+    )
+    max_connection_age: float = field(
+        default=30 * MINUTE,
+        metadata=_setting(
+            "A client connection is asked to go away after this long (with jitter), so that load "
+            "spreads again over replicas and no connection lives forever.",
+            parse=parse_duration,
+            bounds=Bounds(1, 7 * DAY),
+        ),
+    )
+    max_connection_age_grace: float = field(
+        default=MINUTE,
+        metadata=_setting(
+            "How long calls in flight on a connection past --max-connection-age may still take.",
+            parse=parse_duration,
+            bounds=Bounds(0, DAY),
+        ),
+    )
+    keepalive_min_time: float = field(
+        default=MINUTE,
+        metadata=_setting(
+            "Least time between a client's keepalive pings; a client pinging more often (or "
+            "pinging with no call open) is told to go away after two such pings.",
+            parse=parse_duration,
+            bounds=Bounds(1, DAY),
+        ),
+    )
+    reflection: bool = field(
+        default=True,
+        metadata=_setting(
+            "Serve gRPC server reflection (grpcurl, Postman). Its streams run on a few threads of "
+            "their own and last a minute at most; turn it off where nobody explores the API.",
+            parse=parse_bool,
         ),
     )
     processes: int = field(
@@ -177,7 +315,7 @@ class Settings:
             "Server processes sharing the listen port (SO_REUSEPORT). One Python process "
             "serves about one core of MeterUsage calls; use one per core the pod may use. "
             "An SQLite --spool needs 1; a PostgreSQL one takes any number.",
-            parse=int,
+            parse=parse_int,
             bounds=Bounds(1, 64),
         ),
     )
@@ -199,7 +337,7 @@ class Settings:
         metadata=_setting(
             "Attempts per AWS call for retryable errors (throttling, AWS unreachable), "
             "always within the caller's deadline.",
-            parse=int,
+            parse=parse_int,
             # A caller without a deadline holds a thread for every attempt and pause.
             bounds=Bounds(1, 10),
         ),
@@ -268,6 +406,16 @@ class Settings:
             metavar="HOST:PORT",
         ),
     )
+    metrics_max_series: int = field(
+        default=1000,
+        metadata=_setting(
+            "Most product and dimension pairs one process labels its quantity metrics with; the "
+            "quantities of any more are counted under \"other\" (metering_gateway_usage_series_overflow_total "
+            "says how often), so callers cannot grow the scrape without bound.",
+            parse=parse_int,
+            bounds=Bounds(1, 100_000),
+        ),
+    )
     authz_policy: str = field(
         default="",
         metadata=_setting(
@@ -287,12 +435,22 @@ class Settings:
             metavar="PATH|URL",
         ),
     )
+    spool_create: str = field(
+        default="yes",
+        metadata=_setting(
+            "Whether a --spool that does not exist yet may be created: yes; no (start-up fails, "
+            "for a spool that must already be there); if-mounted (an SQLite file only when its "
+            "directory is a mount point, so a pod whose volume did not mount never starts over "
+            "with an empty spool). A new spool is always logged as a warning.",
+            choices=("yes", "no", "if-mounted"),
+        ),
+    )
     spool_connections: int = field(
         default=8,
         metadata=_setting(
             "Most connections one server process opens to a PostgreSQL spool (calls beyond them wait "
             f"up to {SPOOL_POOL_WAIT:g}s, then get SPOOL_UNAVAILABLE); one more holds the sender's lock.",
-            parse=int,
+            parse=parse_int,
             bounds=Bounds(2, 1000),
         ),
     )
@@ -317,8 +475,9 @@ class Settings:
         default=10.0,
         metadata=_setting(
             "Most MeterUsage calls a second the sender makes.",
-            parse=float,
-            bounds=Bounds(0, 1000, open_lo=True),  # far above any MeterUsage quota: more is a typo
+            parse=parse_number,
+            # At least one call every 10 s (360 an hour); far above any MeterUsage quota above: more is a typo.
+            bounds=Bounds(0.1, 1000),
         ),
     )
     flush_on_shutdown: bool = field(
@@ -356,6 +515,11 @@ class Settings:
     def concurrent_rpc_limit(self) -> int:
         """The effective --max-concurrent-rpcs: 0 stands for 4 × --max-workers."""
         return self.max_concurrent_rpcs or 4 * self.max_workers
+
+    @property
+    def aws_call_limit(self) -> int:
+        """The effective --max-aws-calls: 0 stands for 3/4 of --max-workers (at least 1)."""
+        return self.max_aws_calls or max(1, self.max_workers * 3 // 4)
 
     def check(self, given: Mapping[str, Given] | None = None) -> Settings:
         """Raise ConfigError on the first unusable value; return self.
@@ -396,6 +560,14 @@ class Settings:
                 f"{who('max_concurrent_rpcs')}: {shown('max_concurrent_rpcs')} is below --max-workers "
                 f"{self.max_workers} (0 means 4 × --max-workers)"
             )
+        if self.max_aws_calls and self.max_aws_calls >= self.max_workers and self.max_workers > 1:
+            raise ConfigError(
+                f"{who('max_aws_calls')}: {shown('max_aws_calls')} leaves no thread of --max-workers "
+                f"{self.max_workers} for health and RecordUsage (0 means 3/4 of --max-workers)"
+            )
+        if self.spool:
+            check_spool_location(self.spool, who("spool"))
+
         def at_most(low: str, high: str) -> None:
             """``low`` <= ``high``; the message blames the one the person set, the high one if both."""
             if getattr(self, low) <= getattr(self, high):
@@ -454,6 +626,8 @@ def shown_default(f: dataclasses.Field[Any]) -> str:
         return "true" if default else "false"
     if f.metadata.get("parse") is parse_duration:
         return format_duration(float(default))  # type: ignore[arg-type]
+    if f.metadata.get("parse") is parse_size:
+        return format_size(default)  # type: ignore[arg-type]
     return str(default) if default != "" else "unset"
 
 
@@ -461,6 +635,8 @@ def shown_value(f: dataclasses.Field[Any], value: Any) -> str:
     """A value of setting ``f`` as a person would type it: ``5h``, not 18000.0."""
     if f.metadata.get("parse") is parse_duration and isinstance(value, (int, float)):
         return format_duration(float(value))
+    if f.metadata.get("parse") is parse_size and isinstance(value, (int, float)):
+        return format_size(value)
     if isinstance(value, float) and math.isfinite(value) and value.is_integer():
         return str(int(value))
     return str(value)
@@ -477,8 +653,8 @@ def _metavar(f: dataclasses.Field[Any]) -> str | None:
         return str(f.metadata["metavar"])
     if f.metadata.get("choices"):
         return "{" + ",".join(f.metadata["choices"]) + "}"
-    parse = f.metadata.get("parse")
-    return {parse_duration: "DURATION", int: "N", float: "NUMBER"}.get(parse)
+    names: dict[Any, str] = {parse_duration: "DURATION", parse_int: "N", parse_number: "NUMBER", parse_size: "SIZE"}
+    return names.get(f.metadata.get("parse"))
 
 
 def add_settings_arguments(parser: argparse.ArgumentParser) -> None:

@@ -29,6 +29,17 @@ from gateway.validation import Violation, only_timestamp_window
 AWS_DOMAIN = "metering.marketplace.amazonaws.com"
 GATEWAY_DOMAIN = "metering-gateway"
 
+# The size of an error is bounded, whatever the request or AWS said: a caller's gRPC
+# takes 8 KiB of trailers by default, and a larger status would reach it as a bare,
+# retryable RESOURCE_EXHAUSTED. The details travel base64-encoded (grpc-status-details-bin:
+# 4096 bytes become 5464), the message percent-encoded (grpc-message), plus a few small
+# trailers: under 7 KiB in all.
+MESSAGE_MAX = 1000  # bytes of the message once percent-encoded for grpc-message
+DETAILS_MAX = 4096  # bytes of the serialized google.rpc.Status
+VIOLATIONS_MAX = 100  # field violations in a BadRequest at most; ErrorInfo counts them all
+DESCRIPTION_MAX = 300  # characters of one violation's field or description
+METADATA_VALUE_MAX = 256  # characters of one ErrorInfo metadata value
+
 Code = grpc.StatusCode
 
 
@@ -92,6 +103,8 @@ RULES: Mapping[str, Rule] = {
     # Try again later. Throttling and a bare 503 (the front door did not take the
     # request) rule a record out; AWS's own 5xx answers do not.
     "THROTTLING": Rule(Code.RESOURCE_EXHAUSTED, retryable=True),
+    # --max-aws-calls MeterUsage calls wait on AWS already: this one was not sent.
+    "CONCURRENCY_LIMIT_EXCEEDED": Rule(Code.RESOURCE_EXHAUSTED, retryable=True),
     "INTERNAL_SERVICE_ERROR": Rule(Code.UNAVAILABLE, retryable=True, delivery=UNKNOWN),
     "HTTP_500": Rule(Code.UNAVAILABLE, retryable=True, delivery=UNKNOWN),
     "HTTP_502": Rule(Code.UNAVAILABLE, retryable=True, delivery=UNKNOWN),
@@ -226,17 +239,32 @@ class GatewayError(Exception):
         return out
 
     def to_status_proto(self) -> status_pb2.Status:
-        status = status_pb2.Status(code=self.code.value[0], message=self.message)
-        info = error_details_pb2.ErrorInfo(reason=self.reason, domain=self.domain, metadata=self.metadata())
-        status.details.add().Pack(info)
+        """The status with its details, at most DETAILS_MAX bytes serialized (see MESSAGE_MAX).
+
+        Up to VIOLATIONS_MAX field violations go into the BadRequest, fewer when they
+        would not fit; then ErrorInfo's ``violations`` and ``violationsShown`` say how many
+        there were and how many are listed, and the message says so too.
+        """
+        metadata = {k: _clip(v, METADATA_VALUE_MAX) for k, v in self.metadata().items()}
+        message = clip_message(self.message)
         if self.violations:
-            bad = error_details_pb2.BadRequest(
-                field_violations=[
-                    error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-                    for v in self.violations
-                ]
-            )
-            status.details.add().Pack(bad)
+            total = len(self.violations)
+            # The room left once everything else is in, with the counts at their longest.
+            counted = clip_message(f"{self.message} (first {total} of {total} violations listed)")
+            base = self._status(counted, {**metadata, "violations": str(total), "violationsShown": str(total)}, [])
+            shown = _fitting(self.violations, DETAILS_MAX - base.ByteSize() - _BAD_REQUEST_PACKING)
+            if len(shown) < total:
+                metadata |= {"violations": str(total), "violationsShown": str(len(shown))}
+                message = clip_message(f"{self.message} (first {len(shown)} of {total} violations listed)")
+            return self._status(message, metadata, shown)
+        return self._status(message, metadata, [])
+
+    def _status(self, message: str, metadata: Mapping[str, str],
+                shown: Sequence[error_details_pb2.BadRequest.FieldViolation]) -> status_pb2.Status:
+        status = status_pb2.Status(code=self.code.value[0], message=message)
+        status.details.add().Pack(error_details_pb2.ErrorInfo(reason=self.reason, domain=self.domain, metadata=metadata))
+        if shown:
+            status.details.add().Pack(error_details_pb2.BadRequest(field_violations=shown))
         if self.retry_delay is not None:
             delay = duration_pb2.Duration()
             delay.FromNanoseconds(int(self.retry_delay * 1e9))
@@ -245,6 +273,37 @@ class GatewayError(Exception):
 
     def to_grpc_status(self) -> grpc.Status:
         return rpc_status.to_status(self.to_status_proto())
+
+
+# A BadRequest's own wrapping in the status: its Any's type URL, tags and lengths.
+_BAD_REQUEST_PACKING = 64
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def clip_message(text: str, limit: int = MESSAGE_MAX) -> str:
+    """``text`` cut so that its percent-encoding (how grpc-message carries it) fits ``limit`` bytes."""
+    size = 0
+    for i, char in enumerate(text):
+        size += 1 if " " <= char <= "~" and char != "%" else 3 * len(char.encode("utf-8", "surrogatepass"))
+        if size > limit - 3:
+            return text[:i] + "..."
+    return text
+
+
+def _fitting(violations: Sequence[Violation], room: int) -> list[error_details_pb2.BadRequest.FieldViolation]:
+    """The first violations (VIOLATIONS_MAX at most, each clipped) whose entries fit ``room`` bytes."""
+    out: list[error_details_pb2.BadRequest.FieldViolation] = []
+    for v in violations[:VIOLATIONS_MAX]:
+        entry = error_details_pb2.BadRequest.FieldViolation(
+            field=_clip(v.field, DESCRIPTION_MAX), description=_clip(v.description, DESCRIPTION_MAX))
+        room -= entry.ByteSize() + 3  # its tag and length
+        if room < 0:
+            break
+        out.append(entry)
+    return out
 
 
 def _rebuild(values: dict[str, Any]) -> GatewayError:
@@ -266,12 +325,17 @@ def from_aws(
     )
 
 
+FIELDS_IN_MESSAGE = 5  # offending fields a refusal's message names; the BadRequest lists more
+
+
 def invalid(violations: Sequence[Violation], what: str = "request") -> GatewayError:
     """Refused input: INVALID_REQUEST, or TIMESTAMP_OUT_OF_BOUNDS when that is all."""
-    fields = ", ".join(dict.fromkeys(v.field for v in violations))
     if only_timestamp_window(violations):
         return GatewayError("TIMESTAMP_OUT_OF_BOUNDS", f"{violations[0].field} {violations[0].description}", violations=violations)
-    return GatewayError("INVALID_REQUEST", f"invalid {what}: {fields}", violations=violations)
+    fields = list(dict.fromkeys(v.field for v in violations))
+    named = ", ".join(_clip(f, DESCRIPTION_MAX) for f in fields[:FIELDS_IN_MESSAGE])
+    more = f" and {len(fields) - FIELDS_IN_MESSAGE} more fields" if len(fields) > FIELDS_IN_MESSAGE else ""
+    return GatewayError("INVALID_REQUEST", f"invalid {what}: {named}{more}", violations=violations)
 
 
 def internal(message: str) -> GatewayError:

@@ -9,6 +9,7 @@ instead of grpcio's bare INTERNAL.
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -26,6 +27,13 @@ REQUEST_ID_KEY = "x-request-id"
 # gRFC A6 server pushback: a negative value tells gRPC clients not to retry the call.
 PUSHBACK_KEY = "grpc-retry-pushback-ms"
 _MAX_REQUEST_ID = 128
+# Decoding builds an object per element, up to about 25 bytes of memory per byte of the
+# request (a 1 MiB message of empty tags: 25 MB). Requests larger than LARGE_REQUEST are
+# decoded LARGE_AT_ONCE at a time, so that the threads together cannot hold more than a
+# few such decodings; the rest are small whatever they hold.
+LARGE_REQUEST = 64 * 1024
+LARGE_AT_ONCE = 4
+LARGE_WAIT = 10.0  # seconds a large request waits for a place at most (less when its deadline is nearer)
 
 log = structlog.get_logger("gateway.rpc")
 
@@ -103,6 +111,20 @@ class GatewayInterceptor(grpc.ServerInterceptor):
         self._services = services
         self._observer = observer
         self._authorize = authorize or _allow_all
+        self._large = threading.BoundedSemaphore(LARGE_AT_ONCE)
+
+    def _decode(self, deserialize: Callable[[bytes], Any], raw: bytes, context: grpc.ServicerContext) -> Any:
+        """``deserialize(raw)``; a large request first waits (within its deadline) for one of LARGE_AT_ONCE places."""
+        if len(raw) <= LARGE_REQUEST:
+            return deserialize(raw)
+        remaining = context.time_remaining()
+        if not self._large.acquire(timeout=LARGE_WAIT if remaining is None else max(0.0, min(remaining, LARGE_WAIT))):
+            raise errors.GatewayError("CONCURRENCY_LIMIT_EXCEEDED", f"{LARGE_AT_ONCE} large requests are being "
+                                      "decoded already; nothing was done: retry shortly", retry_delay=0.1)
+        try:
+            return deserialize(raw)
+        finally:
+            self._large.release()
 
     def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None], details: grpc.HandlerCallDetails
@@ -128,7 +150,7 @@ class GatewayInterceptor(grpc.ServerInterceptor):
                 self._observer.started(method)
             try:
                 try:
-                    request = deserialize(raw) if deserialize else raw
+                    request = self._decode(deserialize, raw, context) if deserialize else raw
                 except (DecodeError, ValueError, RuntimeError) as exc:
                     raise errors.GatewayError(
                         "INVALID_REQUEST",

@@ -96,6 +96,10 @@ class _Spec:
     options: Mapping[str, Any] = field(default_factory=dict)
 
 
+# Product and dimension pairs one process labels quantities with; past them, "other".
+MAX_SERIES = 1000
+OTHER, RECORDED, METERED = "other", "recorded", "metered"
+
 _SPECS = (
     # gRPC server metrics, named, labelled and described as go-grpc-prometheus does.
     _Spec("started", Counter, "grpc_server_started_total", "Total number of RPCs started on the server.", GRPC_LABELS),
@@ -133,6 +137,9 @@ _SPECS = (
           "Hourly records that became FAILED while AWS may hold them (outcome unknown)."),
     _Spec("carried", Counter, "metering_gateway_usage_carried_total",
           "Usage carried to another hour than its own (each usage_carried log line), by reason.", ("reason",)),
+    _Spec("series_overflow", Counter, "metering_gateway_usage_series_overflow_total",
+          "Quantities counted under product_code and usage_dimension \"other\" because this process "
+          "already has its --metrics-max-series of them, by family (recorded or metered).", ("family",)),
     # Gauges: what one worker says; the parent of --processes combines the live workers'.
     _Spec("leader", Gauge, "metering_gateway_sender_leader",
           "1 while this process is the spool's one sender (at its last pass).", (), {"multiprocess_mode": "livesum"}),
@@ -161,20 +168,37 @@ class _Families:
     records_failed: Counter
     outcome_unknown: Counter
     carried: Counter
+    series_overflow: Counter
     leader: Gauge
     serving: Gauge
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, max_series: int) -> None:
         for spec in _SPECS:
             name = spec.name.removesuffix("_total") if spec.kind is Counter else spec.name
             setattr(self, spec.attr, spec.kind(name, spec.doc, spec.labels, registry=registry, **spec.options))
+        self._max_series = max_series
+        self._keys: set[tuple[str, str]] = set()
+        self._keys_lock = threading.Lock()
+
+    def usage_labels(self, family: str, product_code: str, usage_dimension: str) -> tuple[str, str]:
+        """The labels of a product and dimension: their own while this process has fewer than
+        ``max_series`` pairs (callers choose them, so they must be bounded), else ("other", "other")."""
+        key = (product_code, usage_dimension)
+        if key in self._keys:
+            return key
+        with self._keys_lock:
+            if len(self._keys) < self._max_series:
+                self._keys.add(key)
+                return key
+        self.series_overflow.labels(family).inc()
+        return OTHER, OTHER
 
 
 _families: _Families | None = None
 _install_lock = threading.Lock()
 
 
-def install(*, multiprocess: bool = False) -> CollectorRegistry:
+def install(*, multiprocess: bool = False, max_series: int = MAX_SERIES) -> CollectorRegistry:
     """Start recording; returns the registry of this process's families.
 
     ``multiprocess``: this is a worker of ``--processes N``; its values go to files in
@@ -195,7 +219,7 @@ def install(*, multiprocess: bool = False) -> CollectorRegistry:
         # them, so one process and N show the same families.
         disable_created_metrics()
         registry = CollectorRegistry()
-        _families = _Families(registry)
+        _families = _Families(registry, max_series)
         return registry
 
 
@@ -327,14 +351,14 @@ def usage_recorded(accepted: Iterable[tuple[str, str, str]], accepted_count: int
     for product, dimension, quantity in accepted:
         sums[(product, dimension)] = sums.get((product, dimension), Decimal(0)) + Decimal(quantity)
     for (product, dimension), total in sums.items():
-        m.recorded.labels(product, dimension).inc(float(total))
+        m.recorded.labels(*m.usage_labels(RECORDED, product, dimension)).inc(float(total))
 
 
 def record_sent(product_code: str, usage_dimension: str, quantity: str) -> None:
     m = _families
     if m is not None:
         m.records_sent.inc()
-        m.metered.labels(product_code, usage_dimension).inc(float(Decimal(quantity)))
+        m.metered.labels(*m.usage_labels(METERED, product_code, usage_dimension)).inc(float(Decimal(quantity)))
 
 
 def record_retried(reason: str) -> None:

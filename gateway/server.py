@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import threading
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any, Callable
 import grpc
 from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from gateway import metrics
 from gateway.config import ConfigError, Settings, format_listen
@@ -20,6 +21,61 @@ from marketplace.metering.v1 import metering_pb2 as pb
 
 METERING_SERVICE = pb.DESCRIPTOR.services_by_name["MeteringService"].full_name
 RECORDER_SERVICE = pb.DESCRIPTOR.services_by_name["UsageRecorderService"].full_name
+# Reflection streams hold a thread each for as long as the caller keeps them open: a
+# few at once, on threads added for them, and none longer than a minute (grpcurl's
+# last milliseconds). Health Watch streams hold no thread (grpcio's non-blocking
+# servicer), but each counts as an RPC in flight: at most one per allowed connection,
+# which is what gRPC's client-side health checking opens.
+REFLECTION_STREAMS = 4
+REFLECTION_MAX_AGE = 60.0
+
+
+class _Streams:
+    """At most ``limit`` streams at once; one more is refused with RESOURCE_EXHAUSTED."""
+
+    def __init__(self, kind: str, limit: int) -> None:
+        self.kind, self.limit = kind, limit
+        self._free = threading.BoundedSemaphore(limit)
+
+    def open(self, context: grpc.ServicerContext) -> None:
+        """Take a place for this stream until it ends, or abort the call."""
+        if not self._free.acquire(blocking=False):
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{self.limit} {self.kind} streams are open already")
+        context.add_callback(self._free.release)
+
+
+class HealthServicer(health.HealthServicer):
+    """grpcio's health servicer, non-blocking, with at most ``watches`` Watch streams at once."""
+
+    def __init__(self, watches: int) -> None:
+        super().__init__(experimental_non_blocking=True)
+        self._watches = _Streams("health Watch", watches)
+
+    def Watch(self, request: Any, context: grpc.ServicerContext, send_response_callback: Any = None) -> Any:  # noqa: N802
+        self._watches.open(context)
+        return super().Watch(request, context, send_response_callback)
+
+
+def add_reflection(server: grpc.Server, names: Sequence[str], max_age: float | None = None) -> None:
+    """Server reflection (v1alpha, as grpcurl speaks it) with its streams bounded: REFLECTION_STREAMS
+    at once, each cancelled ``max_age`` (default REFLECTION_MAX_AGE) seconds after it began."""
+    max_age = REFLECTION_MAX_AGE if max_age is None else max_age
+    servicer = reflection.ReflectionServicer(names)
+    streams = _Streams("reflection", REFLECTION_STREAMS)
+    answer: Callable[[Any, grpc.ServicerContext], Iterator[Any]] = servicer.ServerReflectionInfo  # type: ignore[assignment]
+
+    def info(request_iterator: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        streams.open(context)
+        timer = threading.Timer(max_age, context.cancel)
+        timer.daemon = True
+        timer.start()
+        try:
+            yield from answer(request_iterator, context)
+        finally:
+            timer.cancel()
+
+    servicer.ServerReflectionInfo = info  # type: ignore[method-assign,assignment]
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
 
 
 @dataclass(frozen=True)
@@ -45,6 +101,31 @@ def check_unary(services: Iterable[str], pool: descriptor_pool.DescriptorPool | 
         if streaming:
             raise ValueError(f"service {name} has streaming methods ({', '.join(streaming)}); "
                              "the gateway's interceptor supports unary methods only")
+
+
+def channel_options(settings: Settings, share_port: bool = False) -> list[tuple[str, int]]:
+    """gRPC's server options: what one caller may spend of the server (docs/operations.md, Limits)."""
+    ms = 1000
+    return [
+        # A port in use is an error, unless sibling worker processes share it on purpose.
+        ("grpc.so_reuseport", 1 if share_port else 0),
+        ("grpc.max_receive_message_length", settings.max_message_size),
+        ("grpc.max_allowed_incoming_connections", settings.max_connections),
+        ("grpc.max_concurrent_streams", settings.max_streams_per_connection),
+        ("grpc.max_connection_idle_ms", round(settings.max_connection_idle * ms)),
+        ("grpc.max_connection_age_ms", round(settings.max_connection_age * ms)),
+        ("grpc.max_connection_age_grace_ms", round(settings.max_connection_age_grace * ms)),
+        # Pings: one per --keepalive-min-time at most, and none without a call open; two
+        # more and the connection is closed (GOAWAY ENHANCE_YOUR_CALM).
+        ("grpc.http2.min_ping_interval_without_data_ms", round(settings.keepalive_min_time * ms)),
+        ("grpc.http2.max_ping_strikes", 2),
+        ("grpc.keepalive_permit_without_calls", 0),
+        # The server's own pings find dead peers (a vanished pod, a cut network) on idle connections.
+        ("grpc.keepalive_time_ms", 2 * 60 * ms),
+        ("grpc.keepalive_timeout_ms", 20 * ms),
+        # A TLS handshake or HTTP/2 preface that does not finish soon frees its connection.
+        ("grpc.server_handshake_timeout_ms", 10 * ms),
+    ]
 
 
 def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
@@ -77,23 +158,22 @@ class Gateway:
         self.settings = settings
         names = {s.name for s in servicers}
         check_unary(names)
-        self.health = health.HealthServicer(experimental_non_blocking=True)
+        self.health = HealthServicer(watches=settings.max_connections)
+        streams = REFLECTION_STREAMS if settings.reflection else 0
         self.server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix="rpc"),
+            # Reflection's streams get threads of their own, on top of --max-workers.
+            futures.ThreadPoolExecutor(max_workers=settings.max_workers + streams, thread_name_prefix="rpc"),
             interceptors=[GatewayInterceptor(names, observer=observer, authorize=authorize)],
-            options=[
-                # A port in use is an error, unless sibling worker processes share it on purpose.
-                ("grpc.so_reuseport", 1 if share_port else 0),
-                ("grpc.max_receive_message_length", 16 * 1024 * 1024),
-            ],
-            # With a slow AWS, calls beyond this fail at once with RESOURCE_EXHAUSTED
-            # (retryable) instead of queueing without limit behind busy threads.
-            maximum_concurrent_rpcs=settings.concurrent_rpc_limit,
+            options=channel_options(settings, share_port),
+            # Calls beyond this fail at once with RESOURCE_EXHAUSTED (retryable) instead of
+            # queueing without limit behind busy threads; open streams count apart.
+            maximum_concurrent_rpcs=settings.concurrent_rpc_limit + settings.max_connections + streams,
         )
         for s in servicers:
             s.add(s.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection((*sorted(names), health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        if settings.reflection:
+            add_reflection(self.server, (*sorted(names), health.SERVICE_NAME, reflection.SERVICE_NAME))
         self._names = sorted(names)
         self.port = 0
 

@@ -6,8 +6,10 @@ GatewayError; the interceptor turns them into statuses.
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 
 import grpc
@@ -29,11 +31,39 @@ def deadline_of(context: grpc.ServicerContext, clock: Callable[[], float] = time
     return None if remaining is None else clock() + remaining
 
 
+class CallSlots:
+    """At most ``limit`` calls at once; one more is refused at once, never queued.
+
+    MeterUsage takes a slot for as long as it waits on AWS, so a slow AWS can hold
+    ``limit`` of the server's threads and no more: health, RecordUsage and the rest
+    keep the others (``--max-aws-calls``).
+    """
+
+    RETRY_DELAY = 0.5  # seconds, in RetryInfo: a slot frees when any call to AWS ends
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._free = threading.BoundedSemaphore(limit)
+
+    @contextmanager
+    def taken(self) -> Iterator[None]:
+        if not self._free.acquire(blocking=False):
+            raise errors.GatewayError(
+                "CONCURRENCY_LIMIT_EXCEEDED", f"{self.limit} MeterUsage calls are waiting on AWS already "
+                "(--max-aws-calls); nothing was sent: retry shortly", retry_delay=self.RETRY_DELAY)
+        try:
+            yield
+        finally:
+            self._free.release()
+
+
 class MeteringServicer(pb_grpc.MeteringServiceServicer):
-    def __init__(self, backend: Backend, *, future_skew: timedelta, now: Callable[[], datetime] = utcnow) -> None:
+    def __init__(self, backend: Backend, *, future_skew: timedelta, now: Callable[[], datetime] = utcnow,
+                 slots: CallSlots | None = None) -> None:
         self._backend = backend
         self._future_skew = future_skew
         self._now = now
+        self._slots = slots or CallSlots(1 << 20)
 
     def MeterUsage(self, request: pb.MeterUsageRequest, context: grpc.ServicerContext) -> pb.MeterUsageResponse:  # noqa: N802
         structlog.contextvars.bind_contextvars(
@@ -42,5 +72,6 @@ class MeteringServicer(pb_grpc.MeteringServiceServicer):
         violations = validation.validate_meter_usage(request, validation.Window(self._now(), self._future_skew))
         if violations:
             raise errors.invalid(violations)
-        outcome = self._backend.meter_usage(params.to_aws(request), deadline=deadline_of(context))
+        with self._slots.taken():
+            outcome = self._backend.meter_usage(params.to_aws(request), deadline=deadline_of(context))
         return pb.MeterUsageResponse(metering_record_id=outcome.metering_record_id, dry_run=outcome.dry_run)

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import os
 import re
+import socket
 import time
 import tomllib
 from collections.abc import Iterator
@@ -26,7 +27,7 @@ from grpc_status import rpc_status
 from gateway.backend import Backend, RetryPolicy, make_client
 from gateway.config import Settings
 from gateway.server import METERING_SERVICE, Gateway, Servicer
-from gateway.service import MeteringServicer
+from gateway.service import CallSlots, MeteringServicer
 from marketplace.metering.v1 import metering_pb2 as pb
 from marketplace.metering.v1 import metering_pb2_grpc as pb_grpc
 from metering_client import convert as client_convert
@@ -124,7 +125,8 @@ def running_gateway(
     client = make_client(conf, endpoint_url=endpoint_url, session=session or local_session())
     backend = Backend(client, RetryPolicy(conf.aws_max_attempts, conf.aws_backoff_base, conf.aws_backoff_max))
     now = (clock if clock is not None else default_clock()).datetime
-    servicer = MeteringServicer(backend, future_skew=timedelta(seconds=conf.timestamp_skew), now=now)
+    servicer = MeteringServicer(backend, future_skew=timedelta(seconds=conf.timestamp_skew), now=now,
+                                slots=CallSlots(conf.aws_call_limit))
     gateway = Gateway(conf, [Servicer(METERING_SERVICE, servicer, pb_grpc.add_MeteringServiceServicer_to_server)])
     port = gateway.start()
     try:
@@ -269,3 +271,44 @@ def unchecked(why: str) -> NoReturn:
     if REQUIRE_EVERY_TEST:
         pytest.fail(f"REQUIRE_EVERY_TEST=1, but this test cannot run here: {why}")
     pytest.skip(why)
+
+
+# -- raw HTTP/2 connections, as a careless or hostile client opens them ------------------------------
+
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+SETTINGS, PING, GOAWAY = 4, 6, 7
+ENHANCE_YOUR_CALM = 0xB
+
+
+def h2_frame(kind: int, payload: bytes = b"", flags: int = 0, stream: int = 0) -> bytes:
+    return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
+
+
+def h2_connect(target: str) -> socket.socket:
+    """A TCP connection to ``target`` that has said the HTTP/2 preface and nothing more: an idle client."""
+    host, port = target.rsplit(":", 1)
+    conn = socket.create_connection((host, int(port)), timeout=10)
+    conn.sendall(H2_PREFACE + h2_frame(SETTINGS))
+    return conn
+
+
+def h2_frames_until_closed(conn: socket.socket, timeout: float) -> tuple[list[tuple[int, bytes]], bool]:
+    """The frames the server sends within ``timeout`` seconds (kind, payload), and whether it closed the connection."""
+    conn.settimeout(0.2)
+    buffer, frames = b"", []
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            data = conn.recv(65536)
+        except TimeoutError:
+            continue
+        except ConnectionResetError:
+            return frames, True
+        if not data:
+            return frames, True
+        buffer += data
+        while len(buffer) >= 9 and len(buffer) >= 9 + int.from_bytes(buffer[:3], "big"):
+            size = int.from_bytes(buffer[:3], "big")
+            frames.append((buffer[3], buffer[9:9 + size]))
+            buffer = buffer[9 + size:]
+    return frames, False

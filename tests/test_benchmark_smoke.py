@@ -122,3 +122,15 @@ def test_record_usage_spools_quick_run_reports_every_figure() -> None:
     assert set(spools["target"].values()) <= {"PASS", "MISS"} and len(spools["target"]) == 2
     assert len(spools["runs"]) == 6 and all(run["calls"] > 0 for run in spools["runs"])
     assert "vs SQLite" in done.stdout and "target PostgreSQL, batches of 1000" in done.stdout  # the table came too
+
+
+@pytest.mark.slow
+def test_abuse_reports_memory_and_health_for_each_attack() -> None:
+    result, out = quick_run("abuse.py", timeout=300)
+    assert result["alive"] is True
+    for phase in ("baseline", "tag bomb MeterUsage", "tag bomb RecordUsage", "idle connections"):
+        entry = result[phase]
+        assert positive(entry["peak_rss_mib"]) and entry["health_new"]["checks"] > 0 and entry["health_kept"]["checks"] > 0
+    assert result["tag bomb MeterUsage"]["answer"] == "INVALID_ARGUMENT"
+    assert result["idle connections"]["still_open"] >= 0
+    assert "peak RSS" in out

@@ -142,7 +142,7 @@ def test_help_names_every_env_variable() -> None:
 def test_help_gives_the_ranges() -> None:
     text = subprocess.run(gateway_cmd("serve", "--help"), capture_output=True, text=True, timeout=30).stdout
     flat = " ".join(text.split())
-    assert "default 5m; range 0s..3h]" in flat and "range above 0, at most 1000]" in flat
+    assert "default 5m; range 0s..3h]" in flat and "range 0.1..1000]" in flat
     assert "--max-concurrent-rpcs N" in flat and "--event-retention DURATION" in flat
 
 

@@ -41,7 +41,16 @@ BOUNDS = [
     ("--timestamp-skew", ["0s", "1h"], ["1h1ms"]),
     ("--flush-grace", ["0s", "3h"], ["3h1ms", "5h"]),
     ("--flush-interval", ["100ms", "15m"], ["99ms", "0s", "15m1ms"]),
-    ("--aws-max-rps", ["0.001", "1000"], ["0", "-1", "1000.001", "nan", "inf", "-inf"]),
+    ("--aws-max-rps", ["0.1", "1000"], ["0.099", "1e-300", "0", "-1", "1000.001", "nan", "inf", "-inf"]),
+    ("--max-aws-calls", ["0", "1023"], ["-1", "1024"]),
+    ("--max-message-size", ["64KiB", "65536", "64MiB"], ["65535", "67108865"]),
+    ("--max-connections", ["1", "100000"], ["0", "100001"]),
+    ("--max-streams-per-connection", ["1", "10000"], ["0", "10001"]),
+    ("--max-connection-idle", ["1s", "7d"], ["999ms", "7d1ms"]),
+    ("--max-connection-age", ["1s", "7d"], ["999ms", "7d1ms"]),
+    ("--max-connection-age-grace", ["0s", "1d"], ["1d1ms"]),
+    ("--keepalive-min-time", ["1s", "1d"], ["999ms", "1d1ms"]),
+    ("--metrics-max-series", ["1", "100000"], ["0", "100001"]),
     ("--event-retention", ["1h", "400d"], ["59m59s", "3650d1ms"]),
     ("--record-retention", ["7d", "3650d"], ["3650d1ms"]),
     ("--spool-connections", ["2", "1000"], ["1", "1001"]),
@@ -74,11 +83,13 @@ def test_just_inside_is_accepted(flag: str, inside: str) -> None:
         "--aws-backoff-base": ["--aws-backoff-max", "5m"],
         "--aws-backoff-max": ["--aws-backoff-base", "1ms"],
         "--max-concurrent-rpcs": ["--max-workers", "1"],
+        "--max-aws-calls": ["--max-workers", "1024"],
         "--event-retention": ["--record-retention", "3650d"],
     }.get(flag, [])
     conf = settings(f"{flag}={inside}", *extra)
     name = flag[2:].replace("-", "_")
-    assert getattr(conf, name) == pytest.approx(parse_duration(inside) if inside[-1].isalpha() else float(inside))
+    [field] = [f for f in SETTINGS_FIELDS if f.name == name]
+    assert getattr(conf, name) == pytest.approx(field.metadata["parse"](inside))
 
 
 @pytest.mark.parametrize(("flag", "outside"), [(flag, v) for flag, _, outs in BOUNDS for v in outs])
@@ -89,7 +100,7 @@ def test_just_outside_names_the_flag_and_the_value_as_written(flag: str, outside
 
 def test_message_gives_the_range() -> None:
     assert refusal("--flush-grace=300m") == "--flush-grace: 300m is out of range (allowed: 0s..3h)"
-    assert refusal("--aws-max-rps=0") == "--aws-max-rps: 0 is out of range (allowed: above 0, at most 1000)"
+    assert refusal("--aws-max-rps=0") == "--aws-max-rps: 0 is out of range (allowed: 0.1..1000)"
     assert refusal("--aws-max-rps=nan") == "--aws-max-rps: nan is not a finite number"
 
 
@@ -167,3 +178,38 @@ def test_an_unusable_flush_grace_stops_the_real_command() -> None:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("metering-gateway: error:"), result.stderr
     assert lines[0] == "metering-gateway: error: --flush-grace: 5h is out of range (allowed: 0s..3h)"
+
+
+# -- what the hostile-callers review found -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("spool", [":memory:", "file:spool.db?mode=memory", "file::memory:?cache=shared",
+                                   "host=db user=alice password=s3cr3tpw dbname=m", "dbname=m password=s3cr3tpw",
+                                   "mysql://alice:s3cr3tpw@db/m"])
+def test_a_spool_that_is_not_a_durable_file_or_url_is_refused_without_its_password(spool: str) -> None:
+    message = refusal("--spool", spool)
+    assert message.startswith("--spool: ") and "s3cr3tpw" not in message and spool not in message
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--grace", "٥s"), ("--max-workers", "١٢"), ("--aws-max-rps", "١٠"),
+                                             ("--listen", "127.0.0.1:٥٠٠٥١"), ("--max-message-size", "١MiB")])
+def test_digits_are_ascii_digits(flag: str, value: str) -> None:
+    assert flag[2:].replace("-", " ") in refusal(f"{flag}={value}").replace("-", " ")
+
+
+def test_sizes_are_written_as_people_write_them() -> None:
+    assert settings("--max-message-size=512KiB").max_message_size == 512 * 1024
+    assert refusal("--max-message-size=4MB") == "--max-message-size: '4MB' is not a size (examples: 65536, 512KiB, 4MiB)"
+    assert refusal("--max-message-size=128MiB") == "--max-message-size: 128MiB is out of range (allowed: 64KiB..64MiB)"
+
+
+def test_max_aws_calls_leaves_threads_for_the_rest() -> None:
+    assert settings().aws_call_limit == 24  # 3/4 of the default 32 workers
+    assert settings("--max-workers=1").aws_call_limit == 1
+    assert refusal("--max-workers=8", "--max-aws-calls=8").startswith("--max-aws-calls: 8 leaves no thread")
+
+
+def test_spool_create_takes_yes_no_or_if_mounted() -> None:
+    assert settings().spool_create == "yes"
+    assert settings("--spool-create=if-mounted").spool_create == "if-mounted"
+    assert refusal("--spool-create=maybe").startswith("--spool-create: 'maybe' is not one of yes, no, if-mounted")

@@ -213,17 +213,20 @@ def test_request_id_is_echoed(stub: pb_grpc.MeteringServiceStub) -> None:
     assert ("x-request-id", "caller-43") in caught.value.trailing_metadata()
 
 
-def test_concurrent_callers_each_get_their_own_record(stub: pb_grpc.MeteringServiceStub, local_aws: LocalAws) -> None:
+def test_concurrent_callers_each_get_their_own_record(local_aws: LocalAws) -> None:
+    """24 calls at once, on 32 workers (24 of which may wait on AWS: --max-aws-calls' default)."""
     ids: list[str] = []
+    with running_gateway(local_aws.endpoint_url, max_workers=32) as target, grpc.insecure_channel(target) as channel:
+        stub = pb_grpc.MeteringServiceStub(channel)
 
-    def worker(n: int) -> None:
-        ids.append(stub.MeterUsage(request(usage_dimension=f"dim-{n}"), timeout=10).metering_record_id)
+        def worker(n: int) -> None:
+            ids.append(stub.MeterUsage(request(usage_dimension=f"dim-{n}"), timeout=10).metering_record_id)
 
-    threads = [threading.Thread(target=worker, args=(n,)) for n in range(24)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+        threads = [threading.Thread(target=worker, args=(n,)) for n in range(24)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
     assert len(set(ids)) == 24 == len(local_aws.records())
 
 

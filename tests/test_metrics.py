@@ -477,3 +477,30 @@ def test_a_record_failed_while_in_flight_stays_outcome_unknown(tmp_path: Path) -
         assert gauges.reading(spool, now).outcome_unknown == 1
     finally:
         spool.close()
+
+
+def test_caller_chosen_labels_are_bounded_by_metrics_max_series() -> None:
+    """40,000 dimensions recorded and metered: the first --metrics-max-series pairs keep their
+    labels, the rest are summed under "other", counted by the overflow counter, and the scrape
+    stays the size of those series."""
+    from prometheus_client import generate_latest
+
+    registry = metrics.install(max_series=1000)
+    try:
+        baseline = len(generate_latest(registry))
+        for start in range(0, 40_000, 1000):
+            metrics.usage_recorded([("prod-a", f"dim-{n}", "1") for n in range(start, start + 1000)], 1000, 0)
+        for n in range(40_000):
+            metrics.record_sent("prod-a", f"dim-{n}", "2")
+        scrape = generate_latest(registry)
+        families = {f.name: f for f in text_string_to_metric_families(scrape.decode())}
+        recorded = {(s.labels["product_code"], s.labels["usage_dimension"]): s.value
+                    for s in families["metering_gateway_usage_recorded_quantity"].samples if s.name.endswith("_total")}
+        assert len(recorded) == 1001 and recorded[("other", "other")] == 39_000
+        assert sum(recorded.values()) == 40_000  # nothing lost, only folded
+        overflow = {s.labels["family"]: s.value for s in families["metering_gateway_usage_series_overflow"].samples
+                    if s.name.endswith("_total")}
+        assert overflow == {"recorded": 39_000, "metered": 39_000}
+        assert len(scrape) - baseline < 2 * 1001 * 120, "two families of 1001 series, about 120 bytes each"
+    finally:
+        metrics.uninstall()

@@ -1,59 +1,67 @@
-"""The server bounds the calls it holds: beyond --max-concurrent-rpcs, a call is refused at once.
+"""The server bounds the calls it holds: beyond --max-aws-calls, MeterUsage is refused at once.
 Only unary methods are served through the interceptor: a streaming one is refused."""
 
 from __future__ import annotations
 
-import functools
 import threading
-import time
+from collections.abc import Iterator
 from concurrent import futures
 from typing import Any
 
 import grpc
 import pytest
 from google.protobuf import descriptor_pb2, descriptor_pool
-from support import request, running_gateway
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from recording import wait_for
+from support import (
+    GOAWAY,
+    PING,
+    SETTINGS,
+    ENHANCE_YOUR_CALM,
+    details,
+    h2_connect,
+    h2_frame,
+    h2_frames_until_closed,
+    request,
+    running_gateway,
+)
 
 from gateway.config import Settings
 from gateway.interceptors import GatewayInterceptor
 from gateway.local_aws import SLOW, LocalAws
-from gateway.server import Gateway, Servicer, check_unary
+from gateway import server as server_module
+from gateway.server import METERING_SERVICE, REFLECTION_STREAMS, Gateway, Servicer, check_unary
 from marketplace.metering.v1 import metering_pb2_grpc as pb_grpc
 
-SLOW_SECONDS = 2.0
+SLOW_SECONDS = 6.0
 
 
-def test_calls_beyond_the_limit_are_refused_at_once_while_aws_is_slow(local_aws: LocalAws) -> None:
-    local_aws.inject(SLOW, count=6, delay=SLOW_SECONDS)
-    with running_gateway(local_aws.endpoint_url, max_workers=2, max_concurrent_rpcs=2) as target, \
+def test_meter_usage_beyond_max_aws_calls_is_refused_at_once_and_health_still_answers(local_aws: LocalAws) -> None:
+    """A slow AWS holds --max-aws-calls calls and no more: the next ones are refused with
+    RESOURCE_EXHAUSTED CONCURRENCY_LIMIT_EXCEEDED while those still wait, and health answers."""
+    local_aws.inject(SLOW, count=2, delay=SLOW_SECONDS)
+    with running_gateway(local_aws.endpoint_url, max_workers=4, max_aws_calls=2) as target, \
             grpc.insecure_channel(target) as channel:
         stub = pb_grpc.MeteringServiceStub(channel)
+        health = health_pb2_grpc.HealthStub(channel)
         grpc.channel_ready_future(channel).result(timeout=10)
-        done: dict[int, tuple[grpc.StatusCode, float]] = {}
-        lock = threading.Lock()
-        started = time.monotonic()
-
-        def finished(n: int, call: grpc.Future) -> None:
-            with lock:
-                done[n] = (call.code(), time.monotonic() - started)  # type: ignore[attr-defined]
-
-        calls = [stub.MeterUsage.future(request(usage_dimension=f"limit-{n}"), timeout=10) for n in range(6)]
-        for n, call in enumerate(calls):
-            call.add_done_callback(functools.partial(finished, n))
-        for call in calls:
-            call.exception()  # waits for the call's end
-        time.sleep(0.1)  # the last done-callbacks run on gRPC's threads
-
-        codes = sorted(code.name for code, _ in done.values())
-        assert codes == ["OK", "OK"] + ["RESOURCE_EXHAUSTED"] * 4, done
-        refused = [t for code, t in done.values() if code == grpc.StatusCode.RESOURCE_EXHAUSTED]
-        served = [t for code, t in done.values() if code == grpc.StatusCode.OK]
-        assert max(refused) < 0.8, f"refusals should not wait for a slot: {refused}"
-        assert min(served) >= SLOW_SECONDS * 0.9, "the two served calls were held by the slow AWS"
-
+        slow = [stub.MeterUsage.future(request(usage_dimension=f"slow-{n}"), timeout=60) for n in range(2)]
+        wait_for(lambda: len(local_aws.faults) == 0, what="both slow calls at AWS")
+        refused = []
+        for n in range(6):
+            with pytest.raises(grpc.RpcError) as err:
+                stub.MeterUsage(request(usage_dimension=f"refused-{n}"), timeout=30)
+            refused.append(details(err.value))
+            reply = health.Check(health_pb2.HealthCheckRequest(service=METERING_SERVICE), timeout=30)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        assert not any(call.done() for call in slow), "refusals and health answered while AWS still held both calls"
+        assert {(r.code, r.info.reason) for r in refused} == {
+            (grpc.StatusCode.RESOURCE_EXHAUSTED, "CONCURRENCY_LIMIT_EXCEEDED")}
+        assert all(r.retry is not None for r in refused)
+        assert [call.result().metering_record_id != "" for call in slow] == [True, True]
         # The slots are free again: the server goes on serving.
-        reply = stub.MeterUsage(request(usage_dimension="limit-after"), timeout=10)
-        assert reply.metering_record_id
+        assert stub.MeterUsage(request(usage_dimension="after"), timeout=10).metering_record_id
 
 
 def streaming_pool() -> descriptor_pool.DescriptorPool:
@@ -104,3 +112,126 @@ def test_a_streaming_method_of_a_wrapped_service_fails_closed() -> None:
         assert ran == [] and authorized == []
     finally:
         server.stop(0)
+
+
+# -- streams cannot starve calls -------------------------------------------------------------------
+
+REFLECT = reflection_pb2.ServerReflectionRequest(list_services="")
+
+
+class IdleStream:
+    """A reflection stream that asks once, then stays open and silent until released."""
+
+    def __init__(self, channel: grpc.Channel) -> None:
+        self._release = threading.Event()
+        self.answers: list[Any] = []
+        self.error: grpc.RpcError | None = None
+        self._thread = threading.Thread(target=self._run, args=(channel,), daemon=True)
+        self._thread.start()
+
+    def _requests(self) -> Iterator[reflection_pb2.ServerReflectionRequest]:
+        yield REFLECT
+        self._release.wait(120)
+
+    def _run(self, channel: grpc.Channel) -> None:
+        try:
+            for answer in reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(self._requests(),
+                                                                                                   timeout=120):
+                self.answers.append(answer)
+        except grpc.RpcError as exc:
+            self.error = exc
+
+    def close(self) -> None:
+        self._release.set()
+        self._thread.join(30)
+
+
+def test_idle_reflection_and_watch_streams_leave_calls_their_threads(local_aws: LocalAws) -> None:
+    """64 reflection streams held open and silent, and 64 health watches: 4 reflection streams
+    are served (on threads of their own), the other 60 refused at once; MeterUsage and health answer."""
+    with running_gateway(local_aws.endpoint_url, max_workers=2) as target, grpc.insecure_channel(target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        watches = [health.Watch(health_pb2.HealthCheckRequest(service=METERING_SERVICE), timeout=120) for _ in range(64)]
+        assert all(next(w).status == health_pb2.HealthCheckResponse.SERVING for w in watches)
+        streams = [IdleStream(channel) for _ in range(64)]
+        try:
+            wait_for(lambda: sum(1 for s in streams if s.answers or s.error) == 64, what="every stream answered or refused")
+            held = [s for s in streams if s.answers and s.error is None]
+            refused = [s.error for s in streams if s.error is not None]
+            assert len(held) == REFLECTION_STREAMS
+            assert {e.code() for e in refused} == {grpc.StatusCode.RESOURCE_EXHAUSTED} and len(refused) == 60
+            stub = pb_grpc.MeteringServiceStub(channel)
+            for n in range(8):  # more calls than threads: each gets one, none waits behind a stream
+                assert stub.MeterUsage(request(usage_dimension=f"beside-streams-{n}"), timeout=10).metering_record_id
+                assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == health_pb2.HealthCheckResponse.SERVING
+        finally:
+            for s in streams:
+                s.close()
+            for w in watches:
+                w.cancel()
+
+
+def test_a_reflection_stream_lasts_a_minute_at_most(local_aws: LocalAws, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(server_module, "REFLECTION_MAX_AGE", 0.5)
+    with running_gateway(local_aws.endpoint_url) as target, grpc.insecure_channel(target) as channel:
+        stream = IdleStream(channel)
+        wait_for(lambda: stream.error is not None, timeout=30, what="the idle stream cancelled by the server")
+        assert stream.answers and stream.error is not None and stream.error.code() == grpc.StatusCode.CANCELLED
+        stream.close()
+        assert IdleStream(channel).answers is not None  # and a new one is served
+
+
+def test_reflection_can_be_turned_off(local_aws: LocalAws) -> None:
+    with running_gateway(local_aws.endpoint_url, reflection=False) as target, grpc.insecure_channel(target) as channel:
+        stream = IdleStream(channel)
+        wait_for(lambda: stream.error is not None, what="the call refused")
+        assert stream.error is not None and stream.error.code() == grpc.StatusCode.UNIMPLEMENTED
+        stream.close()
+
+
+# -- connections: closed when idle, capped in number, and pings kept in their place -----------------------
+
+
+def test_an_idle_connection_is_closed(local_aws: LocalAws) -> None:
+    with running_gateway(local_aws.endpoint_url, max_connection_idle=1.0) as target:
+        conn = h2_connect(target)
+        frames, closed = h2_frames_until_closed(conn, timeout=30)
+        assert closed and GOAWAY in [kind for kind, _ in frames]
+        conn.close()
+
+
+def test_connections_beyond_the_limit_are_closed_and_the_rest_keep_serving(local_aws: LocalAws) -> None:
+    with running_gateway(local_aws.endpoint_url, max_connections=3) as target:
+        held = [h2_connect(target) for _ in range(3)]
+        for conn in held:  # each taken in: the server's SETTINGS came
+            assert SETTINGS in [kind for kind, _ in h2_frames_until_closed(conn, 2)[0]]
+        extra = h2_connect(target)
+        frames, closed = h2_frames_until_closed(extra, timeout=10)
+        assert closed and frames == [], "closed at once, before any HTTP/2 frame"
+        for conn in held:
+            conn.close()
+        extra.close()
+        with grpc.insecure_channel(target) as channel:  # once connections close, callers get in again
+            reply = wait_for(lambda: _try_meter(channel), timeout=30, what="a call to get through")
+            assert reply.metering_record_id
+
+
+def _try_meter(channel: grpc.Channel) -> Any:
+    try:
+        return pb_grpc.MeteringServiceStub(channel).MeterUsage(request(usage_dimension="after-cap"), timeout=5)
+    except grpc.RpcError:
+        return None
+
+
+def test_a_ping_flood_gets_goaway_enhance_your_calm(local_aws: LocalAws) -> None:
+    """What gRPC enforces: pings with no call open count as strikes, and after two the connection
+    is told to go away (ENHANCE_YOUR_CALM) and closed. (Until the server reads that far it still
+    answers each ping: docs/operations.md, Limits.)"""
+    with running_gateway(local_aws.endpoint_url) as target, grpc.insecure_channel(target) as channel:
+        conn = h2_connect(target)
+        conn.sendall(h2_frame(SETTINGS, flags=1) + h2_frame(PING, b"12345678") * 50)
+        frames, closed = h2_frames_until_closed(conn, timeout=30)
+        goaway = [payload for kind, payload in frames if kind == GOAWAY]
+        assert closed and goaway and int.from_bytes(goaway[0][4:8], "big") == ENHANCE_YOUR_CALM
+        conn.close()
+        assert pb_grpc.MeteringServiceStub(channel).MeterUsage(request(), timeout=10).metering_record_id

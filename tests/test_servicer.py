@@ -7,6 +7,7 @@ the tests run.
 
 from __future__ import annotations
 
+import base64
 import threading
 import time
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from recording import event, running_recorder, sums_of_events, sums_of_records, wait_for
 from postgres import PostgresServer
 from support import FIXED_NOW, Clock, Details, details, local_session, using_clock
+from test_spool_sqlite import BrokenReads
 
 from gateway.recording import placement
 from gateway.local_aws import DROP, LocalAws
@@ -190,7 +192,10 @@ def test_closed_hours_are_metered_once_with_allocations(recorder: tuple, local_a
     assert record(stub, *events).accepted == 5
     expected = sums_of_events(events)
     wait_for(lambda: metered(local_aws, expected), what="both hours metered")
-    sent = {(r.product_code, r.hour.ToSeconds()): r for r in listed(stub, state=State.STATE_SENT)}
+    # AWS holds a record a moment before the sender, hearing back, marks it SENT.
+    sent_records = wait_for(lambda: found if len(found := listed(stub, state=State.STATE_SENT)) == 2 else [],
+                            what="both records SENT in the spool")
+    sent = {(r.product_code, r.hour.ToSeconds()): r for r in sent_records}
     by_id = {r.metering_record_id: r for r in local_aws.records()}
     tagged = sent[("prod-a", placement.hour_of(hours_ago(2)))]
     assert tagged.quantity == "12"
@@ -244,8 +249,9 @@ def test_throttling_then_an_outage_then_recovery_meters_exact_sums(recorder: tup
     events = [event(f"e{i}", hours_ago(1 + i % 3), i, product=f"prod-{i % 2}") for i in range(60)]
     record(stub, *events)
     wait_for(lambda: metered(local_aws, sums_of_events(events)), what="all hours metered after the outage")
-    records = listed(stub)
-    assert {r.state for r in records} == {State.STATE_SENT}
+    # AWS holds a record a moment before the sender, hearing back, marks it SENT.
+    records = wait_for(lambda: found if {r.state for r in (found := listed(stub))} == {State.STATE_SENT} else [],
+                       what="every record SENT in the spool")
     assert max(r.attempts for r in records) > 1
     assert not local_aws.faults
     assert len(local_aws.records()) == 6
@@ -498,3 +504,84 @@ def test_a_database_outage_under_load_is_unavailable_and_recovers_by_itself(
     # Closed with a flush: usage carried into the open hour (its earlier hours were sent) goes too.
     expected = sums_of_events({e.event_id: e for b in batches + unacknowledged for e in b}.values())
     assert sums_of_records(local_aws.records()) == {**expected, ("prod-a", "after-outage"): Decimal(5)}
+
+
+# -- what the hostile-callers review found ---------------------------------------------------------------
+
+
+def test_a_spool_deleted_under_a_running_gateway_is_noticed_at_once(
+        local_aws: LocalAws, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Its files deleted while serving: the recorder turns NOT_SERVING with no call needed, every
+    RecordUsage answers SPOOL_UNAVAILABLE (never OK into a file nobody will find), and an error
+    line names the path."""
+    path = tmp_path / "spool.db"
+    with running_recorder(local_aws.endpoint_url, str(path), clock=CLOCK, start_sender=False) as (target, _), \
+            grpc.insecure_channel(target) as channel:
+        stub = pb_grpc.UsageRecorderServiceStub(channel)
+        health = health_pb2_grpc.HealthStub(channel)
+
+        def status() -> int:
+            return health.Check(health_pb2.HealthCheckRequest(service=RECORDER_SERVICE), timeout=5).status
+
+        assert record(stub, event("before", hours_ago(1))).accepted == 1
+        for name in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+            name.unlink(missing_ok=True)
+        wait_for(lambda: status() == health_pb2.HealthCheckResponse.NOT_SERVING, what="the recorder NOT_SERVING")
+        for n in range(3):
+            with pytest.raises(grpc.RpcError) as refused:
+                record(stub, event(f"after-{n}", hours_ago(1)))
+            got = details(refused.value)
+            assert (got.code, got.info.reason) == (grpc.StatusCode.UNAVAILABLE, "SPOOL_UNAVAILABLE")
+        assert status() == health_pb2.HealthCheckResponse.NOT_SERVING
+    logged = capsys.readouterr().out
+    assert "spool_file_vanished" in logged and str(path) in logged
+    assert not path.exists()
+
+
+@pytest.mark.parametrize("token", [
+    "[Infinity,1]", "[1e400,1]", f"[{2**64},1]", f"[1,{2**63}]", "[1,2,3]", '{"a":1}', "[" * 100_000 + "]" * 100_000,
+])
+def test_a_forged_page_token_is_invalid_argument(recorder: tuple, token: str) -> None:
+    stub, _ = recorder
+    encoded = base64.urlsafe_b64encode(token.encode()).decode()
+    with pytest.raises(grpc.RpcError) as refused:
+        listed(stub, page_token=encoded)
+    got = details(refused.value)
+    assert (got.code, got.fields) == (grpc.StatusCode.INVALID_ARGUMENT, ["page_token"])
+
+
+@pytest.mark.parametrize(("seconds", "nanos"), [(2**63 - 1, 1), (-(2**63), 0), (253_402_300_800, 0)])
+def test_a_time_outside_timestamps_range_is_invalid_argument(recorder: tuple, seconds: int, nanos: int) -> None:
+    stub, _ = recorder
+    for name in ("start_time", "end_time"):
+        with pytest.raises(grpc.RpcError) as refused:
+            listed(stub, **{name: Timestamp(seconds=seconds, nanos=nanos)})
+        got = details(refused.value)
+        assert got.code == grpc.StatusCode.INVALID_ARGUMENT and name in got.fields
+
+
+@pytest.mark.parametrize("state", [99, -5, 4])
+def test_an_unknown_state_is_invalid_argument_not_every_record(recorder: tuple, state: int) -> None:
+    stub, _ = recorder
+    with pytest.raises(grpc.RpcError) as refused:
+        listed(stub, state=state)
+    assert (details(refused.value).code, details(refused.value).fields) == (grpc.StatusCode.INVALID_ARGUMENT, ["state"])
+
+
+@pytest.mark.parametrize("record_id", ["9" * 5000, "1" * 20, str(2**63), "١٢"])
+def test_a_record_id_of_too_many_digits_is_invalid_argument(recorder: tuple, record_id: str) -> None:
+    stub, _ = recorder
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.RetryMeteringRecord(pb.RetryMeteringRecordRequest(record_id=record_id), timeout=10)
+    assert (details(refused.value).code, details(refused.value).fields) == (grpc.StatusCode.INVALID_ARGUMENT, ["record_id"])
+
+
+def test_a_spool_that_fails_to_read_answers_spool_unavailable(recorder: tuple) -> None:
+    stub, recording = recorder
+    record(stub, event("a", hours_ago(1)))
+    spool = recording.spool
+    spool._db = BrokenReads(spool._db)
+    with pytest.raises(grpc.RpcError) as refused:
+        listed(stub)
+    got = details(refused.value)
+    assert (got.code, got.info.reason) == (grpc.StatusCode.UNAVAILABLE, "SPOOL_UNAVAILABLE")

@@ -450,3 +450,16 @@ def test_serve_never_prints_the_spool_password(private_postgres: PostgresServer)
     assert "postgresql://gateway@127.0.0.1" in text  # where it connects is said, without the password
     for secret in secrets:
         assert secret not in text
+
+
+def test_spool_create_no_refuses_a_database_without_a_spool(postgres_server: PostgresServer,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """A DSN pointing at the wrong (empty) database would start over silently: with
+    --spool-create no it stops start-up instead; a new spool is always said loudly."""
+    dsn = postgres_server.create_database(f"empty_{uuid.uuid4().hex[:8]}")
+    with pytest.raises(SpoolError) as refused:
+        open_spool(dsn, create="no")
+    assert "holds no spool, and --spool-create is no" in str(refused.value)
+    open_spool(dsn).close()
+    assert "spool_created" in capsys.readouterr().out
+    open_spool(dsn, create="no").close()  # once there, it opens as ever

@@ -4,6 +4,7 @@ tested in test_spool.py, on both databases."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import sqlite3
 import subprocess
@@ -12,11 +13,21 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from support import unchecked
 from test_spool import row
 
 from gateway.recording import placement
 from gateway.recording.placement import EventRow
-from gateway.recording.spool import FAILED, PENDING, SENT, WHOLE_WIRE, EventIdConflict, SpoolUnavailable, open_spool
+from gateway.recording.spool import (
+    FAILED,
+    PENDING,
+    SENT,
+    WHOLE_WIRE,
+    EventIdConflict,
+    SpoolError,
+    SpoolUnavailable,
+    open_spool,
+)
 from gateway.recording.sqlite import SCHEMA_VERSION
 from gateway.recording.sqlite import SqliteSpool as Spool
 
@@ -148,3 +159,100 @@ def test_a_commit_that_fails_on_a_full_disk_stores_nothing_and_recovers(tmp_path
     assert out["WRITABLE"] == "False False" and out["PROBE"] == "True True"
     assert out["TOTALS"] == "[('prod-a', 'requests', '1')]"  # nothing of the refused batch
     assert out["AGAIN"] == "(1000, 0)" and out["REOPENED"] == "[('prod-a', 'requests', '1001')]"
+
+
+# -- a spool that vanishes or breaks under a running gateway ----------------------------------------
+
+
+def remove_spool(path: Path) -> None:
+    for name in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        name.unlink(missing_ok=True)
+
+
+def test_a_deleted_spool_file_refuses_writes_and_says_where_its_data_still_is(tmp_path: Path) -> None:
+    """The .sqlite, -wal and -shm files deleted under a running gateway: nothing is
+    acknowledged into a file nobody will find again, and the error says how to save
+    what was (the file is still open, at /proc/PID/fd/N)."""
+    path = tmp_path / "spool.db"
+    spool = Spool(str(path))
+    assert spool.record([row("before")]) == (1, 0)
+    remove_spool(path)
+    with pytest.raises(SpoolUnavailable) as refused:
+        spool.record([row("after")])
+    assert str(path) in str(refused.value) and "/proc/" in str(refused.value)
+    assert not spool.writable and not spool.probe() and not spool.verify()
+    assert not path.exists(), "no new, empty file was made in its place"
+
+
+def test_a_replaced_spool_file_is_noticed_without_a_write(tmp_path: Path) -> None:
+    path, other = tmp_path / "spool.db", tmp_path / "other.db"
+    spool = Spool(str(path))
+    Spool(str(other)).close()
+    changes: list[bool] = []
+    spool.on_writable(changes.append)
+    assert spool.verify()
+    os.replace(other, path)
+    assert not spool.verify() and changes == [False]  # the health watcher asks every second
+    with pytest.raises(SpoolUnavailable):
+        spool.record([row("after")])
+
+
+class BrokenReads:
+    """The spool's connection, with every read failing as SQLite does on a corrupt file."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def execute(self, sql: str, *args: object) -> object:
+        if sql.lstrip().upper().startswith("SELECT"):
+            raise sqlite3.DatabaseError("database disk image is malformed")
+        return self._db.execute(sql, *args)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._db, name)
+
+
+def test_a_corrupt_spool_read_is_unavailable_not_a_crash(tmp_path: Path) -> None:
+    spool = Spool(str(tmp_path / "spool.db"))
+    spool.record([row("a")])
+    spool._db = BrokenReads(spool._db)  # type: ignore[assignment]
+    with pytest.raises(SpoolUnavailable, match="malformed"):
+        spool.list_records()
+    with pytest.raises(SpoolUnavailable, match="malformed"):
+        spool.stats()
+
+
+# -- a new spool is never made silently ------------------------------------------------------------
+
+
+def test_a_new_spool_is_said_loudly(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    Spool(str(tmp_path / "new.db")).close()
+    assert "spool_created" in capsys.readouterr().out
+    Spool(str(tmp_path / "new.db")).close()
+    assert "spool_created" not in capsys.readouterr().out
+
+
+def test_spool_create_no_refuses_to_start_over(tmp_path: Path) -> None:
+    with pytest.raises(SpoolError) as refused:
+        open_spool(str(tmp_path / "missing.db"), create="no")
+    assert "does not exist, and --spool-create is no" in str(refused.value) and "\n" not in str(refused.value)
+    assert not (tmp_path / "missing.db").exists()
+    Spool(str(tmp_path / "there.db")).close()
+    open_spool(str(tmp_path / "there.db"), create="no").close()  # an existing spool opens as ever
+
+
+def test_spool_create_if_mounted_makes_a_spool_only_on_a_mounted_volume(tmp_path: Path) -> None:
+    """A pod whose volume did not mount finds an empty directory of the image's, not a mount point."""
+    assert not os.path.ismount(tmp_path)
+    with pytest.raises(SpoolError) as refused:
+        open_spool(str(tmp_path / "spool.db"), create="if-mounted")
+    assert "is not a mount point" in str(refused.value) and not (tmp_path / "spool.db").exists()
+    mounted = next((p for p in ("/dev/shm", "/tmp", "/run") if os.path.ismount(p) and os.access(p, os.W_OK)), None)
+    if mounted is None:
+        unchecked("no writable mount point (/dev/shm, /tmp, /run): a spool made on a mounted volume is unchecked")
+    spool_path = Path(mounted) / f"spool-{os.getpid()}-{id(tmp_path)}.db"
+    try:
+        open_spool(str(spool_path), create="if-mounted").close()
+        assert spool_path.exists()
+    finally:
+        remove_spool(spool_path)

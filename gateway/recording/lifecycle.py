@@ -35,7 +35,8 @@ class Recording:
 
     While the spool cannot write, a watcher probes it every PROBE_EVERY seconds,
     so that health comes back by itself once it can (a pod taken out of service
-    gets no RecordUsage calls that would show it).
+    gets no RecordUsage calls that would show it); while it can, the watcher checks
+    that it is still the spool opened (an SQLite file deleted or replaced).
     """
 
     spool: Spool
@@ -55,7 +56,9 @@ class Recording:
     def _watch(self) -> None:
         while not self._stop.wait(PROBE_EVERY):
             try:
-                if not self.spool.writable and self.spool.probe():
+                if self.spool.writable:
+                    self.spool.verify()  # a spool file deleted or replaced turns it unwritable, with no call needed
+                elif self.spool.probe():
                     log.info("spool_writable_again", location=self.spool.location)
             except Exception:  # the watcher must outlive any surprise, or health never comes back
                 log.exception("spool_watch_failed")
@@ -93,7 +96,7 @@ def open_recording(
     driven by ``sender.tick()``: both for tests on a simulated clock.
     """
     try:
-        spool = open_spool(settings.spool, pool_size=settings.spool_connections)
+        spool = open_spool(settings.spool, pool_size=settings.spool_connections, create=settings.spool_create)
     except SpoolError as exc:
         raise ConfigError(f"spool: {exc}") from None
     skew = timedelta(seconds=settings.timestamp_skew)

@@ -47,7 +47,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from gateway.config import SPOOL_POOL_WAIT
 from gateway.recording.placement import EventRow
-from gateway.recording.spool import Recorded, SpoolError, SpoolUnavailable
+from gateway.recording.spool import CREATE, NEVER_CREATE, Recorded, SpoolError, SpoolUnavailable
 from gateway.recording.sql import Cursor, SqlSpool
 
 SCHEMA_VERSION = 2  # numbered as SQLite's schema: version 2 is the first PostgreSQL has
@@ -195,7 +195,7 @@ class PostgresSpool(SqlSpool):
     LOCK_ROWS = " FOR UPDATE"
     CLAIM_ROWS = " FOR UPDATE SKIP LOCKED"
 
-    def __init__(self, url: str, *, pool_size: int = 4, now: Callable[[], float] = time.time) -> None:
+    def __init__(self, url: str, *, pool_size: int = 4, now: Callable[[], float] = time.time, create: str = CREATE) -> None:
         self.location = redact(url)
         try:
             self._url = _with_defaults(url)
@@ -214,7 +214,7 @@ class PostgresSpool(SqlSpool):
         self._health = threading.Lock()
         try:
             self._connect_or_fail()
-            self._open(now())
+            self._open(now(), create)
         except BaseException:
             self._pool.close()
             raise
@@ -235,16 +235,20 @@ class PostgresSpool(SqlSpool):
             raise SpoolError(f"cannot connect to {self.location}: {_first_line(exc)}") from None
         self._pool.open(wait=True, timeout=SPOOL_POOL_WAIT * 2)
 
-    def _open(self, now: float) -> None:
+    def _open(self, now: float, create: str) -> None:
         with self._transaction() as db:
             # Replicas starting together: one creates or migrates, the others then find it done.
             db.execute("SELECT pg_advisory_xact_lock(?, ?)", (_LOCKS, _MIGRATION_LOCK))
             (exists,) = db.execute("SELECT to_regclass('meta') IS NOT NULL").fetchone()
             if not exists:
+                if create == NEVER_CREATE:
+                    raise SpoolError(f"{self.location} holds no spool, and --spool-create is no: is it the right database?")
                 db.conn.execute(_SCHEMA)
                 db.executemany("INSERT INTO meta (key, value) VALUES (?, ?)",
                                [("schema_version", str(SCHEMA_VERSION)), ("spool_id", str(uuid.uuid4()))])
-                log.info("spool_created", location=self.location, schema_version=SCHEMA_VERSION)
+                log.warning("spool_created", location=self.location, schema_version=SCHEMA_VERSION,
+                            note="a new, empty spool: nothing was recorded here before (if something was, the "
+                            "gateway is not looking at it: see --spool-create)")
             version = int(db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0])
             if version > SCHEMA_VERSION:
                 raise SpoolError(

@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
@@ -48,6 +49,12 @@ PAGE_SIZE_DEFAULT = 100
 PAGE_SIZE_MAX = 1000
 SPOOL_RETRY_DELAY = 1.0  # what RetryInfo tells a caller when the spool cannot write
 RECORD_ID_MAX = 2**63 - 1  # both databases' record ids are 64-bit
+_RECORD_ID = re.compile(r"[0-9]{1,19}")  # RECORD_ID_MAX has 19 digits: longer is never one, and never converted
+# A page token is base64 of "[hour,record_id]", two such numbers: nothing else is even parsed.
+_TOKEN = re.compile(r"\[([0-9]{1,19}),\s?([0-9]{1,19})\]")
+_TOKEN_MAX = 64
+# google.protobuf.Timestamp's own range: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z.
+_TIMESTAMP_MIN, _TIMESTAMP_MAX = -62_135_596_800, 253_402_300_799
 CONFLICT = "was accepted before with a different product, dimension, timestamp, quantity or tags"
 
 log = structlog.get_logger("gateway.recorder")
@@ -93,7 +100,7 @@ def record_message(row: RecordRow) -> pb.MeteringRecord:
 
 def record_id_of(text: str) -> int:
     """RetryMeteringRecord's ``record_id``: the decimal digits ListMeteringRecords gave."""
-    if not (text.isascii() and text.isdigit()) or int(text) > RECORD_ID_MAX:
+    if not _RECORD_ID.fullmatch(text) or int(text) > RECORD_ID_MAX:
         raise errors.invalid([validation.Violation("record_id", "must be a record_id as ListMeteringRecords "
                                                    "returns it (decimal digits)")])
     return int(text)
@@ -111,6 +118,8 @@ def hour_range(request: pb.ListMeteringRecordsRequest) -> tuple[int | None, int 
         stamp = getattr(request, name)
         if not 0 <= stamp.nanos < 1_000_000_000:
             violations.append(validation.Violation(name, "nanos must be between 0 and 999999999"))
+        if not _TIMESTAMP_MIN <= stamp.seconds <= _TIMESTAMP_MAX:
+            violations.append(validation.Violation(name, "must be between 0001-01-01T00:00:00Z and 9999-12-31T23:59:59Z"))
         bounds.append(stamp.seconds + (1 if stamp.nanos > 0 else 0))
     start, end = request.start_time, request.end_time
     if not violations and None not in bounds and (end.seconds, end.nanos) <= (start.seconds, start.nanos):
@@ -140,11 +149,14 @@ def encode_token(row: RecordRow) -> str:
 
 
 def decode_token(token: str) -> tuple[int, int]:
+    """``[hour, record_id]`` from a token encode_token made; anything else is INVALID_ARGUMENT."""
     try:
-        hour, record_id = json.loads(base64.urlsafe_b64decode(token.encode()))
-        return int(hour), int(record_id)
-    except (ValueError, TypeError, binascii.Error):
-        raise errors.invalid([validation.Violation("page_token", "is not a token this server returned")]) from None
+        match = _TOKEN.fullmatch(base64.urlsafe_b64decode(token.encode()).decode()) if len(token) <= _TOKEN_MAX else None
+    except (ValueError, binascii.Error):  # not base64, or not text
+        match = None
+    if match is None or max(int(match[1]), int(match[2])) > RECORD_ID_MAX:
+        raise errors.invalid([validation.Violation("page_token", "is not a token this server returned")])
+    return int(match[1]), int(match[2])
 
 
 class RecorderServicer(pb_grpc.UsageRecorderServiceServicer):
@@ -188,6 +200,8 @@ class RecorderServicer(pb_grpc.UsageRecorderServiceServicer):
     ) -> pb.ListMeteringRecordsResponse:
         if request.page_size < 0:
             raise errors.invalid([validation.Violation("page_size", "must not be negative")])
+        if request.state not in _STATE_NAMES and request.state != pb.MeteringRecord.STATE_UNSPECIFIED:
+            raise errors.invalid([validation.Violation("state", "must be STATE_PENDING, STATE_SENT, STATE_FAILED or unset")])
         size = min(request.page_size or PAGE_SIZE_DEFAULT, PAGE_SIZE_MAX)
         since, until = hour_range(request)
         after = decode_token(request.page_token) if request.page_token else None

@@ -43,6 +43,8 @@ from gateway.recording.placement import Content, EventRow
 
 PENDING, SENT, FAILED = "PENDING", "SENT", "FAILED"
 DECIMAL_WIRE, WHOLE_WIRE = "decimal", "whole"
+# --spool-create: whether a spool that is not there yet may be made.
+CREATE, NEVER_CREATE, CREATE_IF_MOUNTED = "yes", "no", "if-mounted"
 LATE = "late_or_too_old"  # why assign() carries: the own hour is taken or too old
 
 log = structlog.get_logger("gateway.spool")
@@ -232,6 +234,10 @@ class Spool(Protocol):
     def probe(self) -> bool:
         """Try a real write to see whether the spool can take a batch again."""
 
+    def verify(self) -> bool:
+        """Whether the spool is still the one opened (its file not deleted or replaced);
+        when not, it turns unwritable and says so. Cheap: the health watcher asks every second."""
+
     def close(self) -> None: ...
 
     def record(self, events: Sequence[EventRow]) -> Recorded:
@@ -291,16 +297,18 @@ class Spool(Protocol):
         """(product, dimension, exact sum) of every stored event, for checks."""
 
 
-def open_spool(location: str, *, now: Callable[[], float] = time.time, pool_size: int = 4) -> Spool:
+def open_spool(location: str, *, now: Callable[[], float] = time.time, pool_size: int = 4, create: str = CREATE) -> Spool:
     """The spool ``--spool`` names: a ``postgresql://`` URL, or an SQLite path.
 
     ``now`` dates migrations (tests pass their clock); ``pool_size`` bounds a
-    PostgreSQL spool's connections. Raises SpoolError with a one-line message.
+    PostgreSQL spool's connections; ``create`` says whether a spool that is not
+    there yet may be made (``--spool-create``: yes, no, if-mounted). Raises
+    SpoolError with a one-line message.
     """
     if location.startswith(POSTGRES_SCHEMES):
         from gateway.recording.postgres import PostgresSpool  # psycopg only when asked for
 
-        return PostgresSpool(location, pool_size=pool_size, now=now)
+        return PostgresSpool(location, pool_size=pool_size, now=now, create=create)
     from gateway.recording.sqlite import SqliteSpool
 
-    return SqliteSpool(location, now=now)
+    return SqliteSpool(location, now=now, create=create)

@@ -17,6 +17,8 @@ The rules themselves live once, in :class:`gateway.recording.sql.SqlSpool`.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sqlite3
 import threading
 import time
@@ -30,7 +32,17 @@ import structlog
 from gateway import validation
 from gateway.recording import placement
 from gateway.recording.placement import Content, EventRow
-from gateway.recording.spool import DECIMAL_WIRE, PENDING, WHOLE_WIRE, Recorded, SpoolError, SpoolUnavailable
+from gateway.recording.spool import (
+    CREATE,
+    CREATE_IF_MOUNTED,
+    DECIMAL_WIRE,
+    NEVER_CREATE,
+    PENDING,
+    WHOLE_WIRE,
+    Recorded,
+    SpoolError,
+    SpoolUnavailable,
+)
 from gateway.recording.sql import SqlSpool
 
 # How long placement and pruning step aside, at most, while writers wait for the lock.
@@ -137,21 +149,62 @@ def _unavailable(exc: sqlite3.Error) -> SpoolUnavailable:
     return SpoolUnavailable(f"{code}: {exc}")
 
 
+def _identity(path: str) -> tuple[int, int] | None:
+    """(device, inode) of the file at ``path``; None when none is there (or for ``:memory:``)."""
+    if path == ":memory:":
+        return None
+    try:
+        found = os.stat(path)
+    except OSError:
+        return (-1, -1)
+    return found.st_dev, found.st_ino
+
+
+def _held_descriptor(path: str) -> str:
+    """``/proc/PID/fd/N``, through which this process still holds a deleted ``path``, or ""."""
+    fds = f"/proc/{os.getpid()}/fd"
+    try:
+        for fd in os.listdir(fds):
+            with contextlib.suppress(OSError):
+                if os.readlink(f"{fds}/{fd}") == f"{os.path.abspath(path)} (deleted)":
+                    return f"{fds}/{fd}"
+    except OSError:
+        pass
+    return ""
+
+
+def _may_create(path: str, create: str) -> None:
+    """SpoolError unless ``--spool-create`` lets a new spool be made at ``path``."""
+    if create == NEVER_CREATE:
+        raise SpoolError(f"{path} does not exist, and --spool-create is no: is the volume that holds the spool mounted?")
+    if create == CREATE_IF_MOUNTED:
+        directory = os.path.dirname(os.path.abspath(path))
+        if not os.path.ismount(directory):
+            raise SpoolError(f"{path} does not exist, and {directory} is not a mount point (--spool-create if-mounted): "
+                             "the volume that holds the spool did not mount, so no new spool is made here")
+
+
 class SqliteSpool(SqlSpool):
     """The SQLite spool. Thread-safe; ``path`` may be ``:memory:`` for tests.
 
     ``now`` is used only to date migrations; every other time is passed in.
     """
 
-    def __init__(self, path: str, *, now: Callable[[], float] = time.time) -> None:
+    def __init__(self, path: str, *, now: Callable[[], float] = time.time, create: str = CREATE) -> None:
         self.location = path
         self._lock = threading.Lock()
         self._waiting = 0  # writers waiting for the lock: placement and pruning step aside
         self._counter = threading.Lock()  # guards _waiting
+        new = path != ":memory:" and not os.path.exists(path)
+        if new:
+            _may_create(path, create)
         try:
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         except sqlite3.Error as exc:
             raise SpoolError(f"cannot open {path!r}: {exc}") from None
+        if new:
+            log.warning("spool_created", path=path, note="a new, empty spool: nothing was recorded here before "
+                        "(if something was, the gateway is not looking at it: see --spool-create)")
         try:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
@@ -159,6 +212,7 @@ class SqliteSpool(SqlSpool):
             # After a checkpoint the WAL file is cut back to this size, so it cannot keep
             # what one large transaction once needed.
             self._db.execute("PRAGMA journal_size_limit=67108864")
+            self._file = _identity(path)  # the file now exists: what every write compares the path with
             self._open(now())
         except sqlite3.Error as exc:
             self._db.close()
@@ -210,9 +264,11 @@ class SqliteSpool(SqlSpool):
                     self._waiting -= 1
         try:
             try:
+                self._still_there()
                 self._db.execute("BEGIN IMMEDIATE")
                 yield self._db
                 self._db.execute("COMMIT")
+                self._still_there()  # a commit into a deleted file is no acknowledgement
             except BaseException:
                 if self._db.in_transaction:
                     try:
@@ -228,8 +284,32 @@ class SqliteSpool(SqlSpool):
             log.error("spool_unavailable", path=self.location, error=str(error))
             self._set_writable(False)
             raise error from exc
+        except SpoolUnavailable:
+            self._set_writable(False)
+            raise
         finally:
             self._lock.release()
+
+    def _still_there(self) -> None:
+        """SpoolUnavailable (logged) when the file at the spool's path is no longer the one open."""
+        if self._file is None or _identity(self.location) == self._file:
+            return
+        held = _held_descriptor(self.location)
+        error = (f"the spool file {self.location} was deleted or replaced while in use: RecordUsage is refused; "
+                 "what was acknowledged before is in the file still open"
+                 + (f" ({held}: copy it before the gateway stops)" if held else "")
+                 + "; put the file back, or restart on a restored copy")
+        log.error("spool_file_vanished", path=self.location, error=error)
+        raise SpoolUnavailable(error)
+
+    def verify(self) -> bool:
+        with self._lock:
+            try:
+                self._still_there()
+            except SpoolUnavailable:
+                self._set_writable(False)
+                return False
+        return True
 
     def _step_aside(self) -> None:
         """Between two chunks of background work: let waiting writers go first."""
@@ -239,8 +319,16 @@ class SqliteSpool(SqlSpool):
 
     @contextmanager
     def _reading(self) -> Iterator[sqlite3.Connection]:
+        """A read under the lock; SQLite failing (a corrupt file, say) leaves as SpoolUnavailable."""
         with self._lock:
-            yield self._db
+            try:
+                yield self._db
+            except _PROGRAMMING_ERRORS:
+                raise
+            except sqlite3.Error as exc:
+                error = _unavailable(exc)
+                log.error("spool_unreadable", path=self.location, error=str(error))
+                raise error from exc
 
     def record(self, events: Sequence[EventRow]) -> Recorded:
         """Store a batch in one transaction → (accepted, duplicates). Durable on return.

@@ -22,6 +22,7 @@ from metering_client.errors import (
     DuplicateRequest,
     EventIdConflict,
     ExpiredToken,
+    ConcurrencyLimitExceeded,
     FailedPrecondition,
     FieldViolation,
     HttpError,
@@ -61,6 +62,7 @@ from metering_client.errors import (
 
 __all__ = [
     "REASONS", "AccessDenied", "Allocation", "AlreadyExists", "AwsUnreachable", "CallerNotAllowed", "Cancelled",
+    "ConcurrencyLimitExceeded",
     "CredentialsRefused",
     "EventIdConflict", "ExpiredToken", "HttpError", "InvalidClientTokenId", "SignatureDoesNotMatch", "SpoolUnavailable",
     "UnrecognizedClient", "InvalidSignature", "IncompleteSignature", "MissingAuthenticationToken", "RequestExpired",

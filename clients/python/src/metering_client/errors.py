@@ -113,6 +113,8 @@ class OutcomeUnknown(FailedPrecondition):
     """RetryMeteringRecord: AWS may hold the record; reconcile it first, then retry with ``reconciled=True``."""
 class Throttled(ResourceExhausted):
     """AWS kept throttling after the gateway's and this client's retries; see ``retry_delay``."""
+class ConcurrencyLimitExceeded(ResourceExhausted):
+    """The gateway already had its --max-aws-calls calls waiting on AWS (a slow AWS); this one was not sent."""
 class InternalServiceError(Unavailable): ...
 class AwsUnreachable(Unavailable): ...
 class HttpError(Unavailable):
@@ -149,6 +151,7 @@ REASONS: Mapping[str, type[MeteringError]] = {
     "ACCESS_DENIED": AccessDenied,
     "CALLER_NOT_ALLOWED": CallerNotAllowed,
     "THROTTLING": Throttled,
+    "CONCURRENCY_LIMIT_EXCEEDED": ConcurrencyLimitExceeded,
     "INTERNAL_SERVICE_ERROR": InternalServiceError,
     "AWS_UNREACHABLE": AwsUnreachable,
     "HTTP_500": HttpError,

@@ -137,20 +137,20 @@ def test_hostile_requests_cost_in_proportion_to_their_bytes_and_are_answered_sma
     measured = reset_peak_rss()
     before = rss_kib()
     tracemalloc.start()
-    started = time.process_time()
+    started = time.thread_time()  # this thread's CPU: not other threads', nor the machine's load
     try:
         refused = refusal(request_type, raw)
     except Exception as exc:  # noqa: BLE001 - a cut-off request may be no message: the decoder says so
         refused = errors.invalid([Violation("", f"not a message: {exc}")])
-    cpu = time.process_time() - started
+    cpu = time.thread_time() - started
     _, traced = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     peak = peak_rss_kib() - before
     if refused is not None:
         assert trailer_bytes(refused) < TRAILERS_MAX - 512
         assert refused.code.name in ("INVALID_ARGUMENT", "OUT_OF_RANGE")
-    # Linear, with room for a busy machine: 2 µs and 60 bytes of Python objects per byte.
-    assert cpu < 0.05 + 2e-6 * len(raw), (shape, len(raw), cpu)
+    # Linear: 2 µs of CPU and 60 bytes of Python objects per byte, after a fixed allowance.
+    assert cpu < 0.1 + 2e-6 * len(raw), (shape, len(raw), cpu)
     assert traced < 2_000_000 + 60 * len(raw), (shape, len(raw), traced)
     if measured:  # upb's own memory, decoding: about 25 bytes per byte at worst (an empty tag is 2 bytes)
         assert peak * 1024 < 8_000_000 + 40 * len(raw), (shape, len(raw), peak)

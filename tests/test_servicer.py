@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from decimal import Decimal
 from pathlib import Path
@@ -69,6 +69,13 @@ def record(stub: pb_grpc.UsageRecorderServiceStub, *events: pb.UsageEvent) -> pb
 
 def listed(stub: pb_grpc.UsageRecorderServiceStub, **filters: object) -> list[pb.MeteringRecord]:
     return list(stub.ListMeteringRecords(pb.ListMeteringRecordsRequest(**filters), timeout=10).records)
+
+
+def listed_when(stub: pb_grpc.UsageRecorderServiceStub, ready: Callable[[list[pb.MeteringRecord]], bool],
+                **filters: object) -> list[pb.MeteringRecord]:
+    """The listing once ``ready`` says so (for wait_for), else []."""
+    found = listed(stub, **filters)
+    return found if ready(found) else []
 
 
 def metered(local_aws: LocalAws, expected: dict) -> bool:
@@ -193,7 +200,7 @@ def test_closed_hours_are_metered_once_with_allocations(recorder: tuple, local_a
     expected = sums_of_events(events)
     wait_for(lambda: metered(local_aws, expected), what="both hours metered")
     # AWS holds a record a moment before the sender, hearing back, marks it SENT.
-    sent_records = wait_for(lambda: found if len(found := listed(stub, state=State.STATE_SENT)) == 2 else [],
+    sent_records = wait_for(lambda: listed_when(stub, lambda found: len(found) == 2, state=State.STATE_SENT),
                             what="both records SENT in the spool")
     sent = {(r.product_code, r.hour.ToSeconds()): r for r in sent_records}
     by_id = {r.metering_record_id: r for r in local_aws.records()}
@@ -250,7 +257,7 @@ def test_throttling_then_an_outage_then_recovery_meters_exact_sums(recorder: tup
     record(stub, *events)
     wait_for(lambda: metered(local_aws, sums_of_events(events)), what="all hours metered after the outage")
     # AWS holds a record a moment before the sender, hearing back, marks it SENT.
-    records = wait_for(lambda: found if {r.state for r in (found := listed(stub))} == {State.STATE_SENT} else [],
+    records = wait_for(lambda: listed_when(stub, lambda found: {r.state for r in found} == {State.STATE_SENT}),
                        what="every record SENT in the spool")
     assert max(r.attempts for r in records) > 1
     assert not local_aws.faults

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import queue
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import grpc
+import structlog
 from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
@@ -21,6 +23,7 @@ from marketplace.metering.v1 import metering_pb2 as pb
 
 METERING_SERVICE = pb.DESCRIPTOR.services_by_name["MeteringService"].full_name
 RECORDER_SERVICE = pb.DESCRIPTOR.services_by_name["UsageRecorderService"].full_name
+log = structlog.get_logger("gateway.server")
 # Reflection streams hold a thread each for as long as the caller keeps them open: a
 # few at once, on threads added for them, and none longer than a minute (grpcurl's
 # last milliseconds). Health Watch streams hold no thread (grpcio's non-blocking
@@ -45,15 +48,81 @@ class _Streams:
 
 
 class HealthServicer(health.HealthServicer):
-    """grpcio's health servicer, non-blocking, with at most ``watches`` Watch streams at once."""
+    """grpcio's health servicer (Check as it is), with Watch streams that can neither
+    deadlock the server nor hold up a status change, and at most ``watches`` of them.
+
+    grpcio-health-checking sends each Watch update while holding the lock that a
+    stream's close callback needs on gRPC's serving thread, and waits for the send
+    to complete, which that thread must report: a Watch ending while a status changes
+    deadlocks the whole server (grpc/grpc#43403 reworks those locks). Here the lock
+    (``_lock``, which Check takes too) guards only the statuses and the streams, and
+    is never held while sending; updates go out from a thread of their own, one send
+    at a time (gRPC takes one message at a time per stream), each with the status as
+    it is when sent, so a stream's last message is always the latest status.
+    """
+
+    _gracefully_shutting_down: bool  # the library's, set in its __init__
 
     def __init__(self, watches: int) -> None:
         super().__init__(experimental_non_blocking=True)
         self._watches = _Streams("health Watch", watches)
+        self._send_lock = threading.Lock()
+        self._changed: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        threading.Thread(target=self._broadcast, name="health-watch", daemon=True).start()
 
-    def Watch(self, request: Any, context: grpc.ServicerContext, send_response_callback: Any = None) -> Any:  # noqa: N802
+    def Watch(self, request: Any, context: grpc.ServicerContext, send_response_callback: Any = None) -> None:  # noqa: N802
         self._watches.open(context)
-        return super().Watch(request, context, send_response_callback)
+        service = request.service
+        with self._lock:
+            self._send_response_callbacks.setdefault(service, set()).add(send_response_callback)
+        context.add_callback(self._on_close_callback(send_response_callback, service))
+        self._send(service, [send_response_callback])
+
+    def _on_close_callback(self, send_response_callback: Any, service: str) -> Callable[[], None]:
+        def closed() -> None:
+            with self._lock:
+                self._send_response_callbacks.get(service, set()).discard(send_response_callback)
+
+        return closed
+
+    def set(self, service: str, status: Any) -> None:
+        with self._lock:
+            if self._gracefully_shutting_down:
+                return
+            self._server_status[service] = status
+        self._changed.put(service)
+
+    def enter_graceful_shutdown(self) -> None:
+        with self._lock:
+            if self._gracefully_shutting_down:
+                return
+            for service in self._server_status:
+                self._server_status[service] = health_pb2.HealthCheckResponse.NOT_SERVING
+            self._gracefully_shutting_down = True
+            changed = list(self._server_status)
+        for service in changed:
+            self._changed.put(service)
+
+    def close(self) -> None:
+        """Once the server has stopped: the updates thread ends after what it has queued."""
+        self._changed.put(None)
+
+    def _broadcast(self) -> None:
+        while (service := self._changed.get()) is not None:
+            with self._lock:
+                watching = list(self._send_response_callbacks.get(service, ()))
+            self._send(service, watching)
+
+    def _send(self, service: str, callbacks: Iterable[Any]) -> None:
+        """Each stream gets the service's status as it is now; one send at a time."""
+        with self._send_lock:
+            for send_response_callback in callbacks:
+                with self._lock:
+                    status = self._server_status.get(service, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
+                try:
+                    send_response_callback(health_pb2.HealthCheckResponse(status=status))
+                except Exception:  # noqa: BLE001 - a stream ending meanwhile: its close callback drops it
+                    log.debug("health_watch_send_failed", service=service)
 
 
 def add_reflection(server: grpc.Server, names: Sequence[str], max_age: float | None = None) -> None:
@@ -203,6 +272,7 @@ class Gateway:
         for name in self._names:
             metrics.set_serving(name, False)
         self.server.stop(self.settings.grace if grace is None else grace).wait()
+        self.health.close()
 
     def wait(self, timeout: float | None = None) -> bool:
         return self.server.wait_for_termination(timeout)

@@ -125,10 +125,10 @@ class HealthServicer(health.HealthServicer):
                     log.debug("health_watch_send_failed", service=service)
 
 
-def add_reflection(server: grpc.Server, names: Sequence[str], max_age: float | None = None) -> None:
+def add_reflection(server: grpc.Server, names: Sequence[str]) -> None:
     """Server reflection (v1alpha, as grpcurl speaks it) with its streams bounded: REFLECTION_STREAMS
-    at once, each cancelled ``max_age`` (default REFLECTION_MAX_AGE) seconds after it began."""
-    max_age = REFLECTION_MAX_AGE if max_age is None else max_age
+    at once, each cancelled REFLECTION_MAX_AGE seconds after it began."""
+    max_age = REFLECTION_MAX_AGE
     servicer = reflection.ReflectionServicer(names)
     streams = _Streams("reflection", REFLECTION_STREAMS)
     answer: Callable[[Any, grpc.ServicerContext], Iterator[Any]] = servicer.ServerReflectionInfo  # type: ignore[assignment]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from datetime import datetime, timedelta, timezone
 
 import grpc
@@ -63,7 +63,7 @@ class MeteringServicer(pb_grpc.MeteringServiceServicer):
         self._backend = backend
         self._future_skew = future_skew
         self._now = now
-        self._slots = slots or CallSlots(1 << 20)
+        self._slots = slots
 
     def MeterUsage(self, request: pb.MeterUsageRequest, context: grpc.ServicerContext) -> pb.MeterUsageResponse:  # noqa: N802
         structlog.contextvars.bind_contextvars(
@@ -72,6 +72,6 @@ class MeteringServicer(pb_grpc.MeteringServiceServicer):
         violations = validation.validate_meter_usage(request, validation.Window(self._now(), self._future_skew))
         if violations:
             raise errors.invalid(violations)
-        with self._slots.taken():
+        with self._slots.taken() if self._slots is not None else nullcontext():
             outcome = self._backend.meter_usage(params.to_aws(request), deadline=deadline_of(context))
         return pb.MeterUsageResponse(metering_record_id=outcome.metering_record_id, dry_run=outcome.dry_run)

@@ -159,7 +159,7 @@ def quantity_of(message: Any, prefix: str = "") -> tuple[str | None, Decimal | N
 def check_tags(tags: Sequence[_TagLike], path: str) -> list[Violation]:
     """At most TAGS_MAX tags (and past that, not one more is looked at), each well formed, keys unique."""
     if len(tags) > TAGS_MAX:
-        return [too_many(path, len(tags))]
+        return [Violation(path, f"must have at most {TAGS_MAX} tags, got {len(tags)}", INVALID_TAG)]
     out: list[Violation] = []
     seen: set[str] = set()
     for i, tag in enumerate(tags):
@@ -214,7 +214,7 @@ def check_allocations(
     """1-2500 allocations of the request's kind, unique tag sets, summing to the total."""
     out: list[Violation] = []
     if len(allocations) > ALLOCATIONS_MAX:
-        return [too_many(path, len(allocations))]
+        return [Violation(path, f"must have at most {ALLOCATIONS_MAX} allocations, got {len(allocations)}", INVALID_USAGE_ALLOCATIONS)]
     expected_kind = kind or WHOLE  # an unset quantity is AWS's whole 0
     seen: dict[frozenset[tuple[str, str]], int] = {}
     running = Decimal(0)
@@ -293,23 +293,12 @@ def check_usage_event(
 def validate_record_usage(events: Sequence[Any], window: Window) -> list[Violation]:
     """Every violation of a RecordUsage batch (1-1000 events), named ``events[i].<field>``."""
     if not 1 <= len(events) <= RECORD_BATCH_MAX:
-        return [too_many("events", len(events))]
+        return [Violation("events", f"must hold 1-{RECORD_BATCH_MAX} events, got {len(events)}")]
     inside = (int(window.earliest.timestamp()) + 1, int(window.latest.timestamp()) - 1)
     out: list[Violation] = []
     for i, event in enumerate(events):
         out += check_usage_event(event, window, f"events[{i}]", inside)
     return out
-
-
-def too_many(path: str, count: int) -> Violation:
-    """A repeated field (tags, allocations, events) with ``count`` elements, past its limit:
-    the check stops there, and never looks at one element more."""
-    name = path.rsplit(".", 1)[-1]
-    if name == "tags":
-        return Violation(path, f"must have at most {TAGS_MAX} tags, got {count}", INVALID_TAG)
-    if name == "usage_allocations":
-        return Violation(path, f"must have at most {ALLOCATIONS_MAX} allocations, got {count}", INVALID_USAGE_ALLOCATIONS)
-    return Violation(path, f"must hold 1-{RECORD_BATCH_MAX} events, got {count}")
 
 
 def only_timestamp_window(violations: Sequence[Violation]) -> bool:

@@ -47,7 +47,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from gateway.config import SPOOL_POOL_WAIT
 from gateway.recording.placement import EventRow
-from gateway.recording.spool import CREATE, NEVER_CREATE, Recorded, SpoolError, SpoolUnavailable
+from gateway.recording.spool import CREATE, NEVER_CREATE, NEW_SPOOL, Recorded, SpoolError, SpoolUnavailable
 from gateway.recording.sql import Cursor, SqlSpool
 
 SCHEMA_VERSION = 2  # numbered as SQLite's schema: version 2 is the first PostgreSQL has
@@ -246,9 +246,7 @@ class PostgresSpool(SqlSpool):
                 db.conn.execute(_SCHEMA)
                 db.executemany("INSERT INTO meta (key, value) VALUES (?, ?)",
                                [("schema_version", str(SCHEMA_VERSION)), ("spool_id", str(uuid.uuid4()))])
-                log.warning("spool_created", location=self.location, schema_version=SCHEMA_VERSION,
-                            note="a new, empty spool: nothing was recorded here before (if something was, the "
-                            "gateway is not looking at it: see --spool-create)")
+                log.warning("spool_created", location=self.location, schema_version=SCHEMA_VERSION, note=NEW_SPOOL)
             version = int(db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0])
             if version > SCHEMA_VERSION:
                 raise SpoolError(

@@ -45,6 +45,9 @@ PENDING, SENT, FAILED = "PENDING", "SENT", "FAILED"
 DECIMAL_WIRE, WHOLE_WIRE = "decimal", "whole"
 # --spool-create: whether a spool that is not there yet may be made.
 CREATE, NEVER_CREATE, CREATE_IF_MOUNTED = "yes", "no", "if-mounted"
+# The note of the warning every implementation logs when it makes a new spool.
+NEW_SPOOL = ("a new, empty spool: nothing was recorded here before (if something was, the gateway is not "
+             "looking at it: see --spool-create)")
 LATE = "late_or_too_old"  # why assign() carries: the own hour is taken or too old
 
 log = structlog.get_logger("gateway.spool")

@@ -37,6 +37,7 @@ from gateway.recording.spool import (
     CREATE_IF_MOUNTED,
     DECIMAL_WIRE,
     NEVER_CREATE,
+    NEW_SPOOL,
     PENDING,
     WHOLE_WIRE,
     Recorded,
@@ -203,8 +204,7 @@ class SqliteSpool(SqlSpool):
         except sqlite3.Error as exc:
             raise SpoolError(f"cannot open {path!r}: {exc}") from None
         if new:
-            log.warning("spool_created", path=path, note="a new, empty spool: nothing was recorded here before "
-                        "(if something was, the gateway is not looking at it: see --spool-create)")
+            log.warning("spool_created", path=path, note=NEW_SPOOL)
         try:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
@@ -264,7 +264,6 @@ class SqliteSpool(SqlSpool):
                     self._waiting -= 1
         try:
             try:
-                self._still_there()
                 self._db.execute("BEGIN IMMEDIATE")
                 yield self._db
                 self._db.execute("COMMIT")

@@ -33,9 +33,16 @@ lock-check: $(UV_DIR)/.lock-seen
 sync: lock-check
 	@$(UV) sync --frozen --quiet --python $(PYTHON)
 
-## serve: run the gateway on $(LISTEN) with the embedded local AWS backend (nothing is billed)
+# What `make serve` runs: everything on, on the embedded defaults. RecordUsage's spool
+# is an SQLite file in $(STATE) (kept between runs: delete the folder to start afresh),
+# and the local backend knows the products and dimensions of $(PRODUCTS) only.
+STATE ?= .state
+PRODUCTS ?= prod-abc123=requests,storage-gb
+
+## serve: run the gateway on $(LISTEN) with the embedded local AWS backend (nothing is billed) and a spool in $(STATE)/
 serve: sync
-	$(BIN)/metering-gateway serve --local --listen $(LISTEN)
+	@mkdir -p $(STATE)
+	$(BIN)/metering-gateway serve --local --listen $(LISTEN) --spool $(STATE)/spool.sqlite --products '$(PRODUCTS)'
 
 ## test: run every test (and lint the proto when node is installed)
 test: sync lint-proto
@@ -59,7 +66,7 @@ $(BUF): $(BUF_DIR)/package.json $(BUF_DIR)/package-lock.json
 proto: sync
 	$(BIN)/python tools/genproto.py
 
-## bench: the pass-through, RecordUsage (throughput, latency during placement, PostgreSQL vs SQLite), spool-size and hostile-caller benchmarks (figures in README.md)
+## bench: the pass-through, RecordUsage (throughput, latency during placement, PostgreSQL vs SQLite), spool-size and hostile-caller benchmarks (figures in docs/performance.md)
 bench: sync
 	$(BIN)/python benchmarks/passthrough.py --processes 1 --with-metrics
 	$(BIN)/python benchmarks/passthrough.py --processes 2 --with-metrics
@@ -82,7 +89,7 @@ image:
 
 ## lock: resolve every dependency again, to the newest releases pyproject.toml allows, into uv.lock,
 ## and export the image's share of it to $(IMAGE_REQUIREMENTS); then run `make test` and review the diff
-## (README.md, "Dependencies"). LOCK_ARGS= keeps today's pins and only brings the lock in line with pyproject.toml.
+## (docs/development.md, "Dependencies"). LOCK_ARGS= keeps today's pins and only brings the lock in line with pyproject.toml.
 LOCK_ARGS ?= --upgrade
 lock: $(UV_DIR)/.lock-seen
 	$(UV) lock $(LOCK_ARGS)
@@ -91,6 +98,6 @@ lock: $(UV_DIR)/.lock-seen
 clean:
 	rm -rf $(VENV) .tools build *.egg-info clients/python/build clients/python/src/*.egg-info $(BUF_DIR)/node_modules clients/node/node_modules
 
-## docs: rewrite the README's settings table from gateway/config.py
+## docs: rewrite the settings table of docs/settings.md from gateway/config.py
 docs: sync
 	$(BIN)/python tools/settings_table.py

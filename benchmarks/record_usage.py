@@ -143,13 +143,14 @@ def run(target: str, size: int, seconds: float, callers: int) -> tuple[float, in
 
 
 @contextmanager
-def recorder(spool_path: Path) -> Iterator[tuple[str, Recording]]:
+def recorder(spool_path: Path, place: bool = False) -> Iterator[tuple[str, Recording]]:
     """A real gateway with UsageRecorderService on loopback, its sender never started:
-    these figures are the recording path's, and placement is run by hand."""
+    these figures are the recording path's, and placement is run by hand, or (``place``)
+    by the prompt placer a served gateway runs, woken by every accepted batch."""
     # flush_interval at its bound (15m): the sender is not started anyway
     conf = dataclasses.replace(Settings(), listen="127.0.0.1:0", spool=str(spool_path),
                                flush_interval=900.0, max_workers=8).check()
-    recording = open_recording(conf, client=None, start=False)
+    recording = open_recording(conf, client=None, start=False, place=place)
     gateway = Gateway(conf, [recording_servicer(recording)])
     try:
         yield f"127.0.0.1:{gateway.start()}", recording
@@ -159,14 +160,22 @@ def recorder(spool_path: Path) -> Iterator[tuple[str, Recording]]:
 
 
 def throughput(workdir: Path, seconds: float, callers: int) -> dict[str, Any]:
+    """Events a second without placement (the baseline), then with the prompt placer
+    placing what is accepted within a second, as a served gateway does; same run."""
     out: dict[str, Any] = {}
-    with recorder(workdir / "throughput.db") as (target, _):
-        for size in (100, 1000):
-            rate, total = run(target, size, seconds, callers)
-            note = " (callers ran out of batches: raise the count)" if total < 0 else ""
-            print(f"RecordUsage, batches of {size:>4}, {callers} caller processes, spool on disk: "
-                  f"{rate:>9,.0f} events/s ({abs(total):,} events in {seconds:g}s){note}")
-            out[f"batch_{size}"] = {"events_per_s": round(rate, 1), "events": abs(total), "exhausted": total < 0}
+    for place in (False, True):
+        label = "placer on " if place else "no placing"
+        with recorder(workdir / f"throughput-{place}.db", place=place) as (target, recording):
+            for size in (100, 1000):
+                rate, total = run(target, size, seconds, callers)
+                note = " (callers ran out of batches: raise the count)" if total < 0 else ""
+                key = f"batch_{size}" + ("_placer" if place else "")
+                ratio = f"  ratio to no placing {rate / out[f'batch_{size}']['events_per_s']:.2f}" if place else ""
+                print(f"RecordUsage, batches of {size:>4}, {callers} caller processes, spool on disk, {label}: "
+                      f"{rate:>9,.0f} events/s ({abs(total):,} events in {seconds:g}s){ratio}{note}")
+                out[key] = {"events_per_s": round(rate, 1), "events": abs(total), "exhausted": total < 0}
+            if place:
+                out["unplaced_after_placer"] = recording.spool.stats().unassigned_events
     return out
 
 

@@ -110,7 +110,8 @@ def event(event_id: str, when: float, rng: random.Random) -> EventRow:
     seconds, nanos = int(when), int(when % 1 * 1e9)
     key = placement.tags_key(tags)
     digest = placement.event_digest(product, dimension, seconds, nanos, quantity, key)
-    return EventRow(event_id, product, dimension, placement.hour_of(seconds), key, quantity, whole, digest)
+    return EventRow(event_id, product, dimension, placement.hour_of(seconds), key, quantity, whole, digest,
+                    placement.event_time(seconds, nanos))
 
 
 @dataclass

@@ -24,6 +24,7 @@ from gateway.interceptors import Authorize
 from gateway.local_aws import BANNER
 from gateway.recording import gauges
 from gateway.recording.lifecycle import Recording, open_recording
+from gateway.recording.servicer import RecordingNotEnabled
 from gateway.server import METERING_SERVICE, RECORDER_SERVICE, Gateway, Servicer
 from gateway.service import CallSlots, MeteringServicer
 from marketplace.metering.v1 import metering_pb2_grpc as pb_grpc
@@ -69,12 +70,27 @@ def warn_about_credentials(settings: Settings, session: boto3.session.Session) -
             log.warning("aws_credentials", problem=warning)
 
 
-def stop_on_signals() -> threading.Event:
-    """An event set by SIGTERM or SIGINT (the main thread waits on it)."""
-    stop = threading.Event()
+class Stop(threading.Event):
+    """Set by SIGTERM or SIGINT; the main thread waits on it, then announces it (:meth:`announce`).
+
+    The handler only sets it: a handler runs in the main thread between two of its
+    bytecodes, possibly in the middle of writing a log line, holding the log's lock;
+    logging from the handler would wait for that lock for ever.
+    """
+
+    signal_name = ""
+
+    def announce(self) -> None:
+        """The ``shutdown_requested`` line, written by the main thread once it has woken."""
+        log.info("shutdown_requested", signal=self.signal_name, pid=os.getpid())
+
+
+def stop_on_signals() -> Stop:
+    """A :class:`Stop` set by SIGTERM or SIGINT."""
+    stop = Stop()
 
     def on_signal(signum: int, _frame: object) -> None:
-        log.info("shutdown_requested", signal=signal.Signals(signum).name, pid=os.getpid())
+        stop.signal_name = signal.Signals(signum).name
         stop.set()
 
     signal.signal(signal.SIGTERM, on_signal)
@@ -109,12 +125,16 @@ def run(
     backend = Backend(client, RetryPolicy(settings.aws_max_attempts, settings.aws_backoff_base, settings.aws_backoff_max))
     servicers = [
         Servicer(METERING_SERVICE, MeteringServicer(backend, future_skew=timedelta(seconds=settings.timestamp_skew),
-                                                    slots=CallSlots(settings.aws_call_limit)),
+                                                    slots=CallSlots(settings.aws_call_limit),
+                                                    products=settings.product_list),
                  pb_grpc.add_MeteringServiceServicer_to_server),
     ]
     recording = open_recording(settings, client) if settings.spool else None
     if recording:
         servicers.append(recording_servicer(recording))
+    else:  # RecordUsage says how to turn it on, instead of gRPC's bare UNIMPLEMENTED
+        servicers.append(Servicer(RECORDER_SERVICE, RecordingNotEnabled(),
+                                  pb_grpc.add_UsageRecorderServiceServicer_to_server, serving=False))
     observer = metrics.GrpcMetrics(s.name for s in servicers) if registry else None
     gateway = Gateway(settings, servicers, share_port=share_port, authorize=authorize, observer=observer)
     if exporter is not None:
@@ -130,6 +150,7 @@ def run(
                     **({"metrics": exporter.address} if exporter is not None else {}))
     while not stop.wait(3600):
         pass
+    stop.announce()
     deadline = time.monotonic() + settings.grace
     if recording:  # the sender winds down while the server drains, not after
         recording.begin_close()
@@ -154,9 +175,12 @@ def serve_health(gateway: Gateway, service: str, serving: bool) -> None:
 
 
 def log_serving(settings: Settings, port: int, endpoint: str | None, region: str | None, **extra: object) -> None:
+    from gateway.cli import version  # here, not at the top: the cli imports this module
+
     host, _ = settings.listen_host_port
     log.info(
         "serving",
+        version=version(),
         listen=f"{host}:{port}",
         status="SERVING",
         backend=endpoint or "aws",

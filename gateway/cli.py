@@ -1,4 +1,4 @@
-"""The ``metering-gateway`` command: serve, health, records (admin), local-aws."""
+"""The ``metering-gateway`` command: serve, health, meter, records (admin), local-aws."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import re
 import signal
 import sys
 import threading
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
+from importlib import metadata
 from pathlib import Path
 from typing import NoReturn
 
@@ -40,6 +42,16 @@ EXPORT_READS = 3  # full reads of a month at most, for two in a row that agree
 MONTH_SETTLES = timedelta(hours=7)
 
 log = structlog.get_logger("gateway")
+DISTRIBUTION = "metering-gateway"  # pyproject.toml's [project] name
+
+
+def version() -> str:
+    """The installed distribution's version, as pip and the image know it: what --version
+    and the start-up log line report, so a deployment can be matched to its release."""
+    try:
+        return metadata.version(DISTRIBUTION)
+    except metadata.PackageNotFoundError:  # imported from a source tree that was never installed
+        return "unknown"
 
 
 def health_target(env: Mapping[str, str]) -> str:
@@ -108,6 +120,20 @@ def _since(text: str) -> datetime:
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"{text!r} is neither a duration (6h, 30m, 7d) nor an RFC 3339 time (2026-11-03T14:00:00Z)") from None
+    return _utc(when, text)
+
+
+def _timestamp(text: str) -> datetime:
+    """``meter --timestamp``: an RFC 3339 time with its offset."""
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an RFC 3339 time (2026-11-03T14:00:00Z)") from None
+    return _utc(when, text)
+
+
+def _utc(when: datetime, text: str) -> datetime:
+    """``when`` in UTC; a time without an offset is refused, since a person's local zone is a guess."""
     if when.tzinfo is None:
         raise argparse.ArgumentTypeError(f"{text!r} has no UTC offset (add Z, or +02:00)")
     try:
@@ -140,6 +166,35 @@ def _record_id(text: str) -> str:
     return text
 
 
+def _tag(text: str) -> tuple[str, str]:
+    """``--tag key=value``; the gateway checks the key and value themselves."""
+    key, equals, value = text.partition("=")
+    if not equals:
+        raise argparse.ArgumentTypeError(f"{text!r} is not key=value")
+    return key, value
+
+
+def _meter_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    meter = sub.add_parser(
+        "meter", help="meter one record through a running gateway (MeterUsage), e.g. to test a listing",
+        description="Send one MeterUsage call to a running gateway, which validates it and forwards it to AWS. "
+        "Print its metering record id and ClientToken; on failure, the status and every field to fix.")
+    meter.add_argument("--product", required=True, help="the product code of the AWS Marketplace listing")
+    meter.add_argument("--dimension", required=True, help="the usage dimension")
+    meter.add_argument("--quantity", required=True,
+                       help="the decimal quantity, sent as typed (usage_quantity_as_decimal), e.g. 17.42")
+    meter.add_argument("--timestamp", type=_timestamp, metavar="TIME",
+                       help="when the usage happened, RFC 3339 with offset, e.g. 2026-11-03T14:00:00Z [default now]")
+    meter.add_argument("--dry-run", action="store_true",
+                       help="only check that AWS would accept it (the gateway's credentials, the product); record nothing")
+    meter.add_argument("--client-token", metavar="TOKEN",
+                       help="idempotency token: resend a printed one to retry the same record without metering it "
+                       "twice [default a new UUID]")
+    meter.add_argument("--tag", type=_tag, action="append", default=[], metavar="KEY=VALUE",
+                       help="allocate the whole quantity to a bucket with this tag; repeat for more tags")
+    add_target_arguments(meter, timeout=10.0)
+
+
 def _records_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     records = sub.add_parser("records", help="list, retry and export a running gateway's hourly records",
                              description="Admin commands for recorded usage (UsageRecorderService), over gRPC.")
@@ -169,6 +224,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="metering-gateway",
         description="A gRPC gateway that meters usage to AWS Marketplace (MeterUsage).",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser(
         "serve",
@@ -181,6 +237,7 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("health", help="exit 0 only when a gateway reports SERVING")
     add_target_arguments(check)
     check.add_argument("--service", default="", help="service name to check; default the whole server")
+    _meter_parser(sub)
     _records_parser(sub)
     local = sub.add_parser("local-aws", help="run only the local AWS Metering stand-in (nothing is billed)")
     local.add_argument("--host", default="127.0.0.1", help="address to listen on [default 127.0.0.1]")
@@ -197,7 +254,9 @@ def serve(settings: Settings) -> int:
     local: LocalAws | None = None
     if settings.local:
         try:
-            local = LocalAws(port=settings.local_port).start()
+            # Seeded from --products: the local backend knows what the gateway allows, as AWS knows the listing.
+            known = settings.product_list.dimensions if settings.product_list else None
+            local = LocalAws(port=settings.local_port, products=known).start()
         except OSError as exc:
             raise ConfigError(f"cannot start the local backend on port {settings.local_port}: {exc}") from None
     endpoint = local.endpoint_url if local else None
@@ -221,21 +280,29 @@ def _channel(args: argparse.Namespace) -> grpc.Channel:
 
 
 def _failure(exc: grpc.RpcError) -> str:
-    """``CODE: details [REASON]``: the status, and the ErrorInfo reason when the gateway sent one."""
-    text = f"{exc.code().name}: {exc.details()}"
+    """``CODE: details [REASON]``: the status, and the ErrorInfo reason when the gateway sent one;
+    then a line ``  field: description`` per BadRequest field violation, every field to fix."""
+    text = f"{exc.code().name}: {exc.details() or ''}"
     try:
         status = rpc_status.from_call(exc)  # type: ignore[arg-type]
     except ValueError:  # details that contradict the status: show the status alone
         status = None
+    reason, violations = "", []
     for detail in status.details if status is not None else ():
-        info = error_details_pb2.ErrorInfo()
-        if detail.Unpack(info):
-            return f"{text} [{info.reason}]"
-    return text
+        if not reason and detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            reason = info.reason
+        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            violations += [f"\n  {v.field}: {v.description}" for v in bad.field_violations]
+    return (f"{text} [{reason}]" if reason else text) + "".join(violations)
 
 
 def _with_gateway(args: argparse.Namespace, work: Callable[[grpc.Channel], int]) -> int:
-    """Run ``work`` on a channel to ``--target``; a failure is one line on stderr and exit 1."""
+    """Run ``work`` on a channel to ``--target``; a failure is one line on stderr (and one per
+    field violation) and exit 1."""
     try:
         with _channel(args) as channel:
             return work(channel)
@@ -248,14 +315,52 @@ def _with_gateway(args: argparse.Namespace, work: Callable[[grpc.Channel], int])
 
 def health_check(args: argparse.Namespace) -> int:
     def check(channel: grpc.Channel) -> int:
-        reply = health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
-        )
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+            )
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.NOT_FOUND or exc.details():
+                raise
+            # grpcio's own health servicer says nothing more: say what NOT_FOUND means here.
+            print(f"{args.target}: NOT_FOUND: no health status for service {args.service!r}", file=sys.stderr)
+            return 1
         status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
         print(f"{args.target}: {status}")
         return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
 
     return _with_gateway(args, check)
+
+
+def meter(args: argparse.Namespace) -> int:
+    """One MeterUsage call, stamped now unless told otherwise: a person typing means now.
+
+    The token and the timestamp are printed because AWS takes a ClientToken again only
+    with the same fields, the timestamp among them: a resend with both meters nothing twice.
+    """
+    token = args.client_token or str(uuid.uuid4())
+    when = args.timestamp or datetime.now(timezone.utc).replace(microsecond=0)
+    stamp = when.isoformat().replace("+00:00", "Z")
+    request = pb.MeterUsageRequest(product_code=args.product, usage_dimension=args.dimension,
+                                   usage_quantity_as_decimal=args.quantity, dry_run=args.dry_run, client_token=token)
+    request.timestamp.FromDatetime(when)
+    if args.tag:
+        request.usage_allocations.add(allocated_usage_quantity_as_decimal=args.quantity,
+                                      tags=[pb.Tag(key=key, value=value) for key, value in args.tag])
+
+    def send(channel: grpc.Channel) -> int:
+        reply = pb_grpc.MeteringServiceStub(channel).MeterUsage(request, timeout=args.timeout)
+        if reply.dry_run:
+            print(f"dry_run: AWS would accept this record (client_token={token})")
+        else:
+            print(f"metering_record_id={reply.metering_record_id} client_token={token} timestamp={stamp}")
+        return 0
+
+    code = _with_gateway(args, send)
+    if code:  # the outcome may be unknown (a deadline, a lost connection): the token makes a retry safe
+        print(f"client_token={token} timestamp={stamp} (to try again without metering twice, resend with "
+              f"--client-token {token} --timestamp {stamp})", file=sys.stderr)
+    return code
 
 
 def _every_record(channel: grpc.Channel, request: pb.ListMeteringRecordsRequest, timeout: float,
@@ -388,6 +493,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             exit_now(serve(settings_from(args)))
         if args.command == "health":
             return health_check(args)
+        if args.command == "meter":
+            return meter(args)
         if args.command == "records":
             return RECORDS_COMMANDS[args.records_command](args)
         return local_aws(args)

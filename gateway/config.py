@@ -14,13 +14,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import ipaddress
 import math
 import os
 import re
+import ssl
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, NamedTuple
+
+from gateway import validation
 
 ENV_PREFIX = "METERING_GATEWAY_"
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")  # a --spool that names a PostgreSQL database
@@ -146,6 +151,92 @@ def check_spool_location(location: str, who: str = "--spool") -> None:
                           "an SQLite file of that name; give it as a URL: postgresql://USER@HOST:PORT/DBNAME")
     if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", location):
         raise ConfigError(f"{who}: only postgresql:// URLs and SQLite file paths are spools")
+
+
+def parse_products(text: str) -> dict[str, frozenset[str]]:
+    """``prod-abc123=requests,storage-gb;prod-def456=cpu-hours`` → each product's dimensions.
+
+    Entries are separated by ``;`` (or new lines); each code and dimension must be
+    one AWS would take (the same rules as a request's).
+    """
+    products: dict[str, frozenset[str]] = {}
+    for entry in re.split(r"[;\n]", text):
+        if not entry.strip():
+            continue
+        product, sep, listed = (part.strip() for part in entry.partition("="))
+        dimensions = [d.strip() for d in listed.split(",") if d.strip()]
+        if not sep or not dimensions:
+            raise ConfigError(f"{entry!r} names no dimensions: write PRODUCT=DIMENSION[,DIMENSION...], "
+                              "entries separated by ';' (example: prod-abc123=requests,storage-gb)")
+        problems = validation.check_product_code(product, f"product code {product!r}")
+        problems += [v for d in dimensions for v in validation.check_usage_dimension(d, f"dimension {d[:40]!r} of {product}")]
+        if problems:
+            raise ConfigError(f"{problems[0].field} {problems[0].description}")
+        if product in products:
+            raise ConfigError(f"product {product!r} is listed twice: give all its dimensions in one entry")
+        products[product] = frozenset(dimensions)
+    if not products:
+        raise ConfigError("lists no product: write PRODUCT=DIMENSION[,DIMENSION...] (or leave it unset to allow any)")
+    return products
+
+
+def _products_text(text: str) -> str:
+    """--products as given, once parse_products found it well formed."""
+    parse_products(text)
+    return text.strip()
+
+
+def check_tls_files(cert: str, key: str, client_ca: str) -> None:
+    """ConfigError naming the file unless the certificate, key and CA bundle are PEM files
+    that fit together. Checked at start-up: gRPC only says "Failed to bind" for any of it."""
+    for name, path, marker in (("tls-cert", cert, "CERTIFICATE"), ("tls-key", key, "PRIVATE KEY"),
+                               ("tls-client-ca", client_ca, "CERTIFICATE")):
+        if not path:
+            continue
+        try:
+            with open(path, "rb") as f:
+                data = f.read(1 << 20)
+        except OSError as exc:
+            raise ConfigError(f"{name}: cannot read {path!r}: {exc.strerror}") from None
+        if f"-----BEGIN {marker}-----".encode() not in data and not (
+                marker == "PRIVATE KEY" and re.search(rb"-----BEGIN [A-Z]+ PRIVATE KEY-----", data)):
+            raise ConfigError(f"{name}: {path!r} holds no PEM {marker.lower()} (no '-----BEGIN {marker}-----' line)")
+        if marker == "PRIVATE KEY" and (b"ENCRYPTED" in data):
+            raise ConfigError(f"{name}: {path!r} is an encrypted key; gRPC needs it unencrypted (protect the file instead)")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    if cert:
+        try:
+            context.load_cert_chain(cert, key, password=lambda: b"")
+        except ssl.SSLError as exc:
+            if "KEY_VALUES_MISMATCH" in str(exc) or "key values mismatch" in str(exc):
+                raise ConfigError(f"tls-key: {key!r} is not the private key of the certificate in {cert!r}") from None
+            raise ConfigError(f"tls-cert/tls-key: {cert!r} and {key!r} are not a usable certificate and key "
+                              f"({exc.reason or exc})") from None
+    if client_ca:
+        try:
+            context.load_verify_locations(cafile=client_ca)
+        except ssl.SSLError as exc:
+            raise ConfigError(f"tls-client-ca: {client_ca!r} is not a usable PEM CA bundle ({exc.reason or exc})") from None
+
+
+# Variables with the prefix that are not settings, and are no mistake: those of the
+# `health` command, and those Kubernetes adds to every pod for a Service named
+# metering-gateway (or metering-gateway-*) unless enableServiceLinks is false.
+OTHER_VARIABLES = frozenset(ENV_PREFIX + name for name in ("HEALTH_TARGET", "HEALTH_TLS_CA", "HEALTH_TLS_CERT", "HEALTH_TLS_KEY"))
+_SERVICE_LINK = re.compile(ENV_PREFIX + r"(?:[A-Z0-9_]+_)?(?:SERVICE_HOST|SERVICE_PORT(?:_[A-Z0-9_]+)?|"
+                           r"PORT(?:_[0-9]+_(?:TCP|UDP|SCTP)(?:_(?:PROTO|PORT|ADDR))?)?)")
+
+
+def check_variables(env: Mapping[str, str]) -> None:
+    """ConfigError for a ``METERING_GATEWAY_*`` variable that is no setting: a typo
+    (``..._SPOLL``) would otherwise start the gateway without what it meant to set."""
+    known = {env_name(f.name) for f in SETTINGS_FIELDS} | OTHER_VARIABLES
+    for name in sorted(env):
+        if name.startswith(ENV_PREFIX) and name not in known and not _SERVICE_LINK.fullmatch(name):
+            # Compared without the prefix, which every name shares and would make anything look close.
+            close = difflib.get_close_matches(name[len(ENV_PREFIX):], sorted(k[len(ENV_PREFIX):] for k in known), n=1)
+            hint = f"did you mean {ENV_PREFIX}{close[0]}?" if close else "see `metering-gateway serve --help` for the settings"
+            raise ConfigError(f"{name} is set, but no setting has that name: {hint}")
 
 
 @dataclass(frozen=True)
@@ -435,6 +526,17 @@ class Settings:
             metavar="PATH|URL",
         ),
     )
+    products: str = field(
+        default="",
+        metadata=_setting(
+            "The products, and their dimensions, this gateway meters: PRODUCT=DIMENSION[,DIMENSION...], "
+            "entries separated by ';' (prod-abc123=requests,storage-gb;prod-def456=cpu-hours). Any other "
+            "product or dimension is refused before AWS (INVALID_ARGUMENT naming the field), and with --local "
+            "the local backend knows these only. Empty: any product and dimension.",
+            parse=_products_text,
+            metavar="LIST",
+        ),
+    )
     spool_create: str = field(
         default="yes",
         metadata=_setting(
@@ -590,7 +692,13 @@ class Settings:
             path = getattr(self, name)
             if path and not os.path.isfile(path):
                 raise ConfigError(f"{name.replace('_', '-')}: no such file {path!r}")
+        check_tls_files(self.tls_cert, self.tls_key, self.tls_client_ca)
         return self
+
+    @cached_property
+    def product_list(self) -> validation.Products | None:
+        """--products, parsed; None when unset (any product and dimension)."""
+        return validation.Products(parse_products(self.products)) if self.products else None
 
 
 SETTINGS_FIELDS = tuple(dataclasses.fields(Settings))
@@ -643,7 +751,7 @@ def shown_value(f: dataclasses.Field[Any], value: Any) -> str:
 
 
 def shown_range(f: dataclasses.Field[Any]) -> str:
-    """The values setting ``f`` allows, as in --help and the README ("" when unbounded)."""
+    """The values setting ``f`` allows, as in --help and docs/settings.md ("" when unbounded)."""
     bounds: Bounds | None = f.metadata.get("bounds")
     return bounds.describe(lambda v: shown_value(f, v)) if bounds else ""
 
@@ -675,6 +783,7 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
 def settings_from(args: argparse.Namespace | None = None, env: Mapping[str, str] | None = None) -> Settings:
     """Flags, then ``METERING_GATEWAY_*`` variables, then defaults; checked."""
     env = os.environ if env is None else env
+    check_variables(env)
     values: dict[str, Any] = {}
     given: dict[str, Given] = {}
     for f in SETTINGS_FIELDS:

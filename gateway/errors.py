@@ -117,6 +117,8 @@ RULES: Mapping[str, Rule] = {
     # The recorded-usage spool.
     "EVENT_ID_CONFLICT": Rule(Code.ALREADY_EXISTS),
     "SPOOL_UNAVAILABLE": Rule(Code.UNAVAILABLE, retryable=True),
+    # UsageRecorderService on a gateway started without --spool: it records nothing.
+    "RECORDING_NOT_ENABLED": Rule(Code.FAILED_PRECONDITION),
     # An operator's RetryMeteringRecord: no such record, or one that is not FAILED, or
     # one AWS may hold (reconcile it against the seller reports first).
     "RECORD_NOT_FOUND": Rule(Code.NOT_FOUND),

@@ -48,8 +48,9 @@ class _Streams:
 
 
 class HealthServicer(health.HealthServicer):
-    """grpcio's health servicer (Check as it is), with Watch streams that can neither
-    deadlock the server nor hold up a status change, and at most ``watches`` of them.
+    """grpcio's health servicer (Check as it is, but for a NOT_FOUND that explains), with
+    Watch streams that can neither deadlock the server nor hold up a status change, and
+    at most ``watches`` of them.
 
     grpcio-health-checking sends each Watch update while holding the lock that a
     stream's close callback needs on gRPC's serving thread, and waits for the send
@@ -69,6 +70,19 @@ class HealthServicer(health.HealthServicer):
         self._send_lock = threading.Lock()
         self._changed: queue.SimpleQueue[str | None] = queue.SimpleQueue()
         threading.Thread(target=self._broadcast, name="health-watch", daemon=True).start()
+
+    def Check(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
+        """grpcio's Check, but an unknown service's NOT_FOUND says which one, and which there are,
+        so that a probe pointed at a misspelt name fails with its own explanation."""
+        with self._lock:
+            status = self._server_status.get(request.service)
+            known = sorted(self._server_status)
+        if status is None:
+            asked = request.service if len(request.service) <= 200 else request.service[:200] + "..."
+            served = ", ".join(repr(s) + (" (the whole server)" if not s else "") for s in known)
+            context.abort(grpc.StatusCode.NOT_FOUND, f"no health status for service {asked!r}; this server has "
+                          f"one for {served}")
+        return health_pb2.HealthCheckResponse(status=status)
 
     def Watch(self, request: Any, context: grpc.ServicerContext, send_response_callback: Any = None) -> None:  # noqa: N802
         self._watches.open(context)
@@ -154,6 +168,7 @@ class Servicer:
     name: str
     servicer: Any
     add: Callable[[Any, grpc.Server], None]
+    serving: bool = True  # False: answers every call with an error (a disabled service), so health never says SERVING
 
 
 def check_unary(services: Iterable[str], pool: descriptor_pool.DescriptorPool | None = None) -> None:
@@ -243,7 +258,7 @@ class Gateway:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         if settings.reflection:
             add_reflection(self.server, (*sorted(names), health.SERVICE_NAME, reflection.SERVICE_NAME))
-        self._names = sorted(names)
+        self._names = sorted(s.name for s in servicers if s.serving)
         self.port = 0
 
     def start(self) -> int:

@@ -59,17 +59,19 @@ class CallSlots:
 
 class MeteringServicer(pb_grpc.MeteringServiceServicer):
     def __init__(self, backend: Backend, *, future_skew: timedelta, now: Callable[[], datetime] = utcnow,
-                 slots: CallSlots | None = None) -> None:
+                 slots: CallSlots | None = None, products: validation.Products | None = None) -> None:
         self._backend = backend
         self._future_skew = future_skew
         self._now = now
         self._slots = slots
+        self._products = products  # --products: anything else is refused before AWS
 
     def MeterUsage(self, request: pb.MeterUsageRequest, context: grpc.ServicerContext) -> pb.MeterUsageResponse:  # noqa: N802
         structlog.contextvars.bind_contextvars(
             product_code=request.product_code[:255], usage_dimension=request.usage_dimension[:255], dry_run=request.dry_run
         )
-        violations = validation.validate_meter_usage(request, validation.Window(self._now(), self._future_skew))
+        violations = validation.validate_meter_usage(request, validation.Window(self._now(), self._future_skew),
+                                                     self._products)
         if violations:
             raise errors.invalid(violations)
         with self._slots.taken() if self._slots is not None else nullcontext():

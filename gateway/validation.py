@@ -14,7 +14,7 @@ so the gateway and the local backend classify a condition the same way.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
@@ -250,11 +250,42 @@ def check_client_token(token: str, path: str = "client_token") -> list[Violation
     return []
 
 
-def validate_meter_usage(request: Any, window: Window) -> list[Violation]:
+@dataclass(frozen=True)
+class Products:
+    """``--products``: the products, and their dimensions, this gateway meters.
+
+    A typo in a product code or dimension is refused here, before AWS, instead of
+    by AWS in production (or never, by a local backend that takes anything); and a
+    caller cannot meter a product the gateway was not deployed for.
+    """
+
+    dimensions: Mapping[str, frozenset[str]]
+
+    def check(self, product_code: str, usage_dimension: str, prefix: str = "") -> list[Violation]:
+        known = self.dimensions.get(product_code)
+        if known is None:
+            return [Violation(_join(prefix, "product_code"), f"is not a product this gateway meters "
+                              f"(--products: {_listed(self.dimensions)})", INVALID_PRODUCT_CODE)]
+        if usage_dimension not in known:
+            return [Violation(_join(prefix, "usage_dimension"), f"is not a dimension of {product_code} this gateway "
+                              f"meters (--products: {_listed(known)})", INVALID_USAGE_DIMENSION)]
+        return []
+
+
+def _listed(names: Iterable[str], most: int = 10) -> str:
+    """A few names for a message (a refusal's size stays bounded, however long the list)."""
+    ordered = sorted(names)
+    more = f" and {len(ordered) - most} more" if len(ordered) > most else ""
+    return ", ".join(ordered[:most]) + more
+
+
+def validate_meter_usage(request: Any, window: Window, products: Products | None = None) -> list[Violation]:
     """Every violation of a MeterUsageRequest; empty means it may go to AWS."""
     out = check_product_code(request.product_code)
-    out += check_timestamp(request, window)
     out += check_usage_dimension(request.usage_dimension)
+    if products is not None and not out:
+        out += products.check(request.product_code, request.usage_dimension)
+    out += check_timestamp(request, window)
     kind, value, errs = quantity_of(request)
     out += errs
     if kind is None:
@@ -266,7 +297,7 @@ def validate_meter_usage(request: Any, window: Window) -> list[Violation]:
 
 
 def check_usage_event(
-    event: Any, window: Window, path: str, inside: tuple[int, int] | None = None
+    event: Any, window: Window, path: str, inside: tuple[int, int] | None = None, products: Products | None = None
 ) -> list[Violation]:
     """Every violation of one event, by its path in the request.
 
@@ -276,10 +307,13 @@ def check_usage_event(
     out: list[Violation] = []
     if not 1 <= len(event.event_id) <= EVENT_ID_MAX:
         out.append(Violation(f"{path}.event_id", f"must be 1-{EVENT_ID_MAX} characters, got {len(event.event_id)}"))
-    out += check_product_code(event.product_code, f"{path}.product_code")
-    out += check_usage_dimension(event.usage_dimension, f"{path}.usage_dimension")
-    ts = event.timestamp
-    if inside is None or not (event.HasField("timestamp") and inside[0] < ts.seconds < inside[1] and 0 <= ts.nanos < 1_000_000_000):
+    named = check_product_code(event.product_code, f"{path}.product_code")
+    named += check_usage_dimension(event.usage_dimension, f"{path}.usage_dimension")
+    if products is not None and not named:
+        named += products.check(event.product_code, event.usage_dimension, path)
+    out += named
+    ts = event.timestamp  # unset: the gateway stamps the event when it accepts it
+    if event.HasField("timestamp") and (inside is None or not (inside[0] < ts.seconds < inside[1] and 0 <= ts.nanos < 1_000_000_000)):
         out += check_timestamp(event, window, f"{path}.timestamp")
     kind, _, errs = quantity_of(event, path)
     out += errs
@@ -290,14 +324,14 @@ def check_usage_event(
     return out
 
 
-def validate_record_usage(events: Sequence[Any], window: Window) -> list[Violation]:
+def validate_record_usage(events: Sequence[Any], window: Window, products: Products | None = None) -> list[Violation]:
     """Every violation of a RecordUsage batch (1-1000 events), named ``events[i].<field>``."""
     if not 1 <= len(events) <= RECORD_BATCH_MAX:
         return [Violation("events", f"must hold 1-{RECORD_BATCH_MAX} events, got {len(events)}")]
     inside = (int(window.earliest.timestamp()) + 1, int(window.latest.timestamp()) - 1)
     out: list[Violation] = []
     for i, event in enumerate(events):
-        out += check_usage_event(event, window, f"events[{i}]", inside)
+        out += check_usage_event(event, window, f"events[{i}]", inside, products)
     return out
 
 

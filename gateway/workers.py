@@ -84,6 +84,7 @@ def supervise(settings: Settings, endpoint: str | None) -> int:
             _terminate(procs, grace=0)
             raise
         if stop.is_set():
+            stop.announce()
             return _terminate(procs, conf.grace)
         app.log_serving(conf, bound, endpoint, session.region_name, processes=settings.processes,
                         pids=[p.pid for p in procs], **({"metrics": exported.address} if exported else {}))
@@ -96,6 +97,7 @@ def supervise(settings: Settings, endpoint: str | None) -> int:
                         exported.process_exited(proc.pid)
                 _terminate(procs, conf.grace)
                 return 1
+        stop.announce()
         return _terminate(procs, conf.grace)
 
 

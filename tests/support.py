@@ -126,7 +126,7 @@ def running_gateway(
     backend = Backend(client, RetryPolicy(conf.aws_max_attempts, conf.aws_backoff_base, conf.aws_backoff_max))
     now = (clock if clock is not None else default_clock()).datetime
     servicer = MeteringServicer(backend, future_skew=timedelta(seconds=conf.timestamp_skew), now=now,
-                                slots=CallSlots(conf.aws_call_limit))
+                                slots=CallSlots(conf.aws_call_limit), products=conf.product_list)
     gateway = Gateway(conf, [Servicer(METERING_SERVICE, servicer, pb_grpc.add_MeteringServiceServicer_to_server)])
     port = gateway.start()
     try:
@@ -172,6 +172,11 @@ class Details:
     @property
     def fields(self) -> list[str]:
         return [v.field for v in self.bad_request.field_violations] if self.bad_request else []
+
+    @property
+    def violations(self) -> list[tuple[str, str]]:
+        """(field, description) of each BadRequest field violation."""
+        return [(v.field, v.description) for v in self.bad_request.field_violations] if self.bad_request else []
 
 
 def details(exc: grpc.RpcError) -> Details:

@@ -9,18 +9,20 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
-from processes import GatewayProcess, free_port
+from processes import BIN, GatewayProcess, free_port
 from recording import wait_for
-from support import request
+from support import ROOT, request
 
 from gateway.local_aws import LocalAws
 from marketplace.metering.v1 import metering_pb2 as pb
@@ -66,6 +68,25 @@ def test_serve_local_reports_serving_and_health_agrees() -> None:
 def test_health_fails_without_a_server() -> None:
     result = health(f"127.0.0.1:{free_port()}")
     assert result.returncode != 0 and "UNAVAILABLE" in result.stderr
+
+
+def installed_version() -> str:
+    """What pip knows of the distribution pyproject.toml names."""
+    return metadata.version(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["name"])
+
+
+def test_version_prints_the_installed_version() -> None:
+    for command in (gateway_cmd("--version"), [str(BIN / "metering-gateway"), "--version"]):
+        result = subprocess.run(command, capture_output=True, text=True, timeout=30)
+        assert (result.returncode, result.stdout, result.stderr) == (0, f"metering-gateway {installed_version()}\n", "")
+
+
+def test_the_serving_line_says_which_version_serves() -> None:
+    with serve("--local") as gw:
+        assert gw.serving["version"] == installed_version()
+        # Start-up's last log lines out before the SIGTERM on leaving: one that lands while the main
+        # thread writes a log line hangs the process (app.py's signal handler logs under the same lock).
+        assert health(gw.target).returncode == 0
 
 
 def test_one_log_line_per_rpc_with_its_fields_and_no_secret() -> None:
@@ -155,7 +176,7 @@ def test_health_with_a_missing_ca_file_is_one_line(tmp_path: Path) -> None:
 def test_processes_share_one_port_and_drain_together() -> None:
     with serve("--local", "--processes", "2") as gw:
         serving = gw.serving
-        assert serving["processes"] == 2 and len(serving["pids"]) == 2
+        assert serving["processes"] == 2 and len(serving["pids"]) == 2 and serving["version"] == installed_version()
         for n in range(24):  # each new connection is balanced by the kernel
             with grpc.insecure_channel(gw.target, options=[("grpc.use_local_subchannel_pool", 1)]) as ch:
                 pb_grpc.MeteringServiceStub(ch).MeterUsage(wall_request(usage_dimension=f"mp-{n}"), timeout=10)

@@ -10,6 +10,7 @@ from decimal import Decimal
 
 import grpc
 import pytest
+from recording import running_recorder, wait_for
 from support import FIXED_NOW, Clock, running_gateway
 
 from gateway import errors as gateway_errors
@@ -36,7 +37,9 @@ from metering_client import (
     TimestampOutOfBounds,
     Unavailable,
     UsageEvent,
+    EventIdConflict,
 )
+from metering_client.client import RecordResult
 from metering_client.errors import CODES
 
 PRODUCT, DIMENSION = "prod-abc123", "requests"
@@ -243,7 +246,7 @@ class _FakeRecorder(pb_grpc.UsageRecorderServiceServicer):
 
     def RecordUsage(self, request: pb.RecordUsageRequest, context: grpc.ServicerContext) -> pb.RecordUsageResponse:  # noqa: N802
         self.seen.append(request)
-        return pb.RecordUsageResponse(accepted=len(request.events) - 1, duplicates=1)
+        return pb.RecordUsageResponse(accepted=len(request.events) - 2, duplicates=1, carried=1)
 
     def ListMeteringRecords(self, request: pb.ListMeteringRecordsRequest, context: grpc.ServicerContext) -> pb.ListMeteringRecordsResponse:  # noqa: N802
         return pb.ListMeteringRecordsResponse(
@@ -263,12 +266,14 @@ def test_recorder_calls_convert_events() -> None:
             result = client.record_usage([
                 UsageEvent("e1", PRODUCT, DIMENSION, 2, when, {"team": "a"}),
                 UsageEvent("e2", PRODUCT, DIMENSION, Decimal("0.25"), when),
+                UsageEvent("e3", PRODUCT, DIMENSION, 1),
             ])
             page = client.list_metering_records(state=pb.MeteringRecord.STATE_SENT, product_code=PRODUCT)
     finally:
         server.stop(0)
-    assert (result.accepted, result.duplicates) == (1, 1)
-    [e1, e2] = fake.seen[0].events
+    assert result == RecordResult(accepted=1, duplicates=1, carried=1)
+    [e1, e2, e3] = fake.seen[0].events
+    assert not e3.HasField("timestamp")  # the gateway stamps it: a time made up here would differ on a resend
     assert (e1.event_id, e1.usage_quantity_as_decimal, e1.tags[0].key, e1.timestamp.ToDatetime(tzinfo=timezone.utc)) == (
         "e1", "2", "team", when)
     assert (e2.WhichOneof("quantity"), e2.usage_quantity_as_decimal) == ("usage_quantity_as_decimal", "0.25")
@@ -282,3 +287,57 @@ def test_one_client_serves_many_threads(client: MeteringClient, local_aws: Local
     for t in threads:
         t.join()
     assert len({r.client_token for r in local_aws.records()}) == 8
+
+
+def test_a_naive_resend_after_a_lost_reply_records_the_new_events(local_aws: LocalAws, tmp_path, clock: Clock) -> None:
+    """The same code run again after a lost reply builds the same events again (no
+    timestamps: the client invents none), plus a new one: only the new one counts."""
+    def events(*extra: UsageEvent) -> list[UsageEvent]:
+        return [UsageEvent("order-1001", PRODUCT, DIMENSION, 3), UsageEvent("order-1002", PRODUCT, DIMENSION, Decimal("8.5")),
+                *extra]
+
+    with running_recorder(local_aws.endpoint_url, str(tmp_path / "s.db"), clock=clock) as (target, recording), \
+            MeteringClient(target) as client:
+        assert client.record_usage(events()) == RecordResult(accepted=2, duplicates=0, carried=0)
+        clock.advance(61)
+        assert client.record_usage(events(UsageEvent("order-1003", PRODUCT, DIMENSION, 1))) == RecordResult(1, 2, 0)
+        wait_for(lambda: recording.spool.stats().unassigned_events == 0, what="the events placed")
+        (hour,) = client.list_metering_records().records
+        assert Decimal(hour.quantity) == Decimal("12.5")
+
+
+def test_a_conflicting_event_says_what_differs(local_aws: LocalAws, tmp_path, clock: Clock) -> None:
+    with running_recorder(local_aws.endpoint_url, str(tmp_path / "s.db"), clock=clock) as (target, _), \
+            MeteringClient(target) as client:
+        client.record_usage([UsageEvent("order-1001", PRODUCT, DIMENSION, 3)])
+        with pytest.raises(EventIdConflict) as caught:
+            client.record_usage([UsageEvent("order-1001", PRODUCT, DIMENSION, 4)])
+    said = "was accepted before with a different payload: quantity 3 then, 4 now"
+    assert [(v.field, v.description) for v in caught.value.field_violations] == [("events[0].event_id", said)]
+    assert said in str(caught.value)
+
+
+def test_meter_usage_needs_a_quantity(client: MeteringClient, local_aws: LocalAws) -> None:
+    """A forgotten quantity would meter 0 and take the hour (AWS keeps its first record)."""
+    with pytest.raises(TypeError, match="quantity"):
+        client.meter_usage(product_code=PRODUCT, usage_dimension=DIMENSION)  # type: ignore[call-arg]
+    assert local_aws.calls == 0
+    assert meter(client, quantity=0).metering_record_id  # an explicit 0 is a quantity
+
+
+def test_str_of_an_error_carries_its_violations(local_aws: LocalAws, tmp_path, clock: Clock) -> None:
+    with running_recorder(local_aws.endpoint_url, str(tmp_path / "s.db"), clock=clock) as (target, _), \
+            MeteringClient(target) as client, pytest.raises(InvalidRequest) as caught:
+        client.record_usage([UsageEvent(str(i), PRODUCT, DIMENSION, 1) for i in range(1001)])
+    assert "events: must hold 1-1000 events, got 1001" in str(caught.value)
+
+
+def test_str_of_an_error_shows_a_few_violations_and_counts_the_rest() -> None:
+    from metering_client.errors import FieldViolation
+
+    many = [FieldViolation(f"events[{i}].event_id", "is required") for i in range(8)]
+    err = MeteringError(grpc.StatusCode.INVALID_ARGUMENT, "invalid batch", reason="INVALID_REQUEST", field_violations=many)
+    assert str(err) == ("INVALID_ARGUMENT: INVALID_REQUEST: invalid batch (events[0].event_id: is required; "
+                        "events[1].event_id: is required; events[2].event_id: is required; events[3].event_id: "
+                        "is required; events[4].event_id: is required; and 3 more)")
+    assert len(err.field_violations) == 8  # every one is still there

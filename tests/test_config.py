@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -18,6 +19,7 @@ from gateway.config import (
     SETTINGS_FIELDS,
     ConfigError,
     Settings,
+    check_variables,
     env_name,
     flag_name,
     format_duration,
@@ -213,3 +215,104 @@ def test_spool_create_takes_yes_no_or_if_mounted() -> None:
     assert settings().spool_create == "yes"
     assert settings("--spool-create=if-mounted").spool_create == "if-mounted"
     assert refusal("--spool-create=maybe").startswith("--spool-create: 'maybe' is not one of yes, no, if-mounted")
+
+
+# -- --products --------------------------------------------------------------------
+
+def test_products_name_each_product_and_its_dimensions() -> None:
+    got = settings_from(env={"METERING_GATEWAY_PRODUCTS": " prod-abc123=requests, storage-gb ;\nprod-def=cpu"})
+    assert got.product_list == validation.Products({"prod-abc123": frozenset({"requests", "storage-gb"}),
+                                                    "prod-def": frozenset({"cpu"})})
+    assert settings_from(env={}).product_list is None  # unset: any product and dimension
+
+
+@pytest.mark.parametrize("text, said", [
+    ("prod-abc123", "'prod-abc123' names no dimensions: write PRODUCT=DIMENSION[,DIMENSION...]"),
+    ("prod-abc123=", "'prod-abc123=' names no dimensions"),
+    ("bad code!=x", "product code 'bad code!' may contain only letters, digits"),
+    ("p=x;p=y", "product 'p' is listed twice"),
+    (" ; ", "lists no product"),
+])
+def test_a_bad_product_list_stops_start_up_in_one_line(text: str, said: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        settings_from(env={"METERING_GATEWAY_PRODUCTS": text})
+    assert str(caught.value).startswith(f"METERING_GATEWAY_PRODUCTS: {said}") and "\n" not in str(caught.value)
+
+
+# -- METERING_GATEWAY_* variables --------------------------------------------------
+
+def test_a_misspelt_variable_stops_start_up_with_the_closest_name() -> None:
+    with pytest.raises(ConfigError) as caught:
+        settings_from(env={"METERING_GATEWAY_SPOLL": "/data/spool.db"})
+    assert str(caught.value) == ("METERING_GATEWAY_SPOLL is set, but no setting has that name: "
+                                 "did you mean METERING_GATEWAY_SPOOL?")
+    with pytest.raises(ConfigError, match="no setting has that name: see `metering-gateway serve --help`"):
+        settings_from(env={"METERING_GATEWAY_XYZZY": "1"})
+
+
+def test_kubernetes_service_links_and_the_health_commands_variables_are_no_mistake() -> None:
+    """Kubernetes sets these in every pod for a Service named metering-gateway (or
+    metering-gateway-*), unless the pod turns enableServiceLinks off."""
+    links = {
+        "METERING_GATEWAY_SERVICE_HOST": "10.0.0.7", "METERING_GATEWAY_SERVICE_PORT": "50051",
+        "METERING_GATEWAY_SERVICE_PORT_GRPC": "50051", "METERING_GATEWAY_PORT": "tcp://10.0.0.7:50051",
+        "METERING_GATEWAY_PORT_50051_TCP": "tcp://10.0.0.7:50051", "METERING_GATEWAY_PORT_50051_TCP_PROTO": "tcp",
+        "METERING_GATEWAY_PORT_50051_TCP_PORT": "50051", "METERING_GATEWAY_PORT_50051_TCP_ADDR": "10.0.0.7",
+        "METERING_GATEWAY_HEADLESS_SERVICE_HOST": "10.0.0.8", "METERING_GATEWAY_METRICS_PORT_9090_TCP_ADDR": "10.0.0.9",
+        "METERING_GATEWAY_HEALTH_TARGET": "127.0.0.1:50051", "METERING_GATEWAY_HEALTH_TLS_CA": "/ca.pem",
+    }
+    assert settings_from(env=links) == Settings()
+
+
+def test_every_variable_the_project_sets_is_a_setting() -> None:
+    """The manifests, the Dockerfile and the docs' examples (their fenced blocks; the
+    prose may name a misspelt one) set only variables start-up accepts."""
+    from support import ROOT
+
+    texts = [f.read_text() for f in (*ROOT.glob("deploy/**/*.yaml"), ROOT / "Dockerfile")]
+    texts += [block for f in (ROOT / "README.md", *ROOT.glob("docs/*.md"))
+              for block in re.findall(r"^```.*?^```", f.read_text(), re.MULTILINE | re.DOTALL)]
+    named = {m for text in texts for m in re.findall(r"\bMETERING_GATEWAY_[A-Z0-9_]*[A-Z0-9]\b", text)}
+    assert len(named) >= 5  # the scan finds them
+    for name in sorted(named):
+        check_variables({name: "x"})
+
+
+# -- TLS files --------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    from pki import Authority
+
+    ca = Authority(tmp_path_factory.mktemp("pki"), "config")
+    return ca, ca.issue("server", server=True), ca.issue("other", server=True)
+
+
+def tls(**files: object) -> Settings:
+    return settings_from(env={f"METERING_GATEWAY_{k.upper()}": str(v) for k, v in files.items()})
+
+
+def test_good_tls_files_pass(pair: tuple) -> None:
+    ca, server, _ = pair
+    assert tls(tls_cert=server.cert, tls_key=server.key, tls_client_ca=ca.pem).tls_cert == str(server.cert)
+
+
+def test_each_bad_tls_file_is_named(pair: tuple, tmp_path) -> None:
+    ca, server, other = pair
+    text = tmp_path / "hostname"
+    text.write_text("gateway-7f9c\n")
+    encrypted = tmp_path / "encrypted.key"
+    encrypted.write_text("-----BEGIN ENCRYPTED PRIVATE KEY-----\nMIIB\n-----END ENCRYPTED PRIVATE KEY-----\n")
+    cases = [
+        (dict(tls_cert=text, tls_key=server.key), f"tls-cert: '{text}' holds no PEM certificate"),
+        (dict(tls_cert=server.cert, tls_key=text), f"tls-key: '{text}' holds no PEM private key"),
+        (dict(tls_cert=server.key, tls_key=server.key), f"tls-cert: '{server.key}' holds no PEM certificate"),
+        (dict(tls_cert=server.cert, tls_key=encrypted), f"tls-key: '{encrypted}' is an encrypted key"),
+        (dict(tls_cert=server.cert, tls_key=other.key),
+         f"tls-key: '{other.key}' is not the private key of the certificate in '{server.cert}'"),
+        (dict(tls_cert=server.cert, tls_key=server.key, tls_client_ca=text), f"tls-client-ca: '{text}' holds no PEM"),
+    ]
+    for files, said in cases:
+        with pytest.raises(ConfigError) as caught:
+            tls(**files)
+        assert str(caught.value).startswith(said), (files, str(caught.value))

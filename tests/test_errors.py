@@ -1,4 +1,4 @@
-"""The status table (the README's Status codes, gateway/errors.py), row by row, as pure functions."""
+"""The status table (docs/api.md, Status codes; gateway/errors.py), row by row, as pure functions."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """End to end: a real gateway on loopback, real boto3 over HTTP to the local backend.
 
-Each row of the status table (README, Status codes) is driven through the whole path: the gRPC
+Each row of the status table (docs/api.md, Status codes) is driven through the whole path: the gRPC
 channel, the interceptor, validation, the shared boto3 client, the local AWS
 backend's JSON protocol, and back.
 """

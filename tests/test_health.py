@@ -11,14 +11,15 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+from concurrent import futures
 from datetime import datetime, timezone
 from pathlib import Path
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from postgres import PostgresServer
-from processes import BIN, http_json, spooled_gateway, tool_env
+from processes import BIN, gateway_process, http_json, spooled_gateway, tool_env
 from recording import event, running_recorder, wait_for
 from support import Clock, details, request
 
@@ -124,3 +125,32 @@ def test_round_robin_with_client_side_health_checks_skips_a_replica_whose_record
                 stub.RecordUsage(pb.RecordUsageRequest(events=[event(f"later-{n}", clock())]), timeout=10)
                 return rb.spool.stats().unassigned_events > 0
             wait_for(reaches_b, what="calls to b again")
+
+
+def health_output(target: str, service: str) -> subprocess.CompletedProcess[str]:
+    """``metering-gateway health --service SERVICE``, with what it printed."""
+    return subprocess.run([str(BIN / "metering-gateway"), "health", "--target", target, "--service", service],
+                          env=tool_env(), capture_output=True, text=True, timeout=30)
+
+
+def test_an_unknown_service_is_named_along_with_those_the_gateway_has() -> None:
+    with gateway_process() as gateway:
+        done = health_output(gateway.target, "nope")
+    assert done.returncode == 1 and done.stdout == ""
+    [line] = done.stderr.splitlines()
+    assert line.startswith(f"{gateway.target}: NOT_FOUND: no health status for service 'nope'; "), line
+    assert f"'{METERING_SERVICE}'" in line and "'' (the whole server)" in line, line
+
+
+def test_a_bare_not_found_from_another_server_still_says_what_was_not_found() -> None:
+    """grpcio's own health servicer answers an unknown service with NOT_FOUND and no message."""
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        done = health_output(f"127.0.0.1:{port}", "nope")
+    finally:
+        server.stop(0)
+    assert done.returncode == 1
+    assert done.stderr == f"127.0.0.1:{port}: NOT_FOUND: no health status for service 'nope'\n"

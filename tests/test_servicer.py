@@ -84,7 +84,7 @@ def metered(local_aws: LocalAws, expected: dict) -> bool:
 
 def test_invalid_batch_names_every_event_field_and_stores_nothing(recorder: tuple, local_aws: LocalAws) -> None:
     stub, _ = recorder
-    no_time = pb.UsageEvent(event_id="e3", product_code="p", usage_dimension="d", usage_quantity=1)
+    no_time = pb.UsageEvent(event_id="e3", product_code="p", usage_dimension="d", usage_quantity=1)  # stamped: fine
     bad = [
         event("", hours_ago(1)),
         event("e1", hours_ago(1), product="bad code!"),
@@ -105,7 +105,6 @@ def test_invalid_batch_names_every_event_field_and_stores_nothing(recorder: tupl
         "events[0].event_id",
         "events[1].product_code",
         "events[2].usage_quantity_as_decimal",
-        "events[3].timestamp",
         "events[4].quantity",
         "events[5].tags[0].key",
         "events[6].timestamp",
@@ -127,7 +126,8 @@ def test_duplicates_add_nothing(recorder: tuple) -> None:
     e3 = event("e3", now(), 5)
     again = record(stub, *first, e3, e3)
     assert again == pb.RecordUsageResponse(accepted=1, duplicates=4)
-    (only,) = wait_for(lambda: listed(stub), what="the events placed")
+    wait_for(lambda: recorder[1].spool.stats().unassigned_events == 0, what="the events placed")
+    (only,) = listed(stub)
     assert Decimal(only.quantity) == 11
 
 
@@ -135,13 +135,99 @@ def test_an_event_id_reused_with_another_payload_refuses_the_batch(recorder: tup
     stub, _ = recorder
     record(stub, event("job-1", hours_ago(1), 2))
     with pytest.raises(grpc.RpcError) as err:
-        record(stub, event("job-2", hours_ago(1), 1), event("job-1", hours_ago(1), 3), event("job-1", hours_ago(1), 2))
+        record(stub, event("job-2", hours_ago(1), 1), event("job-1", hours_ago(1), 3))
     got = details(err.value)
     assert (got.code, got.info.reason, got.info.domain) == (grpc.StatusCode.ALREADY_EXISTS, "EVENT_ID_CONFLICT", "metering-gateway")
     assert got.fields == ["events[1].event_id"] and got.retry is None
+    # It says which field differs, with the stored and the new value, in the message and the BadRequest.
+    said = "was accepted before with a different payload: quantity 2 then, 3 now"
+    assert got.violations == [("events[1].event_id", said)]
+    assert got.message == f"1 event id(s) were accepted before with a different payload: events[1].event_id {said}"
     # Nothing of the refused batch was kept, and the identical repeat is still a duplicate.
     assert record(stub, event("job-2", hours_ago(1), 1), event("job-1", hours_ago(1), 2)) == pb.RecordUsageResponse(
         accepted=1, duplicates=1)
+
+
+def unstamped(event_id: str, quantity: int | str = 1, **tags: str) -> pb.UsageEvent:
+    """An event as a caller who leaves the time to the gateway sends it."""
+    ev = event(event_id, now(), quantity, **tags)
+    ev.ClearField("timestamp")
+    return ev
+
+
+def test_an_event_without_a_timestamp_is_stamped_and_its_resend_is_a_duplicate(recorder: tuple) -> None:
+    stub, recording = recorder
+    assert record(stub, unstamped("order-1001", 3), unstamped("order-1002", "1.5")) == pb.RecordUsageResponse(accepted=2)
+    CLOCK.advance(1800)  # the reply was lost; the caller builds the same events again, later, plus a new one
+    again = record(stub, unstamped("order-1001", 3), unstamped("order-1002", "1.5"), unstamped("order-1003", 1))
+    assert again == pb.RecordUsageResponse(accepted=1, duplicates=2)
+    wait_for(lambda: recording.spool.stats().unassigned_events == 0, what="the events placed")
+    (hour,) = listed(stub)  # stamped when first accepted: all in the hour the clock is in
+    assert Decimal(hour.quantity) == Decimal("5.5")
+    assert hour.hour.seconds == placement.hour_of(now())
+
+
+def test_a_conflict_names_each_field_that_differs_with_both_values(recorder: tuple) -> None:
+    stub, _ = recorder
+    record(stub, event("t", hours_ago(1), 2), unstamped("u", 2), event("g", hours_ago(1), 2, team="a"))
+    changed = [event("t", hours_ago(1) + 0.5, "2.0"), event("u", hours_ago(1), 2), event("g", hours_ago(1), 2, team="b")]
+    with pytest.raises(grpc.RpcError) as err:
+        record(stub, *changed)
+    got = details(err.value)
+    at = placement.event_time(int(hours_ago(1)), 0)
+    later = placement.event_time(int(hours_ago(1)), 500_000_000)
+    before = "was accepted before with a different payload:"
+    assert got.violations == [
+        ("events[0].event_id", f"{before} timestamp {at} then, {later} now"),  # 2 and 2.0 are one quantity
+        ("events[1].event_id", f"{before} timestamp unset then, {at} now"),
+        ("events[2].event_id", f"{before} tags {{team=a}} then, {{team=b}} now"),
+    ]
+    assert all(f"{field} {said}" in got.message for field, said in got.violations)
+
+
+def test_an_event_id_repeated_in_one_batch_says_so(recorder: tuple) -> None:
+    stub, _ = recorder
+    with pytest.raises(grpc.RpcError) as err:
+        record(stub, event("a", hours_ago(1), 1), event("b", hours_ago(1), 1), event("a", hours_ago(1), 4))
+    got = details(err.value)
+    assert (got.code, got.info.reason) == (grpc.StatusCode.ALREADY_EXISTS, "EVENT_ID_CONFLICT")
+    said = "repeats events[0].event_id in this batch with a different payload: quantity 1 then, 4 now"
+    assert got.violations == [("events[2].event_id", said)]
+    assert "accepted before" not in got.message and said in got.message
+    assert record(stub, event("a", hours_ago(1), 1), event("a", hours_ago(1), 1)) == pb.RecordUsageResponse(
+        accepted=1, duplicates=1)  # an identical repeat is one event, as it always was
+
+
+def test_the_response_counts_events_too_old_for_their_own_hour(recorder: tuple) -> None:
+    stub, _ = recorder
+    got = record(stub, event("old", hours_ago(8), 1), event("edge", hours_ago(6), 1), event("new", hours_ago(1), 1))
+    assert got == pb.RecordUsageResponse(accepted=3, carried=2)
+    again = record(stub, event("old", hours_ago(8), 1), event("older", hours_ago(20), 1))
+    assert again == pb.RecordUsageResponse(accepted=1, duplicates=1, carried=1)  # a duplicate is carried no more
+
+
+def test_records_show_accepted_usage_within_a_second_without_a_sender_pass(local_aws: LocalAws, tmp_path: Path) -> None:
+    with running_recorder(local_aws.endpoint_url, str(tmp_path / "s.db"), clock=CLOCK, flush_interval=900.0) as (
+            target, _), grpc.insecure_channel(target) as channel:
+        stub = pb_grpc.UsageRecorderServiceStub(channel)
+        record(stub, event("soon", hours_ago(0), 2))
+        (pending,) = wait_for(lambda: listed(stub), timeout=5, what="a pending record")  # the sender waits 15 minutes
+        assert (pending.state, Decimal(pending.quantity)) == (State.STATE_PENDING, 2)
+
+
+def test_products_outside_the_allowlist_are_refused_naming_the_field(local_aws: LocalAws, tmp_path: Path) -> None:
+    with running_recorder(local_aws.endpoint_url, str(tmp_path / "s.db"), clock=CLOCK,
+                          products="prod-a=requests,storage") as (target, _), grpc.insecure_channel(target) as channel:
+        stub = pb_grpc.UsageRecorderServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as err:
+            record(stub, event("1", now(), product="prod-b"), event("2", now(), dimension="reqests"), event("3", now()))
+        got = details(err.value)
+        assert (got.code, got.info.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_REQUEST")
+        assert got.violations == [
+            ("events[0].product_code", "is not a product this gateway meters (--products: prod-a)"),
+            ("events[1].usage_dimension", "is not a dimension of prod-a this gateway meters (--products: requests, storage)"),
+        ]
+        assert record(stub, event("3", now())) == pb.RecordUsageResponse(accepted=1)
 
 
 def test_a_full_spool_is_unavailable_and_health_comes_back_by_itself(local_aws: LocalAws, tmp_path: Path) -> None:

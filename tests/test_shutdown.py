@@ -167,3 +167,28 @@ def test_an_aws_slower_than_every_timeout_does_not_hold_the_exit(tmp_path: Path,
 
 def test_two_processes_end_within_a_10s_stop(tmp_path: Path, local_aws_url: str, postgres_dsn: str) -> None:
     stop_with_calls_in_flight(tmp_path, local_aws_url, postgres_dsn, "--processes", "2", "--aws-read-timeout", "60s")
+
+
+def test_a_signal_in_the_middle_of_a_log_line_still_stops_the_process() -> None:
+    """A SIGTERM handler runs in the main thread between two bytecodes, maybe while it
+    writes a log line and holds the log's lock (right after start-up, the local
+    backend's warning follows the serving line). The handler only sets the event; had it
+    logged, it would wait for that lock for ever and the pod would hang until killed."""
+    import subprocess
+    import sys
+
+    script = """
+import os, signal, sys, structlog
+from gateway import app, logs
+logs.configure()
+stop = app.stop_on_signals()
+lock = structlog.WriteLogger(sys.stdout)._lock  # the one lock of every log line to stdout
+with lock:  # as if SIGTERM came while the main thread was writing a line
+    os.kill(os.getpid(), signal.SIGTERM)
+stop.wait(5)
+stop.announce()
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    (line,) = [json.loads(x) for x in done.stdout.splitlines()]
+    assert (line["event"], line["signal"]) == ("shutdown_requested", "SIGTERM")

@@ -44,7 +44,8 @@ def row(event_id: str, hour_back: int = 1, quantity: str = "1", whole: bool = Tr
         product: str = "prod-a", second: int = 0) -> EventRow:
     hour = placement.hour_of(NOW) - hour_back * HOUR
     digest = placement.event_digest(product, "requests", hour + second, 0, quantity, tags)
-    return EventRow(event_id, product, "requests", hour, tags, quantity, whole, digest)
+    return EventRow(event_id, product, "requests", hour, tags, quantity, whole, digest,
+                    placement.event_time(hour + second, 0))
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -489,3 +490,37 @@ def test_schema_versions_are_kept_and_a_newer_one_is_refused(store: Store) -> No
         reopen(store)
     message = str(caught.value)
     assert "\n" not in message and f"schema version {SQLITE_SCHEMA + 1}" in message and "newer" in message
+
+
+def test_a_version_2_spool_gains_event_timestamps_and_its_old_events_still_conflict(store: Store) -> None:
+    """Version 3 stores each event's timestamp; events from before have none, and a
+    conflicting repeat of one still says which field differs, or that it cannot know."""
+    spool = reopen(store)
+    spool.record([row("old-a", quantity="2"), row("old-b", quantity="2")])
+    spool.close()
+    location = store()
+    if location.startswith("postgresql://"):  # back to version 2: no timestamp column
+        with psycopg.connect(location) as conn:
+            conn.execute("ALTER TABLE events DROP COLUMN timestamp")
+    else:
+        db = sqlite3.connect(location)
+        db.execute("ALTER TABLE events DROP COLUMN timestamp")
+        db.commit()
+        db.close()
+    schema_version(location, set_to=2)
+    spool = reopen(store)
+    assert schema_version(location) == SQLITE_SCHEMA == 3
+    assert spool.record([row("old-a", quantity="2"), row("new", quantity="1")]) == (1, 1)  # still a duplicate
+    with pytest.raises(EventIdConflict) as caught:
+        spool.record([row("old-a", quantity="3"), row("old-b", quantity="2", second=5)])
+    (i, a), (j, b) = caught.value.conflicts
+    assert (i, j) == (0, 1) and a.timestamp is None and b.timestamp is None
+    assert placement.differences(a, row("old-a", quantity="3")) == [("quantity", "2", "3")]
+    assert placement.differences(b, row("old-b", quantity="2", second=5)) == [
+        ("timestamp", "(not stored by the release that accepted it)", row("old-b", second=5).timestamp)]
+    with pytest.raises(EventIdConflict) as caught:  # a new event's timestamp is stored
+        spool.record([row("new", quantity="1", second=5)])
+    (_, stored), = caught.value.conflicts
+    assert placement.differences(stored, row("new", quantity="1", second=5)) == [
+        ("timestamp", row("new").timestamp, row("new", second=5).timestamp)]
+    spool.close()

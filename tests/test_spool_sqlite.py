@@ -82,10 +82,10 @@ def test_a_spool_written_by_release_0_1_0_is_migrated_and_resumes(tmp_path: Path
                                                          fresh.content, spool.spool_id) != "7f5b6ec1-caa6-5d08-9f57-ca680007e604"
     # Old events have no digest: their repeats are duplicates, as they were; new events are checked.
     v1_hour = placement.hour_of(written) - 3 * HOUR
-    assert spool.record([EventRow("v1-a", "prod-a", "requests", v1_hour, "", "5", True, b"x" * 16)]) == (0, 1)
-    assert spool.record([EventRow("v2-a", "prod-a", "requests", v1_hour, "", "5", True, b"y" * 16)]) == (1, 0)
+    assert spool.record([EventRow("v1-a", "prod-a", "requests", v1_hour, "", "5", True, b"x" * 16, "")]) == (0, 1)
+    assert spool.record([EventRow("v2-a", "prod-a", "requests", v1_hour, "", "5", True, b"y" * 16, "")]) == (1, 0)
     with pytest.raises(EventIdConflict):
-        spool.record([EventRow("v2-a", "prod-a", "requests", v1_hour, "", "6", True, b"z" * 16)])
+        spool.record([EventRow("v2-a", "prod-a", "requests", v1_hour, "", "6", True, b"z" * 16, "")])
     spool.close()
     Spool(str(path)).close()  # opening again migrates nothing
 

@@ -1,4 +1,4 @@
-"""Every validation rule at its boundaries (the README's Validation section)."""
+"""Every validation rule at its boundaries (docs/api.md, Validation)."""
 
 from __future__ import annotations
 
@@ -154,3 +154,32 @@ def test_every_offending_field_is_named_by_its_path() -> None:
     allocs = [allocation(1, team="a"), pb.UsageAllocation(allocated_usage_quantity=1, tags=[pb.Tag(key="", value="x")])]
     found = fields_of(product_code="", usage_dimension="", usage_quantity=3, usage_allocations=allocs, client_token="t" * 65)
     assert found == ["product_code", "usage_dimension", "usage_allocations[1].tags[0].key", "usage_allocations", "client_token"]
+
+
+PRODUCTS = v.Products({"prod-abc123": frozenset({"requests", "storage-gb"})})
+
+
+def test_products_refuse_an_unlisted_product_or_dimension_naming_the_field() -> None:
+    assert v.validate_meter_usage(request(when=NOW), WINDOW, PRODUCTS) == []
+    assert [(x.field, x.description, x.aws_error) for x in v.validate_meter_usage(
+        request(when=NOW, product_code="prod-abc124"), WINDOW, PRODUCTS)] == [
+        ("product_code", "is not a product this gateway meters (--products: prod-abc123)", v.INVALID_PRODUCT_CODE)]
+    assert [(x.field, x.description) for x in v.validate_meter_usage(
+        request(when=NOW, usage_dimension="Requests"), WINDOW, PRODUCTS)] == [
+        ("usage_dimension", "is not a dimension of prod-abc123 this gateway meters (--products: requests, storage-gb)")]
+    # A malformed code is named for what is wrong with it, not for being unlisted.
+    assert [x.description for x in v.validate_meter_usage(request(when=NOW, product_code="bad code!"), WINDOW, PRODUCTS)] \
+        == ["may contain only letters, digits and - / = : _ . @"]
+
+
+def test_a_long_product_list_is_shown_in_part() -> None:
+    many = v.Products({f"prod-{i:03d}": frozenset({"d"}) for i in range(40)})
+    (refused,) = many.check("prod-x", "d")
+    assert refused.description.endswith("prod-009 and 30 more)") and len(refused.description) < 200
+
+
+def test_an_event_may_leave_its_timestamp_to_the_gateway() -> None:
+    event = pb.UsageEvent(event_id="e", product_code="prod-abc123", usage_dimension="requests", usage_quantity=1)
+    assert v.validate_record_usage([event], WINDOW, PRODUCTS) == []
+    event.timestamp.FromDatetime(NOW - timedelta(days=8))  # one given is checked as before
+    assert [x.field for x in v.validate_record_usage([event], WINDOW)] == ["events[0].timestamp"]

@@ -1,7 +1,7 @@
-"""Print the configuration table of README.md from gateway.config.Settings.
+"""Write the settings table of docs/settings.md from gateway.config.Settings.
 
-`make docs` rewrites the table between the README's settings markers; a test fails
-when the README and the settings disagree.
+`make docs` rewrites the table between the page's settings markers; a test fails
+when the page and the settings disagree.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 
 from gateway.config import SETTINGS_FIELDS, env_name, flag_name, shown_default, shown_range
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+PAGE = Path(__file__).resolve().parent.parent / "docs" / "settings.md"
 BEGIN, END = "<!-- settings:begin -->", "<!-- settings:end -->"
 
 
@@ -31,5 +31,5 @@ def render(text: str) -> str:
 
 
 if __name__ == "__main__":
-    README.write_text(render(README.read_text()))
+    PAGE.write_text(render(PAGE.read_text()))
     sys.exit(0)

@@ -20,6 +20,7 @@ import structlog
 from gateway import metrics
 from gateway.backend import Backend, RetryPolicy
 from gateway.config import ConfigError, Settings
+from gateway.recording.placer import Placer
 from gateway.recording.sender import Sender
 from gateway.recording.servicer import RecorderServicer
 from gateway.recording.spool import Spool, SpoolError, open_spool
@@ -42,6 +43,7 @@ class Recording:
     spool: Spool
     servicer: RecorderServicer
     sender: Sender
+    placer: Placer | None = None  # None when the sender is driven by hand (tests on a simulated clock)
     _stop: threading.Event = field(default_factory=threading.Event)
     _watcher: threading.Thread | None = None
     now: Callable[[], float] = time.time  # the recording's clock (epoch seconds), as open_recording got it
@@ -67,6 +69,8 @@ class Recording:
         """At SIGTERM, while the server drains: the sender and the watcher start winding down."""
         self._stop.set()
         self.sender.request_stop()
+        if self.placer is not None:
+            self.placer.stop(timeout=0)
 
     def close(self, *, flush: bool, budget: float) -> None:
         """After the server drained its calls: stop the sender (flushing the open
@@ -79,6 +83,8 @@ class Recording:
         self.begin_close()
         if self._watcher is not None:
             self._watcher.join(max(0.0, deadline - time.monotonic()))
+        if self.placer is not None:
+            self.placer.stop(max(0.0, deadline - time.monotonic()))
         try:
             self.sender.stop(flush=flush, budget=max(0.0, deadline - time.monotonic()))
         finally:
@@ -86,14 +92,17 @@ class Recording:
 
 
 def open_recording(
-    settings: Settings, client: Any, *, now: Callable[[], float] | None = None, start: bool = True
+    settings: Settings, client: Any, *, now: Callable[[], float] | None = None, start: bool = True,
+    place: bool | None = None,
 ) -> Recording:
     """Open ``--spool`` and build the servicer and the (started) sender.
 
     The sender gets its own Backend with one attempt per call: it retries on its
     own schedule, so every call it makes passes its rate limiter. ``now`` (epoch
     seconds) replaces the wall clock, and ``start=False`` leaves the sender to be
-    driven by ``sender.tick()``: both for tests on a simulated clock.
+    driven by ``sender.tick()`` (and places only then, with no placer of its own):
+    both for tests on a simulated clock. ``place`` runs the prompt placer or not,
+    whatever ``start`` says (a benchmark's comparison).
     """
     try:
         spool = open_spool(settings.spool, pool_size=settings.spool_connections, create=settings.spool_create)
@@ -101,10 +110,12 @@ def open_recording(
         raise ConfigError(f"spool: {exc}") from None
     skew = timedelta(seconds=settings.timestamp_skew)
     clock = now or time.time
+    placer = Placer(spool, now=clock).start() if (start if place is None else place) else None
     servicer = RecorderServicer(spool, future_skew=skew, max_age=timedelta(seconds=settings.event_retention),
-                                now=lambda: datetime.fromtimestamp(clock(), timezone.utc))
+                                now=lambda: datetime.fromtimestamp(clock(), timezone.utc),
+                                products=settings.product_list, placer=placer.wake if placer else None)
     backend = Backend(client, RetryPolicy(1, settings.aws_backoff_base, settings.aws_backoff_max), source=metrics.SENDER)
     sender = Sender(spool, backend, interval=settings.flush_interval, grace=settings.flush_grace,
                     max_rps=settings.aws_max_rps, future_skew=skew, call_timeout=settings.aws_read_timeout * 2,
                     event_retention=settings.event_retention, record_retention=settings.record_retention, now=clock)
-    return Recording(spool, servicer, sender.start() if start else sender, now=clock)
+    return Recording(spool, servicer, sender.start() if start else sender, placer, now=clock)

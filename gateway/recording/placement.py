@@ -131,13 +131,61 @@ class EventRow(NamedTuple):
     quantity: str  # exact, as the caller sent it
     whole: bool
     digest: bytes  # event_digest(): tells an identical repeat from a reused event_id
+    timestamp: str  # the caller's, as event_time() writes it; "" when the gateway stamped the event
 
 
-def event_digest(product_code: str, usage_dimension: str, seconds: int, nanos: int, quantity: str, tags: str) -> bytes:
-    """What an event says, in 16 bytes: product, dimension, exact timestamp, the
-    quantity's value (17 and 17.0 are one quantity, as to AWS) and the tag set."""
-    text = "\x1f".join((product_code, usage_dimension, f"{seconds}.{nanos:09d}", format_decimal(Decimal(quantity)), tags))
+UNSET = "unset"  # an event's timestamp in its digest when the caller sent none
+
+
+def event_digest(product_code: str, usage_dimension: str, seconds: int | None, nanos: int, quantity: str, tags: str) -> bytes:
+    """What an event says, in 16 bytes: product, dimension, exact timestamp (None:
+    the caller sent none, so the time the gateway stamped is not part of it and an
+    identical resend is a duplicate), the quantity's value (17 and 17.0 are one
+    quantity, as to AWS) and the tag set."""
+    when = UNSET if seconds is None else f"{seconds}.{nanos:09d}"
+    text = "\x1f".join((product_code, usage_dimension, when, format_decimal(Decimal(quantity)), tags))
     return hashlib.sha256(text.encode()).digest()[:16]
+
+
+def event_time(seconds: int, nanos: int) -> str:
+    """An event's timestamp as stored and shown: RFC 3339 UTC, with as many fraction digits as it has."""
+    text = datetime.fromtimestamp(seconds, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+    fraction = f"{nanos:09d}".rstrip("0")
+    return f"{text}.{fraction}Z" if fraction else f"{text}Z"
+
+
+# The fields of an event a conflict can name, as (proto field, EventRow attribute).
+_COMPARED = (("product_code", "product_code"), ("usage_dimension", "usage_dimension"),
+             ("timestamp", "timestamp"), ("quantity", "quantity"), ("tags", "tags"))
+
+
+def differences(stored: EventRow, new: EventRow) -> list[tuple[str, str, str]]:
+    """(field, stored value, new value) for each field two events with one event_id
+    differ in, as a person would read them: an unset timestamp says so, quantities
+    compare by value, tags as their set. ``stored.timestamp`` is None for events kept
+    by a release that did not store it."""
+    out = []
+    for name, attr in _COMPARED:
+        old, now = getattr(stored, attr), getattr(new, attr)
+        if name == "timestamp" and old is None:
+            continue  # not stored: named below if nothing else differs
+        if name == "quantity":
+            if Decimal(old) == Decimal(now):
+                continue
+        elif old == now:
+            continue
+        out.append((name, _shown(name, old), _shown(name, now)))
+    if not out and stored.digest != new.digest:  # a difference the stored row cannot show
+        out.append(("timestamp", "(not stored by the release that accepted it)", _shown("timestamp", new.timestamp)))
+    return out
+
+
+def _shown(name: str, value: str | None) -> str:
+    if name == "timestamp":
+        return "(not stored by the release that accepted it)" if value is None else (value or "unset")
+    if name == "tags":
+        return "{" + ", ".join(f"{k}={v}" for k, v in json.loads(value)) + "}" if value else "{} (untagged)"
+    return value or '""'
 
 
 @dataclass

@@ -50,7 +50,7 @@ from gateway.recording.placement import EventRow
 from gateway.recording.spool import CREATE, NEVER_CREATE, NEW_SPOOL, Recorded, SpoolError, SpoolUnavailable
 from gateway.recording.sql import Cursor, SqlSpool
 
-SCHEMA_VERSION = 2  # numbered as SQLite's schema: version 2 is the first PostgreSQL has
+SCHEMA_VERSION = 3  # numbered as SQLite's schema: version 2 is the first PostgreSQL has
 _LOCKS = 0x6D67  # advisory lock space of this program ("mg"): (_LOCKS, n) pairs
 _MIGRATION_LOCK, _SENDER_LOCK, _KEY_LOCKS = 1, 2, 3
 # Libpq settings used unless the DSN sets its own: fail fast on a dead peer.
@@ -77,7 +77,8 @@ CREATE TABLE events (
     quantity TEXT NOT NULL,
     whole INTEGER NOT NULL,
     digest BYTEA,
-    record_id BIGINT
+    record_id BIGINT,
+    timestamp TEXT
 );
 CREATE INDEX events_unassigned ON events (seq) WHERE record_id IS NULL;
 CREATE INDEX events_by_record ON events (record_id);
@@ -115,17 +116,22 @@ CREATE TABLE probe (data BYTEA);
 """
 
 # MIGRATIONS[v] takes a database from version v to v + 1, inside one transaction.
-MIGRATIONS: dict[int, Callable[[Any, float], None]] = {}
-assert sorted(MIGRATIONS) == list(range(SCHEMA_VERSION, SCHEMA_VERSION + len(MIGRATIONS)))
+def _migrate_2_to_3(db: Any, now: float) -> None:
+    """Each event's timestamp as the caller sent it (as SQLite's version 3)."""
+    db.execute("ALTER TABLE events ADD COLUMN timestamp TEXT")
+
+
+MIGRATIONS: dict[int, Callable[[Any, float], None]] = {2: _migrate_2_to_3}
+assert sorted(MIGRATIONS) == list(range(2, SCHEMA_VERSION))
 
 _INSERT_EVENTS = (
     # Event-id order: two replicas inserting overlapping batches take row locks in
     # the same order, so they never deadlock. A repeated id is skipped, not an error.
     # Binary parameters (%b): psycopg's text quoting of the arrays cost 40% of a
     # process's time at 1000-event batches (benchmarks/record_usage.py --only spools).
-    "INSERT INTO events (event_id, product_code, usage_dimension, hour, tags, quantity, whole, digest) "
+    "INSERT INTO events (event_id, product_code, usage_dimension, hour, tags, quantity, whole, digest, timestamp) "
     "SELECT * FROM unnest(%b::text[], %b::text[], %b::text[], %b::bigint[], %b::text[], %b::text[], %b::int[], "
-    "%b::bytea[]) ORDER BY 1 ON CONFLICT (event_id) DO NOTHING"
+    "%b::bytea[], %b::text[]) ORDER BY 1 ON CONFLICT (event_id) DO NOTHING"
 )
 # Errors that say the database, not our SQL, is the problem: the call answers SPOOL_UNAVAILABLE.
 _UNAVAILABLE = (psycopg.OperationalError, psycopg.InterfaceError, errors.ReadOnlySqlTransaction)
@@ -373,10 +379,10 @@ class PostgresSpool(SqlSpool):
         Raises EventIdConflict (and stores nothing) when an event id was accepted
         before, or earlier in the batch, with another digest.
         """
-        columns = list(zip(*events)) if events else [()] * 8
+        columns = list(zip(*events)) if events else [()] * 9
         with self._transaction(writer=True) as db:
             cur = db.conn.execute(_INSERT_EVENTS, [list(c) for c in columns[:6]] + [[int(w) for w in columns[6]],
-                                                                                     list(columns[7])])
+                                                                                     list(columns[7]), list(columns[8])])
             accepted = max(cur.rowcount, 0)
             self._check_conflicts(db, events, accepted)
             # Rows this transaction inserted carry its id (a replica's concurrent ones, theirs).

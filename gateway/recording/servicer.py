@@ -21,6 +21,7 @@ import binascii
 import json
 import re
 from collections.abc import Callable
+from typing import NoReturn
 from datetime import datetime, timedelta
 
 import grpc
@@ -55,7 +56,9 @@ _TOKEN = re.compile(r"\[([0-9]{1,19}),\s?([0-9]{1,19})\]")
 _TOKEN_MAX = 64
 # google.protobuf.Timestamp's own range: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z.
 _TIMESTAMP_MIN, _TIMESTAMP_MAX = -62_135_596_800, 253_402_300_799
-CONFLICT = "was accepted before with a different product, dimension, timestamp, quantity or tags"
+NOT_ENABLED = ("this gateway records no usage: it was started without a spool. Start it with --spool PATH "
+               "(an SQLite file; or a postgresql:// URL), or METERING_GATEWAY_SPOOL; `make serve` does")
+CONFLICTS_IN_MESSAGE = 3  # the status message names this many; the BadRequest all of them
 
 log = structlog.get_logger("gateway.recorder")
 
@@ -64,17 +67,52 @@ _STATE_NAMES = {pb.MeteringRecord.STATE_PENDING: PENDING, pb.MeteringRecord.STAT
 _STATE_VALUES = {name: value for value, name in _STATE_NAMES.items()}
 
 
-def event_row(event: pb.UsageEvent) -> EventRow:
-    """A validated event as the spool stores it."""
+def event_row(event: pb.UsageEvent, stamp: float | None = None) -> EventRow:
+    """A validated event as the spool stores it. One without a timestamp is placed
+    at ``stamp`` (when the gateway accepts it); its digest leaves the time out, so an
+    identical resend, again without one, is a duplicate whenever it comes."""
     if event.WhichOneof("quantity") == "usage_quantity":
         quantity, whole = str(event.usage_quantity), True
     else:
         quantity, whole = event.usage_quantity_as_decimal, False
-    seconds, nanos = event.timestamp.seconds, event.timestamp.nanos
     tags = placement.tags_key((t.key, t.value) for t in event.tags) if event.tags else ""
-    digest = placement.event_digest(event.product_code, event.usage_dimension, seconds, nanos, quantity, tags)
-    return EventRow(event.event_id, event.product_code, event.usage_dimension, placement.hour_of(seconds), tags,
-                    quantity, whole, digest)
+    if event.HasField("timestamp"):
+        seconds, nanos = event.timestamp.seconds, event.timestamp.nanos
+        hour, shown = placement.hour_of(seconds), placement.event_time(seconds, nanos)
+        digest = placement.event_digest(event.product_code, event.usage_dimension, seconds, nanos, quantity, tags)
+    else:
+        if stamp is None:
+            raise ValueError(f"event {event.event_id!r} has no timestamp, and no stamp was given")
+        hour, shown = placement.hour_of(stamp), ""
+        digest = placement.event_digest(event.product_code, event.usage_dimension, None, 0, quantity, tags)
+    return EventRow(event.event_id, event.product_code, event.usage_dimension, hour, tags, quantity, whole, digest, shown)
+
+
+def conflict(path: str, differences: list[tuple[str, str, str]], before: str) -> validation.Violation:
+    """``events[i].event_id`` refused, saying which fields differ from ``before`` and how."""
+    said = "; ".join(f"{name} {old} then, {new} now" for name, old, new in differences)
+    return validation.Violation(f"{path}.event_id", f"{before} with a different payload: {said}")
+
+
+def conflicts(summary: str, violations: list[validation.Violation]) -> errors.GatewayError:
+    """EVENT_ID_CONFLICT: the first few conflicts in the message, every one in the BadRequest."""
+    shown = "; ".join(f"{v.field} {v.description}" for v in violations[:CONFLICTS_IN_MESSAGE])
+    more = f"; and {len(violations) - CONFLICTS_IN_MESSAGE} more" if len(violations) > CONFLICTS_IN_MESSAGE else ""
+    return errors.GatewayError("EVENT_ID_CONFLICT", f"{summary}: {shown}{more}", violations=violations)
+
+
+def repeats(rows: list[EventRow]) -> list[validation.Violation]:
+    """An event_id twice in one batch with different payloads: the batch contradicts
+    itself, whatever was accepted before, so it is refused before the spool is
+    asked, and says so. An identical repeat is one event."""
+    first: dict[str, int] = {}
+    out = []
+    for i, row in enumerate(rows):
+        j = first.setdefault(row.event_id, i)
+        if j != i and rows[j].digest != row.digest:
+            out.append(conflict(f"events[{i}]", placement.differences(rows[j], row),
+                                f"repeats events[{j}].event_id in this batch"))
+    return out
 
 
 def record_message(row: RecordRow) -> pb.MeteringRecord:
@@ -167,33 +205,45 @@ class RecorderServicer(pb_grpc.UsageRecorderServiceServicer):
         future_skew: timedelta,
         max_age: timedelta,
         now: Callable[[], datetime] = utcnow,
+        products: validation.Products | None = None,
+        placer: Callable[[], None] | None = None,
     ) -> None:
         self._spool = spool
         self._future_skew = future_skew
         self._now = now
+        self._products = products  # --products: anything else is refused
+        self._placer = placer  # asked after each accepted batch, so records show it within a second
         self._max_age = max_age  # the deduplication window: an older event may be forgotten already
 
     def RecordUsage(self, request: pb.RecordUsageRequest, context: grpc.ServicerContext) -> pb.RecordUsageResponse:  # noqa: N802
         structlog.contextvars.bind_contextvars(events=len(request.events))
-        window = validation.Window(self._now(), self._future_skew, self._max_age, validation.TOO_OLD_TO_DEDUPLICATE)
-        violations = validation.validate_record_usage(request.events, window)
+        now = self._now()
+        window = validation.Window(now, self._future_skew, self._max_age, validation.TOO_OLD_TO_DEDUPLICATE)
+        violations = validation.validate_record_usage(request.events, window, self._products)
         if violations:
             raise errors.invalid(violations, "batch")
+        rows = [event_row(e, now.timestamp()) for e in request.events]
+        violations = repeats(rows)
+        if violations:
+            raise conflicts(f"{len(violations)} event id(s) repeat in this batch with a different payload", violations)
         try:
-            rows = [event_row(e) for e in request.events]
             recorded = self._spool.record(rows)
         except EventIdConflict as exc:
-            violations = [validation.Violation(f"events[{i}].event_id", CONFLICT) for i in exc.indices]
-            raise errors.GatewayError("EVENT_ID_CONFLICT", f"{exc}: " + ", ".join(v.field for v in violations),
-                                      violations=violations) from None
+            raise conflicts(str(exc), [conflict(f"events[{i}]", placement.differences(stored, rows[i]),
+                                                "was accepted before") for i, stored in exc.conflicts]) from None
         except SpoolUnavailable as exc:  # logged with the database's own words by the spool
             raise errors.GatewayError("SPOOL_UNAVAILABLE", f"the spool cannot take events now ({exc}); nothing was "
                                       "acknowledged: retry the same batch, with the same event ids", retry_delay=SPOOL_RETRY_DELAY) from None
         accepted, duplicates = recorded
         metrics.usage_recorded(((rows[i].product_code, rows[i].usage_dimension, rows[i].quantity) for i in recorded.new),
                                accepted, duplicates)
-        structlog.contextvars.bind_contextvars(accepted=accepted, duplicates=duplicates)
-        return pb.RecordUsageResponse(accepted=accepted, duplicates=duplicates)
+        # Usage AWS can no longer take under its own hour: recorded, and carried later.
+        earliest = placement.earliest_hour(now.timestamp())  # as the placer decides it
+        carried = sum(1 for i in recorded.new if rows[i].hour < earliest)
+        structlog.contextvars.bind_contextvars(accepted=accepted, duplicates=duplicates, carried=carried)
+        if self._placer is not None:
+            self._placer()
+        return pb.RecordUsageResponse(accepted=accepted, duplicates=duplicates, carried=carried)
 
     def ListMeteringRecords(  # noqa: N802
         self, request: pb.ListMeteringRecordsRequest, context: grpc.ServicerContext
@@ -239,3 +289,26 @@ class RecorderServicer(pb_grpc.UsageRecorderServiceServicer):
             raise errors.GatewayError("SPOOL_UNAVAILABLE", f"the spool cannot be written now ({exc}); nothing "
                                       "changed: retry", retry_delay=SPOOL_RETRY_DELAY) from None
         return pb.RetryMeteringRecordResponse(record=record_message(row))
+
+
+class RecordingNotEnabled(pb_grpc.UsageRecorderServiceServicer):
+    """UsageRecorderService on a gateway started without ``--spool``: every call is
+    refused with FAILED_PRECONDITION ``RECORDING_NOT_ENABLED``, which says how to turn
+    recording on (gRPC's own answer would be a bare UNIMPLEMENTED), and shows in the
+    access log like any call. Health has no status for the service."""
+
+    def _refuse(self) -> NoReturn:
+        raise errors.GatewayError("RECORDING_NOT_ENABLED", NOT_ENABLED)
+
+    def RecordUsage(self, request: pb.RecordUsageRequest, context: grpc.ServicerContext) -> pb.RecordUsageResponse:  # noqa: N802
+        self._refuse()
+
+    def ListMeteringRecords(  # noqa: N802
+        self, request: pb.ListMeteringRecordsRequest, context: grpc.ServicerContext
+    ) -> pb.ListMeteringRecordsResponse:
+        self._refuse()
+
+    def RetryMeteringRecord(  # noqa: N802
+        self, request: pb.RetryMeteringRecordRequest, context: grpc.ServicerContext
+    ) -> pb.RetryMeteringRecordResponse:
+        self._refuse()

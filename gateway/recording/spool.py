@@ -64,11 +64,16 @@ class SpoolUnavailable(SpoolError):
 
 
 class EventIdConflict(SpoolError):
-    """Event ids accepted before with another payload; ``indices`` index the batch."""
+    """Event ids accepted before with another payload: ``conflicts`` pairs each one's
+    index in the batch with the event as stored, so the refusal can say what differs."""
 
-    def __init__(self, indices: Sequence[int]) -> None:
-        super().__init__(f"{len(indices)} event id(s) were accepted before with a different payload")
-        self.indices = list(indices)
+    def __init__(self, conflicts: Sequence[tuple[int, EventRow]]) -> None:
+        super().__init__(f"{len(conflicts)} event id(s) were accepted before with a different payload")
+        self.conflicts = list(conflicts)
+
+    @property
+    def indices(self) -> list[int]:
+        return [i for i, _ in self.conflicts]
 
 
 class RetryRefused(Exception):

@@ -139,17 +139,21 @@ class SqlSpool:
     # -- recording ---------------------------------------------------------------
 
     @staticmethod
-    def _conflicts(db: Db, events: Sequence[EventRow]) -> list[int]:
-        """Indices of events whose id is stored with another digest."""
-        stored: dict[str, bytes | None] = {}
+    def _conflicts(db: Db, events: Sequence[EventRow]) -> list[tuple[int, EventRow]]:
+        """Events whose id is stored with another digest: (index, the stored event)."""
+        stored: dict[str, EventRow] = {}
         ids = list(dict.fromkeys(e.event_id for e in events))
         for start in range(0, len(ids), 500):
             part = ids[start:start + 500]
             marks = ",".join("?" * len(part))
-            for event_id, digest in db.execute(f"SELECT event_id, digest FROM events WHERE event_id IN ({marks})", part):
-                stored[event_id] = None if digest is None else bytes(digest)
-        # A stored event without a digest (schema version 1) cannot be compared: a duplicate.
-        return [i for i, e in enumerate(events) if stored.get(e.event_id) not in (None, e.digest)]
+            for event_id, product, dimension, hour, tags, quantity, whole, digest, timestamp in db.execute(
+                    f"SELECT event_id, product_code, usage_dimension, hour, tags, quantity, whole, digest, timestamp "
+                    f"FROM events WHERE event_id IN ({marks})", part):
+                if digest is not None:  # without one (schema version 1) it cannot be compared: a duplicate
+                    stored[event_id] = EventRow(event_id, product, dimension, hour, tags, quantity, bool(whole),
+                                                bytes(digest), timestamp)
+        return [(i, stored[e.event_id]) for i, e in enumerate(events)
+                if e.event_id in stored and stored[e.event_id].digest != e.digest]
 
     def _check_conflicts(self, db: Db, events: Sequence[EventRow], accepted: int) -> None:
         if accepted < len(events):

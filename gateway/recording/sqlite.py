@@ -48,7 +48,7 @@ from gateway.recording.sql import SqlSpool
 
 # How long placement and pruning step aside, at most, while writers wait for the lock.
 YIELD_MAX = 0.05
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 log = structlog.get_logger("gateway.spool")
 
@@ -131,14 +131,22 @@ def _migrate_1_to_2(db: sqlite3.Connection, now: float) -> None:
     ])
 
 
+def _migrate_2_to_3(db: sqlite3.Connection, now: float) -> None:
+    """Each event's timestamp as the caller sent it ("" when the gateway stamped it),
+    so that a conflicting resend can be told which field differs, and how. Events
+    stored before have none (NULL): their conflicts name the timestamp only when
+    nothing else differs."""
+    db.execute("ALTER TABLE events ADD COLUMN timestamp TEXT")
+
+
 # MIGRATIONS[v] takes a file from version v to v + 1, inside one transaction.
-MIGRATIONS: dict[int, Callable[[sqlite3.Connection, float], None]] = {1: _migrate_1_to_2}
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection, float], None]] = {1: _migrate_1_to_2, 2: _migrate_2_to_3}
 assert sorted(MIGRATIONS) == list(range(1, SCHEMA_VERSION))
 
 _INSERT_EVENT = (
     # Only a repeated event_id is skipped; any other constraint fails the whole batch.
-    "INSERT INTO events (event_id, product_code, usage_dimension, hour, tags, quantity, whole, digest) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (event_id) DO NOTHING"
+    "INSERT INTO events (event_id, product_code, usage_dimension, hour, tags, quantity, whole, digest, timestamp) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (event_id) DO NOTHING"
 )
 _RECORD_COLUMNS_V1 = "id, product_code, usage_dimension, hour, allocations, whole"
 # Errors of our own making, not of the disk: raised as they are.

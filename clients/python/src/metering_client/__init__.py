@@ -48,6 +48,7 @@ from metering_client.errors import (
     PermissionDenied,
     RecordNotFailed,
     RecordNotFound,
+    RecordingNotEnabled,
     RequestExpired,
     ResourceExhausted,
     SignatureDoesNotMatch,
@@ -70,6 +71,6 @@ __all__ = [
     "FieldViolation", "IdempotencyConflict", "Internal", "InternalServiceError", "InvalidArgument",
     "InvalidEndpointRegion", "InvalidProductCode", "InvalidRequest", "InvalidTag", "InvalidUsageAllocations",
     "InvalidUsageDimension", "MeterResult", "MeteringClient", "MeteringError", "NoCredentials", "NotFound", "OutOfRange", "OutcomeUnknown",
-    "PermissionDenied", "RecordNotFailed", "RecordNotFound", "RecordResult", "ResourceExhausted", "RetryPolicy", "Throttled",
+    "PermissionDenied", "RecordNotFailed", "RecordNotFound", "RecordResult", "RecordingNotEnabled", "ResourceExhausted", "RetryPolicy", "Throttled",
     "TimestampOutOfBounds", "Unauthenticated", "Unauthorized", "Unavailable", "UsageEvent",
 ]

@@ -71,8 +71,13 @@ class MeterResult:
 
 @dataclass(frozen=True)
 class RecordResult:
+    """What RecordUsage did: events newly ``accepted``, ``duplicates`` of events accepted
+    before (they add nothing), and of the accepted, those ``carried``: too old for AWS
+    to take in their own hour, so metered in the next hour that can."""
+
     accepted: int
     duplicates: int
+    carried: int = 0
 
 
 def _pem(value: Pem | None) -> bytes | None:
@@ -142,7 +147,7 @@ class MeteringClient:
         *,
         product_code: str,
         usage_dimension: str,
-        quantity: Quantity = 0,
+        quantity: Quantity,
         timestamp: datetime | None = None,
         allocations: Iterable[Allocation | pb.UsageAllocation] = (),
         dry_run: bool = False,
@@ -150,6 +155,9 @@ class MeteringClient:
         timeout: float | None = None,
     ) -> MeterResult:
         """Meter one record. ``quantity``: int, Decimal or str, sent as a decimal string.
+
+        ``quantity`` is required (0 is a quantity too): AWS keeps only the first record
+        of a dimension's hour, so a forgotten one would bill 0 and refuse the real one.
 
         ``timestamp`` (aware; default now) is when the usage happened. Without a
         ``client_token`` a fresh UUID is used for this call and all its retries;
@@ -169,10 +177,15 @@ class MeteringClient:
         return MeterResult(reply.metering_record_id, reply.dry_run, token)
 
     def record_usage(self, events: Iterable[UsageEvent | pb.UsageEvent], *, timeout: float | None = None) -> RecordResult:
-        """Record events durably (UsageRecorderService); the gateway meters them hourly."""
+        """Record events durably (UsageRecorderService); the gateway meters them hourly.
+
+        An event without a ``timestamp`` is stamped by the gateway when it first
+        accepts it, so building the same events again and resending them after a
+        lost reply counts them as duplicates, never as new usage.
+        """
         request = pb.RecordUsageRequest(events=[convert.usage_event(e) for e in events])
         reply = self._call(self._recorder.RecordUsage, request, timeout)
-        return RecordResult(reply.accepted, reply.duplicates)
+        return RecordResult(reply.accepted, reply.duplicates, reply.carried)
 
     def list_metering_records(
         self,

@@ -105,7 +105,11 @@ def meter_usage_request(
 
 @dataclass(frozen=True)
 class UsageEvent:
-    """One unit of usage for UsageRecorderService; ``event_id`` makes resends safe."""
+    """One unit of usage for UsageRecorderService; ``event_id`` makes resends safe.
+
+    ``timestamp`` (aware) is when the usage happened; leave it None to have the
+    gateway stamp the event when it first accepts it.
+    """
 
     event_id: str
     product_code: str
@@ -116,14 +120,18 @@ class UsageEvent:
 
 
 def usage_event(event: UsageEvent | pb.UsageEvent) -> pb.UsageEvent:
+    """The event's message; without a ``timestamp`` it goes without one (the gateway
+    stamps it): a time made up here would differ on every resend of the same event,
+    and the gateway would refuse the resend as a conflict."""
     if isinstance(event, pb.UsageEvent):
         return event
     msg = pb.UsageEvent(
         event_id=event.event_id,
         product_code=event.product_code,
         usage_dimension=event.usage_dimension,
-        timestamp=timestamp(event.timestamp),
         tags=tags(event.tags),
     )
+    if event.timestamp is not None:
+        msg.timestamp.CopyFrom(timestamp(event.timestamp))
     set_quantity(msg, event.quantity, "usage_quantity_as_decimal")
     return msg

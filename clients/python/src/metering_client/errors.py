@@ -40,7 +40,7 @@ class MeteringError(Exception):
         field_violations: Sequence[FieldViolation] = (),
         retry_delay: float | None = None,
     ) -> None:
-        super().__init__(f"{code.name}: {reason + ': ' if reason else ''}{message}")
+        super().__init__(f"{code.name}: {reason + ': ' if reason else ''}{message}{_violations_text(field_violations)}")
         self.code = code
         self.message = message
         self.reason = reason
@@ -58,6 +58,19 @@ class MeteringError(Exception):
     def aws_request_id(self) -> str | None:
         """AWS's request id, for a support case, when AWS answered."""
         return self.metadata.get("awsRequestId")
+
+
+VIOLATIONS_IN_TEXT = 5  # str(error) shows this many field violations; .field_violations has every one
+
+
+def _violations_text(violations: Sequence[FieldViolation]) -> str:
+    """The violations for str(error), where a log line or a traceback shows them:
+    ``(events: must hold 1-1000 events, got 1001)``."""
+    if not violations:
+        return ""
+    shown = "; ".join(f"{v.field}: {v.description}" if v.field else v.description for v in violations[:VIOLATIONS_IN_TEXT])
+    more = f"; and {len(violations) - VIOLATIONS_IN_TEXT} more" if len(violations) > VIOLATIONS_IN_TEXT else ""
+    return f" ({shown}{more})"
 
 
 # One class per gRPC code the gateway uses ...
@@ -121,6 +134,8 @@ class HttpError(Unavailable):
     """AWS's front door answered a bare HTTP 5xx (no error type); ``reason`` is HTTP_500, HTTP_503, ..."""
 class EventIdConflict(AlreadyExists):
     """RecordUsage: an event_id was accepted before with another payload; ``field_violations`` name them."""
+class RecordingNotEnabled(FailedPrecondition):
+    """UsageRecorderService: this gateway was started without a spool (--spool), so it records nothing."""
 class SpoolUnavailable(Unavailable):
     """RecordUsage: the gateway could not store the batch (nothing was stored); resend it after ``retry_delay``."""
 
@@ -160,6 +175,7 @@ REASONS: Mapping[str, type[MeteringError]] = {
     "HTTP_504": HttpError,
     "EVENT_ID_CONFLICT": EventIdConflict,
     "SPOOL_UNAVAILABLE": SpoolUnavailable,
+    "RECORDING_NOT_ENABLED": RecordingNotEnabled,
     "RECORD_NOT_FOUND": RecordNotFound,
     "RECORD_NOT_FAILED": RecordNotFailed,
     "OUTCOME_UNKNOWN": OutcomeUnknown,

@@ -280,8 +280,11 @@ class UsageEvent(_message.Message):
     """A decimal quantity, as in MeterUsageRequest."""
     @_builtins.property
     def timestamp(self) -> _timestamp_pb2.Timestamp:
-        """When the usage happened. Required. Unset is refused; an event older than
-        the time AWS can still take is carried into the next hour that can.
+        """When the usage happened. Optional: an event without one is stamped with
+        the time the gateway first accepts it, and a resend of it, identical and
+        again without a timestamp, is a duplicate (so a resend after a lost reply is
+        safe). An event older than AWS can still take is carried into the next hour
+        that can (RecordUsageResponse.carried counts them).
         """
 
     @_builtins.property
@@ -341,19 +344,28 @@ class RecordUsageResponse(_message.Message):
 
     ACCEPTED_FIELD_NUMBER: _builtins.int
     DUPLICATES_FIELD_NUMBER: _builtins.int
+    CARRIED_FIELD_NUMBER: _builtins.int
     accepted: _builtins.int
     """Events newly recorded by this call."""
     duplicates: _builtins.int
     """Events whose event_id had been recorded before; they add nothing."""
+    carried: _builtins.int
+    """Of the accepted events, those too old for their own hour: AWS takes no
+    record more than six hours old, and the gateway plans none within half an
+    hour of that. They are recorded, and metered in the next hour that can
+    take them, never dropped; ListMeteringRecords shows where they went
+    (MeteringRecord.carried_from).
+    """
     def __init__(
         self,
         *,
         accepted: _builtins.int = ...,
         duplicates: _builtins.int = ...,
+        carried: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "duplicates", b"duplicates"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "carried", b"carried", "duplicates", b"duplicates"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

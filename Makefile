@@ -17,7 +17,7 @@ export UV_PROJECT_ENVIRONMENT := $(VENV)
 export UV_PYTHON_DOWNLOADS := never
 export UV_PYTHON_PREFERENCE := only-system
 
-.PHONY: serve test sync lock-check proto lint-proto bench docs clean image lock
+.PHONY: serve test sync lock-check proto lint lint-proto fmt bench docs clean image lock
 
 # uv itself, at the version uv.lock lists, checked against its hashes (tools/uv_bootstrap.py).
 $(UV_DIR)/.lock-seen: uv.lock tools/uv_bootstrap.py
@@ -44,9 +44,25 @@ serve: sync
 	@mkdir -p $(STATE)
 	$(BIN)/metering-gateway serve --local --listen $(LISTEN) --spool $(STATE)/spool.sqlite --products '$(PRODUCTS)'
 
-## test: run every test (and lint the proto when node is installed)
-test: sync lint-proto
+## test: lint the code, then run every test (and lint the proto when node is installed)
+test: sync lint lint-proto
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# What `make lint` type-checks with mypy --strict ([tool.mypy] in pyproject.toml).
+MYPY_PATHS := gateway clients/python/src/metering_client
+
+## lint: ruff check, ruff format --check and mypy --strict (gateway/, the Python client); each tool that fails says so in one line
+lint: sync
+	@failed=; \
+	$(BIN)/ruff check --quiet || { failed=1; echo "lint: ruff check failed (\`make fmt\` fixes what it can)" >&2; }; \
+	$(BIN)/ruff format --check --quiet || { failed=1; echo "lint: ruff format --check failed: run \`make fmt\`" >&2; }; \
+	$(BIN)/mypy $(MYPY_PATHS) || { failed=1; echo "lint: mypy --strict failed on $(MYPY_PATHS)" >&2; }; \
+	if [ -n "$$failed" ]; then exit 1; fi; echo "lint: ruff and mypy passed"
+
+## fmt: rewrite the code in place: ruff check --fix, then ruff format (review the diff)
+fmt: sync
+	$(BIN)/ruff check --fix --exit-zero --quiet
+	$(BIN)/ruff format --quiet
 
 ## lint-proto: Buf's STANDARD lint on protos/ (Buf's CLI from npm, pinned in tools/buf)
 lint-proto:
@@ -98,6 +114,6 @@ lock: $(UV_DIR)/.lock-seen
 clean:
 	rm -rf $(VENV) .tools build *.egg-info clients/python/build clients/python/src/*.egg-info $(BUF_DIR)/node_modules clients/node/node_modules
 
-## docs: rewrite the settings table of docs/settings.md from gateway/config.py
+## docs: rewrite the settings table of docs/settings.md from gateway/config/
 docs: sync
 	$(BIN)/python tools/settings_table.py

@@ -1,6 +1,6 @@
 """Hostile callers against a real gateway process: what they cost it, and whether health holds.
 
-The long version of tests/test_abuse.py, with figures. A gateway (``serve --local``
+The long version of tests/process/test_abuse.py, with figures. A gateway (``serve --local``
 with an SQLite spool) runs in its own process from ``--source`` (default: this
 checkout; give an older checkout to compare releases). Against it, in turn:
 
@@ -48,11 +48,17 @@ PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0
 def tag_bombs(tags: int) -> dict[str, tuple[str, bytes]]:
     """MeterUsage and RecordUsage requests with ``tags`` empty tags on one element (two bytes each)."""
     return {
-        "MeterUsage": ("/marketplace.metering.v1.MeteringService/MeterUsage", pb.MeterUsageRequest(
-            product_code="prod", usage_allocations=[pb.UsageAllocation(allocated_usage_quantity=1, tags=[pb.Tag()] * tags)],
-        ).SerializeToString()),
-        "RecordUsage": ("/marketplace.metering.v1.UsageRecorderService/RecordUsage", pb.RecordUsageRequest(
-            events=[pb.UsageEvent(event_id="e", tags=[pb.Tag()] * tags)]).SerializeToString()),
+        "MeterUsage": (
+            "/marketplace.metering.v1.MeteringService/MeterUsage",
+            pb.MeterUsageRequest(
+                product_code="prod",
+                usage_allocations=[pb.UsageAllocation(allocated_usage_quantity=1, tags=[pb.Tag()] * tags)],
+            ).SerializeToString(),
+        ),
+        "RecordUsage": (
+            "/marketplace.metering.v1.UsageRecorderService/RecordUsage",
+            pb.RecordUsageRequest(events=[pb.UsageEvent(event_id="e", tags=[pb.Tag()] * tags)]).SerializeToString(),
+        ),
     }
 
 
@@ -60,9 +66,24 @@ class Gateway:
     def __init__(self, source: Path, directory: Path) -> None:
         env = {**os.environ, "PYTHONPATH": f"{source}{os.pathsep}{source / 'clients' / 'python' / 'src'}"}
         env = {k: v for k, v in env.items() if not k.startswith("METERING_GATEWAY_")}
-        self.proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--local", "--listen", "127.0.0.1:0",
-                                      "--spool", str(directory / "spool.db")],
-                                     cwd=source, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "gateway",
+                "serve",
+                "--local",
+                "--listen",
+                "127.0.0.1:0",
+                "--spool",
+                str(directory / "spool.db"),
+            ],
+            cwd=source,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
             if '"serving"' in line:
@@ -171,8 +192,10 @@ def hold_connections(target: str, count: int, hold: float, opened: Any) -> None:
 def idle_connections(target: str, connections: int, hold: float) -> int:
     per_process = 5000
     opened = multiprocessing.Value("i", 0)
-    helpers = [multiprocessing.Process(target=hold_connections, args=(target, min(per_process, connections - i), hold, opened))
-               for i in range(0, connections, per_process)]
+    helpers = [
+        multiprocessing.Process(target=hold_connections, args=(target, min(per_process, connections - i), hold, opened))
+        for i in range(0, connections, per_process)
+    ]
     for helper in helpers:
         helper.start()
     for helper in helpers:
@@ -181,7 +204,9 @@ def idle_connections(target: str, connections: int, hold: float) -> int:
 
 
 @contextmanager
-def window(watchers: dict[str, Watcher], results: dict[str, Any], name: str, gateway: Gateway) -> Iterator[dict[str, Any]]:
+def window(
+    watchers: dict[str, Watcher], results: dict[str, Any], name: str, gateway: Gateway
+) -> Iterator[dict[str, Any]]:
     started = time.monotonic()
     entry: dict[str, Any] = {}
     yield entry
@@ -198,22 +223,27 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=20_000)
     parser.add_argument("--hold", type=float, default=10.0, help="seconds the idle connections are held")
     parser.add_argument("--quick", action="store_true", help="500 connections held 2 s (the smoke test's run)")
-    parser.add_argument("--only", choices=("tag-bomb", "connections"),
-                        help="one attack alone (its peak RSS then is its own, not the larger of both)")
+    parser.add_argument(
+        "--only",
+        choices=("tag-bomb", "connections"),
+        help="one attack alone (its peak RSS then is its own, not the larger of both)",
+    )
     ns = parser.parse_args()
     if ns.quick:
         ns.connections, ns.hold = 500, 2.0
     results: dict[str, Any] = {"benchmark": "abuse", "source": str(ns.source), "connections": ns.connections}
     with tempfile.TemporaryDirectory() as tmp:
         gateway = Gateway(ns.source, Path(tmp))
-        watchers = {"new": Watcher(gateway.target, new_connections=True),
-                    "kept": Watcher(gateway.target, new_connections=False)}
+        watchers = {
+            "new": Watcher(gateway.target, new_connections=True),
+            "kept": Watcher(gateway.target, new_connections=False),
+        }
         try:
             with window(watchers, results, "baseline", gateway) as entry:
                 time.sleep(2)
                 entry["rss_mib"] = round(gateway.status("VmRSS") / 2**20, 1)
             with grpc.insecure_channel(gateway.target) as channel:
-                for name, (method, payload) in (tag_bombs(262_144).items() if ns.only != "connections" else ()):
+                for name, (method, payload) in tag_bombs(262_144).items() if ns.only != "connections" else ():
                     with window(watchers, results, f"tag bomb {name}", gateway) as entry:
                         call = channel.unary_unary(method, request_serializer=None, response_deserializer=None)
                         started = time.monotonic()
@@ -236,7 +266,10 @@ def main() -> int:
                 watcher.stop()
             gateway.stop()
     print(f"gateway from {ns.source}; health every 100 ms on a new connection each time | on one kept open")
-    print(f"{'phase':<22} {'answer':<18} {'peak RSS':>9} | {'p50':>6} {'max':>8} {'failed':>7} | {'p50':>6} {'max':>8} {'failed':>7}")
+    print(
+        f"{'phase':<22} {'answer':<18} {'peak RSS':>9} | {'p50':>6} {'max':>8} {'failed':>7} | {'p50':>6} "
+        f"{'max':>8} {'failed':>7}"
+    )
     for name in ("baseline", "tag bomb MeterUsage", "tag bomb RecordUsage", "idle connections"):
         if name not in results:
             continue

@@ -47,7 +47,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +56,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.backend import make_client
+from gateway.aws.backend import make_client
 from gateway.config import Settings
 from marketplace.metering.v1 import metering_pb2 as pb
 from marketplace.metering.v1 import metering_pb2_grpc as pb_grpc
@@ -89,14 +89,17 @@ def _wait_for_line(log: Path, proc: subprocess.Popen[bytes], event: str, timeout
             if isinstance(entry, dict) and entry.get("event") == event:
                 return entry
         if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode} before logging {event!r}:\n{log.read_text()}")
+            raise RuntimeError(
+                f"{proc.args!r} exited with {proc.returncode} before logging {event!r}:\n{log.read_text()}"
+            )
         time.sleep(0.05)
     raise RuntimeError(f"{proc.args!r} did not log {event!r} within {timeout}s:\n{log.read_text()}")
 
 
 @contextmanager
-def child(args: Sequence[str], event: str, workdir: Path, env: dict[str, str] | None = None,
-          name: str | None = None) -> Iterator[dict[str, Any]]:
+def child(
+    args: Sequence[str], event: str, workdir: Path, env: dict[str, str] | None = None, name: str | None = None
+) -> Iterator[dict[str, Any]]:
     """Run ``python -m gateway ARGS`` with stdout to a file; yield its ``event`` log line.
 
     Logs go to a file (``name``.log, by default the command's), not a pipe, so the
@@ -104,8 +107,12 @@ def child(args: Sequence[str], event: str, workdir: Path, env: dict[str, str] | 
     """
     log = workdir / f"{name or args[0]}.log"
     with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "gateway", *args], stdout=out, stderr=subprocess.STDOUT,
-                                env=os.environ if env is None else env)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=os.environ if env is None else env,
+        )
     try:
         yield _wait_for_line(log, proc, event, timeout=30)
     finally:
@@ -119,7 +126,9 @@ def child(args: Sequence[str], event: str, workdir: Path, env: dict[str, str] | 
 
 def wait_serving(target: str, timeout: float = 10.0) -> None:
     with grpc.insecure_channel(target) as channel:
-        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout, wait_for_ready=True)
+        reply = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(), timeout=timeout, wait_for_ready=True
+        )
     if reply.status != health_pb2.HealthCheckResponse.SERVING:
         raise RuntimeError(f"gateway at {target} is {reply.status}, not SERVING")
 
@@ -133,8 +142,13 @@ def direct_call(endpoint_url: str) -> Call:
     client = make_client(Settings(), endpoint_url=endpoint_url, session=session)
 
     def call(dimension: str) -> None:
-        client.meter_usage(ProductCode=PRODUCT, Timestamp=datetime.now(timezone.utc), UsageDimension=dimension,
-                           UsageQuantity=1, ClientToken=str(uuid.uuid4()))
+        client.meter_usage(
+            ProductCode=PRODUCT,
+            Timestamp=datetime.now(UTC),
+            UsageDimension=dimension,
+            UsageQuantity=1,
+            ClientToken=str(uuid.uuid4()),
+        )
 
     return call
 
@@ -167,9 +181,14 @@ def scraped_ok_meter_usage(address: str) -> float:
     """``grpc_server_handled_total{grpc_code="OK",grpc_method="MeterUsage"}`` from one scrape."""
     with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as reply:
         text = reply.read().decode()
-    return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
-               if sample.name == "grpc_server_handled_total"
-               and sample.labels.get("grpc_method") == "MeterUsage" and sample.labels.get("grpc_code") == "OK")
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "grpc_server_handled_total"
+        and sample.labels.get("grpc_method") == "MeterUsage"
+        and sample.labels.get("grpc_code") == "OK"
+    )
 
 
 # --- measuring ----------------------------------------------------------------------
@@ -204,7 +223,7 @@ def measure(mode: str, call: Call, concurrency: int, calls: int, max_seconds: fl
             began = time.perf_counter()
             try:
                 call(dimension)
-            except Exception as exc:  # a benchmark reports failures, it does not die of them
+            except Exception as exc:  # noqa: BLE001 - a benchmark reports failures, it does not die of them
                 failed.append(f"{type(exc).__name__}: {exc}"[:300])
             else:
                 mine.append(time.perf_counter() - began)
@@ -266,22 +285,31 @@ def table(summary: dict[str, Any], modes: Sequence[str] = MODES) -> str:
         for mode in modes:
             s = summary[f"{mode}_c{c}"]
             rows.append(f"c={c:<2} {mode:{w}} {s['throughput']:9.1f} {s['p50_ms']:8.3f} {s['p99_ms']:8.3f}")
-        rows.append(f"c={c:<2} {'added':{w}} {'x' + format(summary[f'ratio_c{c}'], '.3f'):>9} "
-                    f"{summary[f'added_p50_ms_c{c}']:+8.3f} {summary[f'added_p99_ms_c{c}']:+8.3f}")
+        rows.append(
+            f"c={c:<2} {'added':{w}} {'x' + format(summary[f'ratio_c{c}'], '.3f'):>9} "
+            f"{summary[f'added_p50_ms_c{c}']:+8.3f} {summary[f'added_p99_ms_c{c}']:+8.3f}"
+        )
         if METRICS_MODE in modes:
-            rows.append(f"c={c:<2} {'metrics':{w}} {'x' + format(summary[f'metrics_ratio_c{c}'], '.3f'):>9} "
-                        f"{summary[f'metrics_added_p50_ms_c{c}']:+8.3f} {summary[f'metrics_added_p99_ms_c{c}']:+8.3f}"
-                        f"  ({METRICS_MODE} against gateway)")
+            rows.append(
+                f"c={c:<2} {'metrics':{w}} {'x' + format(summary[f'metrics_ratio_c{c}'], '.3f'):>9} "
+                f"{summary[f'metrics_added_p50_ms_c{c}']:+8.3f} {summary[f'metrics_added_p99_ms_c{c}']:+8.3f}"
+                f"  ({METRICS_MODE} against gateway)"
+            )
     t = summary["targets"]
-    rows.append(f"target gateway/direct throughput at c=16 >= {THROUGHPUT_RATIO_TARGET}: "
-                f"{summary['ratio_c16']:.3f} {t['ratio_c16_at_least_0.8']}")
-    rows.append(f"target p50 added latency at c=1 < {ADDED_P50_TARGET_MS} ms: "
-                f"{summary['added_p50_ms_c1']:+.3f} ms {t['added_p50_ms_c1_under_1']}")
+    rows.append(
+        f"target gateway/direct throughput at c=16 >= {THROUGHPUT_RATIO_TARGET}: "
+        f"{summary['ratio_c16']:.3f} {t['ratio_c16_at_least_0.8']}"
+    )
+    rows.append(
+        f"target p50 added latency at c=1 < {ADDED_P50_TARGET_MS} ms: "
+        f"{summary['added_p50_ms_c1']:+.3f} ms {t['added_p50_ms_c1_under_1']}"
+    )
     return "\n".join(rows)
 
 
-def benchmark(calls: int, rounds: int, warmup: int, max_seconds: float, processes: int = 1,
-              with_metrics: bool = False) -> tuple[dict[str, Any], list[Run]]:
+def benchmark(
+    calls: int, rounds: int, warmup: int, max_seconds: float, processes: int = 1, with_metrics: bool = False
+) -> tuple[dict[str, Any], list[Run]]:
     ids = itertools.count()
     runs: list[Run] = []
     modes = (*MODES, METRICS_MODE) if with_metrics else MODES
@@ -292,7 +320,9 @@ def benchmark(calls: int, rounds: int, warmup: int, max_seconds: float, processe
             endpoint = str(started["endpoint"])
             env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}  # no stray profile or token
             # botocore reads only AWS_DEFAULT_REGION; AWS_REGION is what other SDKs (and the docs) use
-            env.update(CREDS, AWS_REGION=REGION, AWS_DEFAULT_REGION=REGION, AWS_ENDPOINT_URL_MARKETPLACE_METERING=endpoint)
+            env.update(
+                CREDS, AWS_REGION=REGION, AWS_DEFAULT_REGION=REGION, AWS_ENDPOINT_URL_MARKETPLACE_METERING=endpoint
+            )
             serve = ["serve", "--listen", "127.0.0.1:0", "--processes", str(processes)]
             with contextlib.ExitStack() as stack:
                 paths: dict[str, Call] = {"direct": direct_call(endpoint)}
@@ -303,18 +333,28 @@ def benchmark(calls: int, rounds: int, warmup: int, max_seconds: float, processe
                     target = str(serving[mode]["listen"])
                     wait_serving(target)
                     # one connection per concurrent caller, as the direct loop's pool has
-                    channels = [stack.enter_context(grpc.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)]))
-                                for _ in range(max(CONCURRENCIES))]
+                    channels = [
+                        stack.enter_context(
+                            grpc.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
+                        )
+                        for _ in range(max(CONCURRENCIES))
+                    ]
                     paths[mode] = gateway_call(channels)
                 for mode in modes:  # connections, caches, lazy imports: not measured
-                    answered[mode] += len(measure(mode, paths[mode], max(CONCURRENCIES), warmup, max_seconds, ids).latencies)
+                    answered[mode] += len(
+                        measure(mode, paths[mode], max(CONCURRENCIES), warmup, max_seconds, ids).latencies
+                    )
                 for i in range(rounds):
                     for c in CONCURRENCIES:
                         # rotate which path goes first, so none always gets the cooler machine
-                        for mode in modes[i % len(modes):] + modes[:i % len(modes)]:
+                        for mode in modes[i % len(modes) :] + modes[: i % len(modes)]:
                             run = measure(mode, paths[mode], c, calls, max_seconds, ids)
-                            print(f"  round {i + 1} c={c:<2} {mode:{max(8, *map(len, modes))}} {run.throughput:8.1f} calls/s"
-                                  f"{f'  {len(run.failures)} FAILED' if run.failures else ''}", file=sys.stderr)
+                            print(
+                                f"  round {i + 1} c={c:<2} {mode:{max(8, *map(len, modes))}} "
+                                f"{run.throughput:8.1f} calls/s"
+                                f"{f'  {len(run.failures)} FAILED' if run.failures else ''}",
+                                file=sys.stderr,
+                            )
                             runs.append(run)
                             answered[mode] += len(run.latencies)
                 summary = summarise(runs, modes)
@@ -322,8 +362,10 @@ def benchmark(calls: int, rounds: int, warmup: int, max_seconds: float, processe
                     scraped = scraped_ok_meter_usage(str(serving[METRICS_MODE]["metrics"]))
                     summary["metrics_check"] = {"answered_ok": answered[METRICS_MODE], "scraped_handled_ok": scraped}
                     if scraped != answered[METRICS_MODE]:
-                        raise RuntimeError(f"{METRICS_MODE}: /metrics counts {scraped:g} MeterUsage calls handled OK, "
-                                           f"but {answered[METRICS_MODE]} were answered")
+                        raise RuntimeError(
+                            f"{METRICS_MODE}: /metrics counts {scraped:g} MeterUsage calls handled OK, "
+                            f"but {answered[METRICS_MODE]} were answered"
+                        )
     return summary, runs
 
 
@@ -333,20 +375,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="alternating direct/gateway rounds [default 3]")
     parser.add_argument("--warmup", type=int, default=200, help="unmeasured calls per path first [default 200]")
     parser.add_argument("--max-seconds", type=float, default=30.0, help="time limit of one run [default 30]")
-    parser.add_argument("--processes", type=int, default=1, help="gateway server processes (serve --processes) [default 1]")
-    parser.add_argument("--with-metrics", action="store_true",
-                        help=f"a third mode, {METRICS_MODE!r}: a gateway with --metrics-listen, against the plain gateway")
+    parser.add_argument(
+        "--processes", type=int, default=1, help="gateway server processes (serve --processes) [default 1]"
+    )
+    parser.add_argument(
+        "--with-metrics",
+        action="store_true",
+        help=f"a third mode, {METRICS_MODE!r}: a gateway with --metrics-listen, against the plain gateway",
+    )
     parser.add_argument("--quick", action="store_true", help="a smoke run: 20 calls, 1 round, 16 warm-up calls")
     args = parser.parse_args(argv)
     if args.quick:
         args.calls, args.rounds, args.warmup = 20, 1, 16
-    print(f"pass-through: gateway with {args.processes} process(es){' and with metrics' if args.with_metrics else ''}, {args.calls} calls per run, {args.rounds} rounds, {os.cpu_count()} CPUs, "
-          f"Python {sys.version.split()[0]}, grpcio {grpc.__version__}, boto3 {boto3.__version__}", file=sys.stderr)
+    print(
+        f"pass-through: gateway with {args.processes} "
+        f"process(es){' and with metrics' if args.with_metrics else ''}, {args.calls} calls per run, "
+        f"{args.rounds} rounds, {os.cpu_count()} CPUs, "
+        f"Python {sys.version.split()[0]}, grpcio {grpc.__version__}, boto3 {boto3.__version__}",
+        file=sys.stderr,
+    )
     summary, runs = benchmark(args.calls, args.rounds, args.warmup, args.max_seconds, args.processes, args.with_metrics)
     failures = [f for r in runs for f in r.failures]
     summary["failures"] = len(failures)
-    summary["config"] = {"calls": args.calls, "rounds": args.rounds, "cpus": os.cpu_count(), "processes": args.processes,
-                         "with_metrics": args.with_metrics}
+    summary["config"] = {
+        "calls": args.calls,
+        "rounds": args.rounds,
+        "cpus": os.cpu_count(),
+        "processes": args.processes,
+        "with_metrics": args.with_metrics,
+    }
     print(table(summary, (*MODES, METRICS_MODE) if args.with_metrics else MODES))
     for failure in failures[:5]:
         print(f"FAILED: {failure}", file=sys.stderr)

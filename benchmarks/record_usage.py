@@ -19,7 +19,7 @@ Spools (``--only spools``, run only when named): SQLite (the baseline) against
 PostgreSQL with one and two gateway processes, in one run. Each gateway is a real
 ``python -m gateway serve --spool … --processes N`` (sender running, access log to a
 file, AWS at a local backend in its own process) on a fresh spool; PostgreSQL 16 runs
-on this machine (tests/postgres.py, from the pgserver wheel). ``--spool-callers``
+on this machine (tests/support/postgres.py, from the pgserver wheel). ``--spool-callers``
 processes of ``--threads`` connections each send batches of 100 and of 1000 back to
 back (unique event ids, timestamps now); after ``--warmup`` seconds, the events of
 calls ending in the next ``--seconds`` count. ``--rounds`` rounds run the three
@@ -57,13 +57,13 @@ from typing import Any
 
 import grpc
 
-from gateway import logs
-from gateway.app import recording_servicer
+from gateway.assembly.app import recording_servicer
 from gateway.config import Settings
+from gateway.observability import logs
 from gateway.recording.lifecycle import Recording, open_recording
 from gateway.recording.servicer import event_row
-from gateway.server import Gateway
-from gateway.recording.sqlite import SqliteSpool as Spool
+from gateway.recording.spool.sqlite import SqliteSpool as Spool
+from gateway.rpc.server import Gateway
 from marketplace.metering.v1 import metering_pb2 as pb
 
 # Callers are spawned, not forked: forking a process with a running gRPC server is unsafe.
@@ -72,8 +72,11 @@ METHOD = "/marketplace.metering.v1.UsageRecorderService/RecordUsage"
 LATENCY_BATCH = 100  # events per RecordUsage call while placement runs
 PRELOAD_BATCH = 1000  # events per Spool.record transaction when preloading
 PRELOAD_HOURS = 4  # preloaded events spread over the last hours: all inside AWS's window, none carried
-PRODUCTS = {"prod-analytics": ("requests", "gb-scanned"), "prod-storage": ("gb-hours",),
-            "prod-api": ("calls", "premium-calls")}
+PRODUCTS = {
+    "prod-analytics": ("requests", "gb-scanned"),
+    "prod-storage": ("gb-hours",),
+    "prod-api": ("calls", "premium-calls"),
+}
 TENANTS = 40
 REGIONS = ("eu-west-1", "us-east-1", "ap-south-1")
 P99_TARGET_MS = 50.0  # RecordUsage p99 during a 300,000-event placement (the issue's target)
@@ -88,8 +91,9 @@ Sample = tuple[float, float]  # (time.monotonic() when the call began, seconds i
 
 def add_event(req: pb.RecordUsageRequest, event_id: str, i: int, now: int) -> None:
     """The benchmark's event ``i``: a few quantities, a quarter of them tagged."""
-    ev = req.events.add(event_id=event_id, product_code="prod-bench", usage_dimension="requests",
-                        usage_quantity=1 + i % 7)
+    ev = req.events.add(
+        event_id=event_id, product_code="prod-bench", usage_dimension="requests", usage_quantity=1 + i % 7
+    )
     ev.timestamp.FromSeconds(now)
     if i % 4 == 0:
         ev.tags.add(key="tenant", value=f"t{i % 16}")
@@ -107,11 +111,15 @@ def batches(caller: int, size: int, count: int) -> list[bytes]:
     return out
 
 
-def caller(target: str, payloads: list[bytes], start_at: float, seconds: float, results: "multiprocessing.Queue[int]") -> None:
+def caller(
+    target: str, payloads: list[bytes], start_at: float, seconds: float, results: multiprocessing.Queue[int]
+) -> None:
     """One caller process (its own GIL, so the figure is the gateway's)."""
     sent = 0
     with grpc.insecure_channel(target) as channel:
-        call = channel.unary_unary(METHOD, request_serializer=None, response_deserializer=pb.RecordUsageResponse.FromString)
+        call = channel.unary_unary(
+            METHOD, request_serializer=None, response_deserializer=pb.RecordUsageResponse.FromString
+        )
         time.sleep(max(0.0, start_at - time.time()))
         end = start_at + seconds
         size = len(pb.RecordUsageRequest.FromString(payloads[0]).events)
@@ -148,8 +156,9 @@ def recorder(spool_path: Path, place: bool = False) -> Iterator[tuple[str, Recor
     these figures are the recording path's, and placement is run by hand, or (``place``)
     by the prompt placer a served gateway runs, woken by every accepted batch."""
     # flush_interval at its bound (15m): the sender is not started anyway
-    conf = dataclasses.replace(Settings(), listen="127.0.0.1:0", spool=str(spool_path),
-                               flush_interval=900.0, max_workers=8).check()
+    conf = dataclasses.replace(
+        Settings(), listen="127.0.0.1:0", spool=str(spool_path), flush_interval=900.0, max_workers=8
+    ).check()
     recording = open_recording(conf, client=None, start=False, place=place)
     gateway = Gateway(conf, [recording_servicer(recording)])
     try:
@@ -171,8 +180,10 @@ def throughput(workdir: Path, seconds: float, callers: int) -> dict[str, Any]:
                 note = " (callers ran out of batches: raise the count)" if total < 0 else ""
                 key = f"batch_{size}" + ("_placer" if place else "")
                 ratio = f"  ratio to no placing {rate / out[f'batch_{size}']['events_per_s']:.2f}" if place else ""
-                print(f"RecordUsage, batches of {size:>4}, {callers} caller processes, spool on disk, {label}: "
-                      f"{rate:>9,.0f} events/s ({abs(total):,} events in {seconds:g}s){ratio}{note}")
+                print(
+                    f"RecordUsage, batches of {size:>4}, {callers} caller processes, spool on disk, {label}: "
+                    f"{rate:>9,.0f} events/s ({abs(total):,} events in {seconds:g}s){ratio}{note}"
+                )
                 out[key] = {"events_per_s": round(rate, 1), "events": abs(total), "exhausted": total < 0}
             if place:
                 out["unplaced_after_placer"] = recording.spool.stats().unassigned_events
@@ -206,7 +217,9 @@ def preload(spool: Spool, events: int, now: float, seed: int = 7) -> float:
     span = PRELOAD_HOURS * 3600.0
     for start in range(0, events, PRELOAD_BATCH):
         count = min(PRELOAD_BATCH, events - start)
-        rows = [event_row(usage_event(f"pre-{i}", now - span + span * i / events, rng)) for i in range(start, start + count)]
+        rows = [
+            event_row(usage_event(f"pre-{i}", now - span + span * i / events, rng)) for i in range(start, start + count)
+        ]
         accepted, _ = spool.record(rows)
         assert accepted == count, (accepted, count)
     return time.perf_counter() - began
@@ -218,8 +231,12 @@ def latency_request(prefix: str, rng: random.Random) -> bytes:
     return req.SerializeToString()
 
 
-def latency_caller(target: str, commands: "multiprocessing.Queue[str | None]", stop: multiprocessing.synchronize.Event,
-                   results: "multiprocessing.Queue[tuple[str, list[Sample], list[str]]]") -> None:
+def latency_caller(
+    target: str,
+    commands: multiprocessing.Queue[str | None],
+    stop: multiprocessing.synchronize.Event,
+    results: multiprocessing.Queue[tuple[str, list[Sample], list[str]]],
+) -> None:
     """One caller process: per command, 100-event batches back to back until ``stop``.
 
     Each request is built before its clock starts; the latency is the call alone.
@@ -227,7 +244,9 @@ def latency_caller(target: str, commands: "multiprocessing.Queue[str | None]", s
     """
     rng = random.Random(os.getpid())
     with grpc.insecure_channel(target) as channel:
-        call = channel.unary_unary(METHOD, request_serializer=None, response_deserializer=pb.RecordUsageResponse.FromString)
+        call = channel.unary_unary(
+            METHOD, request_serializer=None, response_deserializer=pb.RecordUsageResponse.FromString
+        )
         while (phase := commands.get()) is not None:
             samples: list[Sample] = []
             failures: list[str] = []
@@ -260,7 +279,7 @@ class Placement(threading.Thread):
         self.started_at = time.monotonic()
         try:
             self.spool.assign(time.time())
-        except BaseException as exc:  # reported by the parent
+        except BaseException as exc:  # noqa: BLE001 - reported by the parent
             self.error = exc
         finally:
             self.ended_at = time.monotonic()
@@ -277,8 +296,12 @@ def figures(latencies: Sequence[float]) -> dict[str, Any]:
     def ms(value: float) -> float | None:
         return None if math.isnan(value) else round(value * 1000, 3)
 
-    return {"calls": len(latencies), "p50_ms": ms(percentile(latencies, 50)), "p99_ms": ms(percentile(latencies, 99)),
-            "max_ms": ms(max(latencies, default=math.nan))}
+    return {
+        "calls": len(latencies),
+        "p50_ms": ms(percentile(latencies, 50)),
+        "p99_ms": ms(percentile(latencies, 99)),
+        "max_ms": ms(max(latencies, default=math.nan)),
+    }
 
 
 def placement_latency(workdir: Path, events: int, baseline_seconds: float, max_seconds: float) -> dict[str, Any]:
@@ -292,7 +315,9 @@ def placement_latency(workdir: Path, events: int, baseline_seconds: float, max_s
         proc = mp.Process(target=latency_caller, args=(target, commands, stop, results))
         proc.start()
 
-        def phase(name: str, until: Callable[[], bool], begin: Callable[[], None] | None = None) -> tuple[list[Sample], list[str]]:
+        def phase(
+            name: str, until: Callable[[], bool], begin: Callable[[], None] | None = None
+        ) -> tuple[list[Sample], list[str]]:
             stop.clear()
             commands.put(name)
             if begin is not None:
@@ -303,7 +328,9 @@ def placement_latency(workdir: Path, events: int, baseline_seconds: float, max_s
             try:
                 got, samples, failures = results.get(timeout=RESULT_TIMEOUT)
             except queue.Empty:
-                raise RuntimeError(f"the caller process sent no figures for {name!r} (exit code {proc.exitcode})") from None
+                raise RuntimeError(
+                    f"the caller process sent no figures for {name!r} (exit code {proc.exitcode})"
+                ) from None
             assert got == name, (got, name)
             return samples, failures
 
@@ -324,7 +351,8 @@ def placement_latency(workdir: Path, events: int, baseline_seconds: float, max_s
             phase("warmup", after(WARMUP_SECONDS))  # connection, caches, lazy imports: not measured
             backlog = spool.stats().unassigned_events
             during_samples, during_failures = phase(
-                "placement", lambda: not placement.is_alive() or time.monotonic() >= deadline, start_placement)
+                "placement", lambda: not placement.is_alive() or time.monotonic() >= deadline, start_placement
+            )
             placement.join()
             if placement.error is not None:
                 raise placement.error
@@ -334,8 +362,9 @@ def placement_latency(workdir: Path, events: int, baseline_seconds: float, max_s
         finally:
             if proc.is_alive():
                 proc.kill()
-    during = [took for began, took in during_samples
-              if began < placement.ended_at and began + took > placement.started_at]
+    during = [
+        took for began, took in during_samples if began < placement.ended_at and began + took > placement.started_at
+    ]
     # assign() stops when it finds nothing unassigned: what was committed before it ended, it placed
     recorded_meanwhile = sum(1 for began, took in during_samples if began + took < placement.ended_at) * LATENCY_BATCH
     summary: dict[str, Any] = {
@@ -359,15 +388,21 @@ def placement_table(s: dict[str, Any]) -> str:
     def cell(value: float | None) -> str:
         return f"{value:9.1f}" if value is not None else f"{'-':>9}"
 
-    rows = [f"placement of {s['placed_events']:,} events ({s['preloaded_events']:,} preloaded, the rest recorded by the caller): "
-            f"{s['placement_s']:.1f} s{'' if s['placement_finished_while_calling'] else ' (the caller stopped first)'}",
-            f"RecordUsage, {LATENCY_BATCH} events a call, 1 caller back to back: {'calls':>7} {'p50 ms':>9} {'p99 ms':>9} {'max ms':>9}"]
+    rows = [
+        f"placement of {s['placed_events']:,} events ({s['preloaded_events']:,} preloaded, the rest recorded "
+        "by the caller): "
+        f"{s['placement_s']:.1f} s{'' if s['placement_finished_while_calling'] else ' (the caller stopped first)'}",
+        f"RecordUsage, {LATENCY_BATCH} events a call, 1 caller back to back: {'calls':>7} {'p50 ms':>9} "
+        f"{'p99 ms':>9} {'max ms':>9}",
+    ]
     for name, label in (("baseline", "no placement (baseline)"), ("during", "during placement")):
         f = s[name]
         rows.append(f"  {label:<56} {f['calls']:>7} {cell(f['p50_ms'])} {cell(f['p99_ms'])} {cell(f['max_ms'])}")
     ratio = f"x{s['ratio_p99']:.2f}" if s["ratio_p99"] is not None else "-"
-    rows.append(f"p99 during placement / baseline: {ratio}; target p99 during placement < {P99_TARGET_MS:g} ms: "
-                f"{cell(s['during']['p99_ms']).strip()} ms {s['target']}")
+    rows.append(
+        f"p99 during placement / baseline: {ratio}; target p99 during placement < {P99_TARGET_MS:g} ms: "
+        f"{cell(s['during']['p99_ms']).strip()} ms {s['target']}"
+    )
     return "\n".join(rows)
 
 
@@ -436,12 +471,14 @@ def drive(index: int, load: Load) -> tuple[int, int, int, list[str]]:
     failures: list[str] = []
     # One connection per thread (a local subchannel pool each): with --processes N the kernel
     # spreads connections, not calls, over the processes, so callers hold several.
-    channels = [grpc.insecure_channel(load.target, options=[("grpc.use_local_subchannel_pool", 1)])
-                for _ in range(load.threads)]
+    channels = [
+        grpc.insecure_channel(load.target, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(load.threads)
+    ]
 
     def work(thread: int) -> None:
-        call = channels[thread].unary_unary(METHOD, request_serializer=None,
-                                            response_deserializer=pb.RecordUsageResponse.FromString)
+        call = channels[thread].unary_unary(
+            METHOD, request_serializer=None, response_deserializer=pb.RecordUsageResponse.FromString
+        )
         n = 0
         time.sleep(max(0.0, load.start_at - time.time()))
         while time.time() < load.measure_to:
@@ -470,13 +507,16 @@ def drive(index: int, load: Load) -> tuple[int, int, int, list[str]]:
     return sum(counted), sum(calls), len(failures), failures[:3]
 
 
-def spool_caller(index: int, commands: "multiprocessing.Queue[Load | None]",
-                 results: "multiprocessing.Queue[tuple[int, tuple[int, int, int, list[str]]]]") -> None:
+def spool_caller(
+    index: int,
+    commands: multiprocessing.Queue[Load | None],
+    results: multiprocessing.Queue[tuple[int, tuple[int, int, int, list[str]]]],
+) -> None:
     """A caller process for the whole run (its own GIL): one Load per command until None."""
     while (load := commands.get()) is not None:
         try:
             results.put((index, drive(index, load)))
-        except Exception as exc:  # the parent must always get an answer
+        except Exception as exc:  # noqa: BLE001 - the parent must always get an answer
             results.put((index, (0, 0, 1, [f"caller {index}: {type(exc).__name__}: {exc}"[:300]])))
 
 
@@ -579,27 +619,35 @@ def spools(workdir: Path, rounds: int, seconds: float, warmup: float, callers: i
     """
     sys.path.insert(0, str(TESTS))
     import psycopg  # noqa: PLC0415 - only this mode needs them
-    from passthrough import CREDS, REGION, child, wait_serving  # noqa: PLC0415
-    from postgres import PostgresServer  # noqa: PLC0415
+
+    from passthrough import CREDS, REGION, child, wait_serving  # noqa: PLC0415 - only this mode needs them
+    from support.postgres import PostgresServer  # noqa: PLC0415 - only this mode needs them
 
     runs: list[dict[str, Any]] = []
     failures: list[str] = []
     tags = iter(range(1, 16**3))
     commands = [mp.Queue() for _ in range(callers)]
     results: multiprocessing.Queue[tuple[int, tuple[int, int, int, list[str]]]] = mp.Queue()
-    procs = [mp.Process(target=spool_caller, args=(i, commands[i], results), name=f"caller-{i}") for i in range(callers)]
+    procs = [
+        mp.Process(target=spool_caller, args=(i, commands[i], results), name=f"caller-{i}") for i in range(callers)
+    ]
     began = time.monotonic()
     with PostgresServer.temporary() as pg, child(["local-aws", "--port", "0"], "local_aws_started", workdir) as aws:
         postmaster = int((pg.data_dir / "postmaster.pid").read_text().split()[0])
         env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-        env.update(CREDS, AWS_REGION=REGION, AWS_DEFAULT_REGION=REGION, AWS_ENDPOINT_URL_MARKETPLACE_METERING=str(aws["endpoint"]))
+        env.update(
+            CREDS,
+            AWS_REGION=REGION,
+            AWS_DEFAULT_REGION=REGION,
+            AWS_ENDPOINT_URL_MARKETPLACE_METERING=str(aws["endpoint"]),
+        )
         for proc in procs:
             proc.start()
         caller_pids = {p.pid for p in procs if p.pid is not None}
         try:
             for r in range(rounds):
                 # rotate the order, so no set-up always runs first (or right after another)
-                for setup in SPOOL_SETUPS[r % 3:] + SPOOL_SETUPS[:r % 3]:
+                for setup in SPOOL_SETUPS[r % 3 :] + SPOOL_SETUPS[: r % 3]:
                     name = f"spool_{r}_{setup.key}"
                     spool = pg.create_database(name) if setup.database == "postgresql" else str(workdir / f"{name}.db")
                     serve = ["serve", "--listen", "127.0.0.1:0", "--spool", spool, "--processes", str(setup.processes)]
@@ -608,7 +656,15 @@ def spools(workdir: Path, rounds: int, seconds: float, warmup: float, callers: i
                         wait_serving(target)
                         for size in SPOOL_BATCHES if r % 2 == 0 else SPOOL_BATCHES[::-1]:
                             start_at = time.time() + 0.2
-                            load = Load(target, size, next(tags), threads, start_at, start_at + warmup, start_at + warmup + seconds)
+                            load = Load(
+                                target,
+                                size,
+                                next(tags),
+                                threads,
+                                start_at,
+                                start_at + warmup,
+                                start_at + warmup + seconds,
+                            )
                             for q in commands:
                                 q.put(load)
                             time.sleep(max(0.0, load.measure_from - time.time()))
@@ -623,13 +679,25 @@ def spools(workdir: Path, rounds: int, seconds: float, warmup: float, callers: i
                                     raise RuntimeError("a caller process sent no figures") from None
                                 events, calls, failed = events + e, calls + c, failed + f
                                 failures += examples
-                            run = {"setup": setup.key, "batch": size, "round": r + 1,
-                                   "events_per_s": round(events / seconds, 1), "calls": calls, "failures": failed, "cpu": cpu}
+                            run = {
+                                "setup": setup.key,
+                                "batch": size,
+                                "round": r + 1,
+                                "events_per_s": round(events / seconds, 1),
+                                "calls": calls,
+                                "failures": failed,
+                                "cpu": cpu,
+                            }
                             runs.append(run)
-                            print(f"  round {r + 1} {setup.label:<25} batches of {size:>4}: {run['events_per_s']:>9,.0f} events/s"
-                                  f"  cores: gateway {cpu['gateway']:.2f} postgres {cpu['postgres']:.2f} callers {cpu['callers']:.2f}"
-                                  f" other {cpu['other']:.2f} idle {cpu['idle']:.2f}{f'  {failed} FAILED' if failed else ''}",
-                                  file=sys.stderr)
+                            print(
+                                f"  round {r + 1} {setup.label:<25} batches of {size:>4}: "
+                                f"{run['events_per_s']:>9,.0f} events/s"
+                                f"  cores: gateway {cpu['gateway']:.2f} postgres {cpu['postgres']:.2f} callers "
+                                f"{cpu['callers']:.2f}"
+                                f" other {cpu['other']:.2f} idle "
+                                f"{cpu['idle']:.2f}{f'  {failed} FAILED' if failed else ''}",
+                                file=sys.stderr,
+                            )
                     if setup.database == "postgresql":
                         with psycopg.connect(pg.dsn(), autocommit=True) as conn:
                             conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
@@ -644,8 +712,12 @@ def spools(workdir: Path, rounds: int, seconds: float, warmup: float, callers: i
                 if proc.is_alive():
                     proc.kill()
     summary = spool_summary(runs)
-    summary.update(failures=sum(r["failures"] for r in runs), failure_examples=failures[:5],
-                   elapsed_s=round(time.monotonic() - began, 1), runs=runs)
+    summary.update(
+        failures=sum(r["failures"] for r in runs),
+        failure_examples=failures[:5],
+        elapsed_s=round(time.monotonic() - began, 1),
+        runs=runs,
+    )
     return summary
 
 
@@ -658,31 +730,44 @@ def spool_summary(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
             out[f"{setup.key}_b{size}"] = {
                 "events_per_s": round(statistics.median(r["events_per_s"] for r in mine), 1),
                 "rounds": [r["events_per_s"] for r in mine],
-                "cpu": {k: round(statistics.median(r["cpu"][k] for r in mine), 3) for k in (*ROLES, "other", "idle", "steal")},
+                "cpu": {
+                    k: round(statistics.median(r["cpu"][k] for r in mine), 3)
+                    for k in (*ROLES, "other", "idle", "steal")
+                },
             }
         base = out[f"{BASELINE.key}_b{size}"]["events_per_s"]
         for setup in SPOOL_SETUPS:
             entry = out[f"{setup.key}_b{size}"]
             entry["ratio_to_sqlite"] = round(entry["events_per_s"] / base, 3) if base else None
-    out["target"] = {f"postgresql_p{n}_b1000": "PASS" if out[f"postgresql_p{n}_b1000"]["events_per_s"] >= PG_TARGET else "MISS"
-                     for n in (1, 2)}
+    out["target"] = {
+        f"postgresql_p{n}_b1000": "PASS" if out[f"postgresql_p{n}_b1000"]["events_per_s"] >= PG_TARGET else "MISS"
+        for n in (1, 2)
+    }
     return out
 
 
 def spool_table(s: dict[str, Any], rounds: int, seconds: float, warmup: float, callers: int, threads: int) -> str:
-    rows = [f"RecordUsage by spool: gateway as `serve` processes, sender running; {callers} caller processes x {threads} "
-            f"connections; median of {rounds} round(s) of {seconds:g} s after {warmup:g} s warm-up",
-            f"{'spool, gateway processes':<26} {'batch':>5} {'events/s':>9} {'vs SQLite':>9}   "
-            f"cores used: {'gateway':>7} {'postgres':>8} {'callers':>7} {'other':>6} {'idle':>5}"]
+    rows = [
+        f"RecordUsage by spool: gateway as `serve` processes, sender running; {callers} caller processes x {threads} "
+        f"connections; median of {rounds} round(s) of {seconds:g} s after {warmup:g} s warm-up",
+        f"{'spool, gateway processes':<26} {'batch':>5} {'events/s':>9} {'vs SQLite':>9}   "
+        f"cores used: {'gateway':>7} {'postgres':>8} {'callers':>7} {'other':>6} {'idle':>5}",
+    ]
     for size in SPOOL_BATCHES:
         for setup in SPOOL_SETUPS:
             e = s[f"{setup.key}_b{size}"]
             c = e["cpu"]
             ratio = f"x{e['ratio_to_sqlite']:.2f}" if e["ratio_to_sqlite"] is not None else "-"
-            rows.append(f"{setup.label:<26} {size:>5} {e['events_per_s']:>9,.0f} {ratio:>9}   "
-                        f"{'':12}{c['gateway']:>7.2f} {c['postgres']:>8.2f} {c['callers']:>7.2f} {c['other']:>6.2f} {c['idle']:>5.2f}")
-    verdicts = "; ".join(f"{n} process{'es' if n > 1 else ''} {s[f'postgresql_p{n}_b1000']['events_per_s']:,.0f} "
-                         f"{s['target'][f'postgresql_p{n}_b1000']}" for n in (1, 2))
+            rows.append(
+                f"{setup.label:<26} {size:>5} {e['events_per_s']:>9,.0f} {ratio:>9}   "
+                f"{'':12}{c['gateway']:>7.2f} {c['postgres']:>8.2f} {c['callers']:>7.2f} {c['other']:>6.2f} "
+                f"{c['idle']:>5.2f}"
+            )
+    verdicts = "; ".join(
+        f"{n} process{'es' if n > 1 else ''} {s[f'postgresql_p{n}_b1000']['events_per_s']:,.0f} "
+        f"{s['target'][f'postgresql_p{n}_b1000']}"
+        for n in (1, 2)
+    )
     rows.append(f"target PostgreSQL, batches of 1000 >= {PG_TARGET:,.0f} events/s: {verdicts}")
     return "\n".join(rows)
 
@@ -691,25 +776,47 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=5.0, help="length of each throughput run [default 5]")
     parser.add_argument("--callers", type=int, default=2, help="caller processes for throughput [default 2]")
-    parser.add_argument("--events", type=int, default=300_000, help="events preloaded before placement [default 300000]")
-    parser.add_argument("--baseline-seconds", type=float, default=5.0, help="length of the no-placement baseline [default 5]")
-    parser.add_argument("--max-seconds", type=float, default=120.0,
-                        help="stop calling after this long even if placement goes on [default 120]")
-    parser.add_argument("--only", choices=("throughput", "placement", "spools"),
-                        help="run one measurement; spools (SQLite against PostgreSQL) runs only when named")
+    parser.add_argument(
+        "--events", type=int, default=300_000, help="events preloaded before placement [default 300000]"
+    )
+    parser.add_argument(
+        "--baseline-seconds", type=float, default=5.0, help="length of the no-placement baseline [default 5]"
+    )
+    parser.add_argument(
+        "--max-seconds",
+        type=float,
+        default=120.0,
+        help="stop calling after this long even if placement goes on [default 120]",
+    )
+    parser.add_argument(
+        "--only",
+        choices=("throughput", "placement", "spools"),
+        help="run one measurement; spools (SQLite against PostgreSQL) runs only when named",
+    )
     parser.add_argument("--rounds", type=int, default=3, help="spools: rounds over the three set-ups [default 3]")
-    parser.add_argument("--warmup", type=float, default=2.0, help="spools: unmeasured seconds before each run [default 2]")
+    parser.add_argument(
+        "--warmup", type=float, default=2.0, help="spools: unmeasured seconds before each run [default 2]"
+    )
     parser.add_argument("--spool-callers", type=int, default=4, help="spools: caller processes [default 4]")
-    parser.add_argument("--threads", type=int, default=4, help="spools: threads (connections) per caller process [default 4]")
-    parser.add_argument("--quick", action="store_true", help="a smoke run: 1 s throughput runs, 20,000 events, 1 s baseline; "
-                        "spools: 1 round of 0.5 s after 0.3 s, 2 callers x 2 threads")
+    parser.add_argument(
+        "--threads", type=int, default=4, help="spools: threads (connections) per caller process [default 4]"
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke run: 1 s throughput runs, 20,000 events, 1 s baseline; "
+        "spools: 1 round of 0.5 s after 0.3 s, 2 callers x 2 threads",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.seconds, args.events, args.baseline_seconds = 1.0, 20_000, 1.0
         if args.only == "spools":
             args.seconds, args.rounds, args.warmup, args.spool_callers, args.threads = 0.5, 1, 0.3, 2, 2
     logs.configure("warning")
-    print(f"record_usage: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, grpcio {grpc.__version__}", file=sys.stderr)
+    print(
+        f"record_usage: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, grpcio {grpc.__version__}",
+        file=sys.stderr,
+    )
     result: dict[str, Any] = {"benchmark": "record_usage"}
     with tempfile.TemporaryDirectory(prefix="record-usage-") as tmp:
         if args.only in (None, "throughput"):
@@ -718,13 +825,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             result["placement"] = placement_latency(Path(tmp), args.events, args.baseline_seconds, args.max_seconds)
             print(placement_table(result["placement"]))
         if args.only == "spools":
-            result["spools"] = spools(Path(tmp), args.rounds, args.seconds, args.warmup, args.spool_callers, args.threads)
-            print(spool_table(result["spools"], args.rounds, args.seconds, args.warmup, args.spool_callers, args.threads))
-    result["config"] = {"seconds": args.seconds, "callers": args.callers, "events": args.events,
-                        "baseline_seconds": args.baseline_seconds, "cpus": os.cpu_count()}
+            result["spools"] = spools(
+                Path(tmp), args.rounds, args.seconds, args.warmup, args.spool_callers, args.threads
+            )
+            print(
+                spool_table(result["spools"], args.rounds, args.seconds, args.warmup, args.spool_callers, args.threads)
+            )
+    result["config"] = {
+        "seconds": args.seconds,
+        "callers": args.callers,
+        "events": args.events,
+        "baseline_seconds": args.baseline_seconds,
+        "cpus": os.cpu_count(),
+    }
     if args.only == "spools":
-        result["config"].update(rounds=args.rounds, warmup=args.warmup, spool_callers=args.spool_callers, threads=args.threads,
-                                load_average=os.getloadavg())
+        result["config"].update(
+            rounds=args.rounds,
+            warmup=args.warmup,
+            spool_callers=args.spool_callers,
+            threads=args.threads,
+            load_average=os.getloadavg(),
+        )
     print(json.dumps(result))
     failures = 0
     for name in ("placement", "spools"):

@@ -41,21 +41,25 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, cast
 
-from gateway import errors, logs
+from gateway.aws.backend import Backend, Outcome
+from gateway.domain import errors
+from gateway.observability import logs
 from gateway.recording import placement
 from gateway.recording.placement import HOUR, EventRow
-from gateway.backend import Backend, Outcome
 from gateway.recording.sender import Sender
 from gateway.recording.spool import FAILED, PENDING, SENT
-from gateway.recording.sqlite import SqliteSpool as Spool
+from gateway.recording.spool.sqlite import SqliteSpool as Spool
 
 DAY = 86400
 STEP = 600  # seconds of simulated time between two sender passes (the sender prunes every 10 minutes)
 BATCH = 100  # events per Spool.record transaction, a typical RecordUsage batch
 GRACE = 300.0  # --flush-grace's default: a record goes out 5 minutes after its hour closed
 START = placement.hour_of(1_750_000_000)  # a fixed simulated start, at an hour's start
-PRODUCTS = {"prod-analytics": ("requests", "gb-scanned"), "prod-storage": ("gb-hours",),
-            "prod-api": ("calls", "premium-calls")}
+PRODUCTS = {
+    "prod-analytics": ("requests", "gb-scanned"),
+    "prod-storage": ("gb-hours",),
+    "prod-api": ("calls", "premium-calls"),
+}
 TENANTS = 20
 REGIONS = ("eu-west-1", "us-east-1", "ap-south-1")
 
@@ -110,8 +114,17 @@ def event(event_id: str, when: float, rng: random.Random) -> EventRow:
     seconds, nanos = int(when), int(when % 1 * 1e9)
     key = placement.tags_key(tags)
     digest = placement.event_digest(product, dimension, seconds, nanos, quantity, key)
-    return EventRow(event_id, product, dimension, placement.hour_of(seconds), key, quantity, whole, digest,
-                    placement.event_time(seconds, nanos))
+    return EventRow(
+        event_id,
+        product,
+        dimension,
+        placement.hour_of(seconds),
+        key,
+        quantity,
+        whole,
+        digest,
+        placement.event_time(seconds, nanos),
+    )
 
 
 @dataclass
@@ -135,16 +148,35 @@ def measure(spool: Spool, path: Path, day: int) -> Day:
         (events,) = db.execute("SELECT COUNT(*) FROM events").fetchone()
         states = dict(db.execute("SELECT state, COUNT(*) FROM records GROUP BY state").fetchall())
     db.close()
-    return Day(day, path.stat().st_size + wal_bytes, wal_bytes, spool.size(), events, sum(states.values()),
-               states.get(PENDING, 0), states.get(SENT, 0), states.get(FAILED, 0))
+    return Day(
+        day,
+        path.stat().st_size + wal_bytes,
+        wal_bytes,
+        spool.size(),
+        events,
+        sum(states.values()),
+        states.get(PENDING, 0),
+        states.get(SENT, 0),
+        states.get(FAILED, 0),
+    )
 
 
-def simulate(path: Path, days: int, per_hour: int, event_retention: float, record_retention: float,
-             seed: int = 11) -> list[Day]:
+def simulate(
+    path: Path, days: int, per_hour: int, event_retention: float, record_retention: float, seed: int = 11
+) -> list[Day]:
     clock = Clock(float(START))
     spool = Spool(str(path), now=clock)
-    sender = Sender(spool, cast(Backend, InProcessAws()), interval=STEP, grace=GRACE, max_rps=1e9, now=clock,
-                    sleep=lambda _: None, event_retention=event_retention, record_retention=record_retention)
+    sender = Sender(
+        spool,
+        cast(Backend, InProcessAws()),
+        interval=STEP,
+        grace=GRACE,
+        max_rps=1e9,
+        now=clock,
+        sleep=lambda _: None,
+        event_retention=event_retention,
+        record_retention=record_retention,
+    )
     rng = random.Random(seed)
     steps = HOUR // STEP
     serial = 0
@@ -158,7 +190,7 @@ def simulate(path: Path, days: int, per_hour: int, event_retention: float, recor
                 rows = [event(f"ev-{serial + i}", clock.now - STEP + rng.random() * STEP, rng) for i in range(count)]
                 serial += count
                 for start in range(0, len(rows), BATCH):
-                    spool.record(rows[start:start + BATCH])
+                    spool.record(rows[start : start + BATCH])
                 sender.tick()
             out.append(measure(spool, path, day))
             print(row(out[-1]), flush=True)
@@ -168,22 +200,34 @@ def simulate(path: Path, days: int, per_hour: int, event_retention: float, recor
 
 
 def row(d: Day) -> str:
-    return (f"{d.day:>4} {d.file_bytes / 1e6:>10.2f} {d.wal_bytes / 1e6:>7.2f} {d.in_use_bytes / 1e6:>10.2f} "
-            f"{d.events:>9,} {d.records:>8,} {d.pending:>7,} {d.failed:>6,}")
+    return (
+        f"{d.day:>4} {d.file_bytes / 1e6:>10.2f} {d.wal_bytes / 1e6:>7.2f} {d.in_use_bytes / 1e6:>10.2f} "
+        f"{d.events:>9,} {d.records:>8,} {d.pending:>7,} {d.failed:>6,}"
+    )
 
 
-HEADER = f"{'day':>4} {'file MB':>10} {'WAL MB':>7} {'in use MB':>10} {'events':>9} {'records':>8} {'pending':>7} {'failed':>6}"
+HEADER = (
+    f"{'day':>4} {'file MB':>10} {'WAL MB':>7} {'in use MB':>10} "
+    f"{'events':>9} {'records':>8} {'pending':>7} {'failed':>6}"
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--days", type=int, default=14, help="simulated days [default 14]")
-    parser.add_argument("--events-per-hour", type=int, default=2000, help="events recorded each simulated hour [default 2000]")
-    parser.add_argument("--event-retention", type=float, default=2.0, help="days; the gateway's default is 7 [default 2]")
-    parser.add_argument("--record-retention", type=float, default=5.0, help="days; the gateway's default is 400 [default 5]")
+    parser.add_argument(
+        "--events-per-hour", type=int, default=2000, help="events recorded each simulated hour [default 2000]"
+    )
+    parser.add_argument(
+        "--event-retention", type=float, default=2.0, help="days; the gateway's default is 7 [default 2]"
+    )
+    parser.add_argument(
+        "--record-retention", type=float, default=5.0, help="days; the gateway's default is 400 [default 5]"
+    )
     parser.add_argument("--no-baseline", action="store_true", help="skip the baseline run with nothing pruned")
-    parser.add_argument("--quick", action="store_true",
-                        help="a smoke run: 4 days, 100 events an hour, retention 1 and 2 days")
+    parser.add_argument(
+        "--quick", action="store_true", help="a smoke run: 4 days, 100 events an hour, retention 1 and 2 days"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.days, args.events_per_hour, args.event_retention, args.record_retention = 4, 100, 1.0, 2.0
@@ -194,21 +238,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.days < full:
         parser.error(f"--days must be at least {full} for the windows to fill")
     logs.configure("warning")
-    print(f"spool_days: {args.days} simulated days, {args.events_per_hour:,} events an hour, retention "
-          f"{args.event_retention:g} d (events) and {args.record_retention:g} d (records); gateway defaults 7 d and 400 d; "
-          f"SQLite {sqlite3.sqlite_version}", file=sys.stderr)
+    print(
+        f"spool_days: {args.days} simulated days, {args.events_per_hour:,} events an hour, retention "
+        f"{args.event_retention:g} d (events) and {args.record_retention:g} d (records); gateway defaults 7 d "
+        "and 400 d; "
+        f"SQLite {sqlite3.sqlite_version}",
+        file=sys.stderr,
+    )
     began = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="spool-days-") as tmp:
         print(HEADER, flush=True)
-        days = simulate(Path(tmp) / "spool.db", args.days, args.events_per_hour,
-                        args.event_retention * DAY, args.record_retention * DAY)
+        days = simulate(
+            Path(tmp) / "spool.db",
+            args.days,
+            args.events_per_hour,
+            args.event_retention * DAY,
+            args.record_retention * DAY,
+        )
         unpruned: list[Day] = []
         if not args.no_baseline:
             print("baseline: the same load, nothing pruned (release 0.1.0)", flush=True)
             never = 1e12  # a retention longer than any run: prune() finds nothing
             unpruned = simulate(Path(tmp) / "unpruned.db", args.days, args.events_per_hour, never, never)
     first, last = days[full - 1], days[-1]
-    peak = max(d.file_bytes for d in days[full - 1:])
+    peak = max(d.file_bytes for d in days[full - 1 :])
     summary: dict[str, Any] = {
         "benchmark": "spool_days",
         "plateau_from_day": full,
@@ -222,16 +275,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         "ratio_to_baseline": round(last.file_bytes / unpruned[-1].file_bytes, 3) if unpruned else None,
         "days": [asdict(d) for d in days],
         "elapsed_s": round(time.perf_counter() - began, 1),
-        "config": {"days": args.days, "events_per_hour": args.events_per_hour, "event_retention_days": args.event_retention,
-                   "record_retention_days": args.record_retention, "step_s": STEP, "batch": BATCH},
+        "config": {
+            "days": args.days,
+            "events_per_hour": args.events_per_hour,
+            "event_retention_days": args.event_retention,
+            "record_retention_days": args.record_retention,
+            "step_s": STEP,
+            "batch": BATCH,
+        },
     }
-    print(f"windows full from day {full}: file day {last.day} / day {first.day} = x{summary['ratio_file']:.3f} "
-          f"(pages in use x{summary['ratio_in_use']:.3f}); plateau {last.file_bytes / 1e6:.2f} MB on disk, "
-          f"{last.in_use_bytes / 1e6:.2f} MB in use; peak after day {full}: {peak / 1e6:.2f} MB")
+    print(
+        f"windows full from day {full}: file day {last.day} / day {first.day} = x{summary['ratio_file']:.3f} "
+        f"(pages in use x{summary['ratio_in_use']:.3f}); plateau {last.file_bytes / 1e6:.2f} MB on disk, "
+        f"{last.in_use_bytes / 1e6:.2f} MB in use; peak after day {full}: {peak / 1e6:.2f} MB"
+    )
     if unpruned:
-        print(f"baseline, nothing pruned: {unpruned[-1].file_bytes / 1e6:.2f} MB at day {last.day}, growing "
-              f"{(unpruned[-1].file_bytes - unpruned[full - 1].file_bytes) / 1e6 / (last.day - full):.2f} MB a day; "
-              f"pruned / unpruned at day {last.day} = x{summary['ratio_to_baseline']:.3f}")
+        print(
+            f"baseline, nothing pruned: {unpruned[-1].file_bytes / 1e6:.2f} MB at day {last.day}, growing "
+            f"{(unpruned[-1].file_bytes - unpruned[full - 1].file_bytes) / 1e6 / (last.day - full):.2f} MB a day; "
+            f"pruned / unpruned at day {last.day} = x{summary['ratio_to_baseline']:.3f}"
+        )
     print(json.dumps(summary))
     return 1 if last.failed else 0
 

@@ -8,13 +8,13 @@ from collections.abc import Iterator
 import grpc
 import psycopg
 import pytest
-from postgres import PostgresServer
-from processes import local_aws_url  # noqa: F401 - the fixture of the process-level tests (test_crash, test_replicas)
 from psycopg import sql
-from support import FIXED_NOW, Clock, running_gateway, using_clock
 
 from gateway.local_aws import LocalAws
 from marketplace.metering.v1 import metering_pb2_grpc as pb_grpc
+from support import FIXED_NOW, Clock, running_gateway, using_clock
+from support.postgres import PostgresServer
+from support.processes import local_aws_url  # noqa: F401 - the fixture of the process-level tests (test_crash, test_replicas)
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from gateway.config import SETTINGS_FIELDS, env_name, flag_name, shown_default, shown_range
+from gateway.config import SETTINGS_FIELDS, env_name, flag_name, shown_default, shown_range, spec
 
 PAGE = Path(__file__).resolve().parent.parent / "docs" / "settings.md"
 BEGIN, END = "<!-- settings:begin -->", "<!-- settings:end -->"
@@ -19,7 +19,8 @@ def table() -> str:
     rows = ["| flag | environment variable | default | range | what it does |", "|---|---|---|---|---|"]
     for f in SETTINGS_FIELDS:
         rows.append(
-            f"| `{flag_name(f.name)}` | `{env_name(f.name)}` | `{shown_default(f)}` | {shown_range(f)} | {f.metadata['help']} |"
+            f"| `{flag_name(f.name)}` | `{env_name(f.name)}` | `{shown_default(f)}` | {shown_range(f)} "
+            f"| {spec(f).help} |"
         )
     return "\n".join(rows)
 

@@ -56,8 +56,22 @@ def main() -> int:
     venv.EnvBuilder(clear=True, with_pip=True).create(ns.tools)
     pin = ns.tools / "requirement.txt"
     pin.write_text(requirement(ns.lock))
-    subprocess.run([str(ns.tools / "bin" / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-                    "--require-hashes", "--no-deps", "--only-binary=:all:", "-r", str(pin)], check=True)
+    subprocess.run(
+        [
+            str(ns.tools / "bin" / "python"),
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--require-hashes",
+            "--no-deps",
+            "--only-binary=:all:",
+            "-r",
+            str(pin),
+        ],
+        check=True,
+    )
     return 0
 
 

@@ -46,5 +46,15 @@ from gateway.local_aws.server import BANNER, CONTENT_TYPE, TARGET_PREFIX, LocalA
 from gateway.local_aws.state import AwsError, Record, State
 
 __all__ = [
-    "BANNER", "BARE", "CONTENT_TYPE", "DROP", "SLOW", "TARGET_PREFIX", "AwsError", "Fault", "LocalAws", "Record", "State",
+    "BANNER",
+    "BARE",
+    "CONTENT_TYPE",
+    "DROP",
+    "SLOW",
+    "TARGET_PREFIX",
+    "AwsError",
+    "Fault",
+    "LocalAws",
+    "Record",
+    "State",
 ]

@@ -14,6 +14,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from gateway.local_aws import rules
 from gateway.local_aws.state import AwsError
 
 DROP = "drop"  # close the connection without an answer
@@ -46,8 +47,14 @@ class Fault:
 
 
 def make_fault(
-    error: str, count: int = 1, *, message: str = DEFAULT_MESSAGE, status: int | None = None, delay: float = 0.0,
-    record: bool = False, operation: str | None = None,
+    error: str,
+    count: int = 1,
+    *,
+    message: str = DEFAULT_MESSAGE,
+    status: int | None = None,
+    delay: float = 0.0,
+    record: bool = False,
+    operation: str | None = None,
 ) -> Fault:
     """A checked Fault; ValueError for one that cannot happen.
 
@@ -58,9 +65,9 @@ def make_fault(
         status = 500 if error == "InternalServiceErrorException" else 400
     if not isinstance(error, str):
         raise ValueError("error must be a string: an AWS error code, '' (bare status), 'drop' or 'slow'")
-    if not _is_int(count) or count < 1:
+    if not rules.is_int(count) or count < 1:
         raise ValueError(f"count must be a positive integer, got {count!r}")
-    if not _is_int(status) or not 100 <= status <= 599:
+    if not rules.is_int(status) or not 100 <= status <= 599:
         raise ValueError(f"status must be an HTTP status, got {status!r}")
     if isinstance(delay, bool) or not isinstance(delay, (int, float)) or not 0 <= delay < 3600:
         raise ValueError(f"delay must be 0 to 3600 seconds, got {delay!r}")
@@ -81,13 +88,14 @@ def fault_from_json(body: Mapping[str, Any]) -> Fault:
     if unknown:
         raise ValueError(f"unknown fault fields: {sorted(unknown)}")
     return make_fault(
-        body["error"], body.get("count", 1), message=str(body.get("message", "injected")), status=body.get("status"),
-        delay=body.get("delay", 0.0), record=body.get("record", False), operation=body.get("operation"),
+        body["error"],
+        body.get("count", 1),
+        message=str(body.get("message", "injected")),
+        status=body.get("status"),
+        delay=body.get("delay", 0.0),
+        record=body.get("record", False),
+        operation=body.get("operation"),
     )
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class Faults:

@@ -14,7 +14,7 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -109,8 +109,12 @@ def spec_of(shape: Any, seen: frozenset[str] = frozenset()) -> Spec:
     inner = seen | {shape.name}
     meta: Mapping[str, Any] = shape.metadata
     pattern = meta.get("pattern")
-    common: dict[str, Any] = {"min": meta.get("min"), "max": meta.get("max"), "pattern": pattern,
-                              "regex": None if pattern is None else compile_pattern(pattern)}
+    common: dict[str, Any] = {
+        "min": meta.get("min"),
+        "max": meta.get("max"),
+        "pattern": pattern,
+        "regex": None if pattern is None else compile_pattern(pattern),
+    }
     if shape.type_name == "structure":
         members = {name: spec_of(member, inner) for name, member in shape.members.items()}
         return Spec("structure", tuple(meta.get("required", ())), members, **common)
@@ -142,7 +146,8 @@ def _join(path: str, name: str) -> str:
     return f"{path}.{name}" if path else name
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
+    """A JSON integer: Python's bool is an int, JSON's true is not."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -152,11 +157,11 @@ def instant(value: Any) -> datetime | None:
     None when it is no instant at all (a string, NaN, out of datetime's range).
     """
     if isinstance(value, datetime):
-        return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return None
     try:
-        return datetime.fromtimestamp(float(value), tz=timezone.utc)
+        return datetime.fromtimestamp(float(value), tz=UTC)
     except (OverflowError, OSError, ValueError):
         return None
 
@@ -167,8 +172,11 @@ def model_problems(value: Any, spec: Spec, path: str = "") -> list[Problem]:
     if spec.type == "structure":
         if not isinstance(value, Mapping):
             return [Problem(where, "must be an object", SERIALIZATION)]
-        out = [Problem(_join(path, name), "is required", code_for(_join(path, name)))
-               for name in spec.required if value.get(name) is None]
+        out = [
+            Problem(_join(path, name), "is required", code_for(_join(path, name)))
+            for name in spec.required
+            if value.get(name) is None
+        ]
         for name, member in spec.members.items():
             if value.get(name) is not None:  # JSON null is an absent member
                 out += model_problems(value[name], member, _join(path, name))
@@ -191,7 +199,7 @@ def model_problems(value: Any, spec: Spec, path: str = "") -> list[Problem]:
             out.append(Problem(where, f"must match the pattern {spec.pattern}", code_for(where)))
         return out
     if spec.type in ("integer", "long"):
-        if not _is_int(value):
+        if not is_int(value):
             return [Problem(where, "must be an integer", SERIALIZATION)]
         return _range(value, spec, where, "")
     if spec.type == "boolean":
@@ -233,9 +241,17 @@ def semantic_problems(body: Mapping[str, Any], window: Window) -> list[Problem]:
     when = instant(body["Timestamp"])
     assert when is not None  # model_problems refused it otherwise
     if when < window.now - window.max_age:
-        out.append(Problem("Timestamp", f"is more than {_span(window.max_age)} older than AWS's clock", TIMESTAMP_OUT_OF_BOUNDS))
+        out.append(
+            Problem(
+                "Timestamp", f"is more than {_span(window.max_age)} older than AWS's clock", TIMESTAMP_OUT_OF_BOUNDS
+            )
+        )
     elif when > window.now + window.future_skew:
-        out.append(Problem("Timestamp", f"is more than {_span(window.future_skew)} ahead of AWS's clock", TIMESTAMP_OUT_OF_BOUNDS))
+        out.append(
+            Problem(
+                "Timestamp", f"is more than {_span(window.future_skew)} ahead of AWS's clock", TIMESTAMP_OUT_OF_BOUNDS
+            )
+        )
     kinds, total = _quantity(body, _QUANTITY)
     if len(kinds) > 1:
         out.append(Problem("UsageQuantityAsDecimal", "must not be given together with UsageQuantity", VALIDATION))
@@ -254,25 +270,46 @@ def _allocation_problems(allocations: Sequence[Mapping[str, Any]], kind: str, to
         where = f"UsageAllocations[{i}]"
         kinds, value = _quantity(alloc, _ALLOCATED)
         if len(kinds) != 1:
-            out.append(Problem(where, f"must have exactly one of {' and '.join(_ALLOCATED.values())}", INVALID_USAGE_ALLOCATIONS))
+            out.append(
+                Problem(
+                    where, f"must have exactly one of {' and '.join(_ALLOCATED.values())}", INVALID_USAGE_ALLOCATIONS
+                )
+            )
         elif kinds[0] != kind:
-            out.append(Problem(f"{where}.{_ALLOCATED[kinds[0]]}",
-                               f"must be {_ALLOCATED[kind]}, the same kind as the request's quantity", INVALID_USAGE_ALLOCATIONS))
+            out.append(
+                Problem(
+                    f"{where}.{_ALLOCATED[kinds[0]]}",
+                    f"must be {_ALLOCATED[kind]}, the same kind as the request's quantity",
+                    INVALID_USAGE_ALLOCATIONS,
+                )
+            )
         running = None if value is None or running is None else running + value
         tags = alloc.get("Tags") or []
         keys: set[str] = set()
         for j, tag in enumerate(tags):
             if tag["Key"] in keys:
-                out.append(Problem(f"{where}.Tags[{j}].Key", f"repeats the key {tag['Key']!r} in one tag set", INVALID_TAG))
+                out.append(
+                    Problem(f"{where}.Tags[{j}].Key", f"repeats the key {tag['Key']!r} in one tag set", INVALID_TAG)
+                )
             keys.add(tag["Key"])
         tag_set = frozenset((t["Key"], t["Value"]) for t in tags)
         if tag_set in first_with:
-            out.append(Problem(f"{where}.Tags", f"is the same tag set as UsageAllocations[{first_with[tag_set]}]'s",
-                               INVALID_USAGE_ALLOCATIONS))
+            out.append(
+                Problem(
+                    f"{where}.Tags",
+                    f"is the same tag set as UsageAllocations[{first_with[tag_set]}]'s",
+                    INVALID_USAGE_ALLOCATIONS,
+                )
+            )
         first_with.setdefault(tag_set, i)
     if running is not None and total is not None and running != total:
-        out.append(Problem("UsageAllocations", f"quantities sum to {running}, not to the request's quantity {total}",
-                           INVALID_USAGE_ALLOCATIONS))
+        out.append(
+            Problem(
+                "UsageAllocations",
+                f"quantities sum to {running}, not to the request's quantity {total}",
+                INVALID_USAGE_ALLOCATIONS,
+            )
+        )
     return out
 
 
@@ -298,7 +335,9 @@ def request_of(body: Mapping[str, Any]) -> Request:
         timestamp=when,
         kind=kinds[0] if kinds else WHOLE,
         quantity=quantity if quantity is not None else Decimal(0),
-        allocations=None if allocations is None else tuple(
+        allocations=None
+        if allocations is None
+        else tuple(
             (frozenset((t["Key"], t["Value"]) for t in a.get("Tags") or []), _quantity(a, _ALLOCATED)[1] or Decimal(0))
             for a in allocations
         ),

@@ -8,7 +8,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -16,7 +16,6 @@ import structlog
 
 from gateway.local_aws.faults import DEFAULT_MESSAGE, DROP, Fault, Faults, fault_from_json, make_fault
 from gateway.local_aws.state import AwsError, Record, State
-from gateway.ratelimit import RateLimiter
 
 TARGET_PREFIX = "AWSMPMeteringService."
 METER_USAGE = "MeterUsage"
@@ -25,6 +24,29 @@ BANNER = "LOCAL AWS BACKEND: nothing sent here reaches AWS and nothing is billed
 
 log = structlog.get_logger("gateway.local_aws")
 _AKID = re.compile(r"Credential=([^/,\s]+)/")
+
+
+class Throttle:
+    """AWS's rate limit as the local backend plays it: ``rate`` calls a second (a burst
+    of as many), and a call past it is refused, never made to wait. Its own, not the
+    sender's limiter: the stand-in imports nothing of the gateway, so that it stays a
+    judge of the gateway rather than an echo of it."""
+
+    def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate, self._clock = rate, clock
+        self._burst = max(1.0, rate)
+        self._tokens, self._last = self._burst, clock()
+        self._lock = threading.Lock()
+
+    def allow(self) -> bool:
+        with self._lock:
+            now = self._clock()
+            self._tokens = min(self._burst, self._tokens + (now - self._last) * self.rate)
+            self._last = now
+            if self._tokens < 1:
+                return False
+            self._tokens -= 1
+            return True
 
 
 class LocalAws:
@@ -42,7 +64,7 @@ class LocalAws:
     ) -> None:
         self.state = State(products=None if products is None else {p: frozenset(d) for p, d in products.items()})
         self.clock = clock
-        self.limiter = RateLimiter(max_rps) if max_rps else None
+        self.limiter = Throttle(max_rps) if max_rps else None
         self.faults = Faults()
         self.calls = 0
         self.lock = threading.Lock()
@@ -80,8 +102,15 @@ class LocalAws:
         self.stop()
 
     def inject(
-        self, error: str, count: int = 1, *, message: str = DEFAULT_MESSAGE, status: int | None = None,
-        delay: float = 0.0, record: bool = False, operation: str | None = None,
+        self,
+        error: str,
+        count: int = 1,
+        *,
+        message: str = DEFAULT_MESSAGE,
+        status: int | None = None,
+        delay: float = 0.0,
+        record: bool = False,
+        operation: str | None = None,
     ) -> None:
         """The next ``count`` API calls fail with ``error`` after ``delay`` seconds.
 
@@ -92,8 +121,9 @@ class LocalAws:
         DROP or SLOW past the client's read timeout. ``operation="MeterUsage"``
         limits the fault to that operation's calls.
         """
-        self.faults.add(make_fault(error, count, message=message, status=status, delay=delay, record=record,
-                                   operation=operation))
+        self.faults.add(
+            make_fault(error, count, message=message, status=status, delay=delay, record=record, operation=operation)
+        )
 
     def clear_faults(self) -> None:
         self.faults.clear()
@@ -128,7 +158,7 @@ class LocalAws:
                 raise AwsError("ThrottlingException", "Rate exceeded")
             if target != TARGET_PREFIX + METER_USAGE:
                 raise AwsError("UnknownOperationException", f"unknown operation {target}")
-            now = datetime.fromtimestamp(self.clock(), tz=timezone.utc)
+            now = datetime.fromtimestamp(self.clock(), tz=UTC)
             return self.state.meter_usage(body, identity, now)
 
     def control(self, method: str, path: str, body: Any) -> tuple[int, Any]:
@@ -183,10 +213,10 @@ def _handler_for(backend: LocalAws) -> type[BaseHTTPRequestHandler]:
             except (BrokenPipeError, ConnectionResetError):  # the caller gave up waiting (SLOW past its timeout)
                 self.close_connection = True
 
-        def do_GET(self) -> None:  # noqa: N802 - stdlib name
+        def do_GET(self) -> None:
             self._control("GET")
 
-        def do_DELETE(self) -> None:  # noqa: N802
+        def do_DELETE(self) -> None:
             self._control("DELETE")
 
         def _control(self, method: str) -> None:
@@ -197,7 +227,7 @@ def _handler_for(backend: LocalAws) -> type[BaseHTTPRequestHandler]:
                 status, payload = 400, {"message": str(exc)}
             self._send(status, payload)
 
-        def do_POST(self) -> None:  # noqa: N802
+        def do_POST(self) -> None:
             if self.path.startswith("/_local/"):
                 self._control("POST")
                 return

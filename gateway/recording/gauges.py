@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from gateway import metrics
+from gateway.observability import metrics
 from gateway.recording.spool import FAILED, PENDING, SENT, Spool
 
 

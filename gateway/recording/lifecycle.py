@@ -12,14 +12,14 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import structlog
 
-from gateway import metrics
-from gateway.backend import Backend, RetryPolicy
-from gateway.config import ConfigError, Settings
+from gateway.aws.backend import Backend, RetryPolicy
+from gateway.config import Settings, config_error_from
+from gateway.observability import metrics
 from gateway.recording.placer import Placer
 from gateway.recording.sender import Sender
 from gateway.recording.servicer import RecorderServicer
@@ -92,7 +92,11 @@ class Recording:
 
 
 def open_recording(
-    settings: Settings, client: Any, *, now: Callable[[], float] | None = None, start: bool = True,
+    settings: Settings,
+    client: Any,
+    *,
+    now: Callable[[], float] | None = None,
+    start: bool = True,
     place: bool | None = None,
 ) -> Recording:
     """Open ``--spool`` and build the servicer and the (started) sender.
@@ -107,15 +111,31 @@ def open_recording(
     try:
         spool = open_spool(settings.spool, pool_size=settings.spool_connections, create=settings.spool_create)
     except SpoolError as exc:
-        raise ConfigError(f"spool: {exc}") from None
+        raise config_error_from(exc, "spool") from None
     skew = timedelta(seconds=settings.timestamp_skew)
     clock = now or time.time
     placer = Placer(spool, now=clock).start() if (start if place is None else place) else None
-    servicer = RecorderServicer(spool, future_skew=skew, max_age=timedelta(seconds=settings.event_retention),
-                                now=lambda: datetime.fromtimestamp(clock(), timezone.utc),
-                                products=settings.product_list, placer=placer.wake if placer else None)
-    backend = Backend(client, RetryPolicy(1, settings.aws_backoff_base, settings.aws_backoff_max), source=metrics.SENDER)
-    sender = Sender(spool, backend, interval=settings.flush_interval, grace=settings.flush_grace,
-                    max_rps=settings.aws_max_rps, future_skew=skew, call_timeout=settings.aws_read_timeout * 2,
-                    event_retention=settings.event_retention, record_retention=settings.record_retention, now=clock)
+    servicer = RecorderServicer(
+        spool,
+        future_skew=skew,
+        max_age=timedelta(seconds=settings.event_retention),
+        now=lambda: datetime.fromtimestamp(clock(), UTC),
+        products=settings.product_list,
+        placer=placer.wake if placer else None,
+    )
+    backend = Backend(
+        client, RetryPolicy(1, settings.aws_backoff_base, settings.aws_backoff_max), source=metrics.SENDER
+    )
+    sender = Sender(
+        spool,
+        backend,
+        interval=settings.flush_interval,
+        grace=settings.flush_grace,
+        max_rps=settings.aws_max_rps,
+        future_skew=skew,
+        call_timeout=settings.aws_read_timeout * 2,
+        event_retention=settings.event_retention,
+        record_retention=settings.record_retention,
+        now=clock,
+    )
     return Recording(spool, servicer, sender.start() if start else sender, placer, now=clock)

@@ -17,16 +17,16 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import NamedTuple
 
-from gateway import validation
+from gateway.domain import validation
+from gateway.domain.clock import HOUR
 from marketplace.metering.v1 import metering_pb2 as pb
 
-HOUR = 3600
 # The most one record can carry: AWS's decimal quantity has 10 integer digits and 6
 # decimals. Whole totals above QUANTITY_MAX are sent as decimals (no fraction).
 MAX_TOTAL = Decimal("9999999999.999999")
@@ -137,7 +137,9 @@ class EventRow(NamedTuple):
 UNSET = "unset"  # an event's timestamp in its digest when the caller sent none
 
 
-def event_digest(product_code: str, usage_dimension: str, seconds: int | None, nanos: int, quantity: str, tags: str) -> bytes:
+def event_digest(
+    product_code: str, usage_dimension: str, seconds: int | None, nanos: int, quantity: str, tags: str
+) -> bytes:
     """What an event says, in 16 bytes: product, dimension, exact timestamp (None:
     the caller sent none, so the time the gateway stamped is not part of it and an
     identical resend is a duplicate), the quantity's value (17 and 17.0 are one
@@ -149,14 +151,19 @@ def event_digest(product_code: str, usage_dimension: str, seconds: int | None, n
 
 def event_time(seconds: int, nanos: int) -> str:
     """An event's timestamp as stored and shown: RFC 3339 UTC, with as many fraction digits as it has."""
-    text = datetime.fromtimestamp(seconds, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+    text = datetime.fromtimestamp(seconds, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S")
     fraction = f"{nanos:09d}".rstrip("0")
     return f"{text}.{fraction}Z" if fraction else f"{text}Z"
 
 
 # The fields of an event a conflict can name, as (proto field, EventRow attribute).
-_COMPARED = (("product_code", "product_code"), ("usage_dimension", "usage_dimension"),
-             ("timestamp", "timestamp"), ("quantity", "quantity"), ("tags", "tags"))
+_COMPARED = (
+    ("product_code", "product_code"),
+    ("usage_dimension", "usage_dimension"),
+    ("timestamp", "timestamp"),
+    ("quantity", "quantity"),
+    ("tags", "tags"),
+)
 
 
 def differences(stored: EventRow, new: EventRow) -> list[tuple[str, str, str]]:
@@ -264,7 +271,7 @@ def allocations(content: Content, *, decimal: bool = True) -> list[pb.UsageAlloc
 
 
 def timestamp_of(hour: int) -> datetime:
-    return datetime.fromtimestamp(hour, tz=timezone.utc)
+    return datetime.fromtimestamp(hour, tz=UTC)
 
 
 def build_request(
@@ -284,12 +291,3 @@ def build_request(
     else:
         request.usage_quantity_as_decimal = format_decimal(content.total)
     return request
-
-
-def totals(pieces: Iterable[Piece]) -> Mapping[Key, Decimal]:
-    """Sum per product and dimension (for checks and tests)."""
-    out: dict[Key, Decimal] = {}
-    for p in pieces:
-        key = (p.product_code, p.usage_dimension)
-        out[key] = out.get(key, Decimal(0)) + p.content.total
-    return out

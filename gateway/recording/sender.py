@@ -32,23 +32,46 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
 
 import structlog
 
-from gateway import errors, metrics, params, validation
-from gateway.backend import Backend, RetryPolicy
-from gateway.config import Settings
-from gateway.ratelimit import RateLimiter
+from gateway.aws.backend import Backend, RetryPolicy
+from gateway.aws.ratelimit import RateLimiter
+from gateway.domain import errors, validation
+from gateway.metering.meter import meter
+from gateway.observability import metrics
 from gateway.recording import placement
+from gateway.recording.carried import log_carry
 from gateway.recording.spool import LATE, RecordRow, Spool, SpoolUnavailable
 
-RETRY, CARRY, FAIL = "retry", "carry", "fail"
+
+class Disposition(StrEnum):
+    """What the sender does with a record AWS refused (:func:`disposition`)."""
+
+    RETRY = "retry"  # the same request again, later
+    CARRY = "carry"  # its hour is unusable: its usage goes to a later hour
+    FAIL = "fail"  # FAILED, for an operator
+
+
+RETRY, CARRY, FAIL = Disposition.RETRY, Disposition.CARRY, Disposition.FAIL
 # Conditions that block sending without saying anything about the record itself:
 # an operator can fix them, so the usage waits (and is carried) instead of failing.
-_WAIT_FOR_FIX = frozenset({"NO_CREDENTIALS", "UNAUTHORIZED", "ACCESS_DENIED", "DEADLINE_EXCEEDED",
-                           "INVALID_ENDPOINT_REGION", "DISABLED_API", *errors.CREDENTIALS_REFUSED})
-_HOUR_UNUSABLE = frozenset({"DUPLICATE_REQUEST", "TIMESTAMP_OUT_OF_BOUNDS"})
+_WAIT_FOR_FIX: frozenset[errors.Reason] = frozenset(
+    {
+        errors.Reason.NO_CREDENTIALS,
+        errors.Reason.UNAUTHORIZED,
+        errors.Reason.ACCESS_DENIED,
+        errors.Reason.DEADLINE_EXCEEDED,
+        errors.Reason.INVALID_ENDPOINT_REGION,
+        errors.Reason.DISABLED_API,
+        *errors.CREDENTIALS_REFUSED,
+    }
+)
+_HOUR_UNUSABLE: frozenset[errors.Reason] = frozenset(
+    {errors.Reason.DUPLICATE_REQUEST, errors.Reason.TIMESTAMP_OUT_OF_BOUNDS}
+)
 # What settle() records for each kind of answer (see Spool.settle).
 _SETTLE = {errors.REFUSED: None, errors.ABSENT: False, errors.UNKNOWN: True}
 STATS_EVERY = 60.0  # seconds between spool_stats lines
@@ -58,7 +81,7 @@ BACKOFF_CAP = 300.0
 log = structlog.get_logger("gateway.sender")
 
 
-def disposition(error: errors.GatewayError) -> str:
+def disposition(error: errors.GatewayError) -> Disposition:
     """What to do with a record AWS (or the transport) refused with ``error``.
 
     An answer that leaves the outcome unknown is always resent: only the identical
@@ -91,8 +114,10 @@ def _finished(thread: threading.Thread, deadline: float) -> bool:
 
 def _outcome_unknown(row: RecordRow, why: str) -> str:
     """``last_error`` of a record failed while AWS may hold it: what to reconcile."""
-    return (f"outcome unknown after {row.attempts} attempt(s), {why}: AWS may hold {row.quantity} for "
-            f"{_iso(row.hour)} (ClientToken {row.client_token}); reconcile with the seller's AWS usage reports")
+    return (
+        f"outcome unknown after {row.attempts} attempt(s), {why}: AWS may hold {row.quantity} for "
+        f"{_iso(row.hour)} (ClientToken {row.client_token}); reconcile with the seller's AWS usage reports"
+    )
 
 
 class Sender:
@@ -112,8 +137,8 @@ class Sender:
         sleep: Callable[[float], None] = time.sleep,
         monotonic: Callable[[], float] = time.monotonic,
         call_timeout: float = 30.0,
-        event_retention: float = Settings.event_retention,
-        record_retention: float = Settings.record_retention,
+        event_retention: float,
+        record_retention: float,
     ) -> None:
         self.spool = spool
         self.backend = backend
@@ -169,8 +194,11 @@ class Sender:
         self._stop.set()
         if self._thread is not None:
             if not _finished(self._thread, deadline):
-                log.warning("sender_abandoned", budget_s=round(budget, 3),
-                            note="a call in flight is resent identically at the next start")
+                log.warning(
+                    "sender_abandoned",
+                    budget_s=round(budget, 3),
+                    note="a call in flight is resent identically at the next start",
+                )
                 return None
             self._thread = None
         result: list[TickResult | None] = []
@@ -185,8 +213,11 @@ class Sender:
         last = threading.Thread(target=final, name="sender-final", daemon=True)
         last.start()
         if not _finished(last, deadline):
-            log.warning("flush_budget_exhausted" if flush else "sender_abandoned", budget_s=round(budget, 3),
-                        note="a call in flight is resent identically at the next start")
+            log.warning(
+                "flush_budget_exhausted" if flush else "sender_abandoned",
+                budget_s=round(budget, 3),
+                note="a call in flight is resent identically at the next start",
+            )
             return None
         return result[0] if result else None
 
@@ -198,7 +229,7 @@ class Sender:
         now = self._now()
         try:
             for carry in self.spool.assign(now, self.margin):
-                carry.log(LATE)
+                log_carry(carry, LATE)
             leading = self.spool.leads()
         except BaseException:
             metrics.set_leader(False)  # not known to lead: never a stale 1 while ticks fail
@@ -221,8 +252,13 @@ class Sender:
             except SpoolUnavailable:
                 break  # logged by the spool; the record is resent identically once it can write
             except Exception:  # one bad record must not end the pass for the others
-                log.exception("record_handling_failed", record_id=row.id, product_code=row.product_code,
-                              usage_dimension=row.usage_dimension, hour=_iso(row.hour))
+                log.exception(
+                    "record_handling_failed",
+                    record_id=row.id,
+                    product_code=row.product_code,
+                    usage_dimension=row.usage_dimension,
+                    hour=_iso(row.hour),
+                )
         if not final:
             self.prune(now)
         self.log_stats()
@@ -250,20 +286,30 @@ class Sender:
         if frozen is None:
             return
         request = placement.build_request(
-            frozen.product_code, frozen.usage_dimension, frozen.hour, frozen.content, frozen.client_token,
+            frozen.product_code,
+            frozen.usage_dimension,
+            frozen.hour,
+            frozen.content,
+            frozen.client_token,
             decimal=frozen.decimal,
         )
-        fields = {"product_code": frozen.product_code, "usage_dimension": frozen.usage_dimension,
-                  "hour": _iso(frozen.hour), "quantity": frozen.quantity, "attempt": frozen.attempts,
-                  "client_token": frozen.client_token}
+        fields = {
+            "product_code": frozen.product_code,
+            "usage_dimension": frozen.usage_dimension,
+            "hour": _iso(frozen.hour),
+            "quantity": frozen.quantity,
+            "attempt": frozen.attempts,
+            "client_token": frozen.client_token,
+        }
         try:
-            violations = validation.validate_meter_usage(
-                request, validation.Window(datetime.fromtimestamp(now, timezone.utc), self.future_skew)
-            )
-            if violations:
-                raise errors.invalid(violations, "hourly record")
             structlog.contextvars.clear_contextvars()
-            outcome = self.backend.meter_usage(params.to_aws(request), deadline=time.monotonic() + self.call_timeout)
+            outcome = meter(
+                self.backend,
+                request,
+                validation.Window(datetime.fromtimestamp(now, UTC), self.future_skew),
+                deadline=time.monotonic() + self.call_timeout,
+                what="hourly record",
+            )
         except errors.GatewayError as exc:
             self._refused(frozen, exc, fields, result)
             return
@@ -275,7 +321,12 @@ class Sender:
             metrics.record_sent(frozen.product_code, frozen.usage_dimension, frozen.quantity)
         else:
             fields["already"] = True
-        log.info("record_sent", metering_record_id=outcome.metering_record_id, aws_request_id=outcome.aws_request_id, **fields)
+        log.info(
+            "record_sent",
+            metering_record_id=outcome.metering_record_id,
+            aws_request_id=outcome.aws_request_id,
+            **fields,
+        )
 
     def _refused(self, row: RecordRow, exc: errors.GatewayError, fields: dict[str, object], result: TickResult) -> None:
         error = f"{exc.reason}: {exc.message}"
@@ -284,7 +335,7 @@ class Sender:
         fields["delivery"] = exc.delivery.value
         what = disposition(exc)
         if what == CARRY:
-            log.warning("record_refused", reason=exc.reason, error=exc.message, then="carry", **fields)
+            log.warning("record_refused", reason=exc.reason, error=exc.message, then=CARRY, **fields)
             self._carry(row, exc.reason, self._now(), result)
         elif what == RETRY:
             delay = RetryPolicy(base=max(self.interval, 0.05), cap=BACKOFF_CAP).hint(row.attempts)
@@ -308,17 +359,26 @@ class Sender:
         if row.outcome_unknown:
             # An attempt may sit in AWS unheard; carrying would bill it twice. The record
             # stays listed for reconciliation against AWS's records of that hour.
-            failed = self.spool.mark_failed(row.id, _outcome_unknown(row, f"not carried ({reason}), to avoid billing twice"),
-                                            now)
+            failed = self.spool.mark_failed(
+                row.id, _outcome_unknown(row, f"not carried ({reason}), to avoid billing twice"), now
+            )
             if failed:
                 result.failed += 1
                 metrics.record_failed(reason, outcome_unknown=True)
-            log.error("record_outcome_unknown", reason=reason, product_code=row.product_code,
-                      usage_dimension=row.usage_dimension, hour=_iso(row.hour), quantity=row.quantity,
-                      client_token=row.client_token, attempts=row.attempts, **({} if failed else {"already_settled": True}))
+            log.error(
+                "record_outcome_unknown",
+                reason=reason,
+                product_code=row.product_code,
+                usage_dimension=row.usage_dimension,
+                hour=_iso(row.hour),
+                quantity=row.quantity,
+                client_token=row.client_token,
+                attempts=row.attempts,
+                **({} if failed else {"already_settled": True}),
+            )
             return
         for carry in self.spool.carry(row.id, reason, now, self.margin):
-            carry.log(reason)
+            log_carry(carry, reason)
         result.carried += 1
 
     def log_stats(self, *, force: bool = False) -> None:

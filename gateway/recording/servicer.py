@@ -21,13 +21,15 @@ import binascii
 import json
 import re
 from collections.abc import Callable
-from typing import NoReturn
 from datetime import datetime, timedelta
+from typing import NoReturn
 
 import grpc
 import structlog
 
-from gateway import errors, metrics, validation
+from gateway.domain import errors, validation
+from gateway.domain.clock import utcnow
+from gateway.observability import metrics
 from gateway.recording import placement
 from gateway.recording.placement import EventRow
 from gateway.recording.spool import (
@@ -42,7 +44,6 @@ from gateway.recording.spool import (
     Spool,
     SpoolUnavailable,
 )
-from gateway.service import utcnow
 from marketplace.metering.v1 import metering_pb2 as pb
 from marketplace.metering.v1 import metering_pb2_grpc as pb_grpc
 
@@ -56,14 +57,19 @@ _TOKEN = re.compile(r"\[([0-9]{1,19}),\s?([0-9]{1,19})\]")
 _TOKEN_MAX = 64
 # google.protobuf.Timestamp's own range: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z.
 _TIMESTAMP_MIN, _TIMESTAMP_MAX = -62_135_596_800, 253_402_300_799
-NOT_ENABLED = ("this gateway records no usage: it was started without a spool. Start it with --spool PATH "
-               "(an SQLite file; or a postgresql:// URL), or METERING_GATEWAY_SPOOL; `make serve` does")
+NOT_ENABLED = (
+    "this gateway records no usage: it was started without a spool. Start it with --spool PATH "
+    "(an SQLite file; or a postgresql:// URL), or METERING_GATEWAY_SPOOL; `make serve` does"
+)
 CONFLICTS_IN_MESSAGE = 3  # the status message names this many; the BadRequest all of them
 
 log = structlog.get_logger("gateway.recorder")
 
-_STATE_NAMES = {pb.MeteringRecord.STATE_PENDING: PENDING, pb.MeteringRecord.STATE_SENT: SENT,
-                pb.MeteringRecord.STATE_FAILED: FAILED}
+_STATE_NAMES = {
+    pb.MeteringRecord.STATE_PENDING: PENDING,
+    pb.MeteringRecord.STATE_SENT: SENT,
+    pb.MeteringRecord.STATE_FAILED: FAILED,
+}
 _STATE_VALUES = {name: value for value, name in _STATE_NAMES.items()}
 
 
@@ -85,7 +91,9 @@ def event_row(event: pb.UsageEvent, stamp: float | None = None) -> EventRow:
             raise ValueError(f"event {event.event_id!r} has no timestamp, and no stamp was given")
         hour, shown = placement.hour_of(stamp), ""
         digest = placement.event_digest(event.product_code, event.usage_dimension, None, 0, quantity, tags)
-    return EventRow(event.event_id, event.product_code, event.usage_dimension, hour, tags, quantity, whole, digest, shown)
+    return EventRow(
+        event.event_id, event.product_code, event.usage_dimension, hour, tags, quantity, whole, digest, shown
+    )
 
 
 def conflict(path: str, differences: list[tuple[str, str, str]], before: str) -> validation.Violation:
@@ -94,11 +102,19 @@ def conflict(path: str, differences: list[tuple[str, str, str]], before: str) ->
     return validation.Violation(f"{path}.event_id", f"{before} with a different payload: {said}")
 
 
+def spool_unavailable(exc: SpoolUnavailable, cannot: str, then: str) -> errors.GatewayError:
+    """UNAVAILABLE ``SPOOL_UNAVAILABLE`` with RetryInfo: the spool could not ``cannot`` (its own
+    words were logged by the spool), and what the caller does ``then``."""
+    return errors.GatewayError(
+        errors.Reason.SPOOL_UNAVAILABLE, f"the spool cannot {cannot} now ({exc}); {then}", retry_delay=SPOOL_RETRY_DELAY
+    )
+
+
 def conflicts(summary: str, violations: list[validation.Violation]) -> errors.GatewayError:
     """EVENT_ID_CONFLICT: the first few conflicts in the message, every one in the BadRequest."""
     shown = "; ".join(f"{v.field} {v.description}" for v in violations[:CONFLICTS_IN_MESSAGE])
     more = f"; and {len(violations) - CONFLICTS_IN_MESSAGE} more" if len(violations) > CONFLICTS_IN_MESSAGE else ""
-    return errors.GatewayError("EVENT_ID_CONFLICT", f"{summary}: {shown}{more}", violations=violations)
+    return errors.GatewayError(errors.Reason.EVENT_ID_CONFLICT, f"{summary}: {shown}{more}", violations=violations)
 
 
 def repeats(rows: list[EventRow]) -> list[validation.Violation]:
@@ -110,8 +126,11 @@ def repeats(rows: list[EventRow]) -> list[validation.Violation]:
     for i, row in enumerate(rows):
         j = first.setdefault(row.event_id, i)
         if j != i and rows[j].digest != row.digest:
-            out.append(conflict(f"events[{i}]", placement.differences(rows[j], row),
-                                f"repeats events[{j}].event_id in this batch"))
+            out.append(
+                conflict(
+                    f"events[{i}]", placement.differences(rows[j], row), f"repeats events[{j}].event_id in this batch"
+                )
+            )
     return out
 
 
@@ -139,8 +158,13 @@ def record_message(row: RecordRow) -> pb.MeteringRecord:
 def record_id_of(text: str) -> int:
     """RetryMeteringRecord's ``record_id``: the decimal digits ListMeteringRecords gave."""
     if not _RECORD_ID.fullmatch(text) or int(text) > RECORD_ID_MAX:
-        raise errors.invalid([validation.Violation("record_id", "must be a record_id as ListMeteringRecords "
-                                                   "returns it (decimal digits)")])
+        raise errors.invalid(
+            [
+                validation.Violation(
+                    "record_id", "must be a record_id as ListMeteringRecords returns it (decimal digits)"
+                )
+            ]
+        )
     return int(text)
 
 
@@ -157,7 +181,9 @@ def hour_range(request: pb.ListMeteringRecordsRequest) -> tuple[int | None, int 
         if not 0 <= stamp.nanos < 1_000_000_000:
             violations.append(validation.Violation(name, "nanos must be between 0 and 999999999"))
         if not _TIMESTAMP_MIN <= stamp.seconds <= _TIMESTAMP_MAX:
-            violations.append(validation.Violation(name, "must be between 0001-01-01T00:00:00Z and 9999-12-31T23:59:59Z"))
+            violations.append(
+                validation.Violation(name, "must be between 0001-01-01T00:00:00Z and 9999-12-31T23:59:59Z")
+            )
         bounds.append(stamp.seconds + (1 if stamp.nanos > 0 else 0))
     start, end = request.start_time, request.end_time
     if not violations and None not in bounds and (end.seconds, end.nanos) <= (start.seconds, start.nanos):
@@ -168,18 +194,22 @@ def hour_range(request: pb.ListMeteringRecordsRequest) -> tuple[int | None, int 
 
 
 def _not_failed(row: RecordRow) -> str:
-    why = {PENDING: "it is queued already and is sent when due",
-           SENT: f"AWS accepted it (metering record id {row.metering_record_id})"}.get(row.state, "")
+    why = {
+        PENDING: "it is queued already and is sent when due",
+        SENT: f"AWS accepted it (metering record id {row.metering_record_id})",
+    }.get(row.state, "")
     return f"record {row.id} is {row.state}, not FAILED: {why}"
 
 
 def _reconcile_first(row: RecordRow) -> str:
     """What the operator checks before retrying a record AWS may hold, and how to confirm."""
-    return (f"record {row.id}: AWS may hold it (outcome unknown after {row.attempts} attempt(s)). Reconcile first: "
-            f"look in the seller's AWS usage reports for {row.product_code} / {row.usage_dimension}, hour "
-            f"{placement.timestamp_of(row.hour).isoformat()}, quantity {row.quantity} (ClientToken {row.client_token}). "
-            f"Only if AWS holds no such record, retry with reconciled set "
-            f"(metering-gateway records retry {row.id} --reconciled); if it does, leave this record FAILED")
+    return (
+        f"record {row.id}: AWS may hold it (outcome unknown after {row.attempts} attempt(s)). Reconcile first: "
+        f"look in the seller's AWS usage reports for {row.product_code} / {row.usage_dimension}, hour "
+        f"{placement.timestamp_of(row.hour).isoformat()}, quantity {row.quantity} (ClientToken {row.client_token}). "
+        f"Only if AWS holds no such record, retry with reconciled set "
+        f"(metering-gateway records retry {row.id} --reconciled); if it does, leave this record FAILED"
+    )
 
 
 def encode_token(row: RecordRow) -> str:
@@ -189,7 +219,9 @@ def encode_token(row: RecordRow) -> str:
 def decode_token(token: str) -> tuple[int, int]:
     """``[hour, record_id]`` from a token encode_token made; anything else is INVALID_ARGUMENT."""
     try:
-        match = _TOKEN.fullmatch(base64.urlsafe_b64decode(token.encode()).decode()) if len(token) <= _TOKEN_MAX else None
+        match = (
+            _TOKEN.fullmatch(base64.urlsafe_b64decode(token.encode()).decode()) if len(token) <= _TOKEN_MAX else None
+        )
     except (ValueError, binascii.Error):  # not base64, or not text
         match = None
     if match is None or max(int(match[1]), int(match[2])) > RECORD_ID_MAX:
@@ -215,7 +247,7 @@ class RecorderServicer(pb_grpc.UsageRecorderServiceServicer):
         self._placer = placer  # asked after each accepted batch, so records show it within a second
         self._max_age = max_age  # the deduplication window: an older event may be forgotten already
 
-    def RecordUsage(self, request: pb.RecordUsageRequest, context: grpc.ServicerContext) -> pb.RecordUsageResponse:  # noqa: N802
+    def RecordUsage(self, request: pb.RecordUsageRequest, context: grpc.ServicerContext) -> pb.RecordUsageResponse:  # noqa: N802 - gRPC's method name
         structlog.contextvars.bind_contextvars(events=len(request.events))
         now = self._now()
         window = validation.Window(now, self._future_skew, self._max_age, validation.TOO_OLD_TO_DEDUPLICATE)
@@ -229,14 +261,23 @@ class RecorderServicer(pb_grpc.UsageRecorderServiceServicer):
         try:
             recorded = self._spool.record(rows)
         except EventIdConflict as exc:
-            raise conflicts(str(exc), [conflict(f"events[{i}]", placement.differences(stored, rows[i]),
-                                                "was accepted before") for i, stored in exc.conflicts]) from None
+            raise conflicts(
+                str(exc),
+                [
+                    conflict(f"events[{i}]", placement.differences(stored, rows[i]), "was accepted before")
+                    for i, stored in exc.conflicts
+                ],
+            ) from None
         except SpoolUnavailable as exc:  # logged with the database's own words by the spool
-            raise errors.GatewayError("SPOOL_UNAVAILABLE", f"the spool cannot take events now ({exc}); nothing was "
-                                      "acknowledged: retry the same batch, with the same event ids", retry_delay=SPOOL_RETRY_DELAY) from None
+            raise spool_unavailable(
+                exc, "take events", "nothing was acknowledged: retry the same batch, with the same event ids"
+            ) from None
         accepted, duplicates = recorded
-        metrics.usage_recorded(((rows[i].product_code, rows[i].usage_dimension, rows[i].quantity) for i in recorded.new),
-                               accepted, duplicates)
+        metrics.usage_recorded(
+            ((rows[i].product_code, rows[i].usage_dimension, rows[i].quantity) for i in recorded.new),
+            accepted,
+            duplicates,
+        )
         # Usage AWS can no longer take under its own hour: recorded, and carried later.
         earliest = placement.earliest_hour(now.timestamp())  # as the placer decides it
         carried = sum(1 for i in recorded.new if rows[i].hour < earliest)
@@ -245,24 +286,29 @@ class RecorderServicer(pb_grpc.UsageRecorderServiceServicer):
             self._placer()
         return pb.RecordUsageResponse(accepted=accepted, duplicates=duplicates, carried=carried)
 
-    def ListMeteringRecords(  # noqa: N802
+    def ListMeteringRecords(  # noqa: N802 - gRPC's method name
         self, request: pb.ListMeteringRecordsRequest, context: grpc.ServicerContext
     ) -> pb.ListMeteringRecordsResponse:
         if request.page_size < 0:
             raise errors.invalid([validation.Violation("page_size", "must not be negative")])
         if request.state not in _STATE_NAMES and request.state != pb.MeteringRecord.STATE_UNSPECIFIED:
-            raise errors.invalid([validation.Violation("state", "must be STATE_PENDING, STATE_SENT, STATE_FAILED or unset")])
+            raise errors.invalid(
+                [validation.Violation("state", "must be STATE_PENDING, STATE_SENT, STATE_FAILED or unset")]
+            )
         size = min(request.page_size or PAGE_SIZE_DEFAULT, PAGE_SIZE_MAX)
         since, until = hour_range(request)
         after = decode_token(request.page_token) if request.page_token else None
         try:
             rows = self._spool.list_records(
-                state=_STATE_NAMES.get(request.state), product_code=request.product_code or None, after=after,
-                limit=size + 1, since=since, until=until,
+                state=_STATE_NAMES.get(request.state),
+                product_code=request.product_code or None,
+                after=after,
+                limit=size + 1,
+                since=since,
+                until=until,
             )
         except SpoolUnavailable as exc:
-            raise errors.GatewayError("SPOOL_UNAVAILABLE", f"the spool cannot be read now ({exc}); retry",
-                                      retry_delay=SPOOL_RETRY_DELAY) from None
+            raise spool_unavailable(exc, "be read", "retry") from None
         more = len(rows) > size
         rows = rows[:size]
         return pb.ListMeteringRecordsResponse(
@@ -270,7 +316,7 @@ class RecorderServicer(pb_grpc.UsageRecorderServiceServicer):
             next_page_token=encode_token(rows[-1]) if more else "",
         )
 
-    def RetryMeteringRecord(  # noqa: N802
+    def RetryMeteringRecord(  # noqa: N802 - gRPC's method name
         self, request: pb.RetryMeteringRecordRequest, context: grpc.ServicerContext
     ) -> pb.RetryMeteringRecordResponse:
         """An operator's call: a FAILED record back in the queue (the spool logs who and what)."""
@@ -279,15 +325,17 @@ class RecorderServicer(pb_grpc.UsageRecorderServiceServicer):
         try:
             row = self._spool.retry_failed(record_id, reconciled=request.reconciled, now=self._now().timestamp())
         except RecordNotFound:
-            raise errors.GatewayError("RECORD_NOT_FOUND", f"no record {record_id} (it may have been pruned after "
-                                      "--record-retention, or carried into another record)") from None
+            raise errors.GatewayError(
+                errors.Reason.RECORD_NOT_FOUND,
+                f"no record {record_id} (it may have been pruned "
+                "after --record-retention, or carried into another record)",
+            ) from None
         except RecordNotFailed as exc:
-            raise errors.GatewayError("RECORD_NOT_FAILED", _not_failed(exc.row)) from None
+            raise errors.GatewayError(errors.Reason.RECORD_NOT_FAILED, _not_failed(exc.row)) from None
         except OutcomeUnknown as exc:
-            raise errors.GatewayError("OUTCOME_UNKNOWN", _reconcile_first(exc.row)) from None
+            raise errors.GatewayError(errors.Reason.OUTCOME_UNKNOWN, _reconcile_first(exc.row)) from None
         except SpoolUnavailable as exc:
-            raise errors.GatewayError("SPOOL_UNAVAILABLE", f"the spool cannot be written now ({exc}); nothing "
-                                      "changed: retry", retry_delay=SPOOL_RETRY_DELAY) from None
+            raise spool_unavailable(exc, "be written", "nothing changed: retry") from None
         return pb.RetryMeteringRecordResponse(record=record_message(row))
 
 
@@ -298,17 +346,17 @@ class RecordingNotEnabled(pb_grpc.UsageRecorderServiceServicer):
     access log like any call. Health has no status for the service."""
 
     def _refuse(self) -> NoReturn:
-        raise errors.GatewayError("RECORDING_NOT_ENABLED", NOT_ENABLED)
+        raise errors.GatewayError(errors.Reason.RECORDING_NOT_ENABLED, NOT_ENABLED)
 
-    def RecordUsage(self, request: pb.RecordUsageRequest, context: grpc.ServicerContext) -> pb.RecordUsageResponse:  # noqa: N802
+    def RecordUsage(self, request: pb.RecordUsageRequest, context: grpc.ServicerContext) -> pb.RecordUsageResponse:  # noqa: N802 - gRPC's method name
         self._refuse()
 
-    def ListMeteringRecords(  # noqa: N802
+    def ListMeteringRecords(  # noqa: N802 - gRPC's method name
         self, request: pb.ListMeteringRecordsRequest, context: grpc.ServicerContext
     ) -> pb.ListMeteringRecordsResponse:
         self._refuse()
 
-    def RetryMeteringRecord(  # noqa: N802
+    def RetryMeteringRecord(  # noqa: N802 - gRPC's method name
         self, request: pb.RetryMeteringRecordRequest, context: grpc.ServicerContext
     ) -> pb.RetryMeteringRecordResponse:
         self._refuse()

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import os
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import grpc
 
@@ -176,7 +176,9 @@ class MeteringClient:
         reply = self._call(self._metering.MeterUsage, request, timeout)
         return MeterResult(reply.metering_record_id, reply.dry_run, token)
 
-    def record_usage(self, events: Iterable[UsageEvent | pb.UsageEvent], *, timeout: float | None = None) -> RecordResult:
+    def record_usage(
+        self, events: Iterable[UsageEvent | pb.UsageEvent], *, timeout: float | None = None
+    ) -> RecordResult:
         """Record events durably (UsageRecorderService); the gateway meters them hourly.
 
         An event without a ``timestamp`` is stamped by the gateway when it first

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Union
 
 from google.protobuf import timestamp_pb2
 
 from marketplace.metering.v1 import metering_pb2 as pb
 
-Quantity = Union[int, Decimal, str]
+Quantity = int | Decimal | str
 
 
 @dataclass(frozen=True)
@@ -53,7 +52,7 @@ def set_quantity(msg: object, quantity: Quantity, decimal: str) -> None:
 
 def timestamp(when: datetime | None) -> timestamp_pb2.Timestamp:
     """An aware datetime (None: now) → Timestamp. Naive datetimes are refused: their zone is a guess."""
-    when = datetime.now(timezone.utc) if when is None else when
+    when = datetime.now(UTC) if when is None else when
     if when.tzinfo is None or when.utcoffset() is None:
         raise ValueError("timestamp must be timezone-aware, e.g. datetime.now(timezone.utc)")
     out = timestamp_pb2.Timestamp()

@@ -68,79 +68,172 @@ def _violations_text(violations: Sequence[FieldViolation]) -> str:
     ``(events: must hold 1-1000 events, got 1001)``."""
     if not violations:
         return ""
-    shown = "; ".join(f"{v.field}: {v.description}" if v.field else v.description for v in violations[:VIOLATIONS_IN_TEXT])
+    shown = "; ".join(
+        f"{v.field}: {v.description}" if v.field else v.description for v in violations[:VIOLATIONS_IN_TEXT]
+    )
     more = f"; and {len(violations) - VIOLATIONS_IN_TEXT} more" if len(violations) > VIOLATIONS_IN_TEXT else ""
     return f" ({shown}{more})"
 
 
 # One class per gRPC code the gateway uses ...
 class InvalidArgument(MeteringError): ...
+
+
 class OutOfRange(MeteringError): ...
+
+
 class AlreadyExists(MeteringError): ...
+
+
 class NotFound(MeteringError): ...
+
+
 class FailedPrecondition(MeteringError): ...
+
+
 class PermissionDenied(MeteringError): ...
+
+
 class ResourceExhausted(MeteringError): ...
+
+
 class Unavailable(MeteringError): ...
+
+
 class DeadlineExceeded(MeteringError): ...
+
+
 class Internal(MeteringError): ...
+
+
 class Unauthenticated(MeteringError): ...
+
+
 class Cancelled(MeteringError): ...
 
 
 # ... and one per reason, under the class of its code.
 class InvalidRequest(InvalidArgument):
     """The gateway refused the request before calling AWS; see ``field_violations``."""
+
+
 class InvalidProductCode(InvalidArgument): ...
+
+
 class InvalidUsageDimension(InvalidArgument): ...
+
+
 class InvalidTag(InvalidArgument): ...
+
+
 class InvalidUsageAllocations(InvalidArgument): ...
+
+
 class TimestampOutOfBounds(OutOfRange): ...
+
+
 class DuplicateRequest(AlreadyExists):
     """The hour already has a record for this dimension, with another quantity."""
+
+
 class IdempotencyConflict(AlreadyExists):
     """The ClientToken was used before for a different request."""
+
+
 class CustomerNotEntitled(FailedPrecondition): ...
+
+
 class InvalidEndpointRegion(FailedPrecondition): ...
+
+
 class DisabledApi(FailedPrecondition): ...
+
+
 class NoCredentials(FailedPrecondition): ...
+
+
 class CredentialsRefused(FailedPrecondition):
     """AWS refused the gateway's own credentials (expired, unknown, badly signed): an operator must fix them."""
+
+
 class ExpiredToken(CredentialsRefused): ...
+
+
 class UnrecognizedClient(CredentialsRefused): ...
+
+
 class InvalidClientTokenId(CredentialsRefused): ...
+
+
 class SignatureDoesNotMatch(CredentialsRefused): ...
+
+
 class InvalidSignature(CredentialsRefused): ...
+
+
 class IncompleteSignature(CredentialsRefused): ...
+
+
 class MissingAuthenticationToken(CredentialsRefused): ...
+
+
 class RequestExpired(CredentialsRefused): ...
+
+
 class Unauthorized(PermissionDenied): ...
+
+
 class AccessDenied(PermissionDenied): ...
+
+
 class CallerNotAllowed(PermissionDenied):
     """The gateway's --authz-policy refuses this mTLS caller the method, product or dimension; see ``metadata``."""
+
+
 class RecordNotFound(NotFound):
     """RetryMeteringRecord: no record has that record_id."""
+
+
 class RecordNotFailed(FailedPrecondition):
     """RetryMeteringRecord: the record is not FAILED (already queued again, or sent)."""
+
+
 class OutcomeUnknown(FailedPrecondition):
     """RetryMeteringRecord: AWS may hold the record; reconcile it first, then retry with ``reconciled=True``."""
+
+
 class Throttled(ResourceExhausted):
     """AWS kept throttling after the gateway's and this client's retries; see ``retry_delay``."""
+
+
 class ConcurrencyLimitExceeded(ResourceExhausted):
     """The gateway already had its --max-aws-calls calls waiting on AWS (a slow AWS); this one was not sent."""
+
+
 class InternalServiceError(Unavailable): ...
+
+
 class AwsUnreachable(Unavailable): ...
+
+
 class HttpError(Unavailable):
     """AWS's front door answered a bare HTTP 5xx (no error type); ``reason`` is HTTP_500, HTTP_503, ..."""
+
+
 class EventIdConflict(AlreadyExists):
     """RecordUsage: an event_id was accepted before with another payload; ``field_violations`` name them."""
+
+
 class RecordingNotEnabled(FailedPrecondition):
     """UsageRecorderService: this gateway was started without a spool (--spool), so it records nothing."""
+
+
 class SpoolUnavailable(Unavailable):
     """RecordUsage: the gateway could not store the batch (nothing was stored); resend it after ``retry_delay``."""
 
 
-# The table: ErrorInfo.reason → class. Reasons are the gateway's (docs/api.md, Status codes).
+# The table: ErrorInfo.reason → class. Reasons are the gateway's (docs/api.md, Status codes), kept as
+# strings: this distribution does not import the gateway (tests/client checks every gateway Reason is here).
 REASONS: Mapping[str, type[MeteringError]] = {
     "INVALID_REQUEST": InvalidRequest,
     "INVALID_PRODUCT_CODE": InvalidProductCode,

@@ -1,0 +1,25 @@
+"""Usage that went to another hour than its own leaves a trace: one log line and a count."""
+
+from __future__ import annotations
+
+import structlog
+
+from gateway.observability import metrics
+from gateway.recording import placement
+from gateway.recording.spool.base import Carry
+
+log = structlog.get_logger("gateway.spool")
+
+
+def log_carry(carry: Carry, reason: str) -> None:
+    """Every carry leaves one line (and a count): where usage went, and why."""
+    metrics.usage_carried(reason)
+    log.warning(
+        "usage_carried",
+        reason=reason,
+        product_code=carry.product_code,
+        usage_dimension=carry.usage_dimension,
+        from_hour=placement.timestamp_of(carry.from_hour).isoformat(),
+        to_hour=placement.timestamp_of(carry.to_hour).isoformat(),
+        quantity=carry.quantity,
+    )

@@ -1,0 +1,603 @@
+"""The spool's rules in SQL, once, for both databases.
+
+:class:`SqlSpool` holds everything the two implementations share: placement,
+freezing, outcomes, carrying, pruning and reading. Its SQL is written with
+``?`` placeholders and the subset SQLite and PostgreSQL both speak. A subclass
+supplies transactions, the schema, the bulk insert of :meth:`record`, and a few
+dialect hooks: how rows are locked (PostgreSQL serialises placement per product
+and dimension, so replicas can place at once; SQLite has one writer anyway).
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
+from typing import Any, Protocol
+
+import structlog
+
+from gateway.domain.clock import HOUR
+from gateway.recording import placement
+from gateway.recording.placement import EventRow, Piece
+from gateway.recording.spool.base import (
+    FAILED,
+    PENDING,
+    SENT,
+    Carry,
+    EventIdConflict,
+    OutcomeUnknown,
+    Pruned,
+    RecordNotFailed,
+    RecordNotFound,
+    RecordRow,
+    SpoolUnavailable,
+    Stats,
+)
+
+# Events placed per transaction: a writer waits at most about one chunk's work.
+ASSIGN_CHUNK = 1000
+PRUNE_CHUNK = 500  # rows deleted per pruning transaction
+PROBE_SIZE = 262_144  # bytes a health probe writes: about one large batch
+
+RECORD_COLUMNS = (
+    "id, product_code, usage_dimension, hour, state, allocations, whole, quantity, client_token, "
+    "metering_record_id, attempts, last_error, carried_from, next_attempt, in_flight, uncertain, wire, closed_at"
+)
+
+log = structlog.get_logger("gateway.spool")
+
+
+class Cursor(Protocol):
+    @property
+    def rowcount(self) -> int: ...
+
+    def fetchone(self) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+    def __iter__(self) -> Iterator[Any]: ...
+
+
+class Db(Protocol):
+    """One connection inside a transaction, taking ``?`` placeholders."""
+
+    def execute(self, sql: str, args: Sequence[Any] = (), /) -> Cursor: ...
+
+    def executemany(self, sql: str, args: Sequence[Sequence[Any]], /) -> Any: ...
+
+
+class SqlSpool(ABC):
+    """The shared rules; see :mod:`gateway.recording.spool.base` for the life of usage.
+
+    A backend subclasses it and provides the abstract hooks (its transactions), and
+    may override the others (locks, stepping aside); the rules never know which
+    database runs them, and this module imports neither backend."""
+
+    # -- what a subclass provides -------------------------------------------------
+
+    SEQ = "rowid"  # the events' arrival order column
+    LOCK_ROWS = ""  # suffix of a SELECT whose rows this transaction will change
+    CLAIM_ROWS = ""  # suffix of a SELECT of events for placement (others skip them)
+    location: str
+    spool_id: str
+
+    @abstractmethod
+    def _transaction(self, *, writer: bool = False) -> AbstractContextManager[Db]:
+        """One write transaction, committed on exit, rolled back on any exception;
+        a database failure leaves as SpoolUnavailable. ``writer``: RecordUsage's."""
+
+    @abstractmethod
+    def _reading(self) -> AbstractContextManager[Db]:
+        """A connection for one consistent read."""
+
+    def _lock_key(self, db: Db, product_code: str, usage_dimension: str) -> None:  # noqa: B027 - a hook that SQLite needs not, PostgreSQL overrides
+        """Hold placement of this product and dimension for the transaction."""
+
+    def _step_aside(self) -> None:  # noqa: B027 - a hook that only SQLite overrides
+        """Between two chunks of background work: let waiting writers go first."""
+
+    def _assign_events(self, db: Db, record_id: int, ids: Sequence[int]) -> None:
+        db.executemany(f"UPDATE events SET record_id = ? WHERE {self.SEQ} = ?", [(record_id, i) for i in ids])
+
+    # -- health ------------------------------------------------------------------
+
+    _writable = True
+    _on_writable: Callable[[bool], None] | None = None
+
+    @property
+    def writable(self) -> bool:
+        return self._writable
+
+    def on_writable(self, callback: Callable[[bool], None]) -> None:
+        self._on_writable = callback
+
+    def _set_writable(self, writable: bool) -> None:
+        if writable == self._writable:
+            return
+        self._writable = writable
+        if self._on_writable is not None:
+            self._on_writable(writable)
+
+    def probe(self) -> bool:
+        """Write (then delete) about one large batch's worth of bytes; True when it could."""
+        try:
+            with self._transaction() as db:
+                self._write_probe(db)
+        except SpoolUnavailable:
+            return False
+        return True
+
+    def verify(self) -> bool:
+        return True
+
+    @staticmethod
+    def _write_probe(db: Db) -> None:
+        """The probe's write, inside the caller's transaction: room for a large batch?"""
+        db.execute("INSERT INTO probe (data) VALUES (?)", (bytes(PROBE_SIZE),))
+        db.execute("DELETE FROM probe")
+
+    def leads(self) -> bool:
+        return True
+
+    # -- recording ---------------------------------------------------------------
+
+    @staticmethod
+    def _conflicts(db: Db, events: Sequence[EventRow]) -> list[tuple[int, EventRow]]:
+        """Events whose id is stored with another digest: (index, the stored event)."""
+        stored: dict[str, EventRow] = {}
+        ids = list(dict.fromkeys(e.event_id for e in events))
+        for start in range(0, len(ids), 500):
+            part = ids[start : start + 500]
+            marks = ",".join("?" * len(part))
+            for event_id, product, dimension, hour, tags, quantity, whole, digest, timestamp in db.execute(
+                f"SELECT event_id, product_code, usage_dimension, hour, tags, quantity, whole, digest, timestamp "
+                f"FROM events WHERE event_id IN ({marks})",
+                part,
+            ):
+                if digest is not None:  # without one (schema version 1) it cannot be compared: a duplicate
+                    stored[event_id] = EventRow(
+                        event_id, product, dimension, hour, tags, quantity, bool(whole), bytes(digest), timestamp
+                    )
+        return [
+            (i, stored[e.event_id])
+            for i, e in enumerate(events)
+            if e.event_id in stored and stored[e.event_id].digest != e.digest
+        ]
+
+    def _check_conflicts(self, db: Db, events: Sequence[EventRow], accepted: int) -> None:
+        if accepted < len(events):
+            conflicts = self._conflicts(db, events)
+            if conflicts:
+                raise EventIdConflict(conflicts)
+
+    # -- placing usage into records ------------------------------------------------
+
+    def assign(self, now: float, margin: float = placement.SAFETY_MARGIN) -> list[Carry]:
+        """Place the events unassigned when the pass starts; returns the carries made.
+
+        Works in transactions of ASSIGN_CHUNK events and steps aside for writers
+        between them. Events recorded meanwhile wait for the next pass: under a load
+        faster than placing, a pass still ends, and the sender still sends.
+        """
+        carries: list[Carry] = []
+        with self._reading() as db:
+            (last,) = db.execute(f"SELECT MAX({self.SEQ}) FROM events").fetchone()
+        if last is None:
+            return carries
+
+        def place_chunk(db: Db) -> int:
+            unassigned = f"record_id IS NULL AND {self.SEQ} <= ?"
+            # The keys first, then the events: a placer never waits for a key while it
+            # holds events, and every placer takes keys in one order, so replicas
+            # placing (and carrying) at once never wait on each other in a circle.
+            keys = sorted(
+                {
+                    (p, d)
+                    for p, d in db.execute(
+                        f"SELECT product_code, usage_dimension FROM events WHERE {unassigned} ORDER BY "
+                        f"{self.SEQ} LIMIT ?",
+                        (last, ASSIGN_CHUNK),
+                    )
+                }
+            )
+            if not keys:
+                return 0
+            for key in keys:
+                self._lock_key(db, *key)
+            rows = db.execute(
+                f"SELECT {self.SEQ}, product_code, usage_dimension, hour, tags, quantity, whole FROM events "
+                f"WHERE {unassigned} AND (product_code, usage_dimension) IN (VALUES "
+                f"{', '.join(['(?, ?)'] * len(keys))}) "
+                f"ORDER BY {self.SEQ} LIMIT ?{self.CLAIM_ROWS}",
+                (last, *[part for key in keys for part in key], ASSIGN_CHUNK),
+            ).fetchall()
+            earliest = placement.earliest_hour(now, margin)
+            for piece in placement.group(rows):
+                carry = self._place(db, piece, earliest)
+                if carry is not None:
+                    carries.append(carry)
+            return len(rows)
+
+        self._in_chunks(place_chunk, ASSIGN_CHUNK)
+        return carries
+
+    def _in_chunks(self, work: Callable[[Db], int], size: int) -> int:
+        """Background work (placing, pruning) as one transaction per chunk of ``size``
+        rows, stepping aside for writers in between, until a chunk comes up short.
+        ``work`` does one chunk and says how many rows it handled; returns the total."""
+        total = 0
+        while True:
+            with self._transaction() as db:
+                count = work(db)
+            total += count
+            if count < size:
+                return total
+            self._step_aside()
+
+    def _place(self, db: Db, piece: Piece, earliest: int) -> Carry | None:
+        """Put one piece into the first hour that can take it (the key is locked)."""
+        key = (piece.product_code, piece.usage_dimension)
+        taken = {
+            h
+            for (h,) in db.execute(
+                "SELECT hour FROM taken WHERE product_code = ? AND usage_dimension = ? AND hour >= ?", (*key, earliest)
+            )
+        }
+        existing = {
+            r.hour: r
+            for r in self._records(
+                db, "product_code = ? AND usage_dimension = ? AND hour >= ?", (*key, earliest), lock=True
+            )
+        }
+
+        def can_take(hour: int) -> bool:
+            if hour in taken:
+                return False
+            record = existing.get(hour)
+            return record is None or (not record.frozen and record.content.fits(piece.content))
+
+        hour = placement.place(piece.hour, earliest, can_take)
+        carried = [piece.hour] if hour != piece.hour else []
+        record = existing.get(hour)
+        if record is None:
+            content = piece.content
+            (record_id,) = db.execute(
+                "INSERT INTO records (product_code, usage_dimension, hour, state, allocations, whole, quantity, "
+                "client_token, carried_from) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+                (
+                    *key,
+                    hour,
+                    PENDING,
+                    content.to_json(),
+                    int(content.whole),
+                    placement.format_decimal(content.total),
+                    placement.client_token(*key, hour, content, self.spool_id),
+                    json.dumps(carried),
+                ),
+            ).fetchone()
+        else:
+            content = record.content
+            content.add(piece.content)
+            carried = sorted(set(record.carried_hours) | set(carried))
+            record_id = record.id
+            db.execute(
+                "UPDATE records SET allocations = ?, whole = ?, quantity = ?, client_token = ?, carried_from "
+                "= ? WHERE id = ?",
+                (
+                    content.to_json(),
+                    int(content.whole),
+                    placement.format_decimal(content.total),
+                    placement.client_token(*key, hour, content, self.spool_id),
+                    json.dumps(carried),
+                    record_id,
+                ),
+            )
+        self._assign_events(db, record_id, piece.ids)
+        if hour == piece.hour:
+            return None
+        return Carry(*key, piece.hour, hour, placement.format_decimal(piece.content.total))
+
+    # -- sending -----------------------------------------------------------------
+
+    def due(self, now: float, grace: float, *, final: bool = False) -> list[RecordRow]:
+        """PENDING records whose hour closed ``grace`` ago and whose backoff is over.
+
+        ``final`` (the flush at shutdown): every PENDING record up to the
+        current hour, ignoring grace and backoff.
+        """
+        with self._reading() as db:
+            if final:
+                return self._records(db, "state = ? AND hour <= ?", (PENDING, placement.hour_of(now)), order="hour")
+            return self._records(
+                db, "state = ? AND hour <= ? AND next_attempt <= ?", (PENDING, now - HOUR - grace, now), order="hour"
+            )
+
+    def begin_attempt(self, record_id: int) -> RecordRow | None:
+        """Freeze the record and count the attempt, committed before AWS is called.
+
+        An attempt still marked in flight (its sender died mid-call) makes the
+        outcome unknown: AWS may hold it.
+        """
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE records SET attempts = attempts + 1, "
+                "uncertain = CASE WHEN in_flight = 1 THEN 1 ELSE uncertain END, in_flight = 1 "
+                "WHERE id = ? AND state = ?",
+                (record_id, PENDING),
+            )
+            rows = self._records(db, "id = ? AND state = ?", (record_id, PENDING))
+        return rows[0] if rows else None
+
+    def mark_sent(self, record_id: int, metering_record_id: str, now: float) -> bool:
+        """AWS's answer is the truth, whatever another sender stored meanwhile (a
+        FAILED record becomes SENT). True when this call made the record SENT; False
+        when it already was (another sender heard the same answer first) or is gone."""
+        with self._transaction() as db:
+            return (
+                db.execute(
+                    "UPDATE records SET state = ?, metering_record_id = ?, last_error = '', in_flight = 0, "
+                    "uncertain = 0, "
+                    "closed_at = ? WHERE id = ? AND state <> ?",
+                    (SENT, metering_record_id, now, record_id, SENT),
+                ).rowcount
+                > 0
+            )
+
+    def settle(self, record_id: int, *, uncertain: bool | None) -> None:
+        """The last attempt is over. ``uncertain``: True when AWS may have recorded
+        it unheard; False when AWS's answer rules out any record of this request
+        (DUPLICATE_REQUEST: the hour holds another); None when the answer rules
+        out only this attempt (throttling, a 4xx, a bare 503)."""
+        with self._transaction() as db:
+            if uncertain is None:
+                db.execute("UPDATE records SET in_flight = 0 WHERE id = ? AND state = ?", (record_id, PENDING))
+            else:
+                db.execute(
+                    "UPDATE records SET in_flight = 0, uncertain = ? WHERE id = ? AND state = ?",
+                    (int(uncertain), record_id, PENDING),
+                )
+
+    def retry_later(self, record_id: int, error: str, next_attempt: float) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE records SET last_error = ?, next_attempt = ? WHERE id = ? AND state = ?",
+                (error, next_attempt, record_id, PENDING),
+            )
+
+    def mark_failed(self, record_id: int, error: str, now: float) -> bool:
+        """True when this call made the PENDING record FAILED (False: it no longer was)."""
+        with self._transaction() as db:
+            # An attempt still in flight (its sender died mid-call) may sit in AWS: the
+            # record keeps saying so once FAILED (RecordRow.outcome_unknown).
+            return (
+                db.execute(
+                    "UPDATE records SET state = ?, last_error = ?, uncertain = CASE WHEN in_flight = 1 THEN 1 ELSE "
+                    "uncertain END, in_flight = 0, closed_at = ? WHERE id = ? AND state = ?",
+                    (FAILED, error, now, record_id, PENDING),
+                ).rowcount
+                > 0
+            )
+
+    def retry_failed(self, record_id: int, *, reconciled: bool, now: float) -> RecordRow:
+        """A FAILED record back to PENDING, due at ``now``; see :meth:`Spool.retry_failed`.
+
+        The row is locked for the transaction, so of two retries at once (two
+        replicas, two operators) one wins and the other finds the record PENDING.
+        Content, ClientToken and attempts stay: the resend is the identical request.
+        """
+        with self._transaction() as db:
+            rows = self._records(db, "id = ?", (record_id,), lock=True)
+            if not rows:
+                raise RecordNotFound(record_id)
+            row = rows[0]
+            if row.state != FAILED:
+                raise RecordNotFailed(row)
+            if row.outcome_unknown and not reconciled:
+                raise OutcomeUnknown(row)
+            note = f"retried by operator at {placement.timestamp_of(int(now)).isoformat()}"
+            if row.outcome_unknown:
+                note += " (reconciled: AWS held no record of it)"
+            # Cleared flags: AWS holds nothing of it (the operator's word, or a known
+            # outcome), so the sender may carry it if its hour has left AWS's window.
+            db.execute(
+                "UPDATE records SET state = ?, next_attempt = ?, last_error = ?, in_flight = 0, uncertain = 0, "
+                "closed_at = 0 WHERE id = ?",
+                (PENDING, now, f"{note}; was: {row.last_error}" if row.last_error else note, record_id),
+            )
+            (retried,) = self._records(db, "id = ?", (record_id,))
+        log.warning(
+            "record_retried_by_operator",
+            record_id=record_id,
+            product_code=row.product_code,
+            usage_dimension=row.usage_dimension,
+            hour=placement.timestamp_of(row.hour).isoformat(),
+            quantity=row.quantity,
+            client_token=row.client_token,
+            attempts=row.attempts,
+            reconciled=row.outcome_unknown,
+            previous_error=row.last_error,
+        )
+        return retried
+
+    def carry(self, record_id: int, reason: str, now: float, margin: float = placement.SAFETY_MARGIN) -> list[Carry]:
+        """The record's hour cannot take its usage: mark the hour unusable for this
+        product and dimension, and place its events again, in one transaction."""
+        with self._transaction() as db:
+            found = self._records(db, "id = ?", (record_id,))
+            if not found:
+                return []
+            self._lock_key(db, found[0].product_code, found[0].usage_dimension)
+            # Never a record whose outcome is unknown: AWS may hold it (the sender checks too).
+            rows = self._records(
+                db, "id = ? AND state = ? AND in_flight = 0 AND uncertain = 0", (record_id, PENDING), lock=True
+            )
+            if not rows:
+                return []
+            record = rows[0]
+            db.execute(
+                "INSERT INTO taken (product_code, usage_dimension, hour, reason) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (product_code, usage_dimension, hour) DO UPDATE SET reason = excluded.reason",
+                (record.product_code, record.usage_dimension, record.hour, reason),
+            )
+            events = db.execute(
+                f"SELECT {self.SEQ}, product_code, usage_dimension, hour, tags, quantity, whole FROM events "
+                f"WHERE record_id = ? ORDER BY {self.SEQ}",
+                (record_id,),
+            ).fetchall()
+            db.execute("DELETE FROM records WHERE id = ?", (record_id,))
+            earliest = placement.earliest_hour(now, margin)
+            carries = []
+            for piece in placement.group(events):
+                placed = self._place(db, piece, earliest)
+                # A carry out of a record is a carry even when the event's own hour is its new home.
+                carries.append(
+                    placed
+                    or Carry(
+                        piece.product_code,
+                        piece.usage_dimension,
+                        record.hour,
+                        piece.hour,
+                        placement.format_decimal(piece.content.total),
+                    )
+                )
+            return carries
+
+    # -- keeping storage bounded ---------------------------------------------------
+
+    def prune(self, now: float, *, event_retention: float, record_retention: float) -> Pruned:
+        """Delete what no rule needs any more, PRUNE_CHUNK rows per transaction.
+
+        - events of SENT records closed more than ``event_retention`` ago (their ids
+          are then no longer recognised: the deduplication window);
+        - SENT and FAILED records closed more than ``record_retention`` ago, with
+          any events they still hold;
+        - hours marked taken that placement can no longer choose (older than AWS's
+          window, with a day to spare).
+        """
+
+        def delete(sql: str, *args: Any) -> Callable[[Db], int]:
+            return lambda db: int(db.execute(sql, (*args, PRUNE_CHUNK)).rowcount)
+
+        def delete_old_records(db: Db) -> int:
+            old = "state IN (?, ?) AND closed_at < ?"
+            ids = [
+                i
+                for (i,) in db.execute(
+                    f"SELECT id FROM records WHERE {old} LIMIT ?", (SENT, FAILED, now - record_retention, PRUNE_CHUNK)
+                )
+            ]
+            if not ids:
+                return 0
+            # The selection took no locks: an operator's retry (FAILED → PENDING) on another
+            # replica may commit before the delete. The delete checks again (PostgreSQL
+            # re-evaluates a row changed meanwhile), and only its rows lose their events.
+            marks = ",".join("?" * len(ids))
+            deleted = [
+                (i,)
+                for (i,) in db.execute(
+                    f"DELETE FROM records WHERE id IN ({marks}) AND {old} RETURNING id",
+                    (*ids, SENT, FAILED, now - record_retention),
+                ).fetchall()
+            ]
+            if deleted:
+                db.executemany("DELETE FROM events WHERE record_id = ?", deleted)
+            return len(deleted)  # short of a chunk after a race: the rest waits for the next pass
+
+        events = self._in_chunks(
+            delete(
+                "DELETE FROM events WHERE event_id IN (SELECT e.event_id FROM records r JOIN events e ON "
+                "e.record_id = r.id "
+                "WHERE r.state = ? AND r.closed_at < ? LIMIT ?)",
+                SENT,
+                now - event_retention,
+            ),
+            PRUNE_CHUNK,
+        )
+        records = self._in_chunks(delete_old_records, PRUNE_CHUNK)
+        horizon = placement.earliest_hour(now, 0) - 24 * HOUR
+        taken = self._in_chunks(
+            delete(
+                "DELETE FROM taken WHERE (product_code, usage_dimension, hour) IN "
+                "(SELECT product_code, usage_dimension, hour FROM taken WHERE hour < ? LIMIT ?)",
+                horizon,
+            ),
+            PRUNE_CHUNK,
+        )
+        return Pruned(events, records, taken)
+
+    # -- reading -----------------------------------------------------------------
+
+    def get(self, record_id: int) -> RecordRow | None:
+        with self._reading() as db:
+            rows = self._records(db, "id = ?", (record_id,))
+        return rows[0] if rows else None
+
+    def list_records(
+        self,
+        *,
+        state: str | None = None,
+        product_code: str | None = None,
+        after: tuple[int, int] | None = None,
+        limit: int = 100,
+        since: int | None = None,
+        until: int | None = None,
+    ) -> list[RecordRow]:
+        """Records newest hour first; ``after`` is the (hour, id) of the last one seen;
+        ``since``/``until``: only hours starting at or after ``since``, before ``until``."""
+        where: list[str] = ["1 = 1"]
+        args: list[Any] = []
+        if state:
+            where.append("state = ?")
+            args.append(state)
+        if product_code:
+            where.append("product_code = ?")
+            args.append(product_code)
+        if since is not None:
+            where.append("hour >= ?")
+            args.append(int(since))
+        if until is not None:
+            where.append("hour < ?")
+            args.append(int(until))
+        if after is not None:
+            where.append("(hour < ? OR (hour = ? AND id < ?))")
+            args += [after[0], after[0], after[1]]
+        with self._reading() as db:
+            return self._records(db, " AND ".join(where), tuple(args), order="hour DESC, id DESC", limit=limit)
+
+    def stats(self) -> Stats:
+        with self._reading() as db:
+            pending, oldest = db.execute(
+                "SELECT COUNT(*), MIN(hour) FROM records WHERE state = ?", (PENDING,)
+            ).fetchone()
+            (unassigned,) = db.execute("SELECT COUNT(*) FROM events WHERE record_id IS NULL").fetchone()
+            counts = {state: int(n) for state, n in db.execute("SELECT state, COUNT(*) FROM records GROUP BY state")}
+            (unknown,) = db.execute(
+                "SELECT COUNT(*) FROM records WHERE state = ? AND (uncertain = 1 OR in_flight = 1)", (FAILED,)
+            ).fetchone()
+        return Stats(
+            int(pending),
+            None if oldest is None else int(oldest),
+            int(unassigned),
+            sent=counts.get(SENT, 0),
+            failed=counts.get(FAILED, 0),
+            failed_outcome_unknown=int(unknown),
+        )
+
+    def _records(
+        self,
+        db: Db,
+        where: str,
+        args: Sequence[Any],
+        *,
+        order: str = "id",
+        limit: int | None = None,
+        lock: bool = False,
+    ) -> list[RecordRow]:
+        sql = f"SELECT {RECORD_COLUMNS} FROM records WHERE {where} ORDER BY {order}"
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        if lock:
+            sql += self.LOCK_ROWS
+        return [RecordRow(*row) for row in db.execute(sql, args)]

@@ -1,0 +1,200 @@
+"""Exactly once against a hostile AWS: each fault × an outage past six hours × a restart.
+
+On a simulated clock shared by the gateway and the local backend, with a real
+gRPC server, a real boto3 client over HTTP and a spool file:
+
+1. callers record usage for the last hours (RecordUsage, acknowledged);
+2. the first MeterUsage the sender makes meets the fault: most faults let AWS
+   record the request and then lose the answer (a 500, a bare 502/504, a dropped
+   connection, an answer after the read timeout); the rest refuse it (a bare 503,
+   throttling) or fail without recording (a 500 that recorded nothing);
+3. AWS then turns every call away (bare 503s) for seven simulated hours;
+4. in the middle the gateway restarts: cleanly, or killed in the very call that
+   met the fault (its outcome never stored), and more usage is recorded;
+5. AWS recovers and the sender runs on until nothing is pending.
+
+Then, what a paid-per-record operator needs: no product, dimension and hour is
+recorded twice; every unit acknowledged is either in AWS once or listed FAILED
+"outcome unknown" because AWS may hold it; a record AWS did hold is never
+carried (so AWS's total equals what was acknowledged whenever the fault
+recorded); and a fault that rules a record out never ends FAILED.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from gateway.local_aws import DROP, SLOW, LocalAws
+from gateway.recording import placement
+from gateway.recording.lifecycle import Recording
+from marketplace.metering.v1 import metering_pb2 as pb
+from marketplace.metering.v1 import metering_pb2_grpc as pb_grpc
+from support import FIXED_NOW, Clock
+from support.recording import event, running_recorder, sums_of_events
+
+HOUR = 3600
+START = FIXED_NOW.timestamp()  # 10:02:30; any minute would do
+READ_TIMEOUT = 0.3
+STEP = 20 * 60
+State = pb.MeteringRecord.State
+
+
+@dataclass(frozen=True)
+class Fault:
+    name: str
+    error: str
+    status: int | None = None
+    record: bool = True  # AWS records the request before the answer is lost
+    delay: float = 0.0
+    settles: bool = False  # the answer rules a record out
+
+    def inject(self, aws: LocalAws) -> None:
+        aws.inject(self.error, 1, status=self.status, delay=self.delay, record=self.record, operation="MeterUsage")
+
+
+FAULTS = [
+    Fault("500-after-record", "InternalServiceErrorException", 500),
+    Fault("bare-500-after-record", "", 500),
+    Fault("bare-502-after-record", "", 502),
+    Fault("bare-504-after-record", "", 504),
+    Fault("drop-after-record", DROP),
+    Fault("late-answer-after-record", SLOW, delay=READ_TIMEOUT * 3),
+    Fault("500-nothing-recorded", "InternalServiceErrorException", 500, record=False),
+    Fault("bare-503", "", 503, record=False, settles=True),
+    Fault("throttling", "ThrottlingException", record=False, settles=True),
+]
+
+
+class Crash(BaseException):
+    """The process dies: nothing after the AWS call runs (not even the sender's handlers)."""
+
+
+@contextmanager
+def gateway(aws: LocalAws, spool: Path, clock: Clock) -> Iterator[tuple[pb_grpc.UsageRecorderServiceStub, Recording]]:
+    with running_recorder(
+        aws.endpoint_url,
+        str(spool),
+        clock=clock,
+        start_sender=False,
+        aws_read_timeout=READ_TIMEOUT,
+        flush_grace=300.0,
+        aws_max_rps=1000.0,
+    ) as (target, recording):
+        with grpc.insecure_channel(target) as channel:
+            yield pb_grpc.UsageRecorderServiceStub(channel), recording
+
+
+def record(stub: pb_grpc.UsageRecorderServiceStub, events: list[pb.UsageEvent]) -> list[pb.UsageEvent]:
+    reply = stub.RecordUsage(pb.RecordUsageRequest(events=events), timeout=10)
+    assert reply.accepted == len(events)
+    return events
+
+
+def usage(tag: str, clock: Clock, hours_back: range) -> list[pb.UsageEvent]:
+    now = clock()
+    out = []
+    for back in hours_back:
+        for i, product in enumerate(("prod-a", "prod-b")):
+            when = placement.hour_of(now) - back * HOUR + 60 * (i + 1)
+            out.append(event(f"{tag}-{back}-{product}-w", when, 3 + back, product=product))
+            out.append(event(f"{tag}-{back}-{product}-d", when, f"{back}.25", product=product, tenant=f"t{i}"))
+    return out
+
+
+def tick_for(recording: Recording, clock: Clock, seconds: float) -> None:
+    end = clock() + seconds
+    while clock() < end:
+        clock.advance(STEP)
+        recording.sender.tick()
+
+
+def crash_in_next_call(recording: Recording) -> None:
+    """The next AWS call goes out (and meets whatever fault AWS has), then the process dies."""
+    backend = recording.sender.backend
+    original = backend.meter_usage
+
+    def call_then_die(params: dict[str, Any], **kw: Any) -> Any:
+        try:
+            original(params, **kw)
+        finally:
+            raise Crash
+
+    backend.meter_usage = call_then_die  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize("restart", ["clean-restart", "crash-mid-call"])
+@pytest.mark.parametrize("fault", FAULTS, ids=[f.name for f in FAULTS])
+def test_fault_then_a_seven_hour_outage_then_a_restart(tmp_path: Path, fault: Fault, restart: str) -> None:
+    clock = Clock(START)
+    spool = tmp_path / "spool.db"
+    acknowledged: list[pb.UsageEvent] = []
+    with ExitStack() as stack:
+        aws = stack.enter_context(LocalAws(quiet=True, clock=clock))
+        with gateway(aws, spool, clock) as (stub, recording):
+            acknowledged += record(stub, usage("life1", clock, range(1, 4)))
+            fault.inject(aws)
+            aws.inject("", 10**9, status=503, operation="MeterUsage")  # then seven hours of nothing taken
+            if restart == "crash-mid-call":
+                crash_in_next_call(recording)
+                with pytest.raises(Crash):
+                    recording.sender.tick()
+                recording.spool.close()  # killed: nothing else of this life runs
+                recording.close = lambda **_: None  # type: ignore[method-assign]
+            else:
+                recording.sender.tick()
+                tick_for(recording, clock, 3 * HOUR)
+        first_call = aws.calls
+        assert first_call >= 1
+        with gateway(aws, spool, clock) as (stub, recording):
+            acknowledged += record(stub, usage("life2", clock, range(0, 3)))
+            tick_for(recording, clock, 7 * HOUR - (clock() - START))
+            aws.clear_faults()  # AWS is back
+            tick_for(recording, clock, 3 * HOUR)
+            records = list(stub.ListMeteringRecords(pb.ListMeteringRecordsRequest(page_size=1000), timeout=10).records)
+        held = aws.records()
+
+    assert not [r for r in records if r.state == State.STATE_PENDING]
+    hours = [(r.product_code, r.usage_dimension, r.hour) for r in held]
+    assert len(hours) == len(set(hours)), "an hour was recorded twice"
+    # What the gateway lists as sent is what AWS holds, record for record.
+    by_id = {r.metering_record_id: r for r in held}
+    for sent in (r for r in records if r.state == State.STATE_SENT):
+        assert sent.metering_record_id in by_id
+        assert Decimal(sent.quantity) == by_id[sent.metering_record_id].quantity
+        assert sent.client_token == by_id[sent.metering_record_id].client_token
+    tokens = {r.client_token for r in held}
+    failed = [r for r in records if r.state == State.STATE_FAILED]
+    assert all(r.last_error.startswith("outcome unknown") for r in failed), [r.last_error for r in failed]
+    unbilled = [r for r in failed if r.client_token not in tokens]
+    billed = sums(held)
+    expected = sums_of_events(acknowledged)
+    assert add(billed, sums(unbilled)) == expected, "usage lost or billed twice"
+    if fault.record:
+        assert billed == expected  # AWS's total is exactly what was acknowledged
+        assert failed and not unbilled  # the unknown outcome was AWS's record: listed, never carried
+    if fault.settles and restart == "clean-restart":
+        assert not failed
+    print(
+        f"{fault.name} × {restart}: AWS calls {aws.calls}, records {len(held)}, failed (outcome unknown) "
+        f"{len(failed)}, of which unbilled {len(unbilled)}"
+    )
+
+
+def sums(records: list[Any]) -> dict[tuple[str, str], Decimal]:
+    out: dict[tuple[str, str], Decimal] = {}
+    for r in records:
+        key = (r.product_code, r.usage_dimension)
+        out[key] = out.get(key, Decimal(0)) + Decimal(str(r.quantity))
+    return out
+
+
+def add(a: dict[tuple[str, str], Decimal], b: dict[tuple[str, str], Decimal]) -> dict[tuple[str, str], Decimal]:
+    return {k: a.get(k, Decimal(0)) + b.get(k, Decimal(0)) for k in a.keys() | b.keys()}

@@ -30,6 +30,7 @@ from gateway.config._values import (
 )
 from gateway.domain import validation
 from gateway.domain.clock import DAY, HOUR, MINUTE
+from gateway.domain.states import SpoolCreate
 
 SPOOL_POOL_WAIT = 2.0  # seconds a call waits for a free PostgreSQL connection before SPOOL_UNAVAILABLE
 
@@ -313,7 +314,7 @@ class Settings:
             "for a spool that must already be there); if-mounted (an SQLite file only when its "
             "directory is a mount point, so a pod whose volume did not mount never starts over "
             "with an empty spool). A new spool is always logged as a warning.",
-            choices=("yes", "no", "if-mounted"),
+            choices=tuple(SpoolCreate),
         ),
     )
     spool_connections: int = field(

@@ -36,14 +36,14 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from gateway.domain.states import RecordState
+from gateway.domain.states import RecordState, SpoolCreate
 from gateway.recording import placement
 from gateway.recording.placement import Content, EventRow
 
 PENDING, SENT, FAILED = RecordState.PENDING, RecordState.SENT, RecordState.FAILED
 DECIMAL_WIRE, WHOLE_WIRE = "decimal", "whole"
 # --spool-create: whether a spool that is not there yet may be made.
-CREATE, NEVER_CREATE, CREATE_IF_MOUNTED = "yes", "no", "if-mounted"
+CREATE, NEVER_CREATE, CREATE_IF_MOUNTED = SpoolCreate.YES, SpoolCreate.NO, SpoolCreate.IF_MOUNTED
 # The note of the warning every implementation logs when it makes a new spool.
 NEW_SPOOL = (
     "a new, empty spool: nothing was recorded here before (if something was, the gateway is not "

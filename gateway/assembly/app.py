@@ -1,6 +1,6 @@
 """One gateway process: from settings to a serving server, until SIGTERM drains it.
 
-Used as it is for a single process, and by :mod:`gateway.workers` in each worker
+Used as it is for a single process, and by :mod:`gateway.assembly.workers` in each worker
 process of ``--processes N``.
 """
 
@@ -113,7 +113,7 @@ def run(
 
     ``on_ready(port)`` replaces the ``serving`` log line (a worker tells its parent).
     ``metrics_worker``: a worker of ``--processes N``, whose metrics go to its parent's
-    PROMETHEUS_MULTIPROC_DIR; the parent serves them (:mod:`gateway.metrics_server`).
+    PROMETHEUS_MULTIPROC_DIR; the parent serves them (:mod:`gateway.assembly.metrics_server`).
     """
     stop = stop_on_signals()  # a SIGTERM during start-up must drain, not kill
     authorize = authorizer(settings)  # a bad policy stops start-up before anything else

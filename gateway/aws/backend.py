@@ -136,7 +136,7 @@ class Backend:
 
         ``deadline`` is on this object's clock (monotonic seconds); None means no
         deadline. The ClientToken is fixed before the first attempt. Each call and
-        each attempt is counted by its outcome (``gateway.metrics``).
+        each attempt is counted by its outcome (``gateway.observability.metrics``).
         """
         try:
             outcome = self._meter_usage(params, deadline)

@@ -185,7 +185,7 @@ class Settings:
         ),
     )
     grace: float = field(
-        # 8 s: with the second of shutdown margin (gateway.app.SHUTDOWN_MARGIN) and the
+        # 8 s: with the second of shutdown margin (gateway.assembly.app.SHUTDOWN_MARGIN) and the
         # interpreter's exit, a SIGTERM ends well inside docker/podman stop's default 10 s.
         default=8.0,
         metadata=setting(

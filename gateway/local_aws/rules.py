@@ -1,6 +1,6 @@
 """What AWS refuses in a MeterUsage request: pure functions of the raw JSON body.
 
-Deliberately independent of the gateway's own validation (:mod:`gateway.validation`):
+Deliberately independent of the gateway's own validation (:mod:`gateway.domain.validation`):
 the limits come from botocore's model of the service, read at run time, and the
 semantic rules the model cannot express are written out again here from AWS's
 documentation. Two implementations that agree are evidence; one shared

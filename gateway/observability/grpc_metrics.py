@@ -57,12 +57,12 @@ class _MethodSeries:
 
 
 class GrpcMetrics:
-    """The interceptor's :class:`gateway.interceptors.Observer`: go-grpc-prometheus's
+    """The interceptor's :class:`gateway.rpc.interceptors.Observer`: go-grpc-prometheus's
     server metrics. Every method of ``services`` starts at 0 (started, and handled for
     every code), as its InitializeMetrics does, so that rate() works from the first
     scrape. For a unary method one message is received per call and one sent per OK.
     ``grpc_type`` is always ``unary``: the interceptor observes no other kind (the
-    server refuses to start with one, :func:`gateway.server.check_unary`)."""
+    server refuses to start with one, :func:`gateway.rpc.server.check_unary`)."""
 
     def __init__(self, services: Iterable[str]) -> None:
         self._families: families.Families | None = None

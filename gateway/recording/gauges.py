@@ -28,7 +28,8 @@ def reading(spool: Spool, now: float) -> metrics.SpoolReading:
 
 
 def reader(spool: Spool, clock: Callable[[], float], *, probe: bool = False) -> Callable[[], metrics.SpoolReading]:
-    """A reading of ``spool`` at ``clock()`` on every call: :class:`gateway.metrics.ScrapeCollector`'s ``read``.
+    """A reading of ``spool`` at ``clock()`` on every call: the ``read`` of
+    :class:`gateway.observability.metrics.ScrapeCollector`.
 
     ``probe``: a spool that cannot write is probed before it is read. For a spool with
     no health watcher beside it (the parent's of ``--processes N``): an outage closes

@@ -3,7 +3,7 @@
 :func:`open_recording` opens ``--spool`` (SQLite or PostgreSQL) and builds the
 servicer and the sender; :class:`Recording` reports the spool's writability to
 health and stops the sender before the spool closes. The assembly
-(:mod:`gateway.app`) calls these; nothing here imports the assembly.
+(:mod:`gateway.assembly.app`) calls these; nothing here imports the assembly.
 """
 
 from __future__ import annotations

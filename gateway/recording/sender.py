@@ -7,7 +7,7 @@ as MeteringService (validate → ``params.to_aws`` → ``Backend.meter_usage``),
 most ``max_rps`` calls a second, and now and then prunes the spool. What
 happens to a record depends only on the answer's reason (:func:`disposition`)
 and on what the answer says about delivery (the error table's
-:class:`gateway.errors.Delivery`):
+:class:`gateway.domain.errors.Delivery`):
 
 - OK → SENT, with AWS's record id.
 - retryable (throttling, AWS down, credentials missing) → stays PENDING, tried

@@ -9,7 +9,7 @@ them, newest hour first, filtered and paged. RetryMeteringRecord is an
 operator's: a FAILED record back in the queue, the identical request again, and
 never one AWS may hold unless the operator reconciled it (``OUTCOME_UNKNOWN``).
 
-The assembly (:mod:`gateway.app`) registers the servicer and wires the spool's
+The assembly (:mod:`gateway.assembly.app`) registers the servicer and wires the spool's
 writability to the recorder's health; nothing here imports the assembly, and
 nothing here knows which database the spool is.
 """

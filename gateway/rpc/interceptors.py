@@ -1,6 +1,6 @@
 """Server interceptors: the access log and the turning of errors into statuses.
 
-Servicers raise :class:`gateway.errors.GatewayError`; this is the one place that
+Servicers raise :class:`gateway.domain.errors.GatewayError`; this is the one place that
 turns it (or any unexpected exception) into a gRPC status with details, and
 writes the one log line per RPC. It also decodes request bytes itself, so that a
 request that is not a valid protobuf gets INVALID_ARGUMENT with an ErrorInfo
@@ -108,7 +108,7 @@ def _refused(method: str, handler: Handler) -> Handler:
 
     Only unary-unary methods are wrapped (authorization, access log, metrics): a
     streaming method of a wrapped service fails closed instead of running unchecked.
-    :class:`gateway.server.Gateway` refuses to start with one; this is the backstop.
+    :class:`gateway.rpc.server.Gateway` refuses to start with one; this is the backstop.
     """
 
     def refuse(request: Any, context: grpc.ServicerContext) -> Any:

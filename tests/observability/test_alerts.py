@@ -6,7 +6,7 @@ With promtool on PATH (Debian: ``apt-get install prometheus``) the rules are che
 series of tests/data/prometheus-rules.test.yaml: each alert fires on its story and stays
 silent on a healthy one. Without promtool those tests skip; the rest always run: every
 rule is complete, every metric an expression or a panel names is one the gateway exports
-(``gateway.metrics.metric_names()``), every reason and service it names is a real one.
+(``gateway.observability.metrics.metric_names()``), every reason and service it names is a real one.
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def metric_names() -> frozenset[str]:
     try:
         from gateway.observability.metrics import metric_names as exported
     except ImportError as exc:  # pragma: no cover - only before gateway/observability/metrics.py exists
-        pytest.fail(f"gateway.metrics.metric_names() is needed to check the rules' metric names: {exc}")
+        pytest.fail(f"gateway.observability.metrics.metric_names() is needed to check the rules' metric names: {exc}")
     return exported()
 
 

@@ -270,7 +270,7 @@ class Spool(Protocol):
         made the record SENT: count it then only (two senders may hear one OK)."""
 
     def settle(self, record_id: int, *, uncertain: bool | None) -> None:
-        """The last attempt is over; see :class:`gateway.errors.Delivery`."""
+        """The last attempt is over; see :class:`gateway.domain.errors.Delivery`."""
 
     def retry_later(self, record_id: int, error: str, next_attempt: float) -> None: ...
 

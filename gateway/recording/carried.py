@@ -6,7 +6,7 @@ import structlog
 
 from gateway.observability import metrics
 from gateway.recording import placement
-from gateway.recording.spool.base import Carry
+from gateway.recording.spool.base import LATE, Carry, Spool
 
 log = structlog.get_logger("gateway.spool")
 
@@ -23,3 +23,10 @@ def log_carry(carry: Carry, reason: str) -> None:
         to_hour=placement.timestamp_of(carry.to_hour).isoformat(),
         quantity=carry.quantity,
     )
+
+
+def place_new_events(spool: Spool, now: float, margin: float) -> None:
+    """Place the events not yet in a record (:meth:`Spool.assign`), each carry it makes
+    traced: the one placing pass of the sender and of the prompt placer."""
+    for carry in spool.assign(now, margin):
+        log_carry(carry, LATE)

@@ -156,14 +156,8 @@ def event_time(seconds: int, nanos: int) -> str:
     return f"{text}.{fraction}Z" if fraction else f"{text}Z"
 
 
-# The fields of an event a conflict can name, as (proto field, EventRow attribute).
-_COMPARED = (
-    ("product_code", "product_code"),
-    ("usage_dimension", "usage_dimension"),
-    ("timestamp", "timestamp"),
-    ("quantity", "quantity"),
-    ("tags", "tags"),
-)
+# The fields of an event a conflict can name (EventRow's attributes, named as in UsageEvent).
+_COMPARED = ("product_code", "usage_dimension", "timestamp", "quantity", "tags")
 
 
 def differences(stored: EventRow, new: EventRow) -> list[tuple[str, str, str]]:
@@ -172,8 +166,8 @@ def differences(stored: EventRow, new: EventRow) -> list[tuple[str, str, str]]:
     compare by value, tags as their set. ``stored.timestamp`` is None for events kept
     by a release that did not store it."""
     out = []
-    for name, attr in _COMPARED:
-        old, now = getattr(stored, attr), getattr(new, attr)
+    for name in _COMPARED:
+        old, now = getattr(stored, name), getattr(new, name)
         if name == "timestamp" and old is None:
             continue  # not stored: named below if nothing else differs
         if name == "quantity":
@@ -183,7 +177,7 @@ def differences(stored: EventRow, new: EventRow) -> list[tuple[str, str, str]]:
             continue
         out.append((name, _shown(name, old), _shown(name, now)))
     if not out and stored.digest != new.digest:  # a difference the stored row cannot show
-        out.append(("timestamp", "(not stored by the release that accepted it)", _shown("timestamp", new.timestamp)))
+        out.append(("timestamp", _shown("timestamp", stored.timestamp), _shown("timestamp", new.timestamp)))
     return out
 
 
@@ -191,7 +185,7 @@ def _shown(name: str, value: str | None) -> str:
     if name == "timestamp":
         return "(not stored by the release that accepted it)" if value is None else (value or "unset")
     if name == "tags":
-        return "{" + ", ".join(f"{k}={v}" for k, v in json.loads(value)) + "}" if value else "{} (untagged)"
+        return "{" + ", ".join(f"{k}={v}" for k, v in tags_of(value)) + "}" if value else "{} (untagged)"
     return value or '""'
 
 

@@ -23,8 +23,8 @@ from collections.abc import Callable
 import structlog
 
 from gateway.recording import placement
-from gateway.recording.carried import log_carry
-from gateway.recording.spool import LATE, Spool, SpoolUnavailable
+from gateway.recording.carried import place_new_events
+from gateway.recording.spool import Spool, SpoolUnavailable
 
 PLACE_PAUSE = 0.5  # seconds between placing passes while batches keep coming
 
@@ -81,8 +81,7 @@ class Placer:
     def place(self) -> None:
         """One placing pass; its carries are logged as the sender logs its own."""
         try:
-            for carry in self.spool.assign(self._now(), self.margin):
-                log_carry(carry, LATE)
+            place_new_events(self.spool, self._now(), self.margin)
         except SpoolUnavailable:
             pass  # logged by the spool; the sender's pass places them once it can
         except Exception:  # the thread must outlive any one bad pass

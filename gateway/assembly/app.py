@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2
 
 from gateway import __version__
 from gateway.assembly import metrics_server
+from gateway.assembly.sidecar import Sidecar
 from gateway.aws import credentials
 from gateway.aws.backend import SERVICE, Backend, RetryPolicy, make_client
 from gateway.config import ConfigError, Settings
@@ -69,7 +70,7 @@ def authorizer(settings: Settings) -> Authorize | None:
 
 def warn_about_credentials(settings: Settings, session: boto3.session.Session) -> None:
     if not settings.local:
-        for warning in credentials.diagnose(session.get_credentials(), os.environ):
+        for warning in credentials.diagnose(session.get_credentials(), os.environ, agentcore=settings.agentcore):
             log.warning("aws_credentials", problem=warning)
 
 
@@ -139,10 +140,13 @@ def run(
                 future_skew=timedelta(seconds=settings.timestamp_skew),
                 slots=CallSlots(settings.aws_call_limit),
                 products=settings.product_list,
+                agentcore=settings.agentcore,
             ),
             pb_grpc.add_MeteringServiceServicer_to_server,
         ),
     ]
+    # --register-usage: the key file is read here, before anything serves (a bad one stops start-up).
+    sidecar = Sidecar(settings, client) if settings.register_usage else None
     recording = open_recording(settings, client) if settings.spool else None
     if recording:
         servicers.append(recording_servicer(recording))
@@ -160,9 +164,11 @@ def run(
     if exporter is not None:
         assert registry is not None
         metrics_server.scrape_registry(registry, gauges.reader(recording.spool, recording.now) if recording else None)
-    port = gateway.start()
+    port = gateway.start(ready=sidecar is None)  # a sidecar is ready once registered
     if recording:
-        recording.watch_health(lambda ok: serve_health(gateway, RECORDER_SERVICE, ok))
+        recording.watch_health(
+            sidecar.recorder_health if sidecar else lambda ok: serve_health(gateway, RECORDER_SERVICE, ok)
+        )
     if on_ready is not None:
         on_ready(port)
     else:
@@ -171,8 +177,11 @@ def run(
             port,
             endpoint,
             session.region_name,
+            status="NOT_SERVING" if sidecar else "SERVING",
             **({"metrics": exporter.address} if exporter is not None else {}),
         )
+    if sidecar:
+        sidecar.start(gateway)
     while not stop.wait(3600):
         pass
     stop.announce()
@@ -199,13 +208,20 @@ def serve_health(gateway: Gateway, service: str, serving: bool) -> None:
     metrics.set_serving(service, serving)
 
 
-def log_serving(settings: Settings, port: int, endpoint: str | None, region: str | None, **extra: object) -> None:
+def log_serving(
+    settings: Settings,
+    port: int,
+    endpoint: str | None,
+    region: str | None,
+    status: str = "SERVING",
+    **extra: object,
+) -> None:
     host, _ = settings.listen_host_port
     log.info(
         "serving",
         version=__version__,
         listen=f"{host}:{port}",
-        status="SERVING",
+        status=status,
         backend=endpoint or "aws",
         region=region,
         tls=bool(settings.tls_cert),

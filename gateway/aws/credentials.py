@@ -4,6 +4,14 @@ AWS accepts MeterUsage only when signed with the buyer's EC2 instance role, ECS
 task role or, on EKS, IRSA. EKS Pod Identity, node roles and long-term access
 keys are refused at call time; saying so at startup saves a confusing first
 billing hour. Pure: it reads the resolved credentials and the environment.
+
+In Amazon Bedrock AgentCore Runtime (``--agentcore``) AWS takes only the agent's
+execution role. AgentCore Runtime hands it to the microVM the way EC2 hands an
+instance its role: through a metadata service (MMDS, the microVM Metadata
+Service, which speaks IMDS's protocol), so the SDK's default chain resolves it as
+botocore's ``iam-role``. Anything earlier in the chain (keys in the environment,
+a web identity token left from IRSA, a container credentials URI from ECS or
+Pod Identity) shadows it.
 """
 
 from __future__ import annotations
@@ -15,8 +23,11 @@ POD_IDENTITY_HOSTS = ("169.254.170.23", "fd00:ec2::23")
 STATIC_METHODS = {"env", "shared-credentials-file", "config-file", "explicit", "boto-config"}
 
 
-def diagnose(credentials: Any, env: Mapping[str, str]) -> list[str]:
-    """Warnings about the credential source, empty when it looks right."""
+def diagnose(credentials: Any, env: Mapping[str, str], *, agentcore: bool = False) -> list[str]:
+    """Warnings about the credential source, empty when it looks right (``agentcore``:
+    right for AgentCore Runtime, whose rules differ; see the module's docstring)."""
+    if agentcore:
+        return _diagnose_agentcore(credentials, env)
     if credentials is None:
         return [
             "no AWS credentials found: MeterUsage calls will fail with FAILED_PRECONDITION/NO_CREDENTIALS. "
@@ -35,3 +46,46 @@ def diagnose(credentials: Any, env: Mapping[str, str]) -> list[str]:
     if method == "iam-role" and on_eks:
         return ["credentials are the EKS node's instance role, which AWS refuses for MeterUsage: use IRSA"]
     return []
+
+
+AGENTCORE_ROLE = (
+    "AgentCore Runtime signs MeterUsage with the agent's execution role, which the SDK reads from the "
+    "microVM's metadata service"
+)
+
+
+def _diagnose_agentcore(credentials: Any, env: Mapping[str, str]) -> list[str]:
+    """--agentcore: only the execution role (botocore's ``iam-role``, from MMDS) is right."""
+    out: list[str] = []
+    if "KUBERNETES_SERVICE_HOST" in env:
+        out.append(
+            "--agentcore is set, but this runs in a Kubernetes pod: AWS applies AgentCore Runtime's rules only in "
+            "AgentCore Runtime; elsewhere it keeps one record per dimension and hour. Unset --agentcore"
+        )
+    method = getattr(credentials, "method", "")
+    if credentials is None:
+        disabled = env.get("AWS_EC2_METADATA_DISABLED", "").lower() == "true"
+        out.append(
+            "no AWS credentials found: MeterUsage calls will fail with FAILED_PRECONDITION/NO_CREDENTIALS. "
+            f"{AGENTCORE_ROLE}: give the agent runtime an execution role"
+            + ("; AWS_EC2_METADATA_DISABLED=true stops the SDK from reading it: unset it" if disabled else "")
+        )
+    elif method == "iam-role":
+        pass
+    elif method in STATIC_METHODS and not getattr(credentials, "token", None):
+        out.append(
+            f"credentials are access keys ({method}); AWS refuses long-term keys for MeterUsage. {AGENTCORE_ROLE}: "
+            "remove the keys (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY among the runtime's environment "
+            "variables, or a credentials file in the image)"
+        )
+    else:
+        source = {
+            "assume-role-with-web-identity": "a web identity token (AWS_WEB_IDENTITY_TOKEN_FILE, AWS_ROLE_ARN: IRSA)",
+            "container-role": "a container credentials endpoint (AWS_CONTAINER_CREDENTIALS_*: an ECS task role or "
+            "EKS Pod Identity)",
+        }.get(method, f"temporary keys ({method})" if method in STATIC_METHODS else method or "an unknown provider")
+        out.append(
+            f"credentials come from {source}, not from the AgentCore Runtime execution role. {AGENTCORE_ROLE}: "
+            "remove what points the SDK elsewhere"
+        )
+    return out

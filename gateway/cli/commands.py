@@ -37,7 +37,14 @@ def serve(settings: Settings) -> int:
         try:
             # Seeded from --products: the local backend knows what the gateway allows, as AWS knows the listing.
             known = settings.product_list.dimensions if settings.product_list else None
-            local = LocalAws(port=settings.local_port, products=known).start()
+            # --agentcore: the backend keeps AgentCore Runtime's rules, as AWS does for an agent there.
+            # --register-usage-key-version: it knows the key version the seller was given, as AWS does.
+            local = LocalAws(
+                port=settings.local_port,
+                products=known,
+                agentcore=settings.agentcore,
+                public_key_version=settings.register_usage_key_version or 1,
+            ).start()
         except OSError as exc:
             raise ConfigError(f"cannot start the local backend on port {settings.local_port}: {exc}") from None
         log.warning("local_backend", notice=BANNER)  # said by whoever starts it: nothing is billed
@@ -178,9 +185,23 @@ def local_aws(args: argparse.Namespace) -> int:
             code, _, dims = spec.partition("=")
             products[code] = [d for d in dims.split(",") if d]
     try:
-        backend = LocalAws(args.host, args.port, products=products, max_rps=args.max_rps or None)
+        backend = LocalAws(
+            args.host,
+            args.port,
+            products=products,
+            max_rps=args.max_rps or None,
+            agentcore=args.agentcore,
+            public_key_version=args.public_key_version,
+        )
     except OSError as exc:
         raise ConfigError(f"cannot listen on {args.host}:{args.port}: {exc}") from None
+    if args.public_key_out:  # for a gateway's --register-usage-public-key
+        try:
+            with open(args.public_key_out, "w") as out:
+                out.write(backend.registrar.public_key_pem())
+        except OSError as exc:
+            backend.stop()
+            raise ConfigError(f"cannot write --public-key-out {args.public_key_out!r}: {exc}") from None
     stop = app.stop_on_signals()
     backend.start()
     while not stop.wait(3600):

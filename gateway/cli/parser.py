@@ -268,4 +268,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="a known product and its dimensions; repeat. Without any, every product exists",
     )
     local.add_argument("--max-rps", type=float, default=0.0, help="throttle above this many calls a second (0: never)")
+    local.add_argument(
+        "--public-key-version",
+        type=int,
+        default=1,
+        help="the RegisterUsage public key version it knows [default 1]; any other is InvalidPublicKeyVersionException",
+    )
+    local.add_argument(
+        "--public-key-out",
+        default="",
+        metavar="PATH",
+        help="write its RegisterUsage signing key's public half (PEM) here, for --register-usage-public-key",
+    )
+    local.add_argument(
+        "--agentcore",
+        action="store_true",
+        help="Amazon Bedrock AgentCore Runtime's rules: a ClientToken required, many records an hour, no allocations",
+    )
     return parser

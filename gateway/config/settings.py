@@ -523,10 +523,25 @@ class Settings:
             )
         if self.register_usage_public_key and not self.register_usage:
             raise ConfigError(f"{who('register_usage_public_key')}: needs --register-usage PRODUCT_CODE")
+        # RegisterUsage registers the pod once, at start-up: one server process does it and holds readiness.
+        if self.register_usage and self.processes > 1:
+            raise ConfigError(
+                f"{who('register_usage')}: a RegisterUsage sidecar registers its pod once and serves it alone: "
+                "it needs --processes 1"
+            )
         if self.zero_usage_hours and not self.spool:
             raise ConfigError(
                 f"{who('zero_usage_hours')}: zero-usage hours are recorded usage: they need --spool PATH|URL"
             )
+        if self.zero_usage_hours and self.products:
+            known = parse_products(self.products)
+            for product, dimensions in parse_products(self.zero_usage_hours).items():
+                unknown = sorted(dimensions - known.get(product, frozenset()))
+                if unknown:
+                    raise ConfigError(
+                        f"{who('zero_usage_hours')}: {product}={','.join(unknown)} is not in --products, "
+                        "so it could never be metered"
+                    )
         if self.zero_usage_hours and self.agentcore:
             raise ConfigError(
                 f"{who('zero_usage_hours')}: AgentCore Runtime mode meters per --flush-interval, not per hour: "

@@ -58,6 +58,14 @@ VALIDATION = "ValidationException"
 WHOLE = "whole"
 DECIMAL = "decimal"
 
+# Amazon Bedrock AgentCore Runtime (--agentcore): MeterUsage there takes many records an
+# hour, each deduplicated by its ClientToken alone, and no vendor-metered tags.
+AGENTCORE = "AgentCore Runtime mode"
+AGENTCORE_NO_ALLOCATIONS = "AgentCore Runtime takes no usage allocations (vendor-metered tags)"
+AGENTCORE_NO_TAGS = (
+    "an event's tags become usage allocations (vendor-metered tags), which AgentCore Runtime does not take"
+)
+
 
 @dataclass(frozen=True)
 class Violation:
@@ -289,9 +297,27 @@ def check_allocations(
     return out
 
 
-def check_client_token(token: str, path: str = "client_token") -> list[Violation]:
+def check_client_token(token: str, path: str = "client_token", *, agentcore: bool = False) -> list[Violation]:
+    """At most 64 characters; required in AgentCore Runtime mode, where AWS deduplicates by
+    the token alone (not by the hour), so a retry without one would be a second record."""
+    if agentcore and not token:
+        return [
+            Violation(
+                path,
+                f"is required in {AGENTCORE} (--agentcore): AWS keeps every record it gets there and "
+                "deduplicates by ClientToken alone, so only a token makes a retry safe",
+            )
+        ]
     if len(token) > CLIENT_TOKEN_MAX:
         return [Violation(path, f"must be at most {CLIENT_TOKEN_MAX} characters, got {len(token)}")]
+    return []
+
+
+def check_no_tags_in_agentcore(count: int, path: str, why: str, aws_error: str) -> list[Violation]:
+    """AgentCore Runtime's MeterUsage takes no vendor-metered tags: neither a request's
+    usage_allocations nor, for recorded usage, an event's tags (they would become them)."""
+    if count:
+        return [Violation(path, f"must be empty in {AGENTCORE} (--agentcore): {why}", aws_error)]
     return []
 
 
@@ -334,8 +360,14 @@ def _listed(names: Iterable[str], most: int = 10) -> str:
     return ", ".join(ordered[:most]) + more
 
 
-def validate_meter_usage(request: Any, window: Window, products: Products | None = None) -> list[Violation]:
-    """Every violation of a MeterUsageRequest; empty means it may go to AWS."""
+def validate_meter_usage(
+    request: Any, window: Window, products: Products | None = None, *, agentcore: bool = False
+) -> list[Violation]:
+    """Every violation of a MeterUsageRequest; empty means it may go to AWS.
+
+    ``agentcore`` (--agentcore) adds AgentCore Runtime's two rules: a client_token,
+    and no usage allocations.
+    """
     out = check_product_code(request.product_code)
     out += check_usage_dimension(request.usage_dimension)
     if products is not None and not out:
@@ -345,19 +377,30 @@ def validate_meter_usage(request: Any, window: Window, products: Products | None
     out += errs
     if kind is None:
         value = Decimal(0)
-    if len(request.usage_allocations):
+    if agentcore:
+        out += check_no_tags_in_agentcore(
+            len(request.usage_allocations), "usage_allocations", AGENTCORE_NO_ALLOCATIONS, INVALID_USAGE_ALLOCATIONS
+        )
+    elif len(request.usage_allocations):
         out += check_allocations(request.usage_allocations, kind, value)
-    out += check_client_token(request.client_token)
+    out += check_client_token(request.client_token, agentcore=agentcore)
     return out
 
 
 def check_usage_event(
-    event: Any, window: Window, path: str, inside: tuple[int, int] | None = None, products: Products | None = None
+    event: Any,
+    window: Window,
+    path: str,
+    inside: tuple[int, int] | None = None,
+    products: Products | None = None,
+    *,
+    agentcore: bool = False,
 ) -> list[Violation]:
     """Every violation of one event, by its path in the request.
 
     ``inside`` (epoch seconds strictly inside the window) lets the common case
     skip the full timestamp check, which stays the authority on the rest.
+    ``agentcore``: tags are refused (they would be usage allocations).
     """
     out: list[Violation] = []
     if not 1 <= len(event.event_id) <= EVENT_ID_MAX:
@@ -376,19 +419,24 @@ def check_usage_event(
     out += errs
     if kind is None:
         out.append(Violation(f"{path}.quantity", "must be set (usage_quantity or usage_quantity_as_decimal)"))
-    if event.tags:
+    if agentcore:
+        out += check_no_tags_in_agentcore(len(event.tags), f"{path}.tags", AGENTCORE_NO_TAGS, INVALID_TAG)
+    elif event.tags:
         out += check_tags(event.tags, f"{path}.tags")
     return out
 
 
-def validate_record_usage(events: Sequence[Any], window: Window, products: Products | None = None) -> list[Violation]:
-    """Every violation of a RecordUsage batch (1-1000 events), named ``events[i].<field>``."""
+def validate_record_usage(
+    events: Sequence[Any], window: Window, products: Products | None = None, *, agentcore: bool = False
+) -> list[Violation]:
+    """Every violation of a RecordUsage batch (1-1000 events), named ``events[i].<field>``;
+    ``agentcore`` (--agentcore) refuses tags."""
     if not 1 <= len(events) <= RECORD_BATCH_MAX:
         return [Violation("events", f"must hold 1-{RECORD_BATCH_MAX} events, got {len(events)}")]
     inside = (int(window.earliest.timestamp()) + 1, int(window.latest.timestamp()) - 1)
     out: list[Violation] = []
     for i, event in enumerate(events):
-        out += check_usage_event(event, window, f"events[{i}]", inside, products)
+        out += check_usage_event(event, window, f"events[{i}]", inside, products, agentcore=agentcore)
     return out
 
 

@@ -18,6 +18,15 @@ parsing errors) talks to it as it would to AWS, and it keeps AWS's rules:
   with other parameters an ``IdempotencyConflictException`` (:mod:`.state`);
 - ``DryRun`` answers ``DryRunOperation`` without recording anything.
 
+With ``agentcore`` (``local-aws --agentcore``, ``serve --local --agentcore``, or
+``POST /_local/reset`` with ``{"agentcore": true}``) it keeps Amazon Bedrock
+AgentCore Runtime's rules instead (:mod:`.state`): a ClientToken is required
+(``ValidationException``), usage allocations are refused
+(``InvalidUsageAllocationsException``), the timestamp is kept exact and
+deduplicates nothing, and each new token is a new record, so an hour holds many;
+``GET /_local/usage`` sums them per product, dimension and hour, as AWS bills them
+(``GET /_local/mode`` says which rules apply).
+
 For tests of the callers it can also refuse unknown products and dimensions,
 throttle above a rate, and fail the next calls on demand, in process
 (:meth:`LocalAws.inject`) or over HTTP (``POST /_local/faults`` with
@@ -36,12 +45,18 @@ lost: a 5xx, a dropped connection, or SLOW beyond the caller's read timeout;
 a call AWS's rules refuse is refused as usual. ``"operation": "MeterUsage"``
 keeps a fault for that operation's calls; control calls are never faulted.
 
+It also answers RegisterUsage (:mod:`.registration`): a JWT signed with a key pair
+of its own, the nonce echoed; ``GET /_local/register-usage`` shows the public key
+(PEM) and its version, ``POST /_local/register-usage`` sets whether the buyer is
+subscribed, the platform and Region supported, or the answer signed with a wrong key.
+
 ``GET /_local/records`` lists what it recorded, ``GET /_local/faults`` the
 faults not yet taken, ``DELETE /_local/faults`` drops them, ``POST
 /_local/reset`` forgets everything.
 """
 
 from gateway.local_aws.faults import BARE, DROP, SLOW, Fault
+from gateway.local_aws.registration import Registrar
 from gateway.local_aws.server import BANNER, CONTENT_TYPE, TARGET_PREFIX, LocalAws
 from gateway.local_aws.state import AwsError, Record, State
 
@@ -56,5 +71,6 @@ __all__ = [
     "Fault",
     "LocalAws",
     "Record",
+    "Registrar",
     "State",
 ]

@@ -313,6 +313,24 @@ def _allocation_problems(allocations: Sequence[Mapping[str, Any]], kind: str, to
     return out
 
 
+def agentcore_problems(body: Mapping[str, Any]) -> list[Problem]:
+    """What AgentCore Runtime refuses besides: a request without a ClientToken (AWS
+    deduplicates there by the token alone; "you must include an idempotency token")
+    and vendor-metered tags (UsageAllocations). For a body without other problems."""
+    out: list[Problem] = []
+    if not body.get("ClientToken"):
+        out.append(Problem("ClientToken", "is required in Amazon Bedrock AgentCore Runtime", VALIDATION))
+    if body.get("UsageAllocations") is not None:
+        out.append(
+            Problem(
+                "UsageAllocations",
+                "are not supported in Amazon Bedrock AgentCore Runtime (no vendor-metered tags)",
+                INVALID_USAGE_ALLOCATIONS,
+            )
+        )
+    return out
+
+
 def problems(body: Any, window: Window, spec: Spec | None = None) -> list[Problem]:
     """Every reason AWS would refuse ``body``, in the model's member order; empty: it takes it."""
     spec = spec or meter_usage_spec()

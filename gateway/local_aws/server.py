@@ -15,10 +15,12 @@ from typing import Any
 import structlog
 
 from gateway.local_aws.faults import DEFAULT_MESSAGE, DROP, Fault, Faults, fault_from_json, make_fault
+from gateway.local_aws.registration import Registrar
 from gateway.local_aws.state import AwsError, Record, State
 
 TARGET_PREFIX = "AWSMPMeteringService."
 METER_USAGE = "MeterUsage"
+REGISTER_USAGE = "RegisterUsage"
 CONTENT_TYPE = "application/x-amz-json-1.1"
 BANNER = "LOCAL AWS BACKEND: nothing sent here reaches AWS and nothing is billed"
 
@@ -59,10 +61,16 @@ class LocalAws:
         *,
         products: Mapping[str, Iterable[str]] | None = None,
         max_rps: float | None = None,
+        agentcore: bool = False,
         clock: Callable[[], float] = time.time,
         quiet: bool = False,
+        public_key_version: int = 1,
     ) -> None:
-        self.state = State(products=None if products is None else {p: frozenset(d) for p, d in products.items()})
+        self.state = State(
+            products=None if products is None else {p: frozenset(d) for p, d in products.items()},
+            agentcore=agentcore,  # AgentCore Runtime's rules (state.py): many records an hour, a ClientToken each
+        )
+        self.registrar = Registrar(public_key_version=public_key_version)  # RegisterUsage (:mod:`.registration`)
         self.clock = clock
         self.limiter = Throttle(max_rps) if max_rps else None
         self.faults = Faults()
@@ -86,7 +94,7 @@ class LocalAws:
         self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), name="local-aws", daemon=True)
         self._thread.start()
         if not self.quiet:
-            log.warning("local_aws_started", endpoint=self.endpoint_url, notice=BANNER)
+            log.warning("local_aws_started", endpoint=self.endpoint_url, agentcore=self.agentcore, notice=BANNER)
         return self
 
     def stop(self) -> None:
@@ -132,11 +140,31 @@ class LocalAws:
         with self.lock:
             return list(self.state.records)
 
-    def reset(self) -> None:
+    @property
+    def agentcore(self) -> bool:
+        """True while AgentCore Runtime's rules apply (the constructor's, or the last reset's)."""
+        return self.state.agentcore
+
+    def usage(self) -> list[dict[str, Any]]:
+        """What AWS bills, per product, dimension and hour: the records' quantities summed
+        (``GET /_local/usage``); in AgentCore Runtime mode an hour holds many records."""
         with self.lock:
-            self.state = State(products=self.state.products)
+            totals = self.state.totals()
+        return [
+            {"ProductCode": p, "UsageDimension": d, "Hour": h.isoformat(), "Quantity": str(q)}
+            for (p, d, h), q in sorted(totals.items())
+        ]
+
+    def reset(self, *, agentcore: bool | None = None) -> None:
+        """Forget every record and fault; ``agentcore`` switches AgentCore Runtime's rules on
+        or off (None: as they were), so one backend serves tests of both modes."""
+        with self.lock:
+            self.state = State(
+                products=self.state.products, agentcore=self.state.agentcore if agentcore is None else agentcore
+            )
             self.faults.clear()
             self.calls = 0
+        self.registrar.reset()
 
     def handle(self, target: str, body: Mapping[str, Any], identity: str) -> tuple[int, dict[str, Any]]:
         """One API call → (HTTP status, JSON body). Raises AwsError or returns."""
@@ -145,6 +173,11 @@ class LocalAws:
         fault = self.faults.take(target.removeprefix(TARGET_PREFIX))
         if fault is not None and not fault.record:
             _fail(fault)  # before AWS sees the call: nothing recorded
+        if target == TARGET_PREFIX + REGISTER_USAGE:
+            answer = self._register_usage(body, identity)
+            if fault is not None and fault.record:
+                _fail(fault)  # AWS has registered the pod; the answer is lost
+            return 200, answer
         record = self._apply(target, body, identity)  # a refusal ends here, recorded fault or not
         if fault is not None and fault.record:
             _fail(fault)  # AWS has recorded the call; the answer is what goes wrong
@@ -161,9 +194,26 @@ class LocalAws:
             now = datetime.fromtimestamp(self.clock(), tz=UTC)
             return self.state.meter_usage(body, identity, now)
 
+    def _register_usage(self, body: Mapping[str, Any], identity: str) -> dict[str, Any]:
+        with self.lock:
+            if self.limiter is not None and not self.limiter.allow():
+                raise AwsError("ThrottlingException", "Rate exceeded")
+            now = datetime.fromtimestamp(self.clock(), tz=UTC)
+            products = self.state.products
+        return self.registrar.register(body, identity, now, products)
+
     def control(self, method: str, path: str, body: Any) -> tuple[int, Any]:
+        if path == "/_local/register-usage" and method == "GET":
+            return 200, self.registrar.describe()
+        if path == "/_local/register-usage" and method == "POST":
+            self.registrar.configure(body)
+            return 200, self.registrar.describe()
         if path == "/_local/records" and method == "GET":
             return 200, [r.to_json() for r in self.records()]
+        if path == "/_local/usage" and method == "GET":  # what AWS bills: records summed per product, dimension, hour
+            return 200, self.usage()
+        if path == "/_local/mode" and method == "GET":
+            return 200, {"agentcore": self.agentcore}
         if path == "/_local/faults" and method == "GET":  # what is still to come; empty once taken
             return 200, [f.to_json() for f in self.faults.pending()]
         if path == "/_local/faults" and method == "POST":
@@ -172,10 +222,18 @@ class LocalAws:
         if path == "/_local/faults" and method == "DELETE":
             self.clear_faults()
             return 200, {"ok": True}
-        if path == "/_local/reset" and method == "POST":
-            self.reset()
+        if path == "/_local/reset" and method == "POST":  # {"agentcore": true} also switches the rules
+            self.reset(agentcore=_agentcore_of(body))
             return 200, {"ok": True}
         return 404, {"message": f"no {method} {path}"}
+
+
+def _agentcore_of(body: Any) -> bool | None:
+    """``{"agentcore": true|false}`` of a reset, or None (the rules stay as they are)."""
+    value = body.get("agentcore") if isinstance(body, Mapping) else None
+    if value is not None and not isinstance(value, bool):
+        raise ValueError(f"agentcore must be true or false, got {value!r}")
+    return value
 
 
 def _fail(fault: Fault) -> None:

@@ -4,6 +4,11 @@ AWS keeps one record per caller identity, product, dimension and hour; the
 identical request again is answered with the same record, another quantity in
 that hour is a duplicate; a ClientToken replayed with other parameters is a
 conflict. Callers (the HTTP server, in-process fakes in tests) bring the time.
+
+In Amazon Bedrock AgentCore Runtime (``agentcore``) AWS keeps every record: the
+ClientToken is required and is the only key (the same token and parameters: the
+same record; other parameters: a conflict), the timestamp is kept exact and
+deduplicates nothing, and records of one hour add up (:meth:`State.totals`).
 """
 
 from __future__ import annotations
@@ -69,6 +74,7 @@ class State:
     """AWS's side of the rules: what it refuses (see :mod:`rules`) and what it keeps."""
 
     products: Mapping[str, frozenset[str]] | None = None  # None: every product and dimension exists
+    agentcore: bool = False  # AgentCore Runtime's rules: many records an hour, keyed by ClientToken alone
     max_age: timedelta = rules.MAX_AGE
     future_skew: timedelta = rules.FUTURE_SKEW
     by_hour: dict[tuple[str, str, str, datetime], tuple[tuple[Any, ...], Record]] = field(default_factory=dict)
@@ -82,6 +88,8 @@ class State:
         arguments (Timestamp a datetime). Raises AwsError for a refusal.
         """
         found = rules.problems(body, rules.Window(now, self.max_age, self.future_skew))
+        if not found and self.agentcore:
+            found = rules.agentcore_problems(body)
         if found:
             raise AwsError(found[0].code, "; ".join(str(p) for p in found))
         req = rules.request_of(body)
@@ -106,6 +114,11 @@ class State:
             if seen != token_value:
                 raise AwsError("IdempotencyConflictException", "ClientToken was used with other parameters")
             return record
+        if self.agentcore:  # no hourly key: a new token is a new record, whatever its timestamp
+            record = _record(req, identity, hour, allocations)
+            self.records.append(record)
+            self.by_token[token] = (token_value, record)
+            return record
         key = (identity, req.product_code, req.usage_dimension, hour)
         if key in self.by_hour:
             seen, record = self.by_hour[key]
@@ -115,19 +128,32 @@ class State:
                     f"A record for {req.usage_dimension} in the hour {hour.isoformat()} exists with another quantity",
                 )
         else:
-            record = Record(
-                metering_record_id=str(uuid.uuid4()),
-                identity=identity,
-                product_code=req.product_code,
-                usage_dimension=req.usage_dimension,
-                hour=hour,
-                timestamp=when,
-                quantity=req.quantity,
-                allocations=allocations,
-                client_token=token,
-            )
+            record = _record(req, identity, hour, allocations)
             self.by_hour[key] = (same_hour_value, record)
             self.records.append(record)
         if token:
             self.by_token[token] = (token_value, record)
         return record
+
+    def totals(self) -> dict[tuple[str, str, datetime], Decimal]:
+        """The quantity AWS bills per product, dimension and hour: the sum of its records
+        (one a caller identity in hourly mode, any number in AgentCore Runtime's)."""
+        out: dict[tuple[str, str, datetime], Decimal] = {}
+        for r in self.records:
+            key = (r.product_code, r.usage_dimension, r.hour)
+            out[key] = out.get(key, Decimal(0)) + r.quantity
+        return out
+
+
+def _record(req: rules.Request, identity: str, hour: datetime, allocations: Allocations) -> Record:
+    return Record(
+        metering_record_id=str(uuid.uuid4()),
+        identity=identity,
+        product_code=req.product_code,
+        usage_dimension=req.usage_dimension,
+        hour=hour,
+        timestamp=req.timestamp,
+        quantity=req.quantity,
+        allocations=allocations,
+        client_token=req.client_token,
+    )

@@ -25,14 +25,16 @@ def meter(
     products: validation.Products | None = None,
     what: str = "request",
     guard: Callable[[], AbstractContextManager[object]] = nullcontext,
+    agentcore: bool = False,
 ) -> Outcome:
     """Meter ``request``, or raise GatewayError (INVALID_REQUEST naming the fields, before AWS).
 
     ``what`` names the request in a refusal ("hourly record"); ``guard`` is held around
     the AWS call only (the servicer's call slots: an invalid request never takes one);
-    ``deadline`` is on the backend's monotonic clock.
+    ``deadline`` is on the backend's monotonic clock; ``agentcore`` (--agentcore) applies
+    AgentCore Runtime's rules too (a ClientToken, no allocations).
     """
-    violations = validation.validate_meter_usage(request, window, products)
+    violations = validation.validate_meter_usage(request, window, products, agentcore=agentcore)
     if violations:
         raise errors.invalid(violations, what)
     with guard():

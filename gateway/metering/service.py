@@ -67,12 +67,14 @@ class MeteringServicer(pb_grpc.MeteringServiceServicer):
         now: Callable[[], datetime] = utcnow,
         slots: CallSlots | None = None,
         products: validation.Products | None = None,
+        agentcore: bool = False,
     ) -> None:
         self._backend = backend
         self._future_skew = future_skew
         self._now = now
         self._slots = slots
         self._products = products  # --products: anything else is refused before AWS
+        self._agentcore = agentcore  # --agentcore: a client_token required, no allocations
 
     def MeterUsage(self, request: pb.MeterUsageRequest, context: grpc.ServicerContext) -> pb.MeterUsageResponse:  # noqa: N802 - gRPC's method name
         structlog.contextvars.bind_contextvars(
@@ -87,5 +89,6 @@ class MeteringServicer(pb_grpc.MeteringServiceServicer):
             deadline=deadline_of(context),
             products=self._products,
             guard=self._slots.taken if self._slots is not None else nullcontext,
+            agentcore=self._agentcore,
         )
         return pb.MeterUsageResponse(metering_record_id=outcome.metering_record_id, dry_run=outcome.dry_run)

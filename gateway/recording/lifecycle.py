@@ -19,6 +19,7 @@ import structlog
 
 from gateway.aws.backend import Backend, RetryPolicy
 from gateway.config import Settings, config_error_from
+from gateway.domain.clock import HOUR
 from gateway.observability import metrics
 from gateway.recording.placer import Placer
 from gateway.recording.sender import Sender
@@ -91,6 +92,12 @@ class Recording:
             self.spool.close()
 
 
+def record_span(settings: Settings) -> int:
+    """Seconds one record covers: an hour, or in AgentCore Runtime mode one flush
+    interval (whole seconds, at least one), so that usage goes out every interval."""
+    return max(1, round(settings.flush_interval)) if settings.agentcore else HOUR
+
+
 def open_recording(
     settings: Settings,
     client: Any,
@@ -109,7 +116,12 @@ def open_recording(
     whatever ``start`` says (a benchmark's comparison).
     """
     try:
-        spool = open_spool(settings.spool, pool_size=settings.spool_connections, create=settings.spool_create)
+        spool = open_spool(
+            settings.spool,
+            pool_size=settings.spool_connections,
+            create=settings.spool_create,
+            span=record_span(settings),
+        )
     except SpoolError as exc:
         raise config_error_from(exc, "spool") from None
     skew = timedelta(seconds=settings.timestamp_skew)
@@ -121,6 +133,7 @@ def open_recording(
         max_age=timedelta(seconds=settings.event_retention),
         now=lambda: datetime.fromtimestamp(clock(), UTC),
         products=settings.product_list,
+        agentcore=settings.agentcore,
         placer=placer.wake if placer else None,
     )
     backend = Backend(
@@ -136,6 +149,8 @@ def open_recording(
         call_timeout=settings.aws_read_timeout * 2,
         event_retention=settings.event_retention,
         record_retention=settings.record_retention,
+        zero_hours=settings.zero_hours,
+        agentcore=settings.agentcore,
         now=clock,
     )
     return Recording(spool, servicer, sender.start() if start else sender, placer, now=clock)

@@ -2,7 +2,9 @@
 
 Nothing here does I/O or reads a clock; the spool and the sender call these with
 rows and times, and the property tests call them with generated ones. Times are
-epoch seconds; an *hour* is the epoch second its hour starts at.
+epoch seconds; an *hour* is the epoch second its hour starts at. In AgentCore
+Runtime mode a bucket lasts one flush interval instead (``span`` seconds): the
+functions that cut time take it, and an "hour" is then that bucket's start.
 
 - :func:`group` turns events into *pieces*: the usage of one product, dimension
   and own hour, split by tag set. A piece always fits in an empty record.
@@ -43,22 +45,29 @@ _TOKEN_NAMESPACE = uuid.UUID("6f1d2a0e-8f5c-4c43-9a51-2f4f5d3e7b10")
 Key = tuple[str, str]  # (product_code, usage_dimension)
 
 
-def hour_of(seconds: float) -> int:
-    """The start of the hour ``seconds`` falls in."""
+def hour_of(seconds: float, span: int = HOUR) -> int:
+    """The start of the hour ``seconds`` falls in (of the bucket, when ``span`` is not an hour)."""
     whole = int(seconds // 1)
-    return whole - whole % HOUR
+    return whole - whole % span
 
 
-def earliest_hour(now: float, margin: float = SAFETY_MARGIN) -> int:
-    """The first hour a record may still be planned for at ``now``.
+def earliest_hour(now: float, margin: float = SAFETY_MARGIN, span: int = HOUR) -> int:
+    """The first hour (bucket of ``span`` seconds) a record may still be planned for at ``now``.
 
     AWS refuses timestamps older than six hours; records are sent with their
     hour's start as timestamp, so that start must be newer than now − 6h, with
     ``margin`` to spare for sending and retrying.
     """
     oldest = now - validation.MAX_AGE.total_seconds() + margin
-    start = hour_of(oldest)
-    return start if start >= oldest else start + HOUR
+    start = hour_of(oldest, span)
+    return start if start >= oldest else start + span
+
+
+def too_old_goes_to(now: float, span: int) -> int | None:
+    """Where usage too old for its own bucket goes (:func:`place`'s ``fallback``): for
+    hourly records the earliest hour in the window (None), for shorter buckets the
+    open one, which stays inside the window for hours."""
+    return None if span >= HOUR else hour_of(now, span)
 
 
 def still_accepted(hour: int, now: float) -> bool:
@@ -222,14 +231,21 @@ def group(rows: Iterable[tuple[int, str, str, int, str, str, bool]]) -> list[Pie
     return sorted(done, key=lambda p: (p.hour, p.product_code, p.usage_dimension))
 
 
-def place(own_hour: int, earliest: int, can_take: Callable[[int], bool]) -> int:
-    """The hour usage of ``own_hour`` goes to: the first hour from it on that is
-    inside the window (``earliest``) and can take it."""
-    hour = max(own_hour, earliest)
+def place(
+    own_hour: int, earliest: int, can_take: Callable[[int], bool], span: int = HOUR, fallback: int | None = None
+) -> int:
+    """The hour usage of ``own_hour`` goes to: the first hour (bucket of ``span``
+    seconds) from it on that is inside the window (``earliest``) and can take it.
+
+    Usage too old for its own hour starts the search at ``earliest``, or at
+    ``fallback`` when given: AgentCore Runtime's buckets last a minute or so, and
+    one at the window's edge leaves it before the next pass could send it, so
+    such usage goes to the open bucket instead (see :func:`too_old_goes_to`)."""
+    hour = own_hour if own_hour >= earliest else max(earliest, earliest if fallback is None else fallback)
     for _ in range(_MAX_CARRY_HOURS):
         if can_take(hour):
             return hour
-        hour += HOUR
+        hour += span
     raise RuntimeError(f"no hour within {_MAX_CARRY_HOURS} hours after {own_hour} can take the usage")
 
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -139,8 +139,13 @@ class Sender:
         call_timeout: float = 30.0,
         event_retention: float,
         record_retention: float,
+        zero_hours: Mapping[str, Collection[str]] | None = None,
+        agentcore: bool = False,
     ) -> None:
         self.spool = spool
+        self.agentcore = agentcore  # AgentCore Runtime's rules for every request (the spool's span cuts the time)
+        # --zero-usage-hours: (product, dimension) pairs metered as zero in an hour without usage.
+        self.zero_keys = sorted((p, d) for p, dims in (zero_hours or {}).items() for d in dims)
         self.backend = backend
         self.interval = interval
         self.grace = grace
@@ -237,6 +242,8 @@ class Sender:
         metrics.set_leader(leading)
         if not leading:
             return result  # another replica sends this spool's records
+        if self.zero_keys:  # after placing: an hour that got usage gets no zero
+            self.fill_zero_hours(now)
         for row in self.spool.due(now, self.grace, final=final):
             if budget is not None and time.monotonic() - started > budget:
                 log.warning("flush_budget_exhausted", budget_s=budget)
@@ -263,6 +270,21 @@ class Sender:
         self.log_stats()
         return result
 
+    def fill_zero_hours(self, now: float) -> None:
+        """Zero records for the closed hours without usage (--zero-usage-hours); sent
+        like any other record, by the same pass."""
+        filled = self.spool.fill_zero_hours(self.zero_keys, now, self.margin)
+        for product, dimension, hour in filled.made:
+            log.info("zero_hour_recorded", product_code=product, usage_dimension=dimension, hour=_iso(hour))
+        for product, dimension, hours in filled.missed:
+            log.warning(
+                "zero_hours_missed",
+                product_code=product,
+                usage_dimension=dimension,
+                hours=hours,
+                note="closed hours without usage that left AWS's six-hour window before a sender could meter them",
+            )
+
     def prune(self, now: float) -> None:
         """Every PRUNE_EVERY seconds of the sender's clock: keep the spool bounded."""
         if now - self._last_prune < PRUNE_EVERY:
@@ -274,7 +296,7 @@ class Sender:
 
     def _handle(self, row: RecordRow, result: TickResult) -> None:
         now = self._now()
-        if row.hour < placement.earliest_hour(now, self.margin):
+        if row.hour < placement.earliest_hour(now, self.margin, self.spool.span):
             if not row.outcome_unknown or not placement.still_accepted(row.hour, now):
                 self._carry(row, "six_hour_limit", now, result)
                 return
@@ -307,7 +329,8 @@ class Sender:
                 request,
                 validation.Window(datetime.fromtimestamp(now, UTC), self.future_skew),
                 deadline=time.monotonic() + self.call_timeout,
-                what="hourly record",
+                what="interval record" if self.agentcore else "hourly record",
+                agentcore=self.agentcore,
             )
         except errors.GatewayError as exc:
             self._refused(frozen, exc, fields, result)

@@ -28,7 +28,7 @@ import grpc
 import structlog
 
 from gateway.domain import errors, validation
-from gateway.domain.clock import utcnow
+from gateway.domain.clock import HOUR, utcnow
 from gateway.observability import metrics
 from gateway.recording import placement
 from gateway.recording.placement import EventRow
@@ -73,10 +73,11 @@ _STATE_NAMES = {
 _STATE_VALUES = {name: value for value, name in _STATE_NAMES.items()}
 
 
-def event_row(event: pb.UsageEvent, stamp: float | None = None) -> EventRow:
+def event_row(event: pb.UsageEvent, stamp: float | None = None, span: int = HOUR) -> EventRow:
     """A validated event as the spool stores it. One without a timestamp is placed
     at ``stamp`` (when the gateway accepts it); its digest leaves the time out, so an
-    identical resend, again without one, is a duplicate whenever it comes."""
+    identical resend, again without one, is a duplicate whenever it comes. Its own
+    "hour" is the start of the bucket of ``span`` seconds it falls in (:attr:`Spool.span`)."""
     if event.WhichOneof("quantity") == "usage_quantity":
         quantity, whole = str(event.usage_quantity), True
     else:
@@ -85,11 +86,11 @@ def event_row(event: pb.UsageEvent, stamp: float | None = None) -> EventRow:
     seconds: int | None
     if event.HasField("timestamp"):
         seconds, nanos = event.timestamp.seconds, event.timestamp.nanos
-        hour, shown = placement.hour_of(seconds), placement.event_time(seconds, nanos)
+        hour, shown = placement.hour_of(seconds, span), placement.event_time(seconds, nanos)
     elif stamp is None:
         raise ValueError(f"event {event.event_id!r} has no timestamp, and no stamp was given")
     else:
-        seconds, nanos, hour, shown = None, 0, placement.hour_of(stamp), ""
+        seconds, nanos, hour, shown = None, 0, placement.hour_of(stamp, span), ""
     digest = placement.event_digest(event.product_code, event.usage_dimension, seconds, nanos, quantity, tags)
     return EventRow(
         event.event_id, event.product_code, event.usage_dimension, hour, tags, quantity, whole, digest, shown
@@ -239,8 +240,10 @@ class RecorderServicer(pb_grpc.UsageRecorderServiceServicer):
         now: Callable[[], datetime] = utcnow,
         products: validation.Products | None = None,
         placer: Callable[[], None] | None = None,
+        agentcore: bool = False,
     ) -> None:
         self._spool = spool
+        self._agentcore = agentcore  # --agentcore: events carry no tags (AgentCore Runtime takes none)
         self._future_skew = future_skew
         self._now = now
         self._products = products  # --products: anything else is refused
@@ -251,10 +254,10 @@ class RecorderServicer(pb_grpc.UsageRecorderServiceServicer):
         structlog.contextvars.bind_contextvars(events=len(request.events))
         now = self._now()
         window = validation.Window(now, self._future_skew, self._max_age, validation.TOO_OLD_TO_DEDUPLICATE)
-        violations = validation.validate_record_usage(request.events, window, self._products)
+        violations = validation.validate_record_usage(request.events, window, self._products, agentcore=self._agentcore)
         if violations:
             raise errors.invalid(violations, "batch")
-        rows = [event_row(e, now.timestamp()) for e in request.events]
+        rows = [event_row(e, now.timestamp(), self._spool.span) for e in request.events]
         violations = repeats(rows)
         if violations:
             raise conflicts(f"{len(violations)} event id(s) repeat in this batch with a different payload", violations)
@@ -279,7 +282,7 @@ class RecorderServicer(pb_grpc.UsageRecorderServiceServicer):
             duplicates,
         )
         # Usage AWS can no longer take under its own hour: recorded, and carried later.
-        earliest = placement.earliest_hour(now.timestamp())  # as the placer decides it
+        earliest = placement.earliest_hour(now.timestamp(), span=self._spool.span)  # as the placer decides it
         carried = sum(1 for i in recorded.new if rows[i].hour < earliest)
         structlog.contextvars.bind_contextvars(accepted=accepted, duplicates=duplicates, carried=carried)
         if self._placer is not None:

@@ -266,7 +266,9 @@ class Gateway:
         self._names = sorted(s.name for s in servicers if s.serving)
         self.port = 0
 
-    def start(self) -> int:
+    def start(self, *, ready: bool = True) -> int:
+        """Listen and serve; health says SERVING for every name unless ``ready`` is False
+        (then NOT_SERVING until the assembly says otherwise: a sidecar not yet registered)."""
         host, port = self.settings.listen_host_port
         address = format_listen(host, port)
         creds = server_credentials(self.settings)
@@ -280,11 +282,17 @@ class Gateway:
         if self.port == 0:
             raise ConfigError(f"cannot listen on {self.settings.listen} (is the port in use?)")
         self.server.start()
-        for name in ("", *self._names):
-            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in self.names:
+            self.health.set(name, status)
         for name in self._names:
-            metrics.set_serving(name, True)
+            metrics.set_serving(name, ready)
         return self.port
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every name health answers SERVING for when all is well: ``""`` and each served service."""
+        return ("", *self._names)
 
     def stop(self, grace: float | None = None) -> None:
         """NOT_SERVING first, then refuse new calls and let those in flight finish."""

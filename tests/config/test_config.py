@@ -57,6 +57,7 @@ BOUNDS = [
     ("--event-retention", ["1h", "400d"], ["59m59s", "3650d1ms"]),
     ("--record-retention", ["7d", "3650d"], ["3650d1ms"]),
     ("--spool-connections", ["2", "1000"], ["1", "1001"]),
+    ("--register-usage-key-version", ["0", "2147483647"], ["-1", "2147483648"]),
 ]
 
 
@@ -313,7 +314,9 @@ def test_every_variable_the_project_sets_is_a_setting() -> None:
     prose may name a misspelt one) set only variables start-up accepts."""
     from support import ROOT
 
-    texts = [f.read_text() for f in (*ROOT.glob("deploy/**/*.yaml"), ROOT / "Dockerfile")]
+    texts = [
+        f.read_text() for f in (*ROOT.glob("deploy/**/*.yaml"), *ROOT.glob("deploy/**/*.tpl"), ROOT / "Dockerfile")
+    ]
     texts += [
         block
         for f in (ROOT / "README.md", *ROOT.glob("docs/*.md"))

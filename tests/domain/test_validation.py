@@ -238,3 +238,58 @@ def test_an_event_may_leave_its_timestamp_to_the_gateway() -> None:
     assert v.validate_record_usage([event], WINDOW, PRODUCTS) == []
     event.timestamp.FromDatetime(NOW - timedelta(days=8))  # one given is checked as before
     assert [x.field for x in v.validate_record_usage([event], WINDOW)] == ["events[0].timestamp"]
+
+
+# --- AgentCore Runtime mode (--agentcore) ---------------------------------------
+
+
+def agentcore_violations(**fields: object) -> list[tuple[str, str, str]]:
+    fields.setdefault("when", NOW)
+    return [
+        (x.field, x.description, x.aws_error) for x in v.validate_meter_usage(request(**fields), WINDOW, agentcore=True)
+    ]
+
+
+def test_agentcore_requires_a_client_token_naming_the_field() -> None:
+    assert agentcore_violations(client_token="t-1") == []
+    [(field, description, aws_error)] = agentcore_violations()
+    assert field == "client_token" and aws_error == v.VALIDATION
+    assert description.startswith("is required in AgentCore Runtime mode (--agentcore)")
+    assert fields_of() == []  # hourly mode: AWS makes one up
+    assert [f for f, *_ in agentcore_violations(client_token="t" * 65)] == ["client_token"]  # the length still counts
+
+
+def test_agentcore_refuses_usage_allocations_naming_the_field() -> None:
+    tagged = [allocation(2, team="a"), allocation(1)]
+    [(field, description, aws_error)] = agentcore_violations(
+        client_token="t-1", usage_quantity=3, usage_allocations=tagged
+    )
+    assert (field, aws_error) == ("usage_allocations", v.INVALID_USAGE_ALLOCATIONS)
+    assert "AgentCore Runtime mode" in description and "usage allocations (vendor-metered tags)" in description
+    assert fields_of(usage_quantity=3, usage_allocations=tagged) == []  # hourly mode takes them
+    # Refused as a whole: a malformed allocation is not picked apart, nor the token forgotten.
+    assert [f for f, *_ in agentcore_violations(usage_allocations=[allocation(9, **{"": "x"})])] == [
+        "usage_allocations",
+        "client_token",
+    ]
+
+
+def test_agentcore_refuses_event_tags_naming_each_event() -> None:
+    def event(event_id: str, **tags: str) -> pb.UsageEvent:
+        return pb.UsageEvent(
+            event_id=event_id,
+            product_code="prod-abc123",
+            usage_dimension="requests",
+            usage_quantity=1,
+            tags=[pb.Tag(key=k, value=val) for k, val in tags.items()],
+        )
+
+    batch = [event("plain"), event("tagged", team="a"), event("also", team="b", env="prod")]
+    refused = v.validate_record_usage(batch, WINDOW, PRODUCTS, agentcore=True)
+    assert [(x.field, x.aws_error) for x in refused] == [
+        ("events[1].tags", v.INVALID_TAG),
+        ("events[2].tags", v.INVALID_TAG),
+    ]
+    assert all("AgentCore Runtime mode" in x.description for x in refused)
+    assert v.validate_record_usage(batch, WINDOW, PRODUCTS) == []  # hourly mode: tags are allocations
+    assert v.validate_record_usage(batch[:1], WINDOW, PRODUCTS, agentcore=True) == []

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from botocore import handlers
 from botocore.config import Config
 from botocore.exceptions import ClientError, ConnectionClosedError, ReadTimeoutError
 
@@ -405,3 +406,165 @@ def test_local_backend_and_gateway_validation_agree(
     assert bool(violations) == (expected != OK and name not in ONLY_AWS_SEES)
     for v in violations:  # where the gateway refuses too, it names AWS's exception
         assert v.aws_error == answered, v
+
+
+# --- Amazon Bedrock AgentCore Runtime's rules ----------------------------------
+
+
+@pytest.fixture
+def agentcore_aws() -> Iterator[LocalAws]:
+    backend = LocalAws(quiet=True, clock=lambda: FIXED, agentcore=True).start()
+    try:
+        yield backend
+    finally:
+        backend.stop()
+
+
+def tokenless_client(aws: LocalAws, **config: Any) -> Any:
+    """A boto3 client that sends no ClientToken when given none: botocore fills one in
+    (the model marks it an idempotency token), and AgentCore Runtime's rule is about its absence."""
+    metering = client(aws, **config)
+    metering.meta.events.unregister("before-parameter-build", handlers.generate_idempotent_uuid)
+    return metering
+
+
+def code_of(call: Any) -> str:
+    with pytest.raises(ClientError) as caught:
+        call()
+    assert caught.value.response["ResponseMetadata"]["HTTPStatusCode"] == 400
+    return str(caught.value.response["Error"]["Code"])
+
+
+def test_the_tokenless_client_really_sends_no_token(aws: LocalAws) -> None:
+    tokenless_client(aws).meter_usage(**params(ClientToken=None))
+    client(aws).meter_usage(**params(ClientToken=None, UsageDimension="other"))
+    assert [r.client_token for r in aws.records()][0] == ""
+    assert aws.records()[1].client_token  # botocore's own token, when not unregistered
+
+
+def test_agentcore_takes_many_records_an_hour_and_they_add_up(agentcore_aws: LocalAws) -> None:
+    metering = client(agentcore_aws)
+    exact = WHEN.replace(microsecond=250_000)
+    ids = [
+        metering.meter_usage(**params(Timestamp=exact, UsageQuantity=3, ClientToken="t-1"))["MeteringRecordId"],
+        metering.meter_usage(**params(Timestamp=exact, UsageQuantity=3, ClientToken="t-2"))["MeteringRecordId"],
+        metering.meter_usage(**params(Timestamp=exact, UsageQuantity=4, ClientToken="t-3"))["MeteringRecordId"],
+        metering.meter_usage(**params(Timestamp=NOW - timedelta(minutes=19), UsageQuantity=5, ClientToken="t-4"))[
+            "MeteringRecordId"
+        ],
+    ]
+    assert len(set(ids)) == 4  # the same timestamp, distinct tokens: separate records, never a duplicate
+    records = agentcore_aws.records()
+    assert [r.quantity for r in records] == [3, 3, 4, 5]
+    assert records[0].timestamp == exact  # kept exact, not rounded down to the hour
+    hour = NOW.replace(minute=0, second=0, microsecond=0)
+    assert control(agentcore_aws, "GET", "/_local/usage") == [
+        {"ProductCode": "prod-abc123", "UsageDimension": "requests", "Hour": hour.isoformat(), "Quantity": "15"}
+    ]
+    assert [r["ClientToken"] for r in control(agentcore_aws, "GET", "/_local/records")] == ["t-1", "t-2", "t-3", "t-4"]
+
+
+def test_agentcore_keys_a_record_by_its_token_alone(agentcore_aws: LocalAws) -> None:
+    metering = client(agentcore_aws)
+    first = metering.meter_usage(**params(ClientToken="t-1"))["MeteringRecordId"]
+    assert metering.meter_usage(**params(ClientToken="t-1"))["MeteringRecordId"] == first  # a replay
+    assert (
+        metering.meter_usage(**params(ClientToken="t-1", UsageQuantityAsDecimal="3.00", UsageQuantity=None))[
+            "MeteringRecordId"
+        ]
+        == first
+    )  # quantities compare by value
+    for other in ({"UsageQuantity": 4}, {"Timestamp": WHEN + timedelta(seconds=1)}, {"UsageDimension": "other"}):
+        assert code_of(lambda o=other: metering.meter_usage(**params(ClientToken="t-1", **o))) == (
+            "IdempotencyConflictException"
+        )
+    assert len(agentcore_aws.records()) == 1
+
+
+def test_agentcore_requires_a_client_token(agentcore_aws: LocalAws) -> None:
+    metering = tokenless_client(agentcore_aws)
+    with pytest.raises(ClientError) as caught:
+        metering.meter_usage(**params(ClientToken=None))
+    assert caught.value.response["Error"]["Code"] == "ValidationException"
+    assert "ClientToken" in caught.value.response["Error"]["Message"]
+    assert code_of(lambda: metering.meter_usage(**params(ClientToken=None, DryRun=True))) == "ValidationException"
+    assert agentcore_aws.records() == []
+
+
+def test_agentcore_refuses_usage_allocations(agentcore_aws: LocalAws) -> None:
+    metering = client(agentcore_aws)
+    tagged = [alloc(2, tags(1)), alloc(1)]
+    assert code_of(lambda: metering.meter_usage(**params(UsageAllocations=tagged))) == (
+        "InvalidUsageAllocationsException"
+    )
+    assert code_of(lambda: metering.meter_usage(**params(UsageAllocations=[alloc(3)]))) == (
+        "InvalidUsageAllocationsException"
+    )  # even one untagged bucket: no allocations at all
+    assert agentcore_aws.records() == []
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({"Timestamp": NOW - timedelta(hours=6, seconds=1)}, "TimestampOutOfBoundsException"),
+        ({"Timestamp": NOW + timedelta(minutes=5, seconds=1)}, "TimestampOutOfBoundsException"),
+        ({"ClientToken": "t" * 65}, "ValidationException"),
+        ({"UsageQuantity": -1}, "ValidationException"),
+        ({"ProductCode": "no spaces"}, "InvalidProductCodeException"),
+    ],
+)
+def test_agentcore_keeps_the_other_rules(agentcore_aws: LocalAws, changes: dict[str, Any], expected: str) -> None:
+    metering = client(agentcore_aws, parameter_validation=False)
+    assert code_of(lambda: metering.meter_usage(**params(**changes))) == expected
+    assert agentcore_aws.records() == []
+
+
+def test_hourly_mode_is_unchanged(aws: LocalAws) -> None:
+    assert control(aws, "GET", "/_local/mode") == {"agentcore": False}
+    metering = tokenless_client(aws)
+    first = metering.meter_usage(**params(ClientToken=None))["MeteringRecordId"]  # no token needed
+    same_hour = WHEN.replace(minute=5, microsecond=0)
+    assert metering.meter_usage(**params(ClientToken="t-2", Timestamp=same_hour))["MeteringRecordId"] == first
+    assert code_of(lambda: metering.meter_usage(**params(ClientToken="t-3", UsageQuantity=4))) == (
+        "DuplicateRequestException"
+    )
+    assert metering.meter_usage(**params(UsageAllocations=[alloc(3, tags(1))], UsageDimension="tagged"))
+    assert [r.hour.minute for r in aws.records()] == [0, 0]
+    assert [u["Quantity"] for u in control(aws, "GET", "/_local/usage")] == ["3", "3"]
+
+
+def test_the_control_api_switches_the_rules(aws: LocalAws) -> None:
+    client(aws).meter_usage(**params())
+    assert control(aws, "POST", "/_local/reset", {"agentcore": True}) == {"ok": True}
+    assert control(aws, "GET", "/_local/mode") == {"agentcore": True} and aws.records() == []
+    metering = tokenless_client(aws)
+    assert code_of(lambda: metering.meter_usage(**params(ClientToken=None))) == "ValidationException"
+    assert control(aws, "POST", "/_local/reset") == {"ok": True}  # no body: the rules stay
+    assert aws.agentcore
+    control(aws, "POST", "/_local/reset", {"agentcore": False})
+    assert metering.meter_usage(**params(ClientToken=None))["MeteringRecordId"]
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        control(aws, "POST", "/_local/reset", {"agentcore": "yes"})
+    assert caught.value.code == 400 and not aws.agentcore
+
+
+AGENTCORE_CASES = [
+    ("with a token", {}, OK),
+    ("without a token", {"ClientToken": None}, "ValidationException"),
+    ("with allocations", {"UsageAllocations": [alloc(2, tags(1)), alloc(1)]}, "InvalidUsageAllocationsException"),
+]
+
+
+@pytest.mark.parametrize(("name", "changes", "expected"), [pytest.param(*c, id=c[0]) for c in AGENTCORE_CASES])
+def test_agentcore_backend_and_gateway_validation_agree(
+    agentcore_aws: LocalAws, name: str, changes: dict[str, Any], expected: str
+) -> None:
+    request = params(**changes)
+    try:
+        tokenless_client(agentcore_aws).meter_usage(**request)
+        answered = OK
+    except ClientError as exc:
+        answered = exc.response["Error"]["Code"]
+    assert answered == expected
+    violations = validation.validate_meter_usage(from_aws(request), validation.Window(now=NOW), agentcore=True)
+    assert [v.aws_error for v in violations] == ([] if expected == OK else [expected])

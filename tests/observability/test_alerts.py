@@ -1,4 +1,4 @@
-"""deploy/prometheus-rules.yaml and deploy/grafana-dashboard.json: valid, complete, and about
+"""The chart's files/prometheus-rules.yaml and files/grafana-dashboard.json: valid, complete, and about
 metrics the gateway exports.
 
 With promtool on PATH (Debian: ``apt-get install prometheus``) the rules are checked by
@@ -25,9 +25,10 @@ from gateway.domain.errors import RULES
 from gateway.rpc.server import METERING_SERVICE, RECORDER_SERVICE
 from support import ROOT, unchecked
 
-RULES_FILE = ROOT / "deploy" / "prometheus-rules.yaml"
+CHART_FILES = ROOT / "deploy" / "helm" / "metering-gateway" / "files"
+RULES_FILE = CHART_FILES / "prometheus-rules.yaml"
 RULE_TESTS = ROOT / "tests" / "data" / "prometheus-rules.test.yaml"
-DASHBOARD_FILE = ROOT / "deploy" / "grafana-dashboard.json"
+DASHBOARD_FILE = CHART_FILES / "grafana-dashboard.json"
 RUNBOOK = ROOT / "docs" / "operations.md"
 PROMTOOL = shutil.which("promtool")
 

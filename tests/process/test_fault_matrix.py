@@ -18,6 +18,12 @@ recorded twice; every unit acknowledged is either in AWS once or listed FAILED
 "outcome unknown" because AWS may hold it; a record AWS did hold is never
 carried (so AWS's total equals what was acknowledged whenever the fault
 recorded); and a fault that rules a record out never ends FAILED.
+
+Each case runs in three modes: hourly records; hourly with zero-usage hours for a
+product that never has usage (and for one that does), whose zeros must go out once
+per hour the outage left inside AWS's window and never take an hour from real
+usage; and AgentCore Runtime mode, where records cover one flush interval, AWS
+keeps many an hour and deduplicates by ClientToken alone.
 """
 
 from __future__ import annotations
@@ -77,8 +83,23 @@ class Crash(BaseException):
     """The process dies: nothing after the AWS call runs (not even the sender's handlers)."""
 
 
+MODES = ["hourly", "zero-hours", "agentcore"]
+ZERO_HOURS = "prod-a=requests;prod-c=requests"  # prod-c never has usage
+INTERVAL = 60.0  # AgentCore mode: one record per product and dimension a minute
+
+
+def mode_settings(mode: str) -> dict[str, Any]:
+    if mode == "zero-hours":
+        return {"zero_usage_hours": ZERO_HOURS}
+    if mode == "agentcore":
+        return {"agentcore": True, "flush_interval": INTERVAL}
+    return {}
+
+
 @contextmanager
-def gateway(aws: LocalAws, spool: Path, clock: Clock) -> Iterator[tuple[pb_grpc.UsageRecorderServiceStub, Recording]]:
+def gateway(
+    aws: LocalAws, spool: Path, clock: Clock, mode: str = "hourly"
+) -> Iterator[tuple[pb_grpc.UsageRecorderServiceStub, Recording]]:
     with running_recorder(
         aws.endpoint_url,
         str(spool),
@@ -87,6 +108,7 @@ def gateway(aws: LocalAws, spool: Path, clock: Clock) -> Iterator[tuple[pb_grpc.
         aws_read_timeout=READ_TIMEOUT,
         flush_grace=300.0,
         aws_max_rps=1000.0,
+        **mode_settings(mode),
     ) as (target, recording):
         with grpc.insecure_channel(target) as channel:
             yield pb_grpc.UsageRecorderServiceStub(channel), recording
@@ -98,14 +120,15 @@ def record(stub: pb_grpc.UsageRecorderServiceStub, events: list[pb.UsageEvent]) 
     return events
 
 
-def usage(tag: str, clock: Clock, hours_back: range) -> list[pb.UsageEvent]:
+def usage(tag: str, clock: Clock, hours_back: range, mode: str = "hourly") -> list[pb.UsageEvent]:
     now = clock()
     out = []
     for back in hours_back:
         for i, product in enumerate(("prod-a", "prod-b")):
             when = placement.hour_of(now) - back * HOUR + 60 * (i + 1)
+            tags = {} if mode == "agentcore" else {"tenant": f"t{i}"}  # AgentCore takes no tags
             out.append(event(f"{tag}-{back}-{product}-w", when, 3 + back, product=product))
-            out.append(event(f"{tag}-{back}-{product}-d", when, f"{back}.25", product=product, tenant=f"t{i}"))
+            out.append(event(f"{tag}-{back}-{product}-d", when, f"{back}.25", product=product, **tags))
     return out
 
 
@@ -130,16 +153,17 @@ def crash_in_next_call(recording: Recording) -> None:
     backend.meter_usage = call_then_die  # type: ignore[method-assign]
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("restart", ["clean-restart", "crash-mid-call"])
 @pytest.mark.parametrize("fault", FAULTS, ids=[f.name for f in FAULTS])
-def test_fault_then_a_seven_hour_outage_then_a_restart(tmp_path: Path, fault: Fault, restart: str) -> None:
+def test_fault_then_a_seven_hour_outage_then_a_restart(tmp_path: Path, fault: Fault, restart: str, mode: str) -> None:
     clock = Clock(START)
     spool = tmp_path / "spool.db"
     acknowledged: list[pb.UsageEvent] = []
     with ExitStack() as stack:
-        aws = stack.enter_context(LocalAws(quiet=True, clock=clock))
-        with gateway(aws, spool, clock) as (stub, recording):
-            acknowledged += record(stub, usage("life1", clock, range(1, 4)))
+        aws = stack.enter_context(LocalAws(quiet=True, clock=clock, agentcore=mode == "agentcore"))
+        with gateway(aws, spool, clock, mode) as (stub, recording):
+            acknowledged += record(stub, usage("life1", clock, range(1, 4), mode))
             fault.inject(aws)
             aws.inject("", 10**9, status=503, operation="MeterUsage")  # then seven hours of nothing taken
             if restart == "crash-mid-call":
@@ -153,17 +177,38 @@ def test_fault_then_a_seven_hour_outage_then_a_restart(tmp_path: Path, fault: Fa
                 tick_for(recording, clock, 3 * HOUR)
         first_call = aws.calls
         assert first_call >= 1
-        with gateway(aws, spool, clock) as (stub, recording):
-            acknowledged += record(stub, usage("life2", clock, range(0, 3)))
+        with gateway(aws, spool, clock, mode) as (stub, recording):
+            acknowledged += record(stub, usage("life2", clock, range(0, 3), mode))
             tick_for(recording, clock, 7 * HOUR - (clock() - START))
             aws.clear_faults()  # AWS is back
+            recovered = clock()
             tick_for(recording, clock, 3 * HOUR)
             records = list(stub.ListMeteringRecords(pb.ListMeteringRecordsRequest(page_size=1000), timeout=10).records)
         held = aws.records()
 
-    assert not [r for r in records if r.state == State.STATE_PENDING]
-    hours = [(r.product_code, r.usage_dimension, r.hour) for r in held]
-    assert len(hours) == len(set(hours)), "an hour was recorded twice"
+    pending = [r for r in records if r.state == State.STATE_PENDING]
+    # Only the zero of an hour that closed since the last pass but one may wait (for --flush-grace).
+    assert all(r.quantity == "0" and r.hour.seconds > clock() - 2 * HOUR for r in pending), pending
+    tokens_held = [r.client_token for r in held]
+    assert len(tokens_held) == len(set(tokens_held)), "a ClientToken was recorded twice"
+    if mode == "agentcore":  # many records an hour, one per interval (by its exact timestamp)
+        stamps = [(r.product_code, r.usage_dimension, r.timestamp) for r in held]
+        assert len(stamps) == len(set(stamps)), "an interval was recorded twice"
+        assert any(r.timestamp != r.hour for r in held), "no record was cut finer than the hour"
+    else:
+        hours = [(r.product_code, r.usage_dimension, r.hour) for r in held]
+        assert len(hours) == len(set(hours)), "an hour was recorded twice"
+    if mode == "zero-hours":
+        # prod-c never had usage: a zero for every closed hour from the first tick on that was
+        # still inside AWS's window when AWS came back, and nothing else.
+        zeros = sorted(int(r.hour.timestamp()) for r in held if r.product_code == "prod-c")
+        assert all(r.quantity == 0 for r in held if r.product_code == "prod-c")
+        waiting = {r.hour.seconds for r in pending if r.product_code == "prod-c"}
+        first = placement.hour_of(START)
+        last_closed = placement.hour_of(clock()) - HOUR
+        window = placement.earliest_hour(recovered)
+        assert set(range(max(first, window), last_closed + 1, HOUR)) <= set(zeros) | waiting, zeros
+        assert all(first <= z <= last_closed for z in zeros)
     # What the gateway lists as sent is what AWS holds, record for record.
     by_id = {r.metering_record_id: r for r in held}
     for sent in (r for r in records if r.state == State.STATE_SENT):
@@ -189,11 +234,12 @@ def test_fault_then_a_seven_hour_outage_then_a_restart(tmp_path: Path, fault: Fa
 
 
 def sums(records: list[Any]) -> dict[tuple[str, str], Decimal]:
+    """Quantity per product and dimension; a key with nothing but zero records is left out."""
     out: dict[tuple[str, str], Decimal] = {}
     for r in records:
         key = (r.product_code, r.usage_dimension)
         out[key] = out.get(key, Decimal(0)) + Decimal(str(r.quantity))
-    return out
+    return {k: v for k, v in out.items() if v}
 
 
 def add(a: dict[tuple[str, str], Decimal], b: dict[tuple[str, str], Decimal]) -> dict[tuple[str, str], Decimal]:

@@ -356,3 +356,114 @@ def test_a_tick_failing_before_the_lead_is_known_clears_the_leader_gauge() -> No
         assert counted(registry, "metering_gateway_sender_leader") == 0, "a stale 1 while no tick can run"
     finally:
         uninstall()
+
+
+# --- Zero-usage hours -----------------------------------------------------------------
+
+
+def zero_hour_sender(path: str, clock: list[float], aws: FakeAws) -> Sender:
+    return Sender(
+        Spool(path),
+        aws,  # type: ignore[arg-type]
+        interval=60,
+        grace=0,
+        max_rps=1e9,
+        now=lambda: clock[0],
+        sleep=lambda _: None,
+        zero_hours={"prod-a": {"requests", "storage"}},
+        **RETENTION,  # type: ignore[arg-type]
+    )
+
+
+def test_each_closed_hour_without_usage_is_metered_as_zero_once_across_restarts(tmp_path: Any) -> None:
+    hour = int(NOW) - int(NOW) % HOUR
+    clock = [float(hour + 10 * 60)]
+    aws = FakeAws(lambda: clock[0])
+    sender = zero_hour_sender(str(tmp_path / "spool.db"), clock, aws)
+    sender.spool.record([event_row(event("used", clock[0], 5))])  # this hour has usage for requests
+    sender.tick()
+    clock[0] = hour + HOUR - 1  # the last second of the hour: nothing may go out for it yet
+    sender.tick()
+    assert aws.ours() == []
+    clock[0] = hour + HOUR + 30
+    sender.tick()
+    sent = sorted((r.usage_dimension, r.hour.timestamp(), r.quantity) for r in aws.ours())
+    assert sent == [("requests", hour, 5), ("storage", hour, 0)]
+    sender.spool.close()
+    clock[0] = hour + 3 * HOUR + 30  # a restart two hours later, on the same spool
+    sender = zero_hour_sender(str(tmp_path / "spool.db"), clock, aws)
+    sender.tick()
+    sender.tick()
+    sent = sorted((r.usage_dimension, int(r.hour.timestamp()) - hour, str(r.quantity)) for r in aws.ours())
+    assert sent == [
+        ("requests", 0, "5"),
+        ("requests", HOUR, "0"),
+        ("requests", 2 * HOUR, "0"),
+        ("storage", 0, "0"),
+        ("storage", HOUR, "0"),
+        ("storage", 2 * HOUR, "0"),
+    ]
+    assert aws.refusals == {}, "a zero record was refused (sent twice, or for a taken hour)"
+
+
+def test_late_usage_after_a_zero_went_out_is_carried_not_lost() -> None:
+    clock, aws, spool, _ = sender_on_fake_aws()
+    hour = int(NOW) - int(NOW) % HOUR
+    clock[0] = hour + 10 * 60
+    sender = Sender(
+        spool,
+        aws,  # type: ignore[arg-type]
+        interval=60,
+        grace=0,
+        max_rps=1e9,
+        now=lambda: clock[0],
+        sleep=lambda _: None,
+        zero_hours={"prod-a": {"requests"}},
+        **RETENTION,  # type: ignore[arg-type]
+    )
+    sender.tick()
+    clock[0] = hour + HOUR + 30
+    sender.tick()  # the zero for `hour` goes out
+    spool.record([event_row(event("late", hour + 59 * 60, 7))])  # then usage of that hour arrives
+    clock[0] = hour + 2 * HOUR + 30
+    sender.tick()
+    sent = sorted((int(r.hour.timestamp()) - hour, str(r.quantity)) for r in aws.ours())
+    assert sent == [(0, "0"), (HOUR, "7")]
+    (carried,) = [r for r in spool.list_records() if r.quantity == "7"]
+    assert carried.carried_hours == [hour]
+
+
+# --- AgentCore Runtime mode: a record per flush interval ------------------------------
+
+
+def test_agentcore_usage_goes_out_every_interval_each_record_with_its_own_token() -> None:
+    clock = [float(NOW)]
+    aws = FakeAws(lambda: clock[0])
+    aws.state.agentcore = True
+    spool = Spool(":memory:", span=60)
+    sender = Sender(
+        spool,
+        aws,  # type: ignore[arg-type]
+        interval=60,
+        grace=0,
+        max_rps=1e9,
+        now=lambda: clock[0],
+        sleep=lambda _: None,
+        agentcore=True,
+        **RETENTION,  # type: ignore[arg-type]
+    )
+    start = int(NOW) - int(NOW) % 60
+    for minute in range(3):
+        spool.record([event_row(event(f"m{minute}-{i}", start + 60 * minute + i, 2), span=60) for i in range(3)])
+    # Usage too old for its own minute (5h50m ago) goes out with the open one, not carried pass after pass.
+    spool.record([event_row(event("old", start - 5 * HOUR - 50 * 60, 5), span=60)])
+    clock[0] = start + 2 * 60 + 30  # minutes 0 and 1 closed, minute 2 open
+    sender.tick()
+    assert sorted((int(r.timestamp.timestamp()) - start, r.quantity) for r in aws.ours()) == [(0, 6), (60, 6)]
+    clock[0] = start + 3 * 60 + 1
+    sender.tick()
+    sent = sorted((int(r.timestamp.timestamp()) - start, r.quantity) for r in aws.ours())
+    assert sent == [(0, 6), (60, 6), (120, 11)]  # the old usage joined the then open minute
+    assert len({r.client_token for r in aws.ours()}) == 3
+    assert {r.client_token for r in aws.ours()} == {r.client_token for r in spool.list_records(state=SENT)}
+    assert aws.refusals == {}

@@ -515,6 +515,29 @@ def test_schema_versions_are_kept_and_a_newer_one_is_refused(store: Store) -> No
     assert "\n" not in message and f"schema version {SQLITE_SCHEMA + 1}" in message and "newer" in message
 
 
+# What each schema version added, undone: (version before it, SQL).
+_UNDO = {
+    3: ("DROP TABLE zero_hours", "DELETE FROM meta WHERE key = 'span'"),
+    2: ("ALTER TABLE events DROP COLUMN timestamp",),
+}
+
+
+def downgrade(location: str, version: int) -> None:
+    """Make a spool of today's schema one of ``version``, as an older release left it."""
+    statements = [sql for v in sorted(_UNDO, reverse=True) if v >= version for sql in _UNDO[v]]
+    if location.startswith("postgresql://"):
+        with psycopg.connect(location) as conn:
+            for sql in statements:
+                conn.execute(sql)
+    else:
+        db = sqlite3.connect(location)
+        for sql in statements:
+            db.execute(sql)
+        db.commit()
+        db.close()
+    schema_version(location, set_to=version)
+
+
 def test_a_version_2_spool_gains_event_timestamps_and_its_old_events_still_conflict(store: Store) -> None:
     """Version 3 stores each event's timestamp; events from before have none, and a
     conflicting repeat of one still says which field differs, or that it cannot know."""
@@ -522,17 +545,9 @@ def test_a_version_2_spool_gains_event_timestamps_and_its_old_events_still_confl
     spool.record([row("old-a", quantity="2"), row("old-b", quantity="2")])
     spool.close()
     location = store()
-    if location.startswith("postgresql://"):  # back to version 2: no timestamp column
-        with psycopg.connect(location) as conn:
-            conn.execute("ALTER TABLE events DROP COLUMN timestamp")
-    else:
-        db = sqlite3.connect(location)
-        db.execute("ALTER TABLE events DROP COLUMN timestamp")
-        db.commit()
-        db.close()
-    schema_version(location, set_to=2)
+    downgrade(location, 2)
     spool = reopen(store)
-    assert schema_version(location) == SQLITE_SCHEMA == 3
+    assert schema_version(location) == SQLITE_SCHEMA
     assert spool.record([row("old-a", quantity="2"), row("new", quantity="1")]) == (1, 1)  # still a duplicate
     with pytest.raises(EventIdConflict) as caught:
         spool.record([row("old-a", quantity="3"), row("old-b", quantity="2", second=5)])
@@ -549,3 +564,167 @@ def test_a_version_2_spool_gains_event_timestamps_and_its_old_events_still_confl
         ("timestamp", row("new").timestamp, row("new", second=5).timestamp)
     ]
     spool.close()
+
+
+# --- Zero-usage hours (--zero-usage-hours) ---------------------------------------------
+
+KEY = ("prod-a", "requests")
+H0 = placement.hour_of(NOW)  # NOW is 20 minutes into this hour
+
+
+def zeros(spool: Spool) -> list[tuple[int, str, str]]:
+    """(hour, quantity, state) of every record, oldest first."""
+    return sorted((r.hour, r.quantity, r.state) for r in spool.list_records(limit=1000))
+
+
+def test_a_zero_record_for_each_closed_hour_once_and_never_the_open_one(store: Store) -> None:
+    spool = reopen(store)
+    assert spool.fill_zero_hours([KEY], NOW).made == ()  # first seen: from this (open) hour on
+    assert spool.fill_zero_hours([KEY], H0 + HOUR - 1).made == ()  # still open: no zero yet
+    made = spool.fill_zero_hours([KEY], H0 + HOUR + 1).made
+    assert made == ((*KEY, H0),) and zeros(spool) == [(H0, "0", PENDING)]
+    assert spool.fill_zero_hours([KEY], H0 + HOUR + 2).made == ()  # each hour once
+    (record,) = spool.due(H0 + HOUR + 1, grace=0)
+    assert record.content.total == 0 and record.content.allocations == {"": 0}
+
+
+def test_an_hour_with_usage_gets_no_zero(store: Store) -> None:
+    spool = reopen(store)
+    spool.fill_zero_hours([KEY], NOW)
+    event = row("u", hour_back=0, quantity="4")
+    spool.record([event])
+    spool.assign(NOW)
+    assert spool.fill_zero_hours([KEY], H0 + 2 * HOUR + 1).made == ((*KEY, H0 + HOUR),)
+    assert zeros(spool) == [(H0, "4", PENDING), (H0 + HOUR, "0", PENDING)]
+
+
+def test_usage_placed_before_the_zero_went_out_joins_it(store: Store) -> None:
+    spool = reopen(store)
+    spool.fill_zero_hours([KEY], NOW)
+    spool.fill_zero_hours([KEY], H0 + HOUR + 1)
+    spool.record([row("late", hour_back=0, quantity="3")])  # hour H0's usage, accepted after it closed
+    spool.assign(H0 + HOUR + 2)
+    ((hour, quantity, _),) = zeros(spool)
+    assert (hour, quantity) == (H0, "3")
+
+
+def test_usage_of_an_hour_whose_zero_was_sent_is_carried(store: Store) -> None:
+    spool = reopen(store)
+    spool.fill_zero_hours([KEY], NOW)
+    spool.fill_zero_hours([KEY], H0 + HOUR + 1)
+    (zero,) = spool.due(H0 + HOUR + 1, grace=0)
+    spool.begin_attempt(zero.id)
+    spool.mark_sent(zero.id, "mr-zero", H0 + HOUR + 2)
+    spool.record([row("late", hour_back=0, quantity="3")])
+    (carry,) = spool.assign(H0 + HOUR + 3)
+    assert (carry.from_hour, carry.to_hour, carry.quantity) == (H0, H0 + HOUR, "3")
+    assert zeros(spool) == [(H0, "0", SENT), (H0 + HOUR, "3", PENDING)]
+    # The hour the usage went to has a record now: no zero for it either.
+    assert spool.fill_zero_hours([KEY], H0 + 2 * HOUR + 1).made == ()
+
+
+def test_zero_hours_survive_a_restart_and_are_never_made_twice(store: Store) -> None:
+    spool = reopen(store)
+    spool.fill_zero_hours([KEY], NOW)
+    spool.fill_zero_hours([KEY], H0 + HOUR + 1)
+    spool.close()
+    spool = reopen(store)  # down for three hours: the hours it missed are still within AWS's window
+    made = spool.fill_zero_hours([KEY], H0 + 4 * HOUR + 1).made
+    assert [h for _, _, h in made] == [H0 + HOUR, H0 + 2 * HOUR, H0 + 3 * HOUR]
+    spool.close()
+    spool = reopen(store)
+    assert spool.fill_zero_hours([KEY], H0 + 4 * HOUR + 2).made == ()
+    assert [h for h, q, _ in zeros(spool)] == [H0 + i * HOUR for i in range(4)]
+
+
+def test_hours_past_the_window_are_missed_and_said_so(store: Store) -> None:
+    spool = reopen(store)
+    spool.fill_zero_hours([KEY], NOW)
+    later = H0 + 10 * HOUR + 1  # down for ten hours: AWS takes nothing older than six
+    filled = spool.fill_zero_hours([KEY], later)
+    earliest = placement.earliest_hour(later)
+    assert [h for _, _, h in filled.made] == list(range(earliest, H0 + 10 * HOUR, HOUR))
+    assert filled.missed == ((*KEY, (earliest - H0) // HOUR),)
+
+
+def test_a_key_opted_in_later_starts_from_its_own_first_hour(store: Store) -> None:
+    spool = reopen(store)
+    other = ("prod-a", "storage")
+    spool.fill_zero_hours([KEY], NOW)
+    made = spool.fill_zero_hours([KEY, other], H0 + HOUR + 1).made  # `other` first seen now
+    assert made == ((*KEY, H0),)
+    made = spool.fill_zero_hours([KEY, other], H0 + 2 * HOUR + 1).made
+    assert sorted(made) == [(*KEY, H0 + HOUR), (*other, H0 + HOUR)]
+
+
+def test_a_taken_hour_gets_no_zero(store: Store) -> None:
+    """An hour AWS holds another record for (DUPLICATE_REQUEST) is metered already."""
+    spool = reopen(store)
+    spool.fill_zero_hours([KEY], NOW)
+    spool.record([row("u", hour_back=0, quantity="4")])
+    spool.assign(NOW)
+    (record,) = spool.list_records()
+    spool.carry(record.id, "DUPLICATE_REQUEST", H0 + HOUR + 1)  # H0 taken; its usage moves to H0 + 1h
+    assert spool.fill_zero_hours([KEY], H0 + 3 * HOUR + 1).made == ((*KEY, H0 + 2 * HOUR),)
+
+
+def test_two_replicas_filling_at_once_make_each_zero_once(store: Store) -> None:
+    first, second = reopen(store), reopen(store)
+    first.fill_zero_hours([KEY], NOW)
+    later = H0 + 4 * HOUR + 1
+    results: list[tuple[tuple[str, str, int], ...]] = []
+    barrier = threading.Barrier(2)
+
+    def fill(spool: Spool) -> None:
+        barrier.wait()
+        results.append(spool.fill_zero_hours([KEY], later).made)
+
+    threads = [threading.Thread(target=fill, args=(s,)) for s in (first, second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(len(r) for r in results) == [0, 4]
+    assert len(zeros(first)) == 4
+
+
+def test_a_version_3_spool_gains_zero_hours(store: Store) -> None:
+    spool = reopen(store)
+    spool.record([row("a")])
+    spool.close()
+    downgrade(store(), 3)
+    spool = reopen(store)
+    assert schema_version(store()) == SQLITE_SCHEMA
+    spool.fill_zero_hours([KEY], NOW)
+    assert spool.fill_zero_hours([KEY], H0 + HOUR + 1).made == ((*KEY, H0),)
+    assert spool.record([row("a")]) == (0, 1)
+
+
+# --- AgentCore Runtime's buckets of one flush interval ---------------------------------
+
+
+def test_agentcore_buckets_are_one_interval_long_and_go_out_when_it_closed(store: Store) -> None:
+    spool = open_spool(store(), span=60)
+    start = placement.hour_of(NOW, 60)
+    events = [
+        EventRow(f"e{i}", "prod-a", "requests", start + 60 * (i // 2), "", "1", True, bytes([i]) * 16, "")
+        for i in range(6)
+    ]
+    spool.record(events)
+    spool.assign(start + 200)
+    records = sorted(spool.list_records(), key=lambda r: r.hour)
+    assert [(r.hour - start, r.quantity) for r in records] == [(0, "2"), (60, "2"), (120, "2")]
+    assert len({r.client_token for r in records}) == 3
+    assert [r.hour - start for r in spool.due(start + 179, grace=0)] == [0, 60]  # 120-180 is still open
+
+
+def test_a_spool_keeps_to_hourly_or_agentcore_records(store: Store) -> None:
+    open_spool(store()).close()
+    with pytest.raises(SpoolError) as caught:
+        open_spool(store(), span=60)
+    assert "\n" not in str(caught.value) and "hourly records" in str(caught.value)
+    open_spool(store("agent"), span=60).close()
+    open_spool(store("agent"), span=30).close()  # another interval: fine
+    with pytest.raises(SpoolError) as caught:
+        open_spool(store("agent"))
+    assert "AgentCore Runtime records" in str(caught.value)

@@ -133,7 +133,9 @@ def test_every_relative_link_resolves() -> None:
 
 
 def test_the_link_checker_knows_githubs_slugs() -> None:
-    assert slug("`deploy/kubernetes.yaml`: MeterUsage only") == "deploykubernetesyaml-meterusage-only"
+    assert slug("`mode: single`, `spool.type: sqlite`: RecordUsage on one pod") == (
+        "mode-single-spooltype-sqlite-recordusage-on-one-pod"
+    )
     assert slug("Retries and idempotency") == "retries-and-idempotency"
     assert slug("One pod or many: SQLite or PostgreSQL") == "one-pod-or-many-sqlite-or-postgresql"
     assert slug("In brief: metrics, alerts, admin commands") == "in-brief-metrics-alerts-admin-commands"

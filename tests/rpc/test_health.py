@@ -1,6 +1,6 @@
 """What each health status follows, as probes and callers see it.
 
-The overall status ``""`` (liveness) and MeteringService's (readiness, deploy/*.yaml)
+The overall status ``""`` (liveness) and MeteringService's (readiness, the Helm chart's probes)
 follow only the process: neither the spool nor AWS. The recorder's follows the spool's
 writability, and callers that balance over the replicas themselves (round_robin with
 client-side health checking, docs/deploy.md) skip a replica whose recorder is down.

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 
 from gateway.config import POSTGRES_SCHEMES
+from gateway.domain.clock import HOUR
 from gateway.recording.spool.base import (
     CREATE,
     CREATE_IF_MOUNTED,
@@ -39,6 +40,7 @@ from gateway.recording.spool.base import (
     SpoolError,
     SpoolUnavailable,
     Stats,
+    ZeroHours,
 )
 
 __all__ = [
@@ -65,24 +67,31 @@ __all__ = [
     "SpoolError",
     "SpoolUnavailable",
     "Stats",
+    "ZeroHours",
     "open_spool",
 ]
 
 
 def open_spool(
-    location: str, *, now: Callable[[], float] = time.time, pool_size: int = 4, create: str = CREATE
+    location: str,
+    *,
+    now: Callable[[], float] = time.time,
+    pool_size: int = 4,
+    create: str = CREATE,
+    span: int = HOUR,
 ) -> Spool:
     """The spool ``--spool`` names: a ``postgresql://`` URL, or an SQLite path.
 
     ``now`` dates migrations (tests pass their clock); ``pool_size`` bounds a
     PostgreSQL spool's connections; ``create`` says whether a spool that is not
-    there yet may be made (``--spool-create``: yes, no, if-mounted). Raises
-    SpoolError with a one-line message.
+    there yet may be made (``--spool-create``: yes, no, if-mounted); ``span`` is
+    the seconds one record covers (an hour; one flush interval with --agentcore).
+    Raises SpoolError with a one-line message.
     """
     if location.startswith(POSTGRES_SCHEMES):
         from gateway.recording.spool.postgres import PostgresSpool  # noqa: PLC0415 - psycopg only when asked for
 
-        return PostgresSpool(location, pool_size=pool_size, now=now, create=create)
+        return PostgresSpool(location, pool_size=pool_size, now=now, create=create, span=span)
     from gateway.recording.spool.sqlite import SqliteSpool  # noqa: PLC0415 - a backend only when asked for
 
-    return SqliteSpool(location, now=now, create=create)
+    return SqliteSpool(location, now=now, create=create, span=span)

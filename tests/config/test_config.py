@@ -369,3 +369,36 @@ def test_each_bad_tls_file_is_named(pair: tuple, tmp_path) -> None:
         with pytest.raises(ConfigError) as caught:
             tls(**files)
         assert str(caught.value).startswith(said), (files, str(caught.value))
+
+
+# -- Container sellers: --register-usage, --zero-usage-hours, --agentcore ------------------
+
+
+@pytest.mark.parametrize(
+    "argv, said",
+    [
+        (["--register-usage", "prod-abc123"], "--register-usage: RegisterUsage needs the public key version"),
+        (["--register-usage", "bad code!", "--register-usage-key-version", "1"], "product code 'bad code!'"),
+        (["--register-usage-public-key", "/nonexistent.pem"], "--register-usage-public-key: needs --register-usage"),
+        (["--zero-usage-hours", "prod-abc123=requests"], "--zero-usage-hours: zero-usage hours are recorded usage"),
+        (
+            ["--spool", "x.db", "--products", "prod-abc123=requests", "--zero-usage-hours", "prod-abc123=cpu"],
+            "--zero-usage-hours: prod-abc123=cpu is not in --products",
+        ),
+        (
+            ["--spool", "x.db", "--agentcore", "--zero-usage-hours", "prod-abc123=requests"],
+            "--zero-usage-hours: AgentCore Runtime mode meters per --flush-interval",
+        ),
+    ],
+)
+def test_container_seller_settings_that_cannot_work_stop_start_up_in_one_line(argv: list[str], said: str) -> None:
+    assert said in refusal(*argv)
+
+
+def test_container_seller_settings_that_work() -> None:
+    got = settings(
+        "--spool", "x.db", "--products", "prod-abc123=requests,storage-gb", "--zero-usage-hours",
+        "prod-abc123=requests", "--register-usage", " prod-abc123 ", "--register-usage-key-version", "1",
+    )  # fmt: skip
+    assert got.zero_hours == {"prod-abc123": frozenset({"requests"})} and got.register_usage == "prod-abc123"
+    assert settings("--agentcore", env={"METERING_GATEWAY_FLUSH_INTERVAL": "1m"}).agentcore is True

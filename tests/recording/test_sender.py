@@ -361,18 +361,23 @@ def test_a_tick_failing_before_the_lead_is_known_clears_the_leader_gauge() -> No
 # --- Zero-usage hours -----------------------------------------------------------------
 
 
-def zero_hour_sender(path: str, clock: list[float], aws: FakeAws) -> Sender:
+def sender_for(spool: Spool, aws: FakeAws, clock: list[float], **options: Any) -> Sender:
+    """A sender sending at once (no grace) on ``clock``, with the Sender ``options`` of a test."""
     return Sender(
-        Spool(path),
+        spool,
         aws,  # type: ignore[arg-type]
         interval=60,
         grace=0,
         max_rps=1e9,
         now=lambda: clock[0],
         sleep=lambda _: None,
-        zero_hours={"prod-a": {"requests", "storage"}},
         **RETENTION,  # type: ignore[arg-type]
+        **options,
     )
+
+
+def zero_hour_sender(path: str, clock: list[float], aws: FakeAws) -> Sender:
+    return sender_for(Spool(path), aws, clock, zero_hours={"prod-a": {"requests", "storage"}})
 
 
 def test_each_closed_hour_without_usage_is_metered_as_zero_once_across_restarts(tmp_path: Any) -> None:
@@ -410,17 +415,7 @@ def test_late_usage_after_a_zero_went_out_is_carried_not_lost() -> None:
     clock, aws, spool, _ = sender_on_fake_aws()
     hour = int(NOW) - int(NOW) % HOUR
     clock[0] = hour + 10 * 60
-    sender = Sender(
-        spool,
-        aws,  # type: ignore[arg-type]
-        interval=60,
-        grace=0,
-        max_rps=1e9,
-        now=lambda: clock[0],
-        sleep=lambda _: None,
-        zero_hours={"prod-a": {"requests"}},
-        **RETENTION,  # type: ignore[arg-type]
-    )
+    sender = sender_for(spool, aws, clock, zero_hours={"prod-a": {"requests"}})
     sender.tick()
     clock[0] = hour + HOUR + 30
     sender.tick()  # the zero for `hour` goes out
@@ -441,17 +436,7 @@ def test_agentcore_usage_goes_out_every_interval_each_record_with_its_own_token(
     aws = FakeAws(lambda: clock[0])
     aws.state.agentcore = True
     spool = Spool(":memory:", span=60)
-    sender = Sender(
-        spool,
-        aws,  # type: ignore[arg-type]
-        interval=60,
-        grace=0,
-        max_rps=1e9,
-        now=lambda: clock[0],
-        sleep=lambda _: None,
-        agentcore=True,
-        **RETENTION,  # type: ignore[arg-type]
-    )
+    sender = sender_for(spool, aws, clock, agentcore=True)
     start = int(NOW) - int(NOW) % 60
     for minute in range(3):
         spool.record([event_row(event(f"m{minute}-{i}", start + 60 * minute + i, 2), span=60) for i in range(3)])

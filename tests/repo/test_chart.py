@@ -134,6 +134,22 @@ class Rendered:
     def workloads(self) -> list[Workload]:
         return [Workload(self, o) for o in self.objects if o["kind"] in WORKLOAD_KINDS]
 
+    def monitored(self, monitor: dict[str, Any]) -> list[dict[str, Any]]:
+        """The Services a ServiceMonitor selects (by their own labels, in the release's namespace)."""
+        return [s for s in self.of_kind("Service") if selects(monitor["spec"]["selector"], s["metadata"]["labels"])]
+
+    @property
+    def metrics_services(self) -> list[dict[str, Any]]:
+        """The Services some ServiceMonitor scrapes (metrics.serviceMonitor's FULLNAME-metrics)."""
+        found = [s for m in self.of_kind("ServiceMonitor") for s in self.monitored(m)]
+        return list({s["metadata"]["name"]: s for s in found}.values())
+
+    @property
+    def grpc_services(self) -> list[dict[str, Any]]:
+        """The Services callers dial: every Service but the metrics one."""
+        metrics = {s["metadata"]["name"] for s in self.metrics_services}
+        return [s for s in self.of_kind("Service") if s["metadata"]["name"] not in metrics]
+
 
 def render(helm: str, values_file: Path, *extra: str) -> Rendered:
     result = run_helm(helm, "template", RELEASE, str(CHART), "--namespace", NAMESPACE, "-f", str(values_file), *extra)
@@ -284,6 +300,12 @@ class Workload:
     def selected_by(self, kind: str) -> list[dict[str, Any]]:
         return [o for o in self.rendered.of_kind(kind) if selects(o["spec"].get("selector"), self.labels)]
 
+    @property
+    def grpc_services(self) -> list[dict[str, Any]]:
+        """The Services callers dial that select the pods (not metrics.serviceMonitor's metrics Service)."""
+        grpc = {s["metadata"]["name"] for s in self.rendered.grpc_services}
+        return [s for s in self.selected_by("Service") if s["metadata"]["name"] in grpc]
+
     def security(self) -> dict[str, Any]:
         """The container's effective security context: the pod's, overridden by its own."""
         return {**self.pod.get("securityContext", {}), **self.container.get("securityContext", {})}
@@ -367,7 +389,15 @@ def test_the_matrix_covers_every_shape(everything: list[Rendered]) -> None:
     assert any(w.sidecar and w.settings.register_usage_public_key for w in workloads), "no sidecar with a public key"
     assert any(w.settings.tls_client_ca and w.settings.authz_policy for w in workloads), "no mTLS with a policy"
     kinds = {o["kind"] for r in everything for o in r.objects}
-    assert {"PodMonitor", "PrometheusRule", "NetworkPolicy", "PodDisruptionBudget", "ConfigMap"} <= kinds
+    assert {
+        "PodMonitor",
+        "ServiceMonitor",
+        "PrometheusRule",
+        "NetworkPolicy",
+        "PodDisruptionBudget",
+        "ConfigMap",
+    } <= kinds
+    assert any(r.metrics_services for r in everything), "no metrics Service for a ServiceMonitor"
 
 
 def test_helm_lint_strict(helm: str, rendered: Rendered) -> None:
@@ -424,11 +454,17 @@ def test_custom_resources_are_well_formed(rendered: Rendered) -> None:
         if is_builtin_api(obj["apiVersion"]):
             continue
         assert obj["apiVersion"] == "monitoring.coreos.com/v1", obj["apiVersion"]
-        assert obj["kind"] in {"PodMonitor", "PrometheusRule"}
+        assert obj["kind"] in {"PodMonitor", "ServiceMonitor", "PrometheusRule"}
         assert set(obj) == {"apiVersion", "kind", "metadata", "spec"}
         if obj["kind"] == "PrometheusRule":
             runbook = values.get("prometheusRule", {}).get("runbookUrl", "")
             assert obj["spec"] == {"groups": expected_groups(runbook)}, "the PrometheusRule is not the rules file"
+        elif obj["kind"] == "ServiceMonitor":
+            spec = obj["spec"]
+            assert set(spec) <= {"jobLabel", "namespaceSelector", "selector", "endpoints"}
+            assert spec["namespaceSelector"] == {"matchNames": [NAMESPACE]}
+            assert [e["port"] for e in spec["endpoints"]] == ["metrics"]
+            assert all(e["path"] == "/metrics" for e in spec["endpoints"])
         else:
             spec = obj["spec"]
             assert set(spec) <= {"jobLabel", "namespaceSelector", "selector", "podMetricsEndpoints"}
@@ -520,14 +556,69 @@ def test_ports_agree_with_listen_probes_and_services(rendered: Rendered) -> None
         annotations = w.obj["spec"]["template"]["metadata"].get("annotations", {})
         assert annotations.get("prometheus.io/port") == str(metrics[1])
         assert annotations.get("prometheus.io/scrape") == "true"
-        services = w.selected_by("Service")
+        services = w.grpc_services
         assert services, f"{w.id}: no Service selects the pods"
         by_name = {p["name"]: p["containerPort"] for p in w.container["ports"]}
-        for service in services:
+        for service in services:  # the gRPC Services: the metrics port is on none of them
             for svc_port in service["spec"]["ports"]:
                 target = svc_port.get("targetPort", svc_port["port"])
                 assert by_name.get(target, target) == w.grpc_port, f"{service['metadata']['name']} targets {target}"
                 assert svc_port["name"] == "grpc" and svc_port.get("appProtocol") in APP_PROTOCOLS
+
+
+def check_service_monitor(rendered: Rendered, values: dict[str, Any]) -> None:
+    """metrics.serviceMonitor (``values``): one ServiceMonitor scraping exactly the headless metrics
+    Service, whose only port is the pods' metrics port; no gRPC Service carries it."""
+    monitors, servers = rendered.of_kind("ServiceMonitor"), [w for w in rendered.workloads if not w.sidecar]
+    if not values.get("enabled") or not servers:
+        assert not monitors and not rendered.metrics_services
+        assert not any(s["metadata"]["name"].endswith("-metrics") for s in rendered.of_kind("Service"))
+        return
+    assert not rendered.of_kind("PodMonitor"), "a PodMonitor too: every pod scraped twice"
+    [monitor] = monitors
+    [service] = rendered.monitored(monitor)  # exactly the metrics Service, never a gRPC one
+    assert service["metadata"]["name"] == f"{RELEASE}-metrics"
+    assert service["spec"].get("clusterIP") == "None", "not headless: the scrape targets are the pods themselves"
+    # The job: the Service's app.kubernetes.io/name, job="metering-gateway" as the rules expect.
+    assert monitor["spec"]["jobLabel"] == "app.kubernetes.io/name"
+    assert service["metadata"]["labels"][monitor["spec"]["jobLabel"]] == "metering-gateway"
+    assert 'up{job="metering-gateway"}' in RULES_FILE.read_text()
+    selected = [w for w in rendered.workloads if selects(service["spec"]["selector"], w.labels)]
+    assert selected == servers, "the metrics Service does not select exactly the gateway's pods"
+    [port] = service["spec"]["ports"]
+    assert port["name"] == "metrics" and port.get("protocol", "TCP") == "TCP"
+    for w in servers:
+        by_name = {p["name"]: p["containerPort"] for p in w.container["ports"]}
+        target = port.get("targetPort", port["port"])
+        assert by_name.get(target, target) == parse_listen(w.settings.metrics_listen)[1], f"{w.id}: targets {target}"
+    [endpoint] = monitor["spec"]["endpoints"]
+    assert endpoint == {"port": "metrics", "path": "/metrics", "interval": values.get("interval", "30s")}
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
+    assert values.get("labels", {}).items() <= monitor["metadata"]["labels"].items()
+    for grpc in rendered.grpc_services:
+        assert [p["name"] for p in grpc["spec"]["ports"]] == ["grpc"], f"{grpc['metadata']['name']} has another port"
+    assert kubernetes_validate.validate(service, K8S_VERSION, strict=True) == K8S_VERSION
+
+
+def test_the_service_monitor_scrapes_only_the_metrics_service(rendered: Rendered) -> None:
+    check_service_monitor(rendered, rendered.values.get("metrics", {}).get("serviceMonitor", {}))
+
+
+def test_a_service_monitor_on_a_deployment(helm: str) -> None:
+    """The matrix's ServiceMonitor is on the StatefulSet: here on the Deployment's replicas."""
+    values = {"enabled": True, "interval": "15s", "labels": {"release": "prometheus"}}
+    sets = ["metrics.serviceMonitor.enabled=true", "metrics.serviceMonitor.interval=15s"]
+    sets.append("metrics.serviceMonitor.labels.release=prometheus")
+    rendered = render(helm, CHART / "ci" / "shared-meter-only-values.yaml", *(a for x in sets for a in ("--set", x)))
+    assert [w.kind for w in rendered.workloads] == ["Deployment"]
+    check_service_monitor(rendered, values)
+    test_ports_agree_with_listen_probes_and_services(rendered)  # the gRPC Services still carry gRPC only
+
+
+def test_no_service_monitor_without_a_workload(helm: str) -> None:
+    """Mode sidecar has no pods of its own to scrape: metrics.serviceMonitor renders nothing."""
+    rendered = render(helm, CHART / "ci" / "sidecar-values.yaml", "--set", "metrics.serviceMonitor.enabled=true")
+    assert not rendered.of_kind("ServiceMonitor") and not rendered.of_kind("Service")
 
 
 HEALTH_EXEC = ["metering-gateway", "health", "--service"]
@@ -576,7 +667,7 @@ def test_replicas_with_a_spool_have_a_headless_service(rendered: Rendered) -> No
     """Callers that skip a replica whose recorder is down (round_robin + healthCheckConfig) need each pod's address."""
     for w in rendered.workloads:
         if w.kind == "Deployment" and w.has_spool:
-            headless = [s for s in w.selected_by("Service") if s["spec"].get("clusterIP") == "None"]
+            headless = [s for s in w.grpc_services if s["spec"].get("clusterIP") == "None"]
             assert headless, f"{w.id}: no headless Service selects the pods"
             assert all(not s["spec"].get("publishNotReadyAddresses", False) for s in headless)
 
@@ -717,6 +808,17 @@ BAD_VALUES = [
     pytest.param(["--set", "imagePulSecrets[0].name=x"], r"imagePulSecrets", id="misspelt-key"),
     pytest.param(["--set", "grace=20s"], r"grace", id="grace-not-seconds"),
     pytest.param(["--set", "serviceAccount.roleArn=my-role"], r"roleArn", id="role-not-an-arn"),
+    pytest.param(
+        ["--set", "metrics.podMonitor.enabled=true", "--set", "metrics.serviceMonitor.enabled=true"],
+        r"metrics\.podMonitor\.enabled and metrics\.serviceMonitor\.enabled would scrape every pod twice",
+        id="both-monitors",
+    ),
+    pytest.param(
+        ["--set", "metrics.enabled=false", "--set", "metrics.serviceMonitor.enabled=true"],
+        r"metrics\.serviceMonitor\.enabled needs metrics\.enabled",
+        id="service-monitor-without-metrics",
+    ),
+    pytest.param(["--set", "metrics.serviceMonitor.interval=30"], r"interval", id="service-monitor-interval"),
 ]
 
 

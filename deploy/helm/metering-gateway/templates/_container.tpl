@@ -306,8 +306,8 @@ labels:
 annotations:
   checksum/config: {{ include (print .Template.BasePath "/configmap.yaml") . | sha256sum }}
   {{- if $v.metrics.enabled }}
-  # For Prometheus setups that discover pods by annotation (metrics.podMonitor does the
-  # same with the Prometheus Operator).
+  # For Prometheus setups that discover pods by annotation (metrics.podMonitor or
+  # metrics.serviceMonitor does the same with the Prometheus Operator).
   prometheus.io/scrape: "true"
   prometheus.io/port: {{ $v.metrics.port | quote }}
   prometheus.io/path: /metrics

@@ -122,6 +122,12 @@ template of the chart includes it, so `helm template` fails before rendering any
 {{- if and $v.metrics.podMonitor.enabled (not $v.metrics.enabled) }}
 {{- fail "metrics.podMonitor.enabled needs metrics.enabled: there is no metrics port to scrape" }}
 {{- end }}
+{{- if and $v.metrics.serviceMonitor.enabled (not $v.metrics.enabled) }}
+{{- fail "metrics.serviceMonitor.enabled needs metrics.enabled: there is no metrics port to scrape" }}
+{{- end }}
+{{- if and $v.metrics.podMonitor.enabled $v.metrics.serviceMonitor.enabled }}
+{{- fail "metrics.podMonitor.enabled and metrics.serviceMonitor.enabled would scrape every pod twice (duplicate series, doubled sums in the alerts): enable one of them" }}
+{{- end }}
 {{- if and $v.sidecarExample.enabled (ne $v.mode "sidecar") }}
 {{- fail "sidecarExample.enabled renders the sidecar template: it needs mode sidecar" }}
 {{- end }}

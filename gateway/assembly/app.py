@@ -146,7 +146,7 @@ def run(
         ),
     ]
     # --register-usage: the key file is read here, before anything serves (a bad one stops start-up).
-    sidecar = Sidecar(settings, client) if settings.register_usage else None
+    sidecar = Sidecar(settings, client, stop=stop) if settings.register_usage else None
     recording = open_recording(settings, client) if settings.spool else None
     if recording:
         servicers.append(recording_servicer(recording))

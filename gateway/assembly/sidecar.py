@@ -5,7 +5,8 @@ background; once it succeeds, every name turns SERVING but the recorder, which
 follows its spool as always (its state is remembered meanwhile, never shown
 early). A final refusal ends the process at once with one line on stderr and
 exit status :data:`EXIT_REFUSED`: the buyer may not run this container, so there
-is nothing to drain.
+is nothing to drain. Once SIGTERM has come (``stop``), no further attempt is made
+and no outcome touches the process: the drain that has begun runs to its end.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import structlog
 from grpc_health.v1 import health_pb2
 
 from gateway.aws.backend import RetryPolicy
-from gateway.aws.registration import Registrar, RegistrationRefused, load_public_key
+from gateway.aws.registration import Registrar, RegistrationAbandoned, RegistrationRefused, load_public_key
 from gateway.config import Settings
 from gateway.observability import metrics
 from gateway.rpc.server import RECORDER_SERVICE, Gateway
@@ -51,12 +52,20 @@ class Sidecar:
         *,
         exit_process: Callable[[int], NoReturn] = _exit_now,
         registrar: Registrar | None = None,
+        stop: threading.Event | None = None,
     ) -> None:
+        self._stop = stop or threading.Event()  # SIGTERM's: the backoff wakes on it, and no outcome acts after it
         # The key file is read now, before anything serves: a bad one is a one-line ConfigError.
         key = load_public_key(settings.register_usage_public_key) if settings.register_usage_public_key else None
         policy = RetryPolicy(settings.aws_max_attempts, settings.aws_backoff_base, settings.aws_backoff_max)
         self.registrar = registrar or Registrar(
-            client, settings.register_usage, settings.register_usage_key_version, key, policy
+            client,
+            settings.register_usage,
+            settings.register_usage_key_version,
+            key,
+            policy,
+            sleep=self._stop.wait,
+            stopped=self._stop.is_set,
         )
         self._exit = exit_process
         self._lock = threading.Lock()
@@ -81,19 +90,29 @@ class Sidecar:
     def _run(self) -> None:
         try:
             outcome = self.registrar.register()
+        except RegistrationAbandoned as abandoned:
+            log.info("register_usage_abandoned", attempts=abandoned.attempts, note="SIGTERM came first")
+            return
         except RegistrationRefused as refused:
             log.error("register_usage_refused", cause=refused.cause, message=refused.line)
+            if self._stop.is_set():  # the pod is stopping already: let its drain finish
+                return
             print(refused.line, file=sys.stderr)
             self._exit(EXIT_REFUSED)
             return
         except Exception as exc:  # a bug must not leave the pod unready for ever without a word
             line = f"metering-gateway: RegisterUsage failed unexpectedly: {type(exc).__name__}: {exc}"
             log.exception("register_usage_failed")
+            if self._stop.is_set():
+                return
             print(" ".join(line.split()), file=sys.stderr)
             self._exit(EXIT_REFUSED)
             return
         assert self._gateway is not None
         with self._lock:
+            if self._stop.is_set():  # health is NOT_SERVING for the drain: it stays so, metrics too
+                log.info("registered_while_stopping", attempts=outcome.attempts)
+                return
             self._registered = True
             for name in self._gateway.names:
                 serving = (

@@ -34,6 +34,8 @@ from botocore.exceptions import (
     PartialCredentialsError,
 )
 from botocore.exceptions import ConnectionError as AwsConnectionError
+from botocore.parsers import ResponseParserError
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
@@ -75,6 +77,14 @@ class RegistrationRefused(Exception):
         super().__init__(self.line)
 
 
+class RegistrationAbandoned(Exception):
+    """SIGTERM came before any final answer: no further attempt, nothing to end the process with."""
+
+    def __init__(self, attempts: int) -> None:
+        super().__init__(f"RegisterUsage abandoned after {attempts} attempt(s): the gateway is stopping")
+        self.attempts = attempts
+
+
 @dataclass(frozen=True)
 class Registered:
     """RegisterUsage succeeded: with what nonce, after how many calls, and whether the signature was checked."""
@@ -91,8 +101,10 @@ def load_public_key(path: str) -> rsa.RSAPublicKey:
     try:
         with open(path, "rb") as f:
             key = load_pem_public_key(f.read())
-    except (OSError, ValueError, TypeError) as exc:
-        raise ConfigError(f"register-usage-public-key: {path!r} is not a PEM public key ({exc})") from None
+    except (OSError, ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise ConfigError(
+            f"register-usage-public-key: {path!r} is not a PEM public key ({_one_line(str(exc)) or type(exc).__name__})"
+        ) from None
     if not isinstance(key, rsa.RSAPublicKey):
         raise ConfigError(f"register-usage-public-key: {path!r} is not an RSA public key (PS256/RS256 need one)")
     return key
@@ -117,9 +129,10 @@ class Registrar:
         public_key: rsa.RSAPublicKey | None,
         policy: RetryPolicy,
         *,
-        sleep: Callable[[float], None] = time.sleep,
+        sleep: Callable[[float], object] = time.sleep,  # an Event's wait too: SIGTERM ends the pause
         rand: Callable[[], float] = random.random,
         nonce: Callable[[], str] = lambda: str(uuid.uuid4()),
+        stopped: Callable[[], bool] = lambda: False,
     ) -> None:
         self.client = client
         self.product_code = product_code
@@ -127,6 +140,7 @@ class Registrar:
         self.public_key = public_key
         self.policy = policy
         self._sleep, self._rand, self._nonce = sleep, rand, nonce
+        self._stopped = stopped  # SIGTERM: no further attempt (the pod is going away)
 
     def register(self) -> Registered:
         """Register this pod; RegistrationRefused for a final refusal or a bad answer."""
@@ -138,6 +152,8 @@ class Registrar:
             )
         attempt = 0
         while True:
+            if self._stopped():
+                raise RegistrationAbandoned(attempt)
             attempt += 1
             nonce = self._nonce()
             try:
@@ -146,9 +162,11 @@ class Registrar:
                 )
             except ClientError as exc:
                 failure = self._refusal_or_retry(exc)
-            except (AwsConnectionError, HTTPClientError) as exc:
+            except (AwsConnectionError, HTTPClientError, ResponseParserError) as exc:
                 failure = f"AWS_UNREACHABLE ({_one_line(str(exc))})"
-            except (NoCredentialsError, PartialCredentialsError, CredentialRetrievalError) as exc:
+            except CredentialRetrievalError as exc:  # the credential endpoint (ECS agent, Pod Identity) not up yet
+                failure = f"CREDENTIALS_UNAVAILABLE ({_one_line(str(exc))})"
+            except (NoCredentialsError, PartialCredentialsError) as exc:
                 raise RegistrationRefused(
                     "NO_CREDENTIALS",
                     f"no usable AWS credentials ({exc}): the pod needs the ECS task role or, on EKS, IRSA",

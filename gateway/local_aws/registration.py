@@ -92,6 +92,9 @@ class Registrar:
     registrations: list[Registration] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
+    def __post_init__(self) -> None:
+        self._first_version = self.public_key_version  # what reset() goes back to
+
     @functools.cached_property
     def private_key(self) -> rsa.RSAPrivateKey:
         return _new_key()
@@ -165,8 +168,10 @@ class Registrar:
                 setattr(self, SWITCHES[name], value)
 
     def reset(self) -> None:
-        """Forget the registrations and the switches; the key pair stays (key files stay valid)."""
+        """Forget the registrations and the switches (the key version back to the one it
+        started with); the key pair stays (key files stay valid)."""
         with self._lock:
             self.registrations.clear()
             self.subscribed = self.platform_supported = self.region_supported = True
             self.wrong_key = False
+            self.public_key_version = self._first_version

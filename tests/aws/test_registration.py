@@ -5,6 +5,8 @@ Backoff runs on an injected sleep: no test waits on the wall clock.
 
 from __future__ import annotations
 
+import base64
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,12 +14,12 @@ from typing import Any
 import jwt
 import pytest
 from botocore.config import Config
-from botocore.exceptions import ClientError, EndpointConnectionError
+from botocore.exceptions import ClientError, CredentialRetrievalError, EndpointConnectionError
 from cryptography.hazmat.primitives.asymmetric import rsa
 from structlog.testing import capture_logs
 
 from gateway.aws.backend import RetryPolicy
-from gateway.aws.registration import Registrar, RegistrationRefused, load_public_key
+from gateway.aws.registration import Registrar, RegistrationAbandoned, RegistrationRefused, load_public_key
 from gateway.config import ConfigError
 from gateway.local_aws import LocalAws
 from support import local_session
@@ -219,3 +221,51 @@ def test_a_bad_key_file_is_a_one_line_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         load_public_key(str(path))
     assert "register-usage-public-key" in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_credential_endpoint_not_up_yet_is_retried(aws: LocalAws) -> None:
+    """The ECS agent's or Pod Identity's endpoint may answer late at a pod's start: a retry, not a refusal."""
+    real = client(aws)
+    calls: list[str] = []
+
+    class EarlyPod:
+        meta = real.meta
+
+        def register_usage(self, **params: Any) -> Any:
+            calls.append(params["Nonce"])
+            if len(calls) < 3:
+                raise CredentialRetrievalError(provider="container-role", error_msg="connection refused")
+            return real.register_usage(**params)
+
+    assert registrar(aws, None, client=EarlyPod()).register().attempts == 3
+
+
+def test_sigterm_ends_the_retries_without_an_outcome(aws: LocalAws) -> None:
+    aws.inject("ThrottlingException", count=100, operation="RegisterUsage")
+    stop = threading.Event()
+
+    def sleep(seconds: float) -> None:
+        stop.set()  # SIGTERM comes during the first pause
+
+    with pytest.raises(RegistrationAbandoned) as caught:
+        registrar(aws, None, sleep=sleep, stopped=stop.is_set).register()
+    assert caught.value.attempts == 1
+
+
+@pytest.mark.parametrize(
+    "der",
+    [  # SubjectPublicKeyInfo of a key cryptography cannot load (UnsupportedAlgorithm, not ValueError)
+        pytest.param(b"\x30\x1a\x30\x05\x06\x03\x2a\x03\x04\x03\x11\x00" + b"\x01" * 16, id="unknown-oid"),
+        pytest.param(
+            b"\x30\x28\x30\x10\x06\x07\x2a\x86\x48\xce\x3d\x02\x01\x06\x05\x2b\x81\x04\x00\x06"
+            b"\x03\x14\x00\x04" + b"\x01" * 18,
+            id="unsupported-curve",
+        ),
+    ],
+)
+def test_a_key_of_an_unknown_algorithm_is_a_one_line_config_error(der: bytes, tmp_path: Path) -> None:
+    path = tmp_path / "odd.pem"
+    path.write_text("-----BEGIN PUBLIC KEY-----\n" + base64.encodebytes(der).decode() + "-----END PUBLIC KEY-----\n")
+    with pytest.raises(ConfigError) as caught:
+        load_public_key(str(path))
+    assert "\n" not in str(caught.value) and "is not a PEM public key" in str(caught.value)

@@ -137,11 +137,13 @@ def test_a_meter_usage_fault_passes_register_usage(aws: LocalAws) -> None:
 
 
 def test_reset_keeps_the_key_and_forgets_the_rest(aws: LocalAws) -> None:
-    before = control(aws, "POST", {"subscribed": False, "wrongKey": True})
+    first = control(aws, "GET")["publicKeyVersion"]
+    before = control(aws, "POST", {"subscribed": False, "wrongKey": True, "publicKeyVersion": first + 1})
     aws.reset()
     after = control(aws, "GET")
     assert after["publicKey"] == before["publicKey"]
     assert (after["subscribed"], after["wrongKey"], after["registrations"]) == (True, False, [])
+    assert after["publicKeyVersion"] == first
 
 
 @pytest.mark.parametrize("body", [{"subscribed": "no"}, {"colour": True}, {"publicKeyVersion": 0}, [1]])

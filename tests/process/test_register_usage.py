@@ -3,14 +3,20 @@ readiness waits for RegisterUsage, and a refusal ends the process with one line.
 
 from __future__ import annotations
 
+import signal
 import subprocess
+import time
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.rpc.server import METERING_SERVICE, RECORDER_SERVICE
+from marketplace.metering.v1 import metering_pb2_grpc as pb_grpc
+from support import request
 from support.processes import SERVE, GatewayProcess, http_json, tool_env
 from support.recording import wait_for
 
@@ -126,3 +132,28 @@ def test_a_sidecar_needs_one_process(tmp_path: Path) -> None:
     assert done.returncode == 2
     [line] = done.stderr.splitlines()
     assert "--processes 1" in line and "register" in line
+
+
+def test_sigterm_while_unregistered_drains_and_exits_zero_whatever_aws_then_says(
+    local_aws_url: str, tmp_path: Path
+) -> None:
+    """SIGTERM during the retries ends them; a call in flight still finishes within --grace,
+    and an answer AWS would give later (not subscribed) no longer ends the process with 3."""
+    faults = local_aws_url + "/_local/faults"
+    http_json(faults, "POST", {"error": "ThrottlingException", "count": 100000, "operation": "RegisterUsage"})
+    http_json(faults, "POST", {"error": "slow", "count": 1, "delay": 2.0, "operation": "MeterUsage"})
+    with sidecar(local_aws_url, tmp_path, "--grace", "8s", "--aws-backoff-max", "1s") as gw:
+        gw.wait_for(lambda e: e.get("event") == "register_usage_retry")
+        replies: list[Any] = []
+        with grpc.insecure_channel(gw.target) as channel:
+            call = pb_grpc.MeteringServiceStub(channel).MeterUsage.future(
+                request(product_code=PRODUCT, when=datetime.now(UTC)), timeout=15
+            )
+            time.sleep(0.5)  # the call is with AWS, answered 2 s late
+            gw.proc.send_signal(signal.SIGTERM)
+            http_json(faults, "DELETE")
+            switch(local_aws_url, subscribed=False)  # were it asked again, AWS would refuse
+            replies.append(call.result())
+        assert gw.wait(30) == 0
+        assert replies[0].metering_record_id
+        assert gw.lines("register_usage_abandoned") and not refusal_lines(gw)

@@ -151,8 +151,8 @@ class Rendered:
         return [s for s in self.of_kind("Service") if s["metadata"]["name"] not in metrics]
 
 
-def render(helm: str, values_file: Path, *extra: str) -> Rendered:
-    result = run_helm(helm, "template", RELEASE, str(CHART), "--namespace", NAMESPACE, "-f", str(values_file), *extra)
+def render(helm: str, values_file: Path, *extra: str, release: str = RELEASE) -> Rendered:
+    result = run_helm(helm, "template", release, str(CHART), "--namespace", NAMESPACE, "-f", str(values_file), *extra)
     assert result.returncode == 0, f"helm template -f {values_file.name} failed:\n{result.stderr}"
     docs = list(yaml.safe_load_all(result.stdout))
     for doc in docs:
@@ -311,16 +311,18 @@ class Workload:
         return {**self.pod.get("securityContext", {}), **self.container.get("securityContext", {})}
 
 
-_SETTINGS: dict[str, Settings] = {}
+_SETTINGS: dict[tuple[str, str], Settings] = {}
 
 
 def _settings_of(w: Workload) -> Settings:
+    """Cached per workload and rendering: a values file rendered with more --set is another rendering."""
     import tempfile
 
-    if w.id not in _SETTINGS:
+    key = (w.id, w.rendered.text)
+    if key not in _SETTINGS:
         with tempfile.TemporaryDirectory() as directory:
-            _SETTINGS[w.id] = w.settings_in(Path(directory))
-    return _SETTINGS[w.id]
+            _SETTINGS[key] = w.settings_in(Path(directory))
+    return _SETTINGS[key]
 
 
 def selects(selector: dict[str, Any] | None, labels: dict[str, str]) -> bool:
@@ -461,13 +463,19 @@ def test_custom_resources_are_well_formed(rendered: Rendered) -> None:
             assert obj["spec"] == {"groups": expected_groups(runbook)}, "the PrometheusRule is not the rules file"
         elif obj["kind"] == "ServiceMonitor":
             spec = obj["spec"]
-            assert set(spec) <= {"jobLabel", "namespaceSelector", "selector", "endpoints"}
+            assert set(spec) <= {"jobLabel", "targetLabels", "namespaceSelector", "selector", "endpoints"}
+            # Each release's series apart: two releases in a namespace share job="metering-gateway".
+            assert spec["targetLabels"] == ["app.kubernetes.io/instance"]
+            assert all(
+                s["metadata"]["labels"]["app.kubernetes.io/instance"] == RELEASE for s in rendered.monitored(obj)
+            )
             assert spec["namespaceSelector"] == {"matchNames": [NAMESPACE]}
             assert [e["port"] for e in spec["endpoints"]] == ["metrics"]
             assert all(e["path"] == "/metrics" for e in spec["endpoints"])
         else:
             spec = obj["spec"]
-            assert set(spec) <= {"jobLabel", "namespaceSelector", "selector", "podMetricsEndpoints"}
+            assert set(spec) <= {"jobLabel", "podTargetLabels", "namespaceSelector", "selector", "podMetricsEndpoints"}
+            assert spec["podTargetLabels"] == ["app.kubernetes.io/instance"]  # each release's series apart
             assert spec["jobLabel"] == "app.kubernetes.io/name"  # job="metering-gateway", as the rules expect
             assert spec["namespaceSelector"] == {"matchNames": [NAMESPACE]}
             pods = [w for w in rendered.workloads if selects(spec["selector"], w.labels)]
@@ -513,7 +521,11 @@ def test_the_network_policy_admits_only_the_named_clients(rendered: Rendered) ->
     by_port = {tuple(p["port"] for p in rule["ports"]): rule["from"] for rule in spec["ingress"]}
     clients = values.get("networkPolicy", {}).get("clients", [])
     expected = [
-        {f"{k}Selector": {"matchLabels": peer[f"{k}Selector"]} for k in ("namespace", "pod") if f"{k}Selector" in peer}
+        {
+            f"{k}Selector": {"matchLabels": peer[f"{k}Selector"]} if peer[f"{k}Selector"] else {}
+            for k in ("namespace", "pod")
+            if f"{k}Selector" in peer
+        }
         for peer in clients
     ]
     assert by_port.get(("grpc",), []) == expected
@@ -526,6 +538,26 @@ def test_the_network_policy_admits_only_the_named_clients(rendered: Rendered) ->
         assert rule["from"], "an ingress rule without peers admits everyone"
         for peer in rule["from"]:
             assert "ipBlock" not in peer
+
+
+def test_an_empty_selector_given_selects_everything(helm: str, tmp_path: Path) -> None:
+    """``podSelector: {}`` is every pod of the namespace, ``namespaceSelector: {}`` every namespace:
+    rendered as ``{}``, never dropped (``from: [null]``)."""
+    values = tmp_path / "clients-values.yaml"
+    clients = [{"podSelector": {}}, {"namespaceSelector": {}, "podSelector": {"app": "api"}}, {"namespaceSelector": {}}]
+    values.write_text(
+        yaml.safe_dump({"image": {"repository": "registry.invalid/x"}, "networkPolicy": {"clients": clients}})
+    )
+    rendered = render(helm, values)
+    [policy] = rendered.of_kind("NetworkPolicy")
+    [grpc] = [r for r in policy["spec"]["ingress"] if r["ports"][0]["port"] == "grpc"]
+    assert grpc["from"] == [
+        {"podSelector": {}},
+        {"namespaceSelector": {}, "podSelector": {"matchLabels": {"app": "api"}}},
+        {"namespaceSelector": {}},
+    ]
+    test_the_network_policy_admits_only_the_named_clients(rendered)
+    assert kubernetes_validate.validate(policy, K8S_VERSION, strict=True) == K8S_VERSION
 
 
 def test_the_config_maps_hold_what_the_gateway_reads(rendered: Rendered) -> None:
@@ -543,6 +575,10 @@ def test_the_config_maps_hold_what_the_gateway_reads(rendered: Rendered) -> None
 def test_ports_agree_with_listen_probes_and_services(rendered: Rendered) -> None:
     for w in rendered.workloads:
         settings = w.settings
+        if w.sidecar and not settings.metrics_listen:  # metrics.sidecarPort 0: no port in the ISV's pod
+            assert not w.container.get("ports"), f"{w.id}: a sidecar without metrics opens {w.container['ports']}"
+            assert settings.listen_host_port == ("127.0.0.1", 50051)
+            continue
         metrics = parse_listen(settings.metrics_listen)
         assert metrics[0] == "0.0.0.0" and metrics[1] != w.grpc_port
         metrics_name = "gw-metrics" if w.sidecar else "metrics"  # a sidecar's names must not clash with its pod's
@@ -578,6 +614,8 @@ def check_service_monitor(rendered: Rendered, values: dict[str, Any]) -> None:
     [monitor] = monitors
     [service] = rendered.monitored(monitor)  # exactly the metrics Service, never a gRPC one
     assert service["metadata"]["name"] == f"{RELEASE}-metrics"
+    assert monitor["spec"]["targetLabels"] == ["app.kubernetes.io/instance"]
+    assert service["metadata"]["labels"]["app.kubernetes.io/instance"] == RELEASE  # what targetLabels copies
     assert service["spec"].get("clusterIP") == "None", "not headless: the scrape targets are the pods themselves"
     # The job: the Service's app.kubernetes.io/name, job="metering-gateway" as the rules expect.
     assert monitor["spec"]["jobLabel"] == "app.kubernetes.io/name"
@@ -794,6 +832,8 @@ def test_the_sidecar_serves_its_pod_only_and_registers_usage(everything: list[Re
 
 # -- values that cannot work fail, saying why -------------------------------------------------------------
 
+SIDECAR = ("--set", "mode=sidecar", "--set", "registerUsage.productCode=prod-a", "--set", "registerUsage.keyVersion=1")
+SINGLE = ("--set", "mode=single", "--set", "spool.type=sqlite")
 BAD_VALUES = [
     pytest.param(["--set", "mode=bogus"], r"mode.*(shared|one of)", id="mode-bogus"),
     pytest.param(["--set", "spool.type=postgres"], r"spool\.postgres\.existingSecret", id="postgres-without-secret"),
@@ -803,7 +843,48 @@ BAD_VALUES = [
     pytest.param(["--set", "zeroUsageHours=prod-a=b"], r"need a spool", id="zero-hours-without-spool"),
     pytest.param(["--set", "authz.policy=callers: []"], r"mTLS", id="authz-without-tls"),
     pytest.param(["--set", "replicaCount=2", "--set", "pdb.minAvailable=2"], r"pdb\.minAvailable", id="pdb-blocks"),
-    pytest.param(["--set", "registerUsage.productCode=prod-a"], r"keyVersion", id="register-without-key-version"),
+    pytest.param(
+        ["--set", "mode=sidecar", "--set", "registerUsage.productCode=prod-a"],
+        r"keyVersion",
+        id="register-without-key-version",
+    ),
+    pytest.param(
+        ["--set", "registerUsage.productCode=prod-a", "--set", "registerUsage.keyVersion=1"],
+        r"registerUsage\.productCode needs mode sidecar",
+        id="register-usage-outside-the-sidecar",
+    ),
+    pytest.param(
+        ["--set", "mode=single", "--set", "spool.type=sqlite", "--set", "registerUsage.productCode=prod-a"],
+        r"registerUsage\.productCode needs mode sidecar",
+        id="register-usage-in-single",
+    ),
+    pytest.param([*SIDECAR, "--set", "processes=2"], r"processes must be 1 in mode sidecar", id="sidecar-processes"),
+    pytest.param(
+        [*SIDECAR, "--set", "metrics.prometheusRule.enabled=true"],
+        r"Copy files/prometheus-rules\.yaml .* your own scrape job",
+        id="sidecar-prometheus-rule",
+    ),
+    pytest.param([*SIDECAR, "--set", "metrics.sidecarPort=50051"], r"sidecarPort", id="sidecar-metrics-on-grpc"),
+    pytest.param(
+        [*SINGLE, "--set", "products=prod-a=requests", "--set", "zeroUsageHours=prod-b=requests"],
+        r"zeroUsageHours names product prod-b, which products does not list",
+        id="zero-hours-unknown-product",
+    ),
+    pytest.param(
+        [*SINGLE, "--set", "products=prod-a=requests;prod-b=cpu", "--set", "zeroUsageHours=prod-a=requests\\,cpu"],
+        r"zeroUsageHours names prod-a=cpu, a dimension products does not list",
+        id="zero-hours-unknown-dimension",
+    ),
+    pytest.param(
+        ["--set", "podLabels.app\\.kubernetes\\.io/name=billing"],
+        r"podLabels\.app\.kubernetes\.io/name is a label the chart sets itself",
+        id="pod-label-of-the-chart",
+    ),
+    pytest.param(
+        ["--set-string", "podAnnotations.checksum/config=x"],
+        r"podAnnotations\.checksum/config is an annotation the chart sets itself",
+        id="pod-annotation-of-the-chart",
+    ),
     pytest.param(["--set", "mode=sidecar"], r"registerUsage\.productCode", id="sidecar-without-product"),
     pytest.param(["--set", "imagePulSecrets[0].name=x"], r"imagePulSecrets", id="misspelt-key"),
     pytest.param(["--set", "grace=20s"], r"grace", id="grace-not-seconds"),
@@ -892,3 +973,150 @@ def test_the_documented_sidecar_snippet_renders_in_an_isv_chart(helm: str, tmp_p
     for obj in docs:
         kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
     assert w.settings.register_usage and w.pod["terminationGracePeriodSeconds"] > w.settings.grace + 5 + SHUTDOWN_MARGIN
+
+
+def test_the_sidecar_templates_fail_outside_mode_sidecar(helm: str, tmp_path: Path) -> None:
+    """A parent chart that forgets ``mode: sidecar`` would also get the chart's own Deployment: refused."""
+    chart = isv_chart(tmp_path)
+    text = (chart / "Chart.yaml").read_text()
+    (chart / "Chart.yaml").write_text(re.sub(r"repository: .*", f"repository: file://{CHART}", text))
+    assert run_helm(helm, "dependency", "build", str(chart)).returncode == 0
+    values = chart / "shared-values.yaml"
+    gateway = {"mode": "shared", "image": {"repository": "registry.invalid/metering-gateway"}}
+    gateway["registerUsage"] = {"productCode": "", "keyVersion": 0, "publicKey": ""}
+    gateway["serviceAccount"] = {"roleArn": "arn:aws:iam::000000000000:role/paid-app"}
+    values.write_text(yaml.safe_dump({"metering-gateway": gateway}))
+    pod = chart / "templates" / "deployment.yaml"
+    for template in ("metering-gateway.sidecar", "metering-gateway.sidecarVolumes"):
+        pod.write_text(f'{{{{ include "{template}" (index .Subcharts "metering-gateway") }}}}\n')
+        result = run_helm(helm, "template", "shop", str(chart), "-n", NAMESPACE, "-f", str(values))
+        assert result.returncode != 0, f"{template} rendered in mode shared:\n{result.stdout[:400]}"
+        assert 'include "metering-gateway.sidecar" (and sidecarVolumes) needs mode: sidecar' in result.stderr
+
+
+# -- memory, names, the sidecar's metrics -------------------------------------------------------------------
+
+PROCESS_BYTES = 90 * 10**6  # one `serve` process, idle (measured: --processes 2 is about 178 MB PSS)
+HEALTH_BYTES = 80 * 10**6  # one `metering-gateway health` run (measured: about 78 MB)
+QUANTITY = re.compile(r"^(\d+)(Ki|Mi|Gi|K|M|G)?$")
+UNITS = {None: 1, "K": 10**3, "M": 10**6, "G": 10**9, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30}
+
+
+def quantity_bytes(text: str) -> int:
+    match = QUANTITY.match(str(text))
+    assert match, f"not a memory quantity the test reads: {text!r}"
+    return int(match[1]) * UNITS[match[2]]
+
+
+def memory_needed(w: Workload) -> int:
+    """The processes, and two probe runs at once (liveness and readiness) where the probes are exec."""
+    exec_probes = "exec" in w.container["livenessProbe"]
+    return w.settings.processes * PROCESS_BYTES + (2 * HEALTH_BYTES if exec_probes else 0)
+
+
+def test_the_memory_limit_fits_the_processes_and_the_probes(helm: str, everything: list[Rendered]) -> None:
+    more = render(
+        helm, CHART / "ci" / "shared-meter-only-values.yaml", "--set", "processes=4", "--set", "tls.secretName=t"
+    )
+    workloads = [w for r in [*everything, more] for w in r.workloads]
+    assert any(w.settings.processes > 1 and "exec" in w.container["livenessProbe"] for w in workloads)
+    for w in workloads:
+        limit = quantity_bytes(w.container["resources"]["limits"]["memory"])
+        assert limit > memory_needed(w), f"{w.id}: {limit} bytes for {w.settings.processes} processes and the probes"
+    [four] = more.workloads
+    assert four.container["resources"]["limits"]["memory"] == "704Mi"  # 128Mi per process + 192Mi, as values.yaml says
+
+
+def test_a_memory_limit_given_is_kept(helm: str) -> None:
+    sets = ["processes=2", "resources.limits.memory=1Gi", "resources.limits.cpu=2"]
+    rendered = render(helm, CHART / "ci" / "shared-meter-only-values.yaml", *(a for x in sets for a in ("--set", x)))
+    [w] = rendered.workloads
+    assert w.container["resources"]["limits"] == {"cpu": 2, "memory": "1Gi"}
+    assert w.container["resources"]["requests"] == {"cpu": "100m", "memory": "128Mi"}
+
+
+LONG_RELEASE = "r" * 40  # the full name RELEASE-metering-gateway is 57 characters
+
+
+@pytest.mark.parametrize("values_file", ["single-sqlite", "shared-postgres", "sidecar"])
+def test_names_fit_with_a_long_release_name(helm: str, values_file: str) -> None:
+    """Suffixed names (-headless, -metrics ...) stay DNS labels of 63; a StatefulSet's name stays within 52,
+    or its pods' controller-revision-hash label (NAME-<hash of 10>) would exceed a label's 63."""
+    rendered = render(helm, CHART / "ci" / f"{values_file}-values.yaml", release=LONG_RELEASE)
+    names = [(o["kind"], o["metadata"]["name"]) for o in rendered.objects]
+    for kind, name in names:
+        assert len(name) <= 63 and re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name), f"{kind}/{name}"
+    assert len(set(names)) == len(names), names
+    for w in rendered.workloads:
+        assert all(len(v) <= 63 for v in w.labels.values())
+        if w.kind == "StatefulSet":
+            name = w.obj["metadata"]["name"]
+            assert len(name) <= 52 and len(f"{name}-{'x' * 10}") <= 63
+            governing = rendered.named("Service", w.obj["spec"]["serviceName"])
+            assert governing is not None and governing["spec"]["clusterIP"] == "None"
+    services = {n for k, n in names if k == "Service"}
+    if rendered.of_kind("ServiceMonitor"):
+        assert any(n.endswith("-metrics") for n in services)
+    if rendered.workloads and not rendered.workloads[0].sidecar:
+        assert any(n.endswith("-headless") for n in services)
+    for obj in rendered.objects:
+        if is_builtin_api(obj["apiVersion"]):
+            kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+
+
+def test_the_sidecar_serves_metrics_only_when_asked(helm: str) -> None:
+    """In the ISV's pod a metrics port shares the pod's addresses with the application's: none by
+    default, and metrics.sidecarPort (one the ISV picks) when asked."""
+    values = CHART / "ci" / "sidecar-values.yaml"
+    [default] = [w for w in render(helm, values).workloads if w.sidecar]
+    assert not default.settings.metrics_listen and not default.container.get("ports")
+    asked = render(helm, values, "--set", "metrics.sidecarPort=9464")
+    [w] = [w for w in asked.workloads if w.sidecar]
+    assert w.settings.metrics_listen == "0.0.0.0:9464"
+    assert w.container["ports"] == [{"name": "gw-metrics", "containerPort": 9464, "protocol": "TCP"}]
+    test_ports_agree_with_listen_probes_and_services(asked)
+
+
+def test_notes_use_the_health_target_the_certificate_names(helm: str) -> None:
+    full = CHART / "ci" / "shared-postgres-values.yaml"
+    for target, host in (("", "127.0.0.1"), ("localhost:50051", "localhost"), ("gw.internal:50051", "gw.internal")):
+        args = ["--set", f"tls.healthTarget={target}"]
+        result = run_helm(
+            helm, "install", RELEASE, str(CHART), "--dry-run=client", "-n", NAMESPACE, "-f", str(full), *args
+        )
+        assert result.returncode == 0, result.stderr
+        notes = result.stdout.partition("NOTES:")[2]
+        assert f"metering-gateway health --target {host}:50051 " in notes, notes
+        assert ("/etc/hosts" in notes) == (host == "gw.internal")
+
+
+# -- the documentation says what the chart does ------------------------------------------------------------
+
+
+def test_the_docs_say_what_cannot_change_and_what_the_certificate_needs() -> None:
+    deploy = " ".join((ROOT / "docs" / "deploy.md").read_text().split())
+    values = " ".join((CHART / "values.yaml").read_text().split())
+    for text in (deploy, values):
+        assert "volumeClaimTemplates cannot change" in text  # spool.sqlite.size / storageClass
+        assert "allowVolumeExpansion" in text
+        assert "clientAuth" in text  # the mTLS probes present the server's certificate
+    sidecar = (CHART / "templates" / "_sidecar.tpl").read_text()
+    for text in (deploy, sidecar):
+        assert "3.14" not in text and "Helm 3.7" in " ".join(text.split())
+    dashboard = json_description(CHART / "files" / "grafana-dashboard.json")
+    assert "deploy/prometheus-rules.yaml" not in dashboard
+    paths = re.findall(r"deploy/\S+?\.yaml", dashboard)
+    assert paths and all((ROOT / p).is_file() for p in paths), paths
+
+
+def json_description(path: Path) -> str:
+    import json
+
+    return str(json.loads(path.read_text())["description"])
+
+
+def test_iam_creates_the_policy_eksctl_attaches() -> None:
+    text = (ROOT / "docs" / "iam.md").read_text()
+    create = text.find("aws iam create-policy --policy-name metering-gateway --policy-document file://policy.json")
+    attach = text.find("--attach-policy-arn arn:aws:iam::<ACCOUNT_ID>:policy/metering-gateway")
+    assert 0 <= create < attach, "the eksctl line attaches a policy the doc never creates"

@@ -31,20 +31,39 @@ grpc:
 {{- $v := $root.Values }}
 {{- $prefix := include "metering-gateway.volumePrefix" . }}
 {{- $port := include "metering-gateway.grpcPort" $root }}
+{{- /* The metrics port: metrics.port with metrics.enabled; in the sidecar only
+metrics.sidecarPort (0: none), a port the ISV picks free in its own pod. */}}
+{{- $metricsPort := 0 }}
+{{- if .sidecar }}
+{{- $metricsPort = int $v.metrics.sidecarPort }}
+{{- else if $v.metrics.enabled }}
+{{- $metricsPort = int $v.metrics.port }}
+{{- end }}
+{{- /* resources, with limits.memory computed from processes unless it is given: 128Mi
+per server process plus 192Mi for two `metering-gateway health` probe runs at once. */}}
+{{- $resources := deepCopy (default dict $v.resources) }}
+{{- $limits := dict }}
+{{- if $resources.limits }}
+{{- $limits = $resources.limits }}
+{{- end }}
+{{- if not (hasKey $limits "memory") }}
+{{- $_ := set $limits "memory" (printf "%dMi" (add 192 (mul 128 (int $v.processes)))) }}
+{{- $_ := set $resources "limits" $limits }}
+{{- end }}
 - name: {{ if .sidecar }}metering-gateway{{ else }}gateway{{ end }}
   image: {{ include "metering-gateway.image" $root | quote }}
   imagePullPolicy: {{ $v.image.pullPolicy }}
-  {{- if or (not .sidecar) $v.metrics.enabled }}
+  {{- if or (not .sidecar) $metricsPort }}
   ports:
     {{- if not .sidecar }}
     - name: grpc
       containerPort: {{ $port }}
       protocol: TCP
     {{- end }}
-    {{- if $v.metrics.enabled }}
+    {{- if $metricsPort }}
     # Prometheus metrics (/metrics); never exposed through a Service.
     - name: {{ if .sidecar }}gw-metrics{{ else }}metrics{{ end }}
-      containerPort: {{ $v.metrics.port }}
+      containerPort: {{ $metricsPort }}
       protocol: TCP
     {{- end }}
   {{- end }}
@@ -52,9 +71,9 @@ grpc:
     # {{ if .sidecar }}Loopback only: the pod's own containers are its callers.{{ else }}Every address: the Service and the NetworkPolicy say who reaches it.{{ end }}
     - name: METERING_GATEWAY_LISTEN
       value: {{ if .sidecar }}"127.0.0.1:{{ $port }}"{{ else }}"0.0.0.0:{{ $port }}"{{ end }}
-    {{- if $v.metrics.enabled }}
+    {{- if $metricsPort }}
     - name: METERING_GATEWAY_METRICS_LISTEN
-      value: "0.0.0.0:{{ $v.metrics.port }}"
+      value: "0.0.0.0:{{ $metricsPort }}"
     {{- end }}
     - name: METERING_GATEWAY_REFLECTION
       value: {{ $v.reflection | quote }}
@@ -156,10 +175,8 @@ grpc:
       # Endpoints and callers' resolvers drop the pod before SIGTERM makes it refuse calls.
       exec:
         command: ["sleep", {{ int $v.preStopSeconds | quote }}]
-  {{- with $v.resources }}
   resources:
-    {{- toYaml . | nindent 4 }}
-  {{- end }}
+    {{- toYaml $resources | nindent 4 }}
   securityContext:
     {{- if .sidecar }}
     # In someone else's pod: the container says it all itself (uid 10001 is the image's USER).

@@ -21,6 +21,22 @@ context: the chart's own templates pass `.`, an ISV chart passes this chart's sc
 {{- end }}
 {{- end }}
 
+{{/*
+A name made of the full name and a suffix (-headless, -metrics, -authz ...): the full
+name is cut so that the whole stays a 63-character DNS label.
+Takes (dict "root" <the chart's context> "suffix" "-headless").
+*/}}
+{{- define "metering-gateway.suffixedName" -}}
+{{- $base := include "metering-gateway.fullname" .root | trunc (int (sub 63 (len .suffix))) | trimSuffix "-" }}
+{{- printf "%s%s" $base .suffix }}
+{{- end }}
+
+{{/* The StatefulSet's name: 52 characters at most, or its pods' controller-revision-hash
+label (NAME-<10-character hash>) would be longer than a label's 63. */}}
+{{- define "metering-gateway.statefulSetName" -}}
+{{- include "metering-gateway.fullname" . | trunc 52 | trimSuffix "-" }}
+{{- end }}
+
 {{- define "metering-gateway.chart" -}}
 {{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
 {{- end }}
@@ -63,11 +79,11 @@ app.kubernetes.io/part-of: metering-gateway
 {{- end }}
 
 {{- define "metering-gateway.authzConfigMap" -}}
-{{- default (printf "%s-authz" (include "metering-gateway.fullname" .)) .Values.authz.existingConfigMap }}
+{{- default (include "metering-gateway.suffixedName" (dict "root" . "suffix" "-authz")) .Values.authz.existingConfigMap }}
 {{- end }}
 
 {{- define "metering-gateway.registerUsageConfigMap" -}}
-{{- default (printf "%s-register-usage" (include "metering-gateway.fullname" .)) .Values.registerUsage.existingConfigMap }}
+{{- default (include "metering-gateway.suffixedName" (dict "root" . "suffix" "-register-usage")) .Values.registerUsage.existingConfigMap }}
 {{- end }}
 
 {{- define "metering-gateway.hasPublicKey" -}}
@@ -79,11 +95,49 @@ app.kubernetes.io/part-of: metering-gateway
 {{- end }}
 
 {{/*
+PRODUCT=DIMENSION[,DIMENSION...] entries separated by ';' (or new lines), as the
+gateway's parse_products reads them, as JSON: {"PRODUCT": ["DIMENSION", ...]}. An entry
+without '=' is left out: the gateway refuses it at start-up with its own message.
+*/}}
+{{- define "metering-gateway.parseProducts" -}}
+{{- $out := dict }}
+{{- range $entry := regexSplit "[;\n]" . -1 }}
+{{- $parts := regexSplit "=" $entry 2 }}
+{{- if eq (len $parts) 2 }}
+{{- $dimensions := list }}
+{{- range splitList "," (index $parts 1) }}
+{{- if trim . }}
+{{- $dimensions = append $dimensions (trim .) }}
+{{- end }}
+{{- end }}
+{{- $_ := set $out (trim (index $parts 0)) $dimensions }}
+{{- end }}
+{{- end }}
+{{- toJson $out }}
+{{- end }}
+
+{{/* Keys of the pods' labels and annotations the chart sets itself. */}}
+{{- define "metering-gateway.ownPodKeys" -}}
+{{- $labels := include "metering-gateway.labels" . | fromYaml }}
+{{- $annotations := list "checksum/config" "prometheus.io/scrape" "prometheus.io/port" "prometheus.io/path" }}
+{{- toJson (dict "labels" (keys $labels | sortAlpha) "annotations" $annotations) }}
+{{- end }}
+
+{{/*
 Combinations the schema cannot refuse, each with one line saying what to do. Every
 template of the chart includes it, so `helm template` fails before rendering anything.
 */}}
 {{- define "metering-gateway.validate" -}}
 {{- $v := .Values }}
+{{- if and $v.registerUsage.productCode (ne $v.mode "sidecar") }}
+{{- fail "registerUsage.productCode needs mode sidecar: RegisterUsage registers (and bills per pod-hour) the pod that calls it, so only your product's own pods may call it, through the sidecar template (docs/deploy.md); mode shared and single never register" }}
+{{- end }}
+{{- if and (or (eq $v.mode "sidecar") $v.registerUsage.productCode) (gt (int $v.processes) 1) }}
+{{- fail "processes must be 1 in mode sidecar: RegisterUsage is called once per pod, and the gateway refuses --register-usage with --processes above 1" }}
+{{- end }}
+{{- if and (eq $v.mode "sidecar") $v.metrics.prometheusRule.enabled }}
+{{- fail "metrics.prometheusRule.enabled needs a PodMonitor or ServiceMonitor of this chart, and mode sidecar has none (the gateway is in your pods): its MeteringGatewayAbsent alert would fire for ever. Copy files/prometheus-rules.yaml into your chart and set job=\"...\" in its expressions to your own scrape job" }}
+{{- end }}
 {{- if and (eq $v.mode "shared") (eq $v.spool.type "sqlite") }}
 {{- fail "spool.type sqlite is one pod's file: use mode single (a StatefulSet of one pod), or spool.type postgres to share a spool between replicas" }}
 {{- end }}
@@ -127,6 +181,30 @@ template of the chart includes it, so `helm template` fails before rendering any
 {{- end }}
 {{- if and $v.metrics.podMonitor.enabled $v.metrics.serviceMonitor.enabled }}
 {{- fail "metrics.podMonitor.enabled and metrics.serviceMonitor.enabled would scrape every pod twice (duplicate series, doubled sums in the alerts): enable one of them" }}
+{{- end }}
+{{- if and $v.products $v.zeroUsageHours }}
+{{- $known := include "metering-gateway.parseProducts" $v.products | fromJson }}
+{{- range $product, $dimensions := include "metering-gateway.parseProducts" $v.zeroUsageHours | fromJson }}
+{{- if not (hasKey $known $product) }}
+{{- fail (printf "zeroUsageHours names product %s, which products does not list: the gateway would refuse to start (add it to products, or drop it from zeroUsageHours)" $product) }}
+{{- end }}
+{{- range $dimensions }}
+{{- if not (has . (index $known $product)) }}
+{{- fail (printf "zeroUsageHours names %s=%s, a dimension products does not list for %s: the gateway would refuse to start (add it to products, or drop it from zeroUsageHours)" $product . $product) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- $own := include "metering-gateway.ownPodKeys" . | fromJson }}
+{{- range $own.labels }}
+{{- if hasKey (default dict $v.podLabels) . }}
+{{- fail (printf "podLabels.%s is a label the chart sets itself (the selectors use the app.kubernetes.io/* ones): leave it out" .) }}
+{{- end }}
+{{- end }}
+{{- range $own.annotations }}
+{{- if hasKey (default dict $v.podAnnotations) . }}
+{{- fail (printf "podAnnotations.%s is an annotation the chart sets itself (metrics.enabled and metrics.port decide the prometheus.io/* ones): leave it out" .) }}
+{{- end }}
 {{- end }}
 {{- if and $v.sidecarExample.enabled (ne $v.mode "sidecar") }}
 {{- fail "sidecarExample.enabled renders the sidecar template: it needs mode sidecar" }}

@@ -15,7 +15,6 @@ from datetime import timedelta
 
 import boto3
 import structlog
-from grpc_health.v1 import health_pb2
 
 from gateway import __version__
 from gateway.assembly import metrics_server
@@ -167,7 +166,7 @@ def run(
     port = gateway.start(ready=sidecar is None)  # a sidecar is ready once registered
     if recording:
         recording.watch_health(
-            sidecar.recorder_health if sidecar else lambda ok: serve_health(gateway, RECORDER_SERVICE, ok)
+            sidecar.recorder_health if sidecar else lambda ok: gateway.set_serving(RECORDER_SERVICE, ok)
         )
     if on_ready is not None:
         on_ready(port)
@@ -199,13 +198,6 @@ def run(
 def recording_servicer(recording: Recording) -> Servicer:
     """The UsageRecorderService as the server registers it."""
     return Servicer(RECORDER_SERVICE, recording.servicer, pb_grpc.add_UsageRecorderServiceServicer_to_server)
-
-
-def serve_health(gateway: Gateway, service: str, serving: bool) -> None:
-    """One service's readiness (the recorder's follows its spool's writability)."""
-    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-    gateway.health.set(service, status)
-    metrics.set_serving(service, serving)
 
 
 def log_serving(

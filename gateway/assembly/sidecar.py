@@ -18,12 +18,10 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, NoReturn
 
 import structlog
-from grpc_health.v1 import health_pb2
 
 from gateway.aws.backend import RetryPolicy
 from gateway.aws.registration import Registrar, RegistrationAbandoned, RegistrationRefused, load_public_key
 from gateway.config import Settings
-from gateway.observability import metrics
 from gateway.rpc.server import RECORDER_SERVICE, Gateway
 
 if TYPE_CHECKING:
@@ -85,7 +83,7 @@ class Sidecar:
         with self._lock:
             self._spool_writable = writable
             if self._registered and self._gateway is not None:
-                _set(self._gateway, RECORDER_SERVICE, writable)
+                self._gateway.set_serving(RECORDER_SERVICE, writable)
 
     def _run(self) -> None:
         try:
@@ -118,7 +116,7 @@ class Sidecar:
                 serving = (
                     self._spool_writable if name == RECORDER_SERVICE and self._spool_writable is not None else True
                 )
-                _set(self._gateway, name, serving)
+                self._gateway.set_serving(name, serving)
         log.info(
             "registered",
             product_code=self.registrar.product_code,
@@ -129,10 +127,3 @@ class Sidecar:
             aws_request_id=outcome.aws_request_id,
             status="SERVING",
         )
-
-
-def _set(gateway: Gateway, name: str, serving: bool) -> None:
-    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-    gateway.health.set(name, status)
-    if name:
-        metrics.set_serving(name, serving)

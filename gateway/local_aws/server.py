@@ -185,20 +185,23 @@ class LocalAws:
             raise AwsError("DryRunOperation", "Request would have succeeded, but DryRun flag is set.", 412)
         return 200, {"MeteringRecordId": record.metering_record_id}
 
+    def _admit(self) -> datetime:
+        """The account's rate limit, as AWS applies it to every operation (under the lock);
+        the time the call is taken at."""
+        if self.limiter is not None and not self.limiter.allow():
+            raise AwsError("ThrottlingException", "Rate exceeded")
+        return datetime.fromtimestamp(self.clock(), tz=UTC)
+
     def _apply(self, target: str, body: Mapping[str, Any], identity: str) -> Record | None:
         with self.lock:
-            if self.limiter is not None and not self.limiter.allow():
-                raise AwsError("ThrottlingException", "Rate exceeded")
+            now = self._admit()
             if target != TARGET_PREFIX + METER_USAGE:
                 raise AwsError("UnknownOperationException", f"unknown operation {target}")
-            now = datetime.fromtimestamp(self.clock(), tz=UTC)
             return self.state.meter_usage(body, identity, now)
 
     def _register_usage(self, body: Mapping[str, Any], identity: str) -> dict[str, Any]:
         with self.lock:
-            if self.limiter is not None and not self.limiter.allow():
-                raise AwsError("ThrottlingException", "Rate exceeded")
-            now = datetime.fromtimestamp(self.clock(), tz=UTC)
+            now = self._admit()
             products = self.state.products
         return self.registrar.register(body, identity, now, products)
 

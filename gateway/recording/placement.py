@@ -241,7 +241,10 @@ def place(
     ``fallback`` when given: AgentCore Runtime's buckets last a minute or so, and
     one at the window's edge leaves it before the next pass could send it, so
     such usage goes to the open bucket instead (see :func:`too_old_goes_to`)."""
-    hour = own_hour if own_hour >= earliest else max(earliest, earliest if fallback is None else fallback)
+    if own_hour >= earliest:
+        hour = own_hour
+    else:
+        hour = earliest if fallback is None else max(earliest, fallback)
     for _ in range(_MAX_CARRY_HOURS):
         if can_take(hour):
             return hour

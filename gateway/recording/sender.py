@@ -146,6 +146,7 @@ class Sender:
         self.agentcore = agentcore  # AgentCore Runtime's rules for every request (the spool's span cuts the time)
         # --zero-usage-hours: (product, dimension) pairs metered as zero in an hour without usage.
         self.zero_keys = sorted((p, d) for p, dims in (zero_hours or {}).items() for d in dims)
+        self._zeros_done_for: int | None = None  # the open hour of the last fill: nothing closes until it does
         self.backend = backend
         self.interval = interval
         self.grace = grace
@@ -273,7 +274,11 @@ class Sender:
     def fill_zero_hours(self, now: float) -> None:
         """Zero records for the closed hours without usage (--zero-usage-hours); sent
         like any other record, by the same pass."""
+        open_hour = placement.hour_of(now)
+        if open_hour == self._zeros_done_for:
+            return  # no hour has closed since the last fill: it would find nothing to make
         filled = self.spool.fill_zero_hours(self.zero_keys, now, self.margin)
+        self._zeros_done_for = open_hour
         for product, dimension, hour in filled.made:
             log.info("zero_hour_recorded", product_code=product, usage_dimension=dimension, hour=_iso(hour))
         for product, dimension, hours in filled.missed:

@@ -282,12 +282,17 @@ class Gateway:
         if self.port == 0:
             raise ConfigError(f"cannot listen on {self.settings.listen} (is the port in use?)")
         self.server.start()
-        status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in self.names:
-            self.health.set(name, status)
-        for name in self._names:
-            metrics.set_serving(name, ready)
+            self.set_serving(name, ready)
         return self.port
+
+    def set_serving(self, name: str, serving: bool) -> None:
+        """One name's health status, and its ``serving`` gauge (``""``, the server as a
+        whole, has none): the recorder's follows its spool, a sidecar's waits for RegisterUsage."""
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        self.health.set(name, status)
+        if name:
+            metrics.set_serving(name, serving)
 
     @property
     def names(self) -> tuple[str, ...]:

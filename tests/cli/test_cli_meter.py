@@ -107,7 +107,7 @@ def test_a_quantity_is_sent_exactly_as_typed_and_a_bad_one_names_its_field(gatew
 
 
 def test_tags_allocate_the_whole_quantity_and_a_bad_one_is_named(gateway: GatewayProcess) -> None:
-    done = meter(
+    tagged = (
         gateway.target,
         "--product",
         PRODUCT,
@@ -117,23 +117,10 @@ def test_tags_allocate_the_whole_quantity_and_a_bad_one_is_named(gateway: Gatewa
         "3",
         "--tag",
         "tenant=acme",
-        "--tag",
-        "region=eu",
     )
+    done = meter(*tagged, "--tag", "region=eu")
     assert done.returncode == 0 and SUCCESS.fullmatch(done.stdout.strip()), done.stderr
-    bad = meter(
-        gateway.target,
-        "--product",
-        PRODUCT,
-        "--dimension",
-        "cli-tags",
-        "--quantity",
-        "3",
-        "--tag",
-        "tenant=acme",
-        "--tag",
-        "=eu",
-    )
+    bad = meter(*tagged, "--tag", "=eu")
     assert bad.returncode == 1 and "\n  usage_allocations[0].tags[1].key: " in bad.stderr, bad.stderr
 
 

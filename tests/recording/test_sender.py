@@ -452,3 +452,23 @@ def test_agentcore_usage_goes_out_every_interval_each_record_with_its_own_token(
     assert len({r.client_token for r in aws.ours()}) == 3
     assert {r.client_token for r in aws.ours()} == {r.client_token for r in spool.list_records(state=SENT)}
     assert aws.refusals == {}
+
+
+def test_zero_hours_are_looked_for_once_an_hour_not_every_pass() -> None:
+    """Only a closing hour can need a zero: the passes between ask the spool nothing (no write)."""
+    clock, aws, spool, _ = sender_on_fake_aws()
+    sender = sender_for(spool, aws, clock, zero_hours={"prod-a": {"requests"}})
+    calls: list[float] = []
+    fill = spool.fill_zero_hours
+
+    def counted(keys: Any, now: float, margin: float = 0) -> Any:
+        calls.append(now)
+        return fill(keys, now, margin)
+
+    spool.fill_zero_hours = counted  # type: ignore[method-assign]
+    hour = int(NOW) - int(NOW) % HOUR
+    for minute in range(0, 120, 5):  # two hours of passes every 5 minutes
+        clock[0] = hour + minute * 60
+        sender.tick()
+    assert [int(c) - hour for c in calls] == [0, HOUR]
+    assert [(int(r.hour.timestamp()) - hour, r.quantity) for r in aws.ours()] == [(0, 0)]

@@ -15,7 +15,7 @@ from typing import Any
 
 import grpc
 
-from gateway.assembly.app import recording_servicer, serve_health
+from gateway.assembly.app import recording_servicer
 from gateway.aws.backend import Outcome, make_client
 from gateway.config import Settings
 from gateway.domain import errors
@@ -176,7 +176,7 @@ def running_recorder(
     recording = open_recording(conf, client, now=clock, start=start_sender)
     gateway = Gateway(conf, [recording_servicer(recording)])
     port = gateway.start()
-    recording.watch_health(lambda ok: serve_health(gateway, RECORDER_SERVICE, ok))
+    recording.watch_health(lambda ok: gateway.set_serving(RECORDER_SERVICE, ok))
     try:
         yield f"127.0.0.1:{port}", recording
     finally:

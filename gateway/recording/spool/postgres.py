@@ -58,7 +58,7 @@ from gateway.recording.spool.base import (
     SpoolUnavailable,
     check_schema,
 )
-from gateway.recording.spool.sql import Cursor, SqlSpool
+from gateway.recording.spool.sql import ZERO_HOURS_TABLE, Cursor, SqlSpool
 
 _LOCKS = 0x6D67  # advisory lock space of this program ("mg"): (_LOCKS, n) pairs
 _MIGRATION_LOCK, _SENDER_LOCK, _KEY_LOCKS = 1, 2, 3
@@ -74,14 +74,6 @@ CONNECTION_DEFAULTS = {
 
 log = structlog.get_logger("gateway.spool")
 
-_ZERO_HOURS = """
-CREATE TABLE zero_hours (
-    product_code TEXT NOT NULL,
-    usage_dimension TEXT NOT NULL,
-    next_hour BIGINT NOT NULL,
-    PRIMARY KEY (product_code, usage_dimension)
-);
-"""
 _SCHEMA = (
     """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -132,7 +124,8 @@ CREATE TABLE taken (
 );
 CREATE TABLE probe (data BYTEA);
 """
-    + _ZERO_HOURS
+    + ZERO_HOURS_TABLE
+    + ";\n"
 )
 
 
@@ -144,7 +137,7 @@ def _migrate_2_to_3(db: Any, now: float) -> None:
 
 def _migrate_3_to_4(db: Any, now: float) -> None:
     """Zero-usage hours: per product and dimension, the next hour to look at (as SQLite's version 4)."""
-    db.conn.execute(_ZERO_HOURS)
+    db.conn.execute(ZERO_HOURS_TABLE)
 
 
 MIGRATIONS: dict[int, Callable[[Any, float], None]] = {2: _migrate_2_to_3, 3: _migrate_3_to_4}

@@ -49,6 +49,16 @@ RECORD_COLUMNS = (
     "metering_record_id, attempts, last_error, carried_from, next_attempt, in_flight, uncertain, wire, closed_at"
 )
 
+# Zero-usage hours (schema version 4): per product and dimension, the next hour to look
+# at. One statement for both databases (SQLite takes BIGINT as an integer).
+ZERO_HOURS_TABLE = """
+CREATE TABLE zero_hours (
+    product_code TEXT NOT NULL,
+    usage_dimension TEXT NOT NULL,
+    next_hour BIGINT NOT NULL,
+    PRIMARY KEY (product_code, usage_dimension)
+)"""
+
 log = structlog.get_logger("gateway.spool")
 
 

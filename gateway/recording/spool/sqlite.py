@@ -47,7 +47,7 @@ from gateway.recording.spool.base import (
     SpoolUnavailable,
     check_schema,
 )
-from gateway.recording.spool.sql import SqlSpool
+from gateway.recording.spool.sql import ZERO_HOURS_TABLE, SqlSpool
 
 # How long placement and pruning step aside, at most, while writers wait for the lock.
 YIELD_MAX = 0.05
@@ -101,15 +101,6 @@ CREATE TABLE IF NOT EXISTS taken (
 """
 
 
-_ZERO_HOURS = """
-CREATE TABLE IF NOT EXISTS zero_hours (
-    product_code TEXT NOT NULL,
-    usage_dimension TEXT NOT NULL,
-    next_hour INTEGER NOT NULL,
-    PRIMARY KEY (product_code, usage_dimension)
-)"""
-
-
 def _migrate_1_to_2(db: sqlite3.Connection, now: float) -> None:
     """Digests for new events; the wire form and closing time of records.
 
@@ -158,7 +149,7 @@ def _migrate_2_to_3(db: sqlite3.Connection, now: float) -> None:
 
 def _migrate_3_to_4(db: sqlite3.Connection, now: float) -> None:
     """Zero-usage hours: per product and dimension, the next hour to look at."""
-    db.execute(_ZERO_HOURS)
+    db.execute(ZERO_HOURS_TABLE)
 
 
 # MIGRATIONS[v] takes a file from version v to v + 1, inside one transaction.

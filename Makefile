@@ -41,11 +41,12 @@ sync: lock-check
 # and the local backend knows the products and dimensions of $(PRODUCTS) only.
 STATE ?= .state
 PRODUCTS ?= prod-abc123=requests,storage-gb
+LOCAL_PORT ?= 50052
 
 ## serve: run the gateway on $(LISTEN) with the embedded local AWS backend (nothing is billed) and a spool in $(STATE)/
 serve: sync
 	@mkdir -p $(STATE)
-	$(BIN)/metering-gateway serve --local --listen $(LISTEN) --spool $(STATE)/spool.sqlite --products '$(PRODUCTS)'
+	$(BIN)/metering-gateway serve --local --listen $(LISTEN) --spool $(STATE)/spool.sqlite --products '$(PRODUCTS)' --local-port $(LOCAL_PORT)
 
 ## test: lint the code, then run every test (and lint the proto and fetch helm for the chart's tests when node is installed)
 test: sync lint lint-proto helm
@@ -100,12 +101,13 @@ $(HELM): $(HELM_DIR)/package.json $(HELM_DIR)/package-lock.json $(HELM_DIR)/extr
 proto: sync
 	$(BIN)/python tools/genproto.py
 
-## bench: the pass-through, RecordUsage (throughput, latency during placement, PostgreSQL vs SQLite), spool-size and hostile-caller benchmarks (figures in docs/performance.md)
+## bench: the pass-through, RecordUsage (throughput, latency during placement, PostgreSQL vs SQLite), SaaS recorded usage (events/s vs container, AWS calls per 1,000 records), spool-size and hostile-caller benchmarks (figures in docs/performance.md)
 bench: sync
 	$(BIN)/python benchmarks/passthrough.py --processes 1 --with-metrics
 	$(BIN)/python benchmarks/passthrough.py --processes 2 --with-metrics
 	$(BIN)/python benchmarks/record_usage.py
 	$(BIN)/python benchmarks/record_usage.py --only spools
+	$(BIN)/python benchmarks/saas.py
 	$(BIN)/python benchmarks/spool_days.py
 	$(BIN)/python benchmarks/abuse.py --only tag-bomb
 	$(BIN)/python benchmarks/abuse.py --only connections

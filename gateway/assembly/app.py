@@ -20,7 +20,7 @@ from gateway import __version__
 from gateway.assembly import metrics_server
 from gateway.assembly.sidecar import Sidecar
 from gateway.aws import credentials
-from gateway.aws.backend import SERVICE, Backend, RetryPolicy, make_client
+from gateway.aws.backend import BUYER_CREDENTIALS, SELLER_CREDENTIALS, SERVICE, Backend, RetryPolicy, make_client
 from gateway.config import ConfigError, Settings
 from gateway.metering.service import CallSlots, MeteringServicer
 from gateway.observability import metrics
@@ -69,7 +69,9 @@ def authorizer(settings: Settings) -> Authorize | None:
 
 def warn_about_credentials(settings: Settings, session: boto3.session.Session) -> None:
     if not settings.local:
-        for warning in credentials.diagnose(session.get_credentials(), os.environ, agentcore=settings.agentcore):
+        for warning in credentials.diagnose(
+            session.get_credentials(), os.environ, agentcore=settings.agentcore, saas=settings.saas
+        ):
             log.warning("aws_credentials", problem=warning)
 
 
@@ -129,7 +131,9 @@ def run(
     if on_ready is None:  # workers leave it to their parent, which says it once
         warn_about_credentials(settings, session)
     backend = Backend(
-        client, RetryPolicy(settings.aws_max_attempts, settings.aws_backoff_base, settings.aws_backoff_max)
+        client,
+        RetryPolicy(settings.aws_max_attempts, settings.aws_backoff_base, settings.aws_backoff_max),
+        credentials_hint=SELLER_CREDENTIALS if settings.saas else BUYER_CREDENTIALS,
     )
     servicers = [
         Servicer(

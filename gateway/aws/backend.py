@@ -34,7 +34,7 @@ from botocore.exceptions import (
 )
 from botocore.exceptions import ConnectionError as AwsConnectionError
 
-from gateway.aws.params import MeterUsageParams
+from gateway.aws.params import BatchMeterUsageParams, MeterUsageParams, RecordKey, loose_key, record_key
 from gateway.config import Settings
 from gateway.domain import errors
 from gateway.observability import metrics
@@ -44,6 +44,13 @@ if TYPE_CHECKING:  # the stubs are a dev dependency only
     from mypy_boto3_meteringmarketplace.type_defs import MeterUsageRequestTypeDef
 
 SERVICE: Final = "meteringmarketplace"
+# The operations, as AWS names them (and the metrics' ``operation`` label).
+METER_USAGE: Final = "MeterUsage"
+BATCH_METER_USAGE: Final = "BatchMeterUsage"
+RESOLVE_CUSTOMER: Final = "ResolveCustomer"
+# What NO_CREDENTIALS tells the operator the gateway needs (credentials.py diagnoses more).
+BUYER_CREDENTIALS = "it needs the EC2 instance role, the ECS task role or, on EKS, IRSA"
+SELLER_CREDENTIALS = "SaaS calls are signed by the seller's account: a role or keys of that account"
 DRY_RUN_OK = "DryRunOperation"
 # Below this much time left there is no point starting an AWS attempt.
 MIN_ATTEMPT_SECONDS = 0.005
@@ -68,6 +75,36 @@ class Outcome:
     attempts: int
     aws_request_id: str | None
     client_token: str
+
+
+@dataclass(frozen=True, order=True)
+class RecordResult:
+    """What AWS did with one record of a BatchMeterUsage call (``index`` into the call's records)."""
+
+    index: int
+    status: str  # Success, CustomerNotSubscribed, DuplicateRecord (or what AWS adds later)
+    metering_record_id: str
+
+
+@dataclass(frozen=True)
+class BatchOutcome:
+    """A BatchMeterUsage call that AWS answered: every record sent is in exactly one of
+    ``results`` and ``unprocessed`` (indices into the call's records)."""
+
+    results: tuple[RecordResult, ...]
+    unprocessed: tuple[int, ...]
+    attempts: int
+    aws_request_id: str | None
+
+
+@dataclass(frozen=True)
+class Customer:
+    """ResolveCustomer's answer."""
+
+    customer_identifier: str
+    product_code: str
+    customer_aws_account_id: str
+    license_arn: str
 
 
 @dataclass(frozen=True)
@@ -114,7 +151,7 @@ def _request_id(response: Mapping[str, Any]) -> str | None:
 
 
 class Backend:
-    """Calls MeterUsage and turns every failure into a GatewayError."""
+    """Calls AWS Marketplace Metering and turns every failure into a GatewayError."""
 
     def __init__(
         self,
@@ -124,8 +161,10 @@ class Backend:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
         source: str = metrics.METER_USAGE,
+        credentials_hint: str = BUYER_CREDENTIALS,
     ) -> None:
         self.client = client
+        self.credentials_hint = credentials_hint  # what NO_CREDENTIALS says the gateway needs
         self.policy = policy
         self._clock = clock
         self._sleep = sleep
@@ -138,20 +177,98 @@ class Backend:
         deadline. The ClientToken is fixed before the first attempt. Each call and
         each attempt is counted by its outcome (``gateway.observability.metrics``).
         """
-        try:
-            outcome = self._meter_usage(params, deadline)
-        except errors.GatewayError as exc:
-            metrics.aws_call(self.source, exc.reason)
-            raise
-        except Exception:
-            metrics.aws_call(self.source, errors.Reason.INTERNAL)  # what the interceptor will answer
-            raise
-        metrics.aws_call(self.source, metrics.DRY_RUN if outcome.dry_run else metrics.OK)
-        return outcome
-
-    def _meter_usage(self, params: MeterUsageParams, deadline: float | None) -> Outcome:
         params = params.copy()
         params.setdefault("ClientToken", str(uuid.uuid4()))
+        # The stubs' MeterUsageRequestTypeDef has no decimal quantities (params.py).
+        response, attempts = self._counted(
+            METER_USAGE, lambda: self.client.meter_usage(**cast("MeterUsageRequestTypeDef", params)), deadline
+        )
+        if response is None:  # AWS accepted the dry run
+            return Outcome("", True, attempts, self._last_request_id(), "")
+        return Outcome(
+            response.get("MeteringRecordId", ""), False, attempts, _request_id(response), params["ClientToken"]
+        )
+
+    def batch_meter_usage(self, params: BatchMeterUsageParams, *, deadline: float | None = None) -> BatchOutcome:
+        """One BatchMeterUsage call, retried whole while it can help and the deadline allows
+        (BatchMeterUsage has no ClientToken: AWS keeps one record per customer, dimension
+        and hour, so the identical records again are the same records). Each record sent
+        comes back once: in ``results`` with its status, or in ``unprocessed``."""
+        response, attempts = self._counted(
+            BATCH_METER_USAGE, lambda: self.client.batch_meter_usage(**cast(Any, params)), deadline
+        )
+        assert response is not None  # no dry run in BatchMeterUsage
+        sent = params["UsageRecords"]
+        waiting: dict[RecordKey, list[int]] = {}
+        for i, record in enumerate(sent):
+            waiting.setdefault(record_key(record), []).append(i)
+        results: list[RecordResult] = []
+        unmatched: list[tuple[RecordKey, Mapping[str, Any]]] = []
+        for item in response.get("Results") or []:
+            key = record_key(item.get("UsageRecord") or {})
+            slots = waiting.get(key)
+            if slots:
+                results.append(
+                    RecordResult(slots.pop(0), str(item.get("Status") or ""), item.get("MeteringRecordId") or "")
+                )
+            else:
+                unmatched.append((key, item))
+        if unmatched:  # AWS wrote the echo otherwise: match by customer, dimension and hour where unique
+            loose: dict[tuple[str, str, str, str, int], list[int]] = {}
+            for key, slots in waiting.items():
+                for i in slots:
+                    loose.setdefault(loose_key(key), []).append(i)
+            for key, item in unmatched:
+                candidates = loose.get(loose_key(key), [])
+                if len(candidates) == 1:
+                    index = candidates.pop()
+                    waiting[record_key(sent[index])].remove(index)
+                    results.append(
+                        RecordResult(index, str(item.get("Status") or ""), item.get("MeteringRecordId") or "")
+                    )
+                else:
+                    log.warning("aws_result_unmatched", usage_record=str(item.get("UsageRecord"))[:500])
+        # Unprocessed, or (a broken answer) neither: AWS may hold it either way.
+        unprocessed = sorted(i for slots in waiting.values() for i in slots)
+        return BatchOutcome(tuple(sorted(results)), tuple(unprocessed), attempts, _request_id(response))
+
+    def resolve_customer(self, token: str, *, deadline: float | None = None) -> Customer:
+        """ResolveCustomer: a registration token → the customer it names."""
+        response, _ = self._counted(
+            RESOLVE_CUSTOMER, lambda: self.client.resolve_customer(RegistrationToken=token), deadline
+        )
+        assert response is not None
+        return Customer(
+            customer_identifier=str(response.get("CustomerIdentifier") or ""),
+            product_code=str(response.get("ProductCode") or ""),
+            customer_aws_account_id=str(response.get("CustomerAWSAccountId") or ""),
+            license_arn=str(response.get("LicenseArn") or ""),
+        )
+
+    def _last_request_id(self) -> str | None:
+        value = structlog.contextvars.get_contextvars().get("aws_request_id")
+        return None if value is None else str(value)
+
+    def _counted(
+        self, operation: str, send: Callable[[], Mapping[str, Any]], deadline: float | None
+    ) -> tuple[Mapping[str, Any] | None, int]:
+        """:meth:`_attempts`, with the call counted by its outcome."""
+        try:
+            response, attempts = self._attempts(operation, send, deadline)
+        except errors.GatewayError as exc:
+            metrics.aws_call(self.source, exc.reason, operation)
+            raise
+        except Exception:
+            metrics.aws_call(self.source, errors.Reason.INTERNAL, operation)  # what the interceptor will answer
+            raise
+        metrics.aws_call(self.source, metrics.DRY_RUN if response is None else metrics.OK, operation)
+        return response, attempts
+
+    def _attempts(
+        self, operation: str, send: Callable[[], Mapping[str, Any]], deadline: float | None
+    ) -> tuple[Mapping[str, Any] | None, int]:
+        """(AWS's answer, attempts made), retrying what the error table marks retryable
+        within ``deadline``; the answer is None for an accepted dry run."""
         if deadline is not None and deadline - self._clock() < MIN_ATTEMPT_SECONDS:
             raise errors.GatewayError(
                 errors.Reason.DEADLINE_EXCEEDED, "the caller's deadline ran out before AWS could be called"
@@ -162,13 +279,12 @@ class Backend:
             structlog.contextvars.bind_contextvars(attempts=attempt)
             started = time.perf_counter()
             try:
-                # The stubs' MeterUsageRequestTypeDef has no decimal quantities (params.py).
-                response = self.client.meter_usage(**cast("MeterUsageRequestTypeDef", params))
+                response = send()
             except ClientError as exc:
-                failure = self._from_client_error(exc, attempt)
-                if isinstance(failure, Outcome):
-                    metrics.aws_attempt(self.source, metrics.DRY_RUN, time.perf_counter() - started)
-                    return failure
+                failure = self._from_client_error(exc, attempt, operation)
+                if failure is None:
+                    metrics.aws_attempt(self.source, metrics.DRY_RUN, time.perf_counter() - started, operation)
+                    return None, attempt
             except _TRANSPORT_ERRORS as exc:
                 failure = errors.GatewayError(
                     errors.Reason.AWS_UNREACHABLE,
@@ -179,8 +295,7 @@ class Backend:
             except _CREDENTIAL_ERRORS as exc:  # before signing: this attempt sent nothing
                 raise errors.GatewayError(
                     errors.Reason.NO_CREDENTIALS,
-                    f"the gateway has no usable AWS credentials ({exc}); it needs the EC2 instance role, "
-                    "the ECS task role or, on EKS, IRSA",
+                    f"the gateway has no usable AWS credentials ({exc}); {self.credentials_hint}",
                     aws_attempts=attempt - 1,
                 ) from None
             except ParamValidationError as exc:  # before sending
@@ -188,14 +303,13 @@ class Backend:
                     errors.Reason.INVALID_REQUEST, f"refused by botocore: {exc}", aws_attempts=attempt - 1
                 ) from None
             else:
-                metrics.aws_attempt(self.source, metrics.OK, time.perf_counter() - started)
-                request_id = _request_id(response)
-                structlog.contextvars.bind_contextvars(aws_request_id=request_id)
-                return Outcome(response.get("MeteringRecordId", ""), False, attempt, request_id, params["ClientToken"])
+                metrics.aws_attempt(self.source, metrics.OK, time.perf_counter() - started, operation)
+                structlog.contextvars.bind_contextvars(aws_request_id=_request_id(response))
+                return response, attempt
 
             # Every answer is an attempt (missing credentials and botocore's own checks,
             # raised above, sent nothing and count only as the call's reason).
-            metrics.aws_attempt(self.source, failure.reason, time.perf_counter() - started)
+            metrics.aws_attempt(self.source, failure.reason, time.perf_counter() - started, operation)
             # The caller hears how many AWS calls this request cost, so that its own
             # gRPC retries do not multiply them (see GatewayError.pushback_ms).
             failure.aws_attempts = attempt
@@ -207,10 +321,11 @@ class Backend:
                 if left - pause < MIN_ATTEMPT_SECONDS:
                     raise failure  # no time for another attempt: say what stopped us
             log.info("aws_retry", reason=failure.reason, attempt=attempt, pause_ms=round(pause * 1000, 1))
-            metrics.aws_retry(self.source, failure.reason)
+            metrics.aws_retry(self.source, failure.reason, operation)
             self._sleep(pause)
 
-    def _from_client_error(self, exc: ClientError, attempt: int) -> Outcome | errors.GatewayError:
+    def _from_client_error(self, exc: ClientError, attempt: int, operation: str) -> errors.GatewayError | None:
+        """AWS's error answer as a GatewayError; None for an accepted dry run."""
         error = exc.response.get("Error") or {}
         meta = exc.response.get("ResponseMetadata")
         status = meta.get("HTTPStatusCode") if meta else None
@@ -218,7 +333,12 @@ class Backend:
         request_id = _request_id(exc.response)
         structlog.contextvars.bind_contextvars(aws_request_id=request_id)
         if code == DRY_RUN_OK:
-            return Outcome("", True, attempt, request_id, "")
+            return None
         return errors.from_aws(
-            code, str(error.get("Message") or ""), request_id, retry_delay=self.policy.hint(attempt), http_status=status
+            code,
+            str(error.get("Message") or ""),
+            request_id,
+            retry_delay=self.policy.hint(attempt),
+            http_status=status,
+            operation=operation,
         )

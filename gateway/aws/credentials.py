@@ -12,6 +12,10 @@ Service, which speaks IMDS's protocol), so the SDK's default chain resolves it a
 botocore's ``iam-role``. Anything earlier in the chain (keys in the environment,
 a web identity token left from IRSA, a container credentials URI from ECS or
 Pod Identity) shadows it.
+
+For SaaS products (``--saas``) the gateway runs in the seller's account and signs
+BatchMeterUsage and ResolveCustomer with the seller's credentials: any role or keys
+of that account will do (a role is better practice), so only their absence warns.
 """
 
 from __future__ import annotations
@@ -23,9 +27,12 @@ POD_IDENTITY_HOSTS = ("169.254.170.23", "fd00:ec2::23")
 STATIC_METHODS = {"env", "shared-credentials-file", "config-file", "explicit", "boto-config"}
 
 
-def diagnose(credentials: Any, env: Mapping[str, str], *, agentcore: bool = False) -> list[str]:
-    """Warnings about the credential source, empty when it looks right (``agentcore``:
-    right for AgentCore Runtime, whose rules differ; see the module's docstring)."""
+def diagnose(credentials: Any, env: Mapping[str, str], *, agentcore: bool = False, saas: bool = False) -> list[str]:
+    """Warnings about the credential source, empty when it looks right for what the
+    gateway serves (``agentcore``: AgentCore Runtime's rules; ``saas``: the seller's
+    account; see the module's docstring)."""
+    if saas:
+        return [] if credentials is not None else [SAAS_NO_CREDENTIALS]
     if agentcore:
         return _diagnose_agentcore(credentials, env)
     if credentials is None:
@@ -47,6 +54,13 @@ def diagnose(credentials: Any, env: Mapping[str, str], *, agentcore: bool = Fals
         return ["credentials are the EKS node's instance role, which AWS refuses for MeterUsage: use IRSA"]
     return []
 
+
+SAAS_NO_CREDENTIALS = (
+    "no AWS credentials found: BatchMeterUsage and ResolveCustomer calls will fail with "
+    "FAILED_PRECONDITION/NO_CREDENTIALS. --saas signs with the seller's account (the one that published "
+    "the product): give the gateway a role of that account (IRSA, EKS Pod Identity, an ECS task role or an "
+    "instance role all work here) or its keys"
+)
 
 AGENTCORE_ROLE = (
     "AgentCore Runtime signs MeterUsage with the agent's execution role, which the SDK reads from the "

@@ -6,7 +6,8 @@ column, a JSON key and the API say the same thing. Times are ISO 8601 in UTC
 will be) sent. The table is for a person: aligned columns, the long fields cut
 short. JSON (one array) and CSV (RFC 4180, a header row) are for machines and
 keep every field whole; lists (``allocations``, ``carried_from``) are compact
-JSON inside a CSV cell.
+JSON inside a CSV cell. A SaaS record's customer is three fields there (empty for
+a container product's record), and one short column in the table.
 """
 
 from __future__ import annotations
@@ -36,8 +37,13 @@ COLUMNS = (
     "allocations",
     "last_error",
     "record_id",
+    # SaaS usage's customer, last: scripts that read the columns by position keep working.
+    "customer_aws_account_id",
+    "license_arn",
+    "customer_identifier",
 )
 DETAIL_MAX = 100  # characters of last_error a table shows
+CUSTOMER_MAX = 40  # characters of a legacy customer identifier a table shows
 
 
 def iso(stamp: Timestamp) -> str:
@@ -76,6 +82,9 @@ def record_fields(record: pb.MeteringRecord) -> dict[str, Any]:
         "allocations": [allocation(a) for a in record.allocations],
         "last_error": record.last_error,
         "record_id": record.record_id,
+        "customer_aws_account_id": record.customer_aws_account_id,
+        "license_arn": record.license_arn,
+        "customer_identifier": record.customer_identifier,
     }
 
 
@@ -115,8 +124,30 @@ def _detail(record: pb.MeteringRecord) -> str:
     return text if len(text) <= DETAIL_MAX else text[: DETAIL_MAX - 1] + "…"
 
 
+def customer_cell(record: pb.MeteringRecord) -> str:
+    """A SaaS record's customer in one short cell: the account and the license's id
+    (``123456789012/l-0123…``: the ARN's last part), or the legacy identifier; empty
+    for a container product's record. JSON and CSV keep the whole ARN."""
+    if record.customer_aws_account_id or record.license_arn:
+        license_id = record.license_arn.rsplit(":", 1)[-1].rsplit("/", 1)[-1]
+        return f"{record.customer_aws_account_id}/{license_id}" if license_id else record.customer_aws_account_id
+    text = record.customer_identifier
+    return text if len(text) <= CUSTOMER_MAX else text[: CUSTOMER_MAX - 1] + "…"
+
+
 def table_rows(records: Iterable[pb.MeteringRecord]) -> list[Sequence[str]]:
-    header = ("ID", "HOUR (UTC)", "PRODUCT", "DIMENSION", "QUANTITY", "STATE", "ATTEMPTS", "CARRIED FROM", "DETAIL")
+    header = (
+        "ID",
+        "HOUR (UTC)",
+        "PRODUCT",
+        "CUSTOMER",
+        "DIMENSION",
+        "QUANTITY",
+        "STATE",
+        "ATTEMPTS",
+        "CARRIED FROM",
+        "DETAIL",
+    )
     rows: list[Sequence[str]] = [header]
     for r in records:
         state = state_name(r.state) + (" (outcome unknown)" if r.outcome_unknown else "")
@@ -125,6 +156,7 @@ def table_rows(records: Iterable[pb.MeteringRecord]) -> list[Sequence[str]]:
                 r.record_id,
                 iso(r.hour),
                 r.product_code,
+                customer_cell(r),
                 r.usage_dimension,
                 r.quantity,
                 state,

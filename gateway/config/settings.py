@@ -363,6 +363,17 @@ class Settings:
             parse=parse_bool,
         ),
     )
+    saas: bool = field(
+        default=False,
+        metadata=setting(
+            "SaaS mode: the gateway runs in the seller's account and signs with the seller's "
+            "credentials (BatchMeterUsage, ResolveCustomer, recorded usage that names a customer). "
+            "The start-up checks of the credentials follow (the buyer-role rules of MeterUsage do not "
+            "apply), and RecordUsage refuses events that name no customer. Not with --register-usage, "
+            "--zero-usage-hours or --agentcore, which are for software in the buyer's account.",
+            parse=parse_bool,
+        ),
+    )
     spool_create: str = field(
         default="yes",
         metadata=setting(
@@ -547,6 +558,12 @@ class Settings:
                 f"{who('zero_usage_hours')}: AgentCore Runtime mode meters per --flush-interval, not per hour: "
                 "zero-usage hours do not apply (unset one of them)"
             )
+        for name in ("register_usage", "zero_usage_hours", "agentcore"):
+            if self.saas and getattr(self, name):
+                raise ConfigError(
+                    f"{who(name)}: it is for software in the buyer's account, and --saas runs in the seller's: "
+                    "unset one of them (two products of the two kinds need two gateways)"
+                )
         for name in ("tls_cert", "tls_key", "tls_client_ca", "authz_policy", "register_usage_public_key"):
             path = getattr(self, name)
             if path and not os.path.isfile(path):

@@ -89,6 +89,15 @@ class Reason(enum.StrEnum):
     TIMESTAMP_OUT_OF_BOUNDS = "TIMESTAMP_OUT_OF_BOUNDS"
     DUPLICATE_REQUEST = "DUPLICATE_REQUEST"
     IDEMPOTENCY_CONFLICT = "IDEMPOTENCY_CONFLICT"
+    # The caller's input, SaaS (BatchMeterUsage, ResolveCustomer).
+    INVALID_CUSTOMER_IDENTIFIER = "INVALID_CUSTOMER_IDENTIFIER"
+    INVALID_LICENSE = "INVALID_LICENSE"
+    INVALID_TOKEN = "INVALID_TOKEN"
+    EXPIRED_REGISTRATION_TOKEN = "EXPIRED_REGISTRATION_TOKEN"
+    # A SaaS record's status in a BatchMeterUsage answer, as the sender settles it.
+    DUPLICATE_RECORD = "DUPLICATE_RECORD"
+    CUSTOMER_NOT_SUBSCRIBED = "CUSTOMER_NOT_SUBSCRIBED"
+    UNPROCESSED_RECORD = "UNPROCESSED_RECORD"
     # The account or deployment.
     CUSTOMER_NOT_ENTITLED = "CUSTOMER_NOT_ENTITLED"
     INVALID_ENDPOINT_REGION = "INVALID_ENDPOINT_REGION"
@@ -164,6 +173,21 @@ RULES: Mapping[Reason, Rule] = {
     # identical resend of a recorded request is answered with its record, never these.
     Reason.DUPLICATE_REQUEST: Rule(Code.ALREADY_EXISTS, delivery=ABSENT),
     Reason.IDEMPOTENCY_CONFLICT: Rule(Code.ALREADY_EXISTS, delivery=ABSENT),
+    # SaaS input AWS refused: the whole BatchMeterUsage call (nothing recorded), or a
+    # registration token that never was one, or has expired (ExpiredTokenException of
+    # ResolveCustomer: not the credentials' EXPIRED_TOKEN, see reason_for_aws).
+    Reason.INVALID_CUSTOMER_IDENTIFIER: Rule(Code.INVALID_ARGUMENT),
+    Reason.INVALID_LICENSE: Rule(Code.INVALID_ARGUMENT),
+    Reason.INVALID_TOKEN: Rule(Code.INVALID_ARGUMENT),
+    Reason.EXPIRED_REGISTRATION_TOKEN: Rule(Code.INVALID_ARGUMENT),
+    # A record's status in a BatchMeterUsage answer (never a call's status): the sender
+    # settles recorded SaaS usage by them. DuplicateRecord: another quantity holds the
+    # customer's hour (as DUPLICATE_REQUEST); CustomerNotSubscribed: no agreement, an
+    # operator retries once there is one; unprocessed: AWS failed on its side and may
+    # hold the record, so only the identical record again settles it.
+    Reason.DUPLICATE_RECORD: Rule(Code.ALREADY_EXISTS, delivery=ABSENT),
+    Reason.CUSTOMER_NOT_SUBSCRIBED: Rule(Code.FAILED_PRECONDITION),
+    Reason.UNPROCESSED_RECORD: Rule(Code.UNAVAILABLE, retryable=True, delivery=UNKNOWN),
     # Something about the account or deployment must change first.
     Reason.CUSTOMER_NOT_ENTITLED: Rule(Code.FAILED_PRECONDITION),
     Reason.INVALID_ENDPOINT_REGION: Rule(Code.FAILED_PRECONDITION),
@@ -237,12 +261,29 @@ _INTERNAL_5XX = Rule(Code.INTERNAL, delivery=UNKNOWN)
 _CAMEL_BOUNDARY = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
 
 
-def reason_for_aws(aws_code: str) -> Reason | AwsReason:
+# ResolveCustomer's ExpiredTokenException is about the buyer's registration token. JSON
+# APIs answer expired *credentials* with the same name (and the security token in the
+# message), so the name alone cannot tell them apart: the operation and message do.
+REGISTRATION_OPERATION = "ResolveCustomer"
+_EXPIRED_TOKEN_EXCEPTION = "ExpiredTokenException"
+_CREDENTIALS_WORDS = "security token"
+
+
+def reason_for_aws(aws_code: str, operation: str | None = None, message: str = "") -> Reason | AwsReason:
     """``DuplicateRequestException`` → ``DUPLICATE_REQUEST``; namespaces dropped.
 
     The Reason member when the table has the row, else the derived name as an AwsReason.
+    The one exception to the naming rule: ResolveCustomer's ExpiredTokenException (an
+    expired registration token) is EXPIRED_REGISTRATION_TOKEN, never the credentials'
+    EXPIRED_TOKEN, so that no two conditions share a reason.
     """
     name = aws_code.rsplit("#", 1)[-1].rsplit(":", 1)[0]
+    if (
+        name == _EXPIRED_TOKEN_EXCEPTION
+        and operation == REGISTRATION_OPERATION
+        and _CREDENTIALS_WORDS not in message.lower()
+    ):
+        return Reason.EXPIRED_REGISTRATION_TOKEN
     if name.isdigit():  # botocore's code for an answer with no error type: its HTTP status
         derived = f"HTTP_{name}"
     else:
@@ -419,10 +460,11 @@ def from_aws(
     request_id: str | None,
     retry_delay: float | None = None,
     http_status: int | None = None,
+    operation: str | None = None,
 ) -> GatewayError:
-    """An AWS error response, as the caller will see it."""
+    """An AWS error response to ``operation``'s call, as the caller will see it."""
     return GatewayError(
-        reason=reason_for_aws(aws_code),
+        reason=reason_for_aws(aws_code, operation, message),
         message=message or aws_code,
         domain=AWS_DOMAIN,
         aws_code=aws_code,

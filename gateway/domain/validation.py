@@ -1,11 +1,13 @@
-"""The rules a MeterUsage request must keep, as pure functions → violations.
+"""The rules a request must keep (MeterUsage, BatchMeterUsage, ResolveCustomer,
+RecordUsage), as pure functions → violations.
 
 This is the single source of truth for input rules: the gRPC services refuse a
 request with these violations before anything reaches AWS, and the local backend
 refuses the same request with AWS's own exception names. The limits are those of
 botocore's model of the service (a test checks they still agree) plus the
-semantic rules AWS documents: the six-hour window, allocation sums and unique tag
-sets.
+semantic rules AWS documents: the six-hour window (MeterUsage), the 24-hour window
+and the month-end cutoff (BatchMeterUsage), allocation sums and unique tag sets, one
+way of naming a SaaS customer.
 
 Each violation carries the AWS exception that AWS raises for the same condition,
 so the gateway and the local backend classify a condition the same way.
@@ -32,6 +34,15 @@ CLIENT_TOKEN_MAX = 64
 EVENT_ID_MAX = 128
 RECORD_BATCH_MAX = 1000
 MAX_AGE = timedelta(hours=6)
+# BatchMeterUsage (SaaS): records up to 24 hours old, but the previous month's usage only
+# until 06:00 UTC on the 1st; 25 records and under 1 MB a call.
+SAAS_MAX_AGE = timedelta(hours=24)
+MONTH_END_GRACE = timedelta(hours=6)
+BATCH_RECORDS_MAX = 25
+BATCH_BYTES_MAX = 1_000_000
+CUSTOMER_ID_MAX = 255  # CustomerIdentifier and CustomerAWSAccountId alike
+TOO_OLD_FOR_SAAS = "AWS takes SaaS usage up to 24 hours old"
+PAST_MONTH_END = "AWS takes the previous month's usage only until 06:00 UTC on the 1st"
 # RecordUsage accepts old events and carries them into an hour AWS still takes, for as
 # long as it can still recognise them (the deduplication window, --event-retention):
 # an older event may have been metered and its id forgotten, so a replay of it would
@@ -44,6 +55,11 @@ TOO_OLD_TO_DEDUPLICATE = (
 # Patterns exactly as in botocore's model, minus the anchors: fullmatch anchors
 # them, and unlike ``$`` it does not let a trailing newline through.
 PRODUCT_CODE_RE = re.compile(r"[-a-zA-Z0-9/=:_.@]*")
+ACCOUNT_ID_RE = re.compile(r"[0-9]+")
+LICENSE_ARN_RE = re.compile(
+    r"arn:aws[a-zA-Z-]*:[A-Za-z0-9][A-Za-z0-9_/.-]{0,62}:[A-Za-z0-9_/.-]{0,63}:"
+    r"[A-Za-z0-9_/.-]{0,63}:[A-Za-z0-9][A-Za-z0-9:_/+=,@.-]{0,1023}"
+)
 TAG_RE = re.compile(r"[a-zA-Z0-9+ -=._:\/@]+")
 DECIMAL_RE = re.compile(r"(0|[1-9][0-9]{0,9})(\.[0-9]{1,6})?")
 
@@ -53,6 +69,8 @@ INVALID_USAGE_DIMENSION = "InvalidUsageDimensionException"
 INVALID_TAG = "InvalidTagException"
 INVALID_USAGE_ALLOCATIONS = "InvalidUsageAllocationsException"
 TIMESTAMP_OUT_OF_BOUNDS = "TimestampOutOfBoundsException"
+INVALID_CUSTOMER_IDENTIFIER = "InvalidCustomerIdentifierException"
+INVALID_LICENSE = "InvalidLicenseException"
 VALIDATION = "ValidationException"
 
 WHOLE = "whole"
@@ -76,18 +94,41 @@ class Violation:
     aws_error: str = VALIDATION
 
 
+def month_cutoff(now: datetime) -> datetime | None:
+    """The start of ``now``'s month once the previous month's grace is over (06:00 UTC on
+    the 1st): BatchMeterUsage takes nothing older then. None while the grace lasts."""
+    start = now.astimezone(UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    return start if now >= start + MONTH_END_GRACE else None
+
+
+def saas_oldest(now: datetime) -> datetime:
+    """The oldest timestamp BatchMeterUsage takes at ``now``: 24 hours back, and not into
+    the previous month after 06:00 UTC on the 1st. The one place of both rules."""
+    oldest = now - SAAS_MAX_AGE
+    cutoff = month_cutoff(now)
+    return oldest if cutoff is None else max(oldest, cutoff)
+
+
 @dataclass(frozen=True)
 class Window:
-    """The span of time AWS accepts usage for: six hours back, a little skew ahead."""
+    """The span of time AWS accepts usage for: six hours back (24 hours, and the month-end
+    cutoff, with ``saas``), a little skew ahead."""
 
     now: datetime
     future_skew: timedelta = timedelta(minutes=5)
     max_age: timedelta = MAX_AGE
     why_max_age: str = TOO_OLD_FOR_AWS  # what a person is told when a timestamp is older
+    saas: bool = False  # BatchMeterUsage's window: max_age 24 hours, and the month-end cutoff
+
+    @classmethod
+    def for_saas(cls, now: datetime, future_skew: timedelta = timedelta(minutes=5)) -> Window:
+        return cls(now, future_skew, SAAS_MAX_AGE, TOO_OLD_FOR_SAAS, saas=True)
 
     @property
     def earliest(self) -> datetime:
-        return self.now - self.max_age
+        oldest = self.now - self.max_age
+        cutoff = month_cutoff(self.now) if self.saas else None
+        return oldest if cutoff is None else max(oldest, cutoff)
 
     @property
     def latest(self) -> datetime:
@@ -153,13 +194,16 @@ def check_decimal(text: str, path: str, aws_error: str = VALIDATION) -> list[Vio
     return []
 
 
-def quantity_of(message: Any, prefix: str = "") -> tuple[str | None, Decimal | None, list[Violation]]:
+def quantity_of(
+    message: Any, prefix: str = "", oneof: str = "quantity"
+) -> tuple[str | None, Decimal | None, list[Violation]]:
     """(kind, value, violations) of a message's ``quantity`` oneof.
 
-    Works for MeterUsageRequest, UsageAllocation and UsageEvent alike, whose oneof
-    members are ``*_quantity`` (whole) and ``*_quantity_as_decimal``.
+    Works for MeterUsageRequest, UsageAllocation, UsageEvent and UsageRecord (whose
+    oneof is ``quantity_value``) alike, whose oneof members are ``*quantity`` (whole)
+    and ``*quantity_as_decimal``.
     """
-    which = message.WhichOneof("quantity")
+    which = message.WhichOneof(oneof)
     if which is None:
         return None, None, []
     path = _join(prefix, which)
@@ -211,6 +255,8 @@ def check_timestamp(message: Any, window: Window, path: str = "timestamp") -> li
     except (ValueError, OverflowError):
         return [Violation(path, "is not a valid time", VALIDATION)]
     if when < window.earliest:
+        if when >= window.now - window.max_age:  # inside max_age: the month-end cutoff refused it
+            return [Violation(path, f"is usage of the previous month ({PAST_MONTH_END})", TIMESTAMP_OUT_OF_BOUNDS)]
         return [
             Violation(
                 path, f"is more than {_hours(window.max_age)} old ({window.why_max_age})", TIMESTAMP_OUT_OF_BOUNDS
@@ -395,6 +441,7 @@ def check_usage_event(
     products: Products | None = None,
     *,
     agentcore: bool = False,
+    saas: bool = False,
 ) -> list[Violation]:
     """Every violation of one event, by its path in the request.
 
@@ -405,9 +452,20 @@ def check_usage_event(
     out: list[Violation] = []
     if not 1 <= len(event.event_id) <= EVENT_ID_MAX:
         out.append(Violation(f"{path}.event_id", f"must be 1-{EVENT_ID_MAX} characters, got {len(event.event_id)}"))
-    named = check_product_code(event.product_code, f"{path}.product_code")
+    out += check_event_customer(event, path, agentcore=agentcore)
+    if saas and customer_way(event.customer_aws_account_id, event.license_arn, event.customer_identifier) == NOT_SAAS:
+        out.append(
+            Violation(
+                f"{path}.customer_aws_account_id",
+                "is required (with license_arn, or the legacy customer_identifier): this gateway runs in the "
+                "seller's account (--saas) and meters SaaS usage, which names its customer",
+            )
+        )
+    # SaaS usage with a license may leave product_code empty: the license names the product.
+    by_license = not event.product_code and (event.license_arn or event.customer_aws_account_id)
+    named = [] if by_license else check_product_code(event.product_code, f"{path}.product_code")
     named += check_usage_dimension(event.usage_dimension, f"{path}.usage_dimension")
-    if products is not None and not named:
+    if products is not None and not named and event.product_code:
         named += products.check(event.product_code, event.usage_dimension, path)
     out += named
     ts = event.timestamp  # unset: the gateway stamps the event when it accepts it
@@ -427,19 +485,163 @@ def check_usage_event(
 
 
 def validate_record_usage(
-    events: Sequence[Any], window: Window, products: Products | None = None, *, agentcore: bool = False
+    events: Sequence[Any],
+    window: Window,
+    products: Products | None = None,
+    *,
+    agentcore: bool = False,
+    saas: bool = False,
 ) -> list[Violation]:
     """Every violation of a RecordUsage batch (1-1000 events), named ``events[i].<field>``;
-    ``agentcore`` (--agentcore) refuses tags."""
+    ``agentcore`` (--agentcore) refuses tags and customers, ``saas`` (--saas) events
+    without a customer."""
     if not 1 <= len(events) <= RECORD_BATCH_MAX:
         return [Violation("events", f"must hold 1-{RECORD_BATCH_MAX} events, got {len(events)}")]
     inside = (int(window.earliest.timestamp()) + 1, int(window.latest.timestamp()) - 1)
     out: list[Violation] = []
     for i, event in enumerate(events):
-        out += check_usage_event(event, window, f"events[{i}]", inside, products, agentcore=agentcore)
+        out += check_usage_event(event, window, f"events[{i}]", inside, products, agentcore=agentcore, saas=saas)
     return out
 
 
 def only_timestamp_window(violations: Sequence[Violation]) -> bool:
     """True when the only fault is a timestamp outside AWS's window (→ OUT_OF_RANGE)."""
     return bool(violations) and all(v.aws_error == TIMESTAMP_OUT_OF_BOUNDS for v in violations)
+
+
+# -- SaaS: BatchMeterUsage, ResolveCustomer, and the customer of a recorded event -----
+
+ACCOUNT = "account"  # CustomerAWSAccountId with LicenseArn (Concurrent Agreements)
+LEGACY = "legacy"  # CustomerIdentifier with the request's ProductCode
+NOT_SAAS = ""  # names no customer: container usage, metered with MeterUsage
+
+
+def customer_way(account_id: str, license_arn: str, identifier: str) -> str:
+    """How a record or event names its customer: ACCOUNT, LEGACY, or NOT_SAAS (none).
+    Both ways at once is ACCOUNT here; :func:`check_customer` refuses it."""
+    if account_id or license_arn:
+        return ACCOUNT
+    return LEGACY if identifier else NOT_SAAS
+
+
+def check_customer(account_id: str, license_arn: str, identifier: str, prefix: str = "") -> list[Violation]:
+    """The customer named one way: an account id (1-255 digits) with a license ARN (the
+    model's pattern), or the legacy identifier (at most 255 characters) alone."""
+    out: list[Violation] = []
+    if identifier and (account_id or license_arn):
+        out.append(
+            Violation(
+                _join(prefix, "customer_identifier"),
+                "must be empty when customer_aws_account_id or license_arn is set: name the customer one way",
+            )
+        )
+    if len(identifier) > CUSTOMER_ID_MAX:
+        out.append(
+            Violation(
+                _join(prefix, "customer_identifier"),
+                f"must be at most {CUSTOMER_ID_MAX} characters, got {len(identifier)}",
+                INVALID_CUSTOMER_IDENTIFIER,
+            )
+        )
+    if account_id or license_arn:
+        where = _join(prefix, "customer_aws_account_id")
+        if not account_id:
+            out.append(Violation(where, "is required with license_arn"))
+        elif len(account_id) > CUSTOMER_ID_MAX or not ACCOUNT_ID_RE.fullmatch(account_id):
+            out.append(Violation(where, f"must be 1-{CUSTOMER_ID_MAX} digits (an AWS account id)"))
+        where = _join(prefix, "license_arn")
+        if not license_arn:
+            out.append(Violation(where, "is required with customer_aws_account_id (the license names the product)"))
+        elif not LICENSE_ARN_RE.fullmatch(license_arn):
+            out.append(Violation(where, "must be a license ARN (arn:aws:license-manager::…:license:l-…)"))
+    return out
+
+
+def check_registration_token(token: str, path: str = "registration_token") -> list[Violation]:
+    """ResolveCustomer's one input: a token the buyer's browser brought, never empty."""
+    return [] if token else [Violation(path, "is required")]
+
+
+def check_usage_record(
+    record: Any, window: Window, path: str, products: Products | None, product_code: str
+) -> list[Violation]:
+    """Every violation of one BatchMeterUsage UsageRecord (customer, dimension, timestamp
+    in the SaaS window, quantity, allocations), by its path."""
+    out = check_customer(record.customer_aws_account_id, record.license_arn, record.customer_identifier, path)
+    if customer_way(record.customer_aws_account_id, record.license_arn, record.customer_identifier) == NOT_SAAS:
+        out.append(
+            Violation(
+                f"{path}.customer_aws_account_id",
+                "is required (with license_arn), or the legacy customer_identifier: every record names its customer",
+            )
+        )
+    dimension = check_usage_dimension(record.dimension, f"{path}.dimension")
+    if products is not None and product_code and not dimension:  # with a license, the product is AWS's to know
+        dimension = [
+            Violation(f"{path}.dimension", v.description, v.aws_error)
+            for v in products.check(product_code, record.dimension)
+            if v.field.endswith("usage_dimension")
+        ]
+    out += dimension
+    out += check_timestamp(record, window, f"{path}.timestamp")
+    kind, value, errs = quantity_of(record, path, "quantity_value")
+    out += errs
+    if record.usage_allocations:
+        out += check_allocations(
+            record.usage_allocations, kind, Decimal(0) if kind is None else value, f"{path}.usage_allocations"
+        )
+    return out
+
+
+def validate_batch_meter_usage(request: Any, window: Window, products: Products | None = None) -> list[Violation]:
+    """Every violation of a BatchMeterUsageRequest; empty means it may go to AWS.
+
+    1-25 records, each naming its customer the same one way; ``product_code`` required
+    with the legacy identifier and refused with license ARNs (AWS: the license names the
+    product, and both would bill twice). ``window`` should be :meth:`Window.for_saas`.
+    """
+    records = request.usage_records
+    if not 1 <= len(records) <= BATCH_RECORDS_MAX:
+        return [Violation("usage_records", f"must hold 1-{BATCH_RECORDS_MAX} records, got {len(records)}")]
+    ways = [customer_way(r.customer_aws_account_id, r.license_arn, r.customer_identifier) for r in records]
+    way = next((w for w in ways if w != NOT_SAAS), NOT_SAAS)
+    out: list[Violation] = []
+    if way == LEGACY:
+        out += check_product_code(request.product_code)
+        if products is not None and not out and request.product_code not in products.dimensions:
+            out += products.check(request.product_code, "")
+    elif way == ACCOUNT and request.product_code:  # no customer named at all: the records say so
+        out.append(
+            Violation(
+                "product_code",
+                "must be empty when the records carry license_arn: the license names the product "
+                "(AWS bills twice for usage sent with both)",
+            )
+        )
+    for i, record in enumerate(records):
+        path = f"usage_records[{i}]"
+        if ways[i] not in (way, NOT_SAAS):
+            out.append(
+                Violation(
+                    f"{path}.customer_identifier" if way == ACCOUNT else f"{path}.customer_aws_account_id",
+                    "names the customer another way than the call's other records: one call, one way",
+                )
+            )
+        out += check_usage_record(record, window, path, products, request.product_code if way == LEGACY else "")
+    return out
+
+
+def check_event_customer(event: Any, path: str, *, agentcore: bool = False) -> list[Violation]:
+    """A recorded event's customer, when it names one (SaaS usage): one way, well formed;
+    the legacy identifier needs the event's product_code; none in AgentCore Runtime mode."""
+    way = customer_way(event.customer_aws_account_id, event.license_arn, event.customer_identifier)
+    if way == NOT_SAAS:
+        return []
+    if agentcore:
+        return [
+            Violation(
+                f"{path}.customer_aws_account_id" if way == ACCOUNT else f"{path}.customer_identifier",
+                f"must be empty in {AGENTCORE} (--agentcore): it meters container usage with MeterUsage only",
+            )
+        ]
+    return check_customer(event.customer_aws_account_id, event.license_arn, event.customer_identifier, path)

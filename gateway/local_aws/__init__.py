@@ -37,13 +37,26 @@ The fault kinds (:mod:`.faults`):
   ``InternalServiceErrorException``);
 - ``""``: only the HTTP ``status``, no error type, as a load balancer's 502/503/504;
 - ``"drop"`` (DROP): the connection closes without an answer;
-- ``"slow"`` (SLOW): the normal answer, ``delay`` seconds late.
+- ``"slow"`` (SLOW): the normal answer, ``delay`` seconds late;
+- ``"unprocessed"`` (UNPROCESSED, BatchMeterUsage only): 200, but the last
+  ceil(n/2) of the n records come back in ``UnprocessedRecords``.
 
 By default a fault fails the call before AWS applies it. With ``"record": true``
 AWS applies the call first, exactly as a successful one, and then the answer is
 lost: a 5xx, a dropped connection, or SLOW beyond the caller's read timeout;
 a call AWS's rules refuse is refused as usual. ``"operation": "MeterUsage"``
 keeps a fault for that operation's calls; control calls are never faulted.
+
+It answers AWS's SaaS operations too (:mod:`.saas`), Concurrent Agreements'
+model: BatchMeterUsage (up to 25 records a call, under 1 MB; each names its
+customer by ``CustomerAWSAccountId`` and ``LicenseArn``, or, legacy, by
+``CustomerIdentifier`` with the request's ``ProductCode``; the 24-hour window
+and the month-end cutoff at 06:00 UTC on the 1st; a result per record:
+``Success``, ``CustomerNotSubscribed`` or ``DuplicateRecord``) and
+ResolveCustomer (tokens the control API issued, until they expire). What buyers
+did is said over ``/_local/subscriptions`` (GET, POST, DELETE) and ``POST
+/_local/tokens``; ``GET /_local/saas-records`` and ``GET /_local/saas-usage``
+show what AWS kept and bills.
 
 It also answers RegisterUsage (:mod:`.registration`): a JWT signed with a key pair
 of its own, the nonce echoed; ``GET /_local/register-usage`` shows the public key
@@ -55,8 +68,9 @@ faults not yet taken, ``DELETE /_local/faults`` drops them, ``POST
 /_local/reset`` forgets everything.
 """
 
-from gateway.local_aws.faults import BARE, DROP, SLOW, Fault
+from gateway.local_aws.faults import BARE, DROP, SLOW, UNPROCESSED, Fault
 from gateway.local_aws.registration import Registrar
+from gateway.local_aws.saas import CUSTOMER_NOT_SUBSCRIBED, DUPLICATE_RECORD, SUCCESS, Saas, SaasRecord
 from gateway.local_aws.server import BANNER, CONTENT_TYPE, TARGET_PREFIX, LocalAws
 from gateway.local_aws.state import AwsError, Record, State
 
@@ -64,13 +78,19 @@ __all__ = [
     "BANNER",
     "BARE",
     "CONTENT_TYPE",
+    "CUSTOMER_NOT_SUBSCRIBED",
     "DROP",
+    "DUPLICATE_RECORD",
     "SLOW",
+    "SUCCESS",
     "TARGET_PREFIX",
+    "UNPROCESSED",
     "AwsError",
     "Fault",
     "LocalAws",
     "Record",
     "Registrar",
+    "Saas",
+    "SaasRecord",
     "State",
 ]

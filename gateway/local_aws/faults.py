@@ -4,6 +4,10 @@ A fault fails a call either before AWS applies it (nothing recorded: the common
 refusal) or, with ``record``, after AWS recorded it (the answer is lost on the
 way back). Only the second kind tests that a caller which did not hear back
 retries with the same ClientToken and meters exactly once.
+
+UNPROCESSED (BatchMeterUsage only) answers 200 but hands back the last half of
+the records (ceil(n/2) of n) in ``UnprocessedRecords``, AWS's "retry these";
+with ``record`` AWS kept them anyway, so only an identical resend settles them.
 """
 
 from __future__ import annotations
@@ -15,11 +19,13 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from gateway.local_aws import rules
+from gateway.local_aws.saas import BATCH_METER_USAGE
 from gateway.local_aws.state import AwsError
 
 DROP = "drop"  # close the connection without an answer
 SLOW = "slow"  # answer normally, ``delay`` seconds late: a slow AWS (or, past the read timeout, a lost answer)
 BARE = ""  # no error type at all, only the HTTP ``status``: a load balancer's 5xx
+UNPROCESSED = "unprocessed"  # BatchMeterUsage answers 200 with its last ceil(n/2) records unprocessed
 DEFAULT_MESSAGE = "injected by the local backend"
 
 
@@ -27,20 +33,23 @@ DEFAULT_MESSAGE = "injected by the local backend"
 class Fault:
     """The next ``remaining`` calls (of ``operation``, or of every operation) fail so."""
 
-    error: str  # an AWS error code, BARE, DROP or SLOW
+    error: str  # an AWS error code, BARE, DROP, SLOW or UNPROCESSED
     remaining: int
     message: str = DEFAULT_MESSAGE
     status: int = 400
     delay: float = 0.0  # seconds before failing (for SLOW: before answering)
     record: bool = False  # apply the call to AWS's state first, then fail
-    operation: str | None = None  # e.g. "MeterUsage"; None: any API operation
+    operation: str | None = None  # e.g. "MeterUsage"; None: any API operation (UNPROCESSED: BatchMeterUsage's)
 
     def applies_to(self, operation: str) -> bool:
+        if self.error == UNPROCESSED:  # nothing to hold back elsewhere: other operations pass it by
+            return operation == BATCH_METER_USAGE
         return self.operation is None or self.operation == operation
 
     def failure(self) -> AwsError | None:
-        """What the call ends in once the fault's delay is over; None: the normal answer."""
-        return None if self.error == SLOW else AwsError(self.error, self.message, self.status)
+        """What the call ends in once the fault's delay is over; None: the normal answer (or,
+        UNPROCESSED, the answer with records held back)."""
+        return None if self.error in (SLOW, UNPROCESSED) else AwsError(self.error, self.message, self.status)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -58,8 +67,9 @@ def make_fault(
 ) -> Fault:
     """A checked Fault; ValueError for one that cannot happen.
 
-    ``record`` goes only with what can follow a recorded call: a 5xx, DROP or
-    SLOW. AWS never records a request and then refuses it with a 4xx.
+    ``record`` goes only with what can follow a recorded call: a 5xx, DROP,
+    SLOW or UNPROCESSED. AWS never records a request and then refuses it with a
+    4xx. UNPROCESSED is BatchMeterUsage's alone (its status is not used).
     """
     if status is None:
         status = 500 if error == "InternalServiceErrorException" else 400
@@ -73,10 +83,14 @@ def make_fault(
         raise ValueError(f"delay must be 0 to 3600 seconds, got {delay!r}")
     if not isinstance(record, bool):
         raise ValueError(f"record must be true or false, got {record!r}")
-    if record and error not in (DROP, SLOW) and status < 500:
-        raise ValueError(f"record=True needs a 5xx status, DROP or SLOW (AWS never records and then answers {status})")
+    if record and error not in (DROP, SLOW, UNPROCESSED) and status < 500:
+        raise ValueError(
+            f"record=True needs a 5xx status, DROP, SLOW or UNPROCESSED (AWS never records and then answers {status})"
+        )
     if operation is not None and (not isinstance(operation, str) or not operation):
         raise ValueError(f"operation must be an operation name like 'MeterUsage', got {operation!r}")
+    if error == UNPROCESSED and operation not in (None, BATCH_METER_USAGE):
+        raise ValueError(f"{UNPROCESSED} is a fault of {BATCH_METER_USAGE} only, not of {operation}")
     return Fault(error, count, str(message), status, float(delay), record, operation)
 
 

@@ -1,10 +1,33 @@
-"""What AWS refuses in a MeterUsage request: pure functions of the raw JSON body.
+"""What AWS refuses in a MeterUsage or BatchMeterUsage request: pure functions of the raw JSON body.
 
 Deliberately independent of the gateway's own validation (:mod:`gateway.domain.validation`):
 the limits come from botocore's model of the service, read at run time, and the
 semantic rules the model cannot express are written out again here from AWS's
 documentation. Two implementations that agree are evidence; one shared
 implementation would only ever agree with itself.
+
+BatchMeterUsage (:func:`batch_problems`) keeps the model's limits (at most 25
+records; a record's patterns and lengths) and MeterUsage's quantity rules per
+record, and adds what its documentation says of the call as a whole:
+
+- the body must be less than 1 MB (1,000,000 bytes as received): ``ValidationException``;
+- at least one record: the model allows an empty list (``min`` 0), the local
+  backend refuses it (``ValidationException``), a call that meters nothing is a
+  caller's mistake;
+- each record names its customer one way: ``CustomerAWSAccountId`` with
+  ``LicenseArn`` (Concurrent Agreements) or, legacy, ``CustomerIdentifier``
+  with the request's ``ProductCode``; never both, never neither, never the
+  two ways in one call, no ``LicenseArn`` on a legacy record, and no request
+  ``ProductCode`` beside a ``LicenseArn`` ("do NOT include ProductCode"):
+  ``ValidationException`` naming the problem.
+
+A breach of the model inside a record is answered with the exception AWS names
+for that field (:func:`code_for`): ``Dimension`` InvalidUsageDimensionException,
+``UsageAllocations`` InvalidUsageAllocationsException or InvalidTagException,
+``CustomerIdentifier`` InvalidCustomerIdentifierException, ``LicenseArn``
+InvalidLicenseException ("ensure the LicenseArn is valid"), any other
+ValidationException. Time windows and licenses need AWS's clock and state:
+:mod:`.saas`.
 """
 
 from __future__ import annotations
@@ -22,6 +45,8 @@ import botocore.session
 
 SERVICE = "meteringmarketplace"
 OPERATION = "MeterUsage"
+BATCH_OPERATION = "BatchMeterUsage"
+MAX_BATCH_BYTES = 1_000_000  # "each request must be less than 1 MB"
 MAX_AGE = timedelta(hours=6)  # AWS takes no usage older than this
 FUTURE_SKEW = timedelta(minutes=5)  # how far ahead of AWS's clock a timestamp may be
 
@@ -33,11 +58,21 @@ INVALID_USAGE_DIMENSION = "InvalidUsageDimensionException"
 INVALID_TAG = "InvalidTagException"
 INVALID_USAGE_ALLOCATIONS = "InvalidUsageAllocationsException"
 TIMESTAMP_OUT_OF_BOUNDS = "TimestampOutOfBoundsException"
+INVALID_CUSTOMER_IDENTIFIER = "InvalidCustomerIdentifierException"
+INVALID_LICENSE = "InvalidLicenseException"
 
 WHOLE = "whole"
 DECIMAL = "decimal"
 _QUANTITY = {WHOLE: "UsageQuantity", DECIMAL: "UsageQuantityAsDecimal"}
 _ALLOCATED = {WHOLE: "AllocatedUsageQuantity", DECIMAL: "AllocatedUsageQuantityAsDecimal"}
+_RECORD_QUANTITY = {WHOLE: "Quantity", DECIMAL: "QuantityAsDecimal"}  # a BatchMeterUsage record's names
+_RECORD_PATH = re.compile(r"UsageRecords\[\d+\]\.(\w+)")
+# The exception AWS names for a breach of the model in a record's field; any other: VALIDATION.
+_RECORD_FIELD_CODES = {
+    "Dimension": INVALID_USAGE_DIMENSION,
+    "CustomerIdentifier": INVALID_CUSTOMER_IDENTIFIER,
+    "LicenseArn": INVALID_LICENSE,
+}
 
 TagSet = frozenset[tuple[str, str]]
 
@@ -91,6 +126,25 @@ class Request:
     dry_run: bool
 
 
+Allocated = tuple[tuple[TagSet, Decimal], ...]
+
+
+@dataclass(frozen=True)
+class UsageRecord:
+    """One record of a BatchMeterUsage body without problems, in the values AWS books."""
+
+    index: int  # its place in the request
+    sent: Mapping[str, Any]  # the record as sent: AWS echoes it in its result
+    customer_identifier: str | None  # legacy; None: a CustomerAWSAccountId record
+    customer_aws_account_id: str | None
+    license_arn: str | None
+    dimension: str
+    timestamp: datetime
+    kind: str
+    quantity: Decimal
+    allocations: Allocated | None
+
+
 def compile_pattern(pattern: str) -> re.Pattern[str]:
     """A model pattern as AWS applies it: unanchored unless it says so.
 
@@ -124,14 +178,37 @@ def spec_of(shape: Any, seen: frozenset[str] = frozenset()) -> Spec:
 
 
 @functools.cache
-def meter_usage_spec() -> Spec:
-    """The MeterUsage input shape of the botocore installed here (read once)."""
+def input_spec(operation: str) -> Spec:
+    """An operation's input shape in the botocore installed here (read once)."""
     model = botocore.session.get_session().get_service_model(SERVICE)
-    return spec_of(model.operation_model(OPERATION).input_shape)
+    return spec_of(model.operation_model(operation).input_shape)
+
+
+def meter_usage_spec() -> Spec:
+    """The MeterUsage input shape."""
+    return input_spec(OPERATION)
+
+
+def batch_meter_usage_spec() -> Spec:
+    """The BatchMeterUsage input shape."""
+    return input_spec(BATCH_OPERATION)
+
+
+def record_spec() -> Spec:
+    """One BatchMeterUsage UsageRecord's shape."""
+    records = batch_meter_usage_spec().members["UsageRecords"]
+    assert records.member is not None
+    return records.member
 
 
 def code_for(path: str) -> str:
     """The exception AWS names for a problem at ``path``."""
+    record = _RECORD_PATH.match(path)
+    if record is not None:
+        name = record.group(1)
+        if name == "UsageAllocations":
+            return INVALID_TAG if ".Tags" in path else INVALID_USAGE_ALLOCATIONS
+        return _RECORD_FIELD_CODES.get(name, VALIDATION)
     top = re.split(r"[.\[]", path, maxsplit=1)[0]
     if top == "ProductCode":
         return INVALID_PRODUCT_CODE
@@ -261,8 +338,10 @@ def semantic_problems(body: Mapping[str, Any], window: Window) -> list[Problem]:
     return out
 
 
-def _allocation_problems(allocations: Sequence[Mapping[str, Any]], kind: str, total: Decimal | None) -> list[Problem]:
-    """One quantity each, of the request's kind; unique tag sets; summing to the total."""
+def _allocation_problems(
+    allocations: Sequence[Mapping[str, Any]], kind: str, total: Decimal | None, whose: str = "the request's"
+) -> list[Problem]:
+    """One quantity each, of the request's (or record's) kind; unique tag sets; summing to the total."""
     out: list[Problem] = []
     first_with: dict[TagSet, int] = {}
     running: Decimal | None = Decimal(0)
@@ -279,7 +358,7 @@ def _allocation_problems(allocations: Sequence[Mapping[str, Any]], kind: str, to
             out.append(
                 Problem(
                     f"{where}.{_ALLOCATED[kinds[0]]}",
-                    f"must be {_ALLOCATED[kind]}, the same kind as the request's quantity",
+                    f"must be {_ALLOCATED[kind]}, the same kind as {whose} quantity",
                     INVALID_USAGE_ALLOCATIONS,
                 )
             )
@@ -306,7 +385,7 @@ def _allocation_problems(allocations: Sequence[Mapping[str, Any]], kind: str, to
         out.append(
             Problem(
                 "UsageAllocations",
-                f"quantities sum to {running}, not to the request's quantity {total}",
+                f"quantities sum to {running}, not to {whose} quantity {total}",
                 INVALID_USAGE_ALLOCATIONS,
             )
         )
@@ -341,10 +420,19 @@ def problems(body: Any, window: Window, spec: Spec | None = None) -> list[Proble
     return sorted(out, key=lambda p: order.get(re.split(r"[.\[]", p.field, maxsplit=1)[0], -1))
 
 
+def _allocated(allocations: Sequence[Mapping[str, Any]] | None) -> Allocated | None:
+    """Allocations without problems as (tag set, quantity) pairs; None when there are none."""
+    if allocations is None:
+        return None
+    return tuple(
+        (frozenset((t["Key"], t["Value"]) for t in a.get("Tags") or []), _quantity(a, _ALLOCATED)[1] or Decimal(0))
+        for a in allocations
+    )
+
+
 def request_of(body: Mapping[str, Any]) -> Request:
     """The values of a body without problems (see :func:`problems`)."""
     kinds, quantity = _quantity(body, _QUANTITY)
-    allocations = body.get("UsageAllocations")
     when = instant(body["Timestamp"])
     assert when is not None
     return Request(
@@ -353,12 +441,136 @@ def request_of(body: Mapping[str, Any]) -> Request:
         timestamp=when,
         kind=kinds[0] if kinds else WHOLE,
         quantity=quantity if quantity is not None else Decimal(0),
-        allocations=None
-        if allocations is None
-        else tuple(
-            (frozenset((t["Key"], t["Value"]) for t in a.get("Tags") or []), _quantity(a, _ALLOCATED)[1] or Decimal(0))
-            for a in allocations
-        ),
+        allocations=_allocated(body.get("UsageAllocations")),
         client_token=body.get("ClientToken") or "",
         dry_run=bool(body.get("DryRun")),
     )
+
+
+# --- BatchMeterUsage -----------------------------------------------------------
+
+
+def batch_problems(body: Any, size: int | None = None) -> list[Problem]:
+    """Every reason AWS refuses a BatchMeterUsage ``body`` whatever its clock and state.
+
+    ``size`` is the body's length in bytes as received (None: not known, in process).
+    The first group that finds anything is the answer: size, then the model, then
+    the documented rules of records and customers.
+    """
+    if size is not None and size >= MAX_BATCH_BYTES:
+        return [
+            Problem(
+                "request",
+                f"is {size:,} bytes; BatchMeterUsage takes less than 1 MB ({MAX_BATCH_BYTES:,} bytes)",
+                VALIDATION,
+            )
+        ]
+    out = model_problems(body, batch_meter_usage_spec())
+    if out:
+        return out
+    records: Sequence[Mapping[str, Any]] = body["UsageRecords"]
+    if not records:
+        return [Problem("UsageRecords", "must hold at least one record", VALIDATION)]
+    for i, record in enumerate(records):
+        out += _customer_problems(record, f"UsageRecords[{i}]")
+        out += _record_quantity_problems(record, i)
+    return out + _call_problems(body)
+
+
+def _customer_problems(record: Mapping[str, Any], where: str) -> list[Problem]:
+    """One way of naming the customer: an account with its license, or (legacy) an identifier."""
+    has = {name: record.get(name) is not None for name in ("CustomerIdentifier", "CustomerAWSAccountId", "LicenseArn")}
+    if has["CustomerIdentifier"] and has["CustomerAWSAccountId"]:
+        return [Problem(where, "names the customer both by CustomerIdentifier and by CustomerAWSAccountId", VALIDATION)]
+    if not has["CustomerIdentifier"] and not has["CustomerAWSAccountId"]:
+        return [
+            Problem(
+                where,
+                "names no customer: give CustomerAWSAccountId and LicenseArn (legacy: CustomerIdentifier)",
+                VALIDATION,
+            )
+        ]
+    if has["CustomerAWSAccountId"] and not has["LicenseArn"]:
+        return [Problem(f"{where}.LicenseArn", "is required with CustomerAWSAccountId", VALIDATION)]
+    if has["CustomerIdentifier"] and has["LicenseArn"]:
+        return [
+            Problem(
+                f"{where}.LicenseArn",
+                "must not be given with CustomerIdentifier (a legacy record's product is the request's ProductCode)",
+                VALIDATION,
+            )
+        ]
+    return []
+
+
+def _record_quantity_problems(record: Mapping[str, Any], i: int) -> list[Problem]:
+    """MeterUsage's quantity rules, for one record: one kind, allocations of that kind summing to it."""
+    where = f"UsageRecords[{i}]"
+    out: list[Problem] = []
+    kinds, total = _quantity(record, _RECORD_QUANTITY)
+    if len(kinds) > 1:
+        out.append(Problem(f"{where}.QuantityAsDecimal", "must not be given together with Quantity", VALIDATION))
+    allocations = record.get("UsageAllocations")
+    if allocations is not None:
+        kind = kinds[0] if len(kinds) == 1 else WHOLE
+        found = _allocation_problems(allocations, kind, total if kinds else Decimal(0), "the record's")
+        out += [Problem(f"{where}.{p.field}", p.message, p.code) for p in found]
+    return out
+
+
+def _call_problems(body: Mapping[str, Any]) -> list[Problem]:
+    """The call as a whole: one way of naming customers, and ProductCode exactly for legacy records."""
+    records: Sequence[Mapping[str, Any]] = body["UsageRecords"]
+    by_license = [
+        i for i, r in enumerate(records) if r.get("CustomerAWSAccountId") is not None or r.get("LicenseArn") is not None
+    ]
+    legacy = [i for i, r in enumerate(records) if r.get("CustomerIdentifier") is not None]
+    out: list[Problem] = []
+    if body.get("ProductCode") is not None and by_license:
+        out.append(
+            Problem(
+                "ProductCode",
+                f"must not be given with LicenseArn records (UsageRecords[{by_license[0]}]): "
+                "the license names the product",
+                VALIDATION,
+            )
+        )
+    if body.get("ProductCode") is None and legacy:
+        out.append(
+            Problem(
+                "ProductCode", f"is required with CustomerIdentifier records (UsageRecords[{legacy[0]}])", VALIDATION
+            )
+        )
+    if set(legacy) - set(by_license) and set(by_license) - set(legacy):
+        out.append(
+            Problem(
+                "UsageRecords",
+                "mix CustomerIdentifier records and CustomerAWSAccountId/LicenseArn records; one way per call",
+                VALIDATION,
+            )
+        )
+    return out
+
+
+def usage_records_of(body: Mapping[str, Any]) -> tuple[UsageRecord, ...]:
+    """The records of a BatchMeterUsage body without problems (see :func:`batch_problems`)."""
+    out = []
+    for i, record in enumerate(body["UsageRecords"]):
+        kinds, quantity = _quantity(record, _RECORD_QUANTITY)
+        when = instant(record["Timestamp"])
+        assert when is not None
+        out.append(
+            UsageRecord(
+                index=i,
+                sent=record,
+                customer_identifier=record.get("CustomerIdentifier"),
+                customer_aws_account_id=record.get("CustomerAWSAccountId"),
+                license_arn=record.get("LicenseArn"),
+                dimension=record["Dimension"],
+                timestamp=when,
+                kind=kinds[0] if kinds else WHOLE,
+                quantity=quantity if quantity is not None else Decimal(0),
+                allocations=_allocated(record.get("UsageAllocations")),
+            )
+        )
+    return tuple(out)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import threading
 import time
@@ -14,8 +15,9 @@ from typing import Any
 
 import structlog
 
-from gateway.local_aws.faults import DEFAULT_MESSAGE, DROP, Fault, Faults, fault_from_json, make_fault
+from gateway.local_aws.faults import DEFAULT_MESSAGE, DROP, UNPROCESSED, Fault, Faults, fault_from_json, make_fault
 from gateway.local_aws.registration import Registrar
+from gateway.local_aws.saas import BATCH_METER_USAGE, DEFAULT_TOKEN_TTL, RESOLVE_CUSTOMER, Saas, SaasRecord
 from gateway.local_aws.state import AwsError, Record, State
 
 TARGET_PREFIX = "AWSMPMeteringService."
@@ -26,6 +28,10 @@ BANNER = "LOCAL AWS BACKEND: nothing sent here reaches AWS and nothing is billed
 
 log = structlog.get_logger("gateway.local_aws")
 _AKID = re.compile(r"Credential=([^/,\s]+)/")
+# The bodies of POST/DELETE /_local/subscriptions: a license subscription, or (with customer_identifier) a legacy one.
+_LICENSE_FIELDS = frozenset({"customer_aws_account_id", "license_arn", "product_code"})
+_LEGACY_FIELDS = frozenset({"customer_identifier", "product_code", "customer_aws_account_id"})
+_TOKEN_FIELDS = _LICENSE_FIELDS | _LEGACY_FIELDS | {"ttl"}
 
 
 class Throttle:
@@ -71,6 +77,7 @@ class LocalAws:
             agentcore=agentcore,  # AgentCore Runtime's rules (state.py): many records an hour, a ClientToken each
         )
         self.registrar = Registrar(public_key_version=public_key_version)  # RegisterUsage (:mod:`.registration`)
+        self.saas = Saas(products=self.state.products)  # BatchMeterUsage, ResolveCustomer (:mod:`.saas`)
         self.clock = clock
         self.limiter = Throttle(max_rps) if max_rps else None
         self.faults = Faults()
@@ -123,11 +130,16 @@ class LocalAws:
         """The next ``count`` API calls fail with ``error`` after ``delay`` seconds.
 
         ``error`` is an AWS error code, ``""`` (only the HTTP ``status``, no error
-        type), DROP (the connection closes unanswered) or SLOW (the normal answer,
-        ``delay`` seconds late). With ``record`` the call is applied to AWS's state
+        type), DROP (the connection closes unanswered), SLOW (the normal answer,
+        ``delay`` seconds late) or UNPROCESSED (BatchMeterUsage only, whatever
+        ``operation`` says; other operations pass it by: the answer is 200, but the
+        last ceil(n/2) of its n records come back in ``UnprocessedRecords`` as sent
+        and not in ``Results``). With ``record`` the call is applied to AWS's state
         first, as a successful call would be, and only the answer is lost: a 5xx,
-        DROP or SLOW past the client's read timeout. ``operation="MeterUsage"``
-        limits the fault to that operation's calls.
+        DROP or SLOW past the client's read timeout; UNPROCESSED records were kept
+        all the same, so only an identical resend settles them (``Success``, the
+        same MeteringRecordId). ``operation="MeterUsage"`` limits the fault to that
+        operation's calls ("BatchMeterUsage", "ResolveCustomer", "RegisterUsage" alike).
         """
         self.faults.add(
             make_fault(error, count, message=message, status=status, delay=delay, record=record, operation=operation)
@@ -155,35 +167,145 @@ class LocalAws:
             for (p, d, h), q in sorted(totals.items())
         ]
 
+    # --- SaaS: what buyers did, what AWS billed (:mod:`.saas`) -----------------
+
+    def subscribe(self, *, customer_aws_account_id: str, license_arn: str, product_code: str) -> None:
+        """The account subscribed under the license, registered as one of ``product_code``'s
+        (ValueError when it is another product's). Several accounts may share one license
+        here (AWS grants each agreement its own), so tests meter many customers cheaply."""
+        with self.lock:
+            self.saas.subscribe(
+                customer_aws_account_id=customer_aws_account_id, license_arn=license_arn, product_code=product_code
+            )
+
+    def subscribe_legacy(
+        self, *, customer_identifier: str, product_code: str, customer_aws_account_id: str = ""
+    ) -> None:
+        """A legacy customer (CustomerIdentifier) subscribed to ``product_code``."""
+        with self.lock:
+            self.saas.subscribe_legacy(
+                customer_identifier=customer_identifier,
+                product_code=product_code,
+                customer_aws_account_id=customer_aws_account_id,
+            )
+
+    def unsubscribe(
+        self,
+        *,
+        product_code: str,
+        customer_aws_account_id: str = "",
+        license_arn: str = "",
+        customer_identifier: str = "",
+    ) -> None:
+        """Either subscription ends (legacy when ``customer_identifier`` is given): later records
+        for the customer are ``CustomerNotSubscribed``; those kept stay. ValueError: none such."""
+        with self.lock:
+            self.saas.unsubscribe(
+                product_code=product_code,
+                customer_aws_account_id=customer_aws_account_id,
+                license_arn=license_arn,
+                customer_identifier=customer_identifier,
+            )
+
+    def subscriptions(self) -> list[dict[str, str]]:
+        with self.lock:
+            return self.saas.subscriptions()
+
+    def issue_token(
+        self,
+        *,
+        product_code: str,
+        customer_aws_account_id: str = "",
+        license_arn: str = "",
+        customer_identifier: str = "",
+        ttl: float = DEFAULT_TOKEN_TTL,
+    ) -> str:
+        """A registration token for ResolveCustomer, valid ``ttl`` seconds of the backend's clock;
+        the buyer it names has subscribed. Without ``customer_identifier`` the answer has none
+        (a new integration)."""
+        with self.lock:
+            now = datetime.fromtimestamp(self.clock(), tz=UTC)
+            return self.saas.issue_token(
+                now,
+                product_code=product_code,
+                customer_aws_account_id=customer_aws_account_id,
+                license_arn=license_arn,
+                customer_identifier=customer_identifier,
+                ttl=ttl,
+            )
+
+    def saas_records(self) -> list[SaasRecord]:
+        """The SaaS records AWS kept (one per customer, dimension and hour)."""
+        with self.lock:
+            return list(self.saas.records)
+
+    def saas_usage(self) -> list[dict[str, str]]:
+        """What AWS bills for SaaS: quantities per ProductCode, LicenseArn, CustomerAWSAccountId,
+        CustomerIdentifier, Dimension and Hour (``GET /_local/saas-usage``)."""
+        with self.lock:
+            return self.saas.usage()
+
     def reset(self, *, agentcore: bool | None = None) -> None:
-        """Forget every record and fault; ``agentcore`` switches AgentCore Runtime's rules on
-        or off (None: as they were), so one backend serves tests of both modes."""
+        """Forget every record, subscription, token and fault; ``agentcore`` switches AgentCore
+        Runtime's rules on or off (None: as they were), so one backend serves tests of both modes."""
         with self.lock:
             self.state = State(
                 products=self.state.products, agentcore=self.state.agentcore if agentcore is None else agentcore
             )
+            self.saas = Saas(products=self.state.products)
             self.faults.clear()
             self.calls = 0
         self.registrar.reset()
 
-    def handle(self, target: str, body: Mapping[str, Any], identity: str) -> tuple[int, dict[str, Any]]:
-        """One API call → (HTTP status, JSON body). Raises AwsError or returns."""
+    def handle(
+        self, target: str, body: Mapping[str, Any], identity: str, size: int | None = None
+    ) -> tuple[int, dict[str, Any]]:
+        """One API call → (HTTP status, JSON body). Raises AwsError or returns.
+
+        ``size`` is the body's length as received (BatchMeterUsage's 1 MB limit); None: unknown.
+        """
         with self.lock:
             self.calls += 1
         fault = self.faults.take(target.removeprefix(TARGET_PREFIX))
         if fault is not None and not fault.record:
-            _fail(fault)  # before AWS sees the call: nothing recorded
-        if target == TARGET_PREFIX + REGISTER_USAGE:
-            answer = self._register_usage(body, identity)
-            if fault is not None and fault.record:
-                _fail(fault)  # AWS has registered the pod; the answer is lost
-            return 200, answer
-        record = self._apply(target, body, identity)  # a refusal ends here, recorded fault or not
+            _fail(fault)  # before AWS sees the call: nothing recorded (UNPROCESSED: only its delay)
+        answer = self._answer(target, body, identity, size, fault)  # a refusal ends here, recorded fault or not
         if fault is not None and fault.record:
-            _fail(fault)  # AWS has recorded the call; the answer is what goes wrong
-        if record is None:
+            _fail(fault)  # AWS has applied the call; the answer is what goes wrong
+        if answer is None:
             raise AwsError("DryRunOperation", "Request would have succeeded, but DryRun flag is set.", 412)
-        return 200, {"MeteringRecordId": record.metering_record_id}
+        return 200, answer
+
+    def _answer(
+        self, target: str, body: Mapping[str, Any], identity: str, size: int | None, fault: Fault | None
+    ) -> dict[str, Any] | None:
+        """AWS's answer to one call, its state changed; None for an accepted dry run."""
+        operation = target.removeprefix(TARGET_PREFIX)
+        if operation == REGISTER_USAGE:
+            return self._register_usage(body, identity)
+        if operation == BATCH_METER_USAGE:
+            return self._batch_meter_usage(body, size, fault)
+        if operation == RESOLVE_CUSTOMER:
+            with self.lock:
+                return dict(self.saas.resolve_customer(body, self._admit()))
+        record = self._apply(target, body, identity)
+        return None if record is None else {"MeteringRecordId": record.metering_record_id}
+
+    def _batch_meter_usage(self, body: Mapping[str, Any], size: int | None, fault: Fault | None) -> dict[str, Any]:
+        """Every record's result, in order; under an UNPROCESSED fault the last ceil(n/2) are
+        handed back unprocessed instead (kept all the same when the fault records)."""
+        with self.lock:
+            batch = self.saas.accept(body, self._admit(), size)
+            held = math.ceil(len(batch.records) / 2) if fault is not None and fault.error == UNPROCESSED else 0
+            processed, unprocessed = (
+                batch.records[: len(batch.records) - held],
+                batch.records[len(batch.records) - held :],
+            )
+            results = [self.saas.meter(batch, r) for r in processed]
+            if fault is not None and fault.record:
+                for r in unprocessed:
+                    self.saas.meter(batch, r)
+        return {"Results": [r.to_json() for r in results], "UnprocessedRecords": [dict(r.sent) for r in unprocessed]}
 
     def _admit(self) -> datetime:
         """The account's rate limit, as AWS applies it to every operation (under the lock);
@@ -193,6 +315,7 @@ class LocalAws:
         return datetime.fromtimestamp(self.clock(), tz=UTC)
 
     def _apply(self, target: str, body: Mapping[str, Any], identity: str) -> Record | None:
+        """MeterUsage (or an operation AWS does not have)."""
         with self.lock:
             now = self._admit()
             if target != TARGET_PREFIX + METER_USAGE:
@@ -206,6 +329,8 @@ class LocalAws:
         return self.registrar.register(body, identity, now, products)
 
     def control(self, method: str, path: str, body: Any) -> tuple[int, Any]:
+        if path.startswith(("/_local/subscriptions", "/_local/tokens", "/_local/saas-")):
+            return self._saas_control(method, path, body)
         if path == "/_local/register-usage" and method == "GET":
             return 200, self.registrar.describe()
         if path == "/_local/register-usage" and method == "POST":
@@ -229,6 +354,39 @@ class LocalAws:
             self.reset(agentcore=_agentcore_of(body))
             return 200, {"ok": True}
         return 404, {"message": f"no {method} {path}"}
+
+    def _saas_control(self, method: str, path: str, body: Any) -> tuple[int, Any]:
+        """The SaaS control paths: subscriptions, tokens, what AWS kept and bills."""
+        if path == "/_local/subscriptions" and method == "GET":
+            return 200, self.subscriptions()
+        if path == "/_local/subscriptions" and method in ("POST", "DELETE"):
+            fields = _fields(body, _LEGACY_FIELDS if "customer_identifier" in body else _LICENSE_FIELDS)
+            if method == "DELETE":
+                self.unsubscribe(**fields)
+            elif "customer_identifier" in fields:
+                self.subscribe_legacy(**fields)
+            else:
+                self.subscribe(**fields)
+            return 200, {"ok": True}
+        if path == "/_local/tokens" and method == "POST":
+            return 200, {"registration_token": self.issue_token(**_fields(body, _TOKEN_FIELDS))}
+        if path == "/_local/saas-records" and method == "GET":
+            return 200, [r.to_json() for r in self.saas_records()]
+        if path == "/_local/saas-usage" and method == "GET":
+            return 200, self.saas_usage()
+        return 404, {"message": f"no {method} {path}"}
+
+
+def _fields(body: Any, allowed: frozenset[str]) -> dict[str, Any]:
+    """A control body's fields as keyword arguments; ValueError for another body."""
+    if not isinstance(body, Mapping):
+        raise ValueError("the body must be a JSON object")
+    unknown = set(body) - allowed
+    if unknown:
+        raise ValueError(f"unknown fields: {sorted(unknown)} (known: {sorted(allowed)})")
+    if "product_code" not in body:
+        raise ValueError("product_code is required")
+    return dict(body)
 
 
 def _agentcore_of(body: Any) -> bool | None:
@@ -256,9 +414,12 @@ def _handler_for(backend: LocalAws) -> type[BaseHTTPRequestHandler]:
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib name
             pass
 
-        def _read_json(self) -> Any:
+        def _read_raw(self) -> bytes:
             length = int(self.headers.get("Content-Length") or 0)
-            raw = self.rfile.read(length) if length else b""
+            return self.rfile.read(length) if length else b""
+
+        def _read_json(self) -> Any:
+            raw = self._read_raw()
             return json.loads(raw) if raw else {}
 
         def _send(self, status: int, payload: Any, request_id: str | None = None) -> None:
@@ -300,11 +461,12 @@ def _handler_for(backend: LocalAws) -> type[BaseHTTPRequestHandler]:
                 if not auth.startswith("AWS4-HMAC-SHA256") or not match:
                     self._read_json()
                     raise AwsError("MissingAuthenticationTokenException", "Missing Authentication Token", 403)
+                raw = self._read_raw()
                 try:
-                    body = self._read_json()
+                    body = json.loads(raw) if raw else {}
                 except ValueError:
                     raise AwsError("SerializationException", "body is not JSON") from None
-                status, payload = backend.handle(target, body, match.group(1))
+                status, payload = backend.handle(target, body, match.group(1), size=len(raw))
             except AwsError as exc:
                 if exc.code == DROP:
                     self.close_connection = True

@@ -64,9 +64,14 @@ class Record:
         }
 
 
-def _value(q: Decimal) -> Decimal:
+def by_value(q: Decimal) -> Decimal:
     """Quantities compare by value: 17, 17.0 and 17.00 are one quantity."""
     return q.normalize() if q else Decimal(0)
+
+
+def booked(allocations: rules.Allocated | None) -> Allocations:
+    """Allocations as AWS compares them: quantities by value, in one order whatever the request's."""
+    return tuple(sorted(((tags, by_value(q)) for tags, q in allocations or ()), key=lambda item: sorted(item[0])))
 
 
 @dataclass
@@ -102,10 +107,8 @@ class State:
             return None
         when = req.timestamp
         hour = when.replace(minute=0, second=0, microsecond=0)
-        total = _value(req.quantity)
-        allocations: Allocations = tuple(
-            sorted(((tags, _value(q)) for tags, q in req.allocations or ()), key=lambda item: sorted(item[0]))
-        )
+        total = by_value(req.quantity)
+        allocations = booked(req.allocations)
         same_hour_value = (total, allocations)
         token_value = (req.product_code, req.usage_dimension, when, total, allocations)
         token = req.client_token

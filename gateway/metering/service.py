@@ -1,7 +1,8 @@
 """The MeteringService servicer: glue from a request to the backend and back.
 
-request → validate → call AWS → map result → response. Failures leave as
-GatewayError; the interceptor turns them into statuses.
+request → validate → call AWS → map result → response, for MeterUsage, and for the
+SaaS operations BatchMeterUsage and ResolveCustomer. Failures leave as GatewayError;
+the interceptor turns them into statuses.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import structlog
 from gateway.aws.backend import Backend
 from gateway.domain import errors, validation
 from gateway.domain.clock import utcnow
+from gateway.metering.batch import batch_meter
 from gateway.metering.meter import meter
 from marketplace.metering.v1 import metering_pb2 as pb
 from marketplace.metering.v1 import metering_pb2_grpc as pb_grpc
@@ -48,8 +50,7 @@ class CallSlots:
         if not self._free.acquire(blocking=False):
             raise errors.GatewayError(
                 errors.Reason.CONCURRENCY_LIMIT_EXCEEDED,
-                f"{self.limit} MeterUsage calls are waiting on AWS already "
-                "(--max-aws-calls); nothing was sent: retry shortly",
+                f"{self.limit} calls are waiting on AWS already (--max-aws-calls); nothing was sent: retry shortly",
                 retry_delay=self.RETRY_DELAY,
             )
         try:
@@ -92,3 +93,55 @@ class MeteringServicer(pb_grpc.MeteringServiceServicer):
             agentcore=self._agentcore,
         )
         return pb.MeterUsageResponse(metering_record_id=outcome.metering_record_id, dry_run=outcome.dry_run)
+
+    def BatchMeterUsage(  # noqa: N802 - gRPC's method name
+        self, request: pb.BatchMeterUsageRequest, context: grpc.ServicerContext
+    ) -> pb.BatchMeterUsageResponse:
+        structlog.contextvars.bind_contextvars(
+            product_code=request.product_code[:255], records=len(request.usage_records)
+        )
+        result = batch_meter(
+            self._backend,
+            request,
+            validation.Window.for_saas(self._now(), self._future_skew),
+            deadline=deadline_of(context),
+            products=self._products,
+            hold=self._slots.taken if self._slots is not None else nullcontext,  # through the resends' pauses
+        )
+        structlog.contextvars.bind_contextvars(unprocessed=len(result.unprocessed), aws_calls=result.calls)
+        return pb.BatchMeterUsageResponse(
+            results=[
+                pb.UsageRecordResult(
+                    usage_record=request.usage_records[r.index],
+                    metering_record_id=r.metering_record_id,
+                    status=RECORD_STATUS.get(r.status, pb.UsageRecordResult.STATUS_UNSPECIFIED),
+                )
+                for r in result.results
+            ],
+            unprocessed_records=[request.usage_records[i] for i in result.unprocessed],
+        )
+
+    def ResolveCustomer(  # noqa: N802 - gRPC's method name
+        self, request: pb.ResolveCustomerRequest, context: grpc.ServicerContext
+    ) -> pb.ResolveCustomerResponse:
+        violations = validation.check_registration_token(request.registration_token)
+        if violations:
+            raise errors.invalid(violations)
+        guard = self._slots.taken() if self._slots is not None else nullcontext()
+        with guard:
+            customer = self._backend.resolve_customer(request.registration_token, deadline=deadline_of(context))
+        structlog.contextvars.bind_contextvars(product_code=customer.product_code)
+        return pb.ResolveCustomerResponse(
+            customer_identifier=customer.customer_identifier,
+            product_code=customer.product_code,
+            customer_aws_account_id=customer.customer_aws_account_id,
+            license_arn=customer.license_arn,
+        )
+
+
+# AWS's record statuses (UsageRecordResultStatus) → the proto's; one AWS adds later is UNSPECIFIED.
+RECORD_STATUS: dict[str, pb.UsageRecordResult.Status.ValueType] = {
+    "Success": pb.UsageRecordResult.STATUS_SUCCESS,
+    "CustomerNotSubscribed": pb.UsageRecordResult.STATUS_CUSTOMER_NOT_SUBSCRIBED,
+    "DuplicateRecord": pb.UsageRecordResult.STATUS_DUPLICATE_RECORD,
+}

@@ -6,13 +6,14 @@ import structlog
 
 from gateway.observability import metrics
 from gateway.recording import placement
-from gateway.recording.spool.base import LATE, Carry, Spool
+from gateway.recording.spool.base import LATE, Carry, Spool, customer_fields
 
 log = structlog.get_logger("gateway.spool")
 
 
 def log_carry(carry: Carry, reason: str) -> None:
-    """Every carry leaves one line (and a count): where usage went, and why."""
+    """Every carry leaves one line (and a count): where usage went, and why; whose, for
+    SaaS usage (the customer is in the line, never in the count's labels: unbounded)."""
     metrics.usage_carried(reason)
     log.warning(
         "usage_carried",
@@ -22,6 +23,7 @@ def log_carry(carry: Carry, reason: str) -> None:
         from_hour=placement.timestamp_of(carry.from_hour).isoformat(),
         to_hour=placement.timestamp_of(carry.to_hour).isoformat(),
         quantity=carry.quantity,
+        **customer_fields(carry.customer),
     )
 
 

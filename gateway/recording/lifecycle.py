@@ -17,7 +17,7 @@ from typing import Any
 
 import structlog
 
-from gateway.aws.backend import Backend, RetryPolicy
+from gateway.aws.backend import BUYER_CREDENTIALS, SELLER_CREDENTIALS, Backend, RetryPolicy
 from gateway.config import Settings, config_error_from
 from gateway.domain.clock import HOUR
 from gateway.observability import metrics
@@ -134,10 +134,14 @@ def open_recording(
         now=lambda: datetime.fromtimestamp(clock(), UTC),
         products=settings.product_list,
         agentcore=settings.agentcore,
+        saas=settings.saas,
         placer=placer.wake if placer else None,
     )
     backend = Backend(
-        client, RetryPolicy(1, settings.aws_backoff_base, settings.aws_backoff_max), source=metrics.SENDER
+        client,
+        RetryPolicy(1, settings.aws_backoff_base, settings.aws_backoff_max),
+        source=metrics.SENDER,
+        credentials_hint=SELLER_CREDENTIALS if settings.saas else BUYER_CREDENTIALS,
     )
     sender = Sender(
         spool,

@@ -6,8 +6,10 @@ epoch seconds; an *hour* is the epoch second its hour starts at. In AgentCore
 Runtime mode a bucket lasts one flush interval instead (``span`` seconds): the
 functions that cut time take it, and an "hour" is then that bucket's start.
 
-- :func:`group` turns events into *pieces*: the usage of one product, dimension
-  and own hour, split by tag set. A piece always fits in an empty record.
+- :func:`group` turns events into *pieces*: the usage of one product (or license),
+  customer, dimension and own hour, split by tag set. A piece always fits in an
+  empty record. Container usage names no customer (:func:`customer_key` ``""``);
+  SaaS usage is kept apart per customer, since BatchMeterUsage meters it so.
 - :func:`place` picks the hour a piece goes to: its own hour when that hour can
   still take it, else the next hour that can (the carry rule).
 - :func:`build_request` makes the one MeterUsage request for a bucket, with a
@@ -16,6 +18,7 @@ functions that cut time take it, and an "hour" is then that bucket's start.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import uuid
@@ -38,11 +41,14 @@ SAFETY_MARGIN = 30 * 60
 # A record whose outcome is unknown is resent, never carried, until its hour's start is
 # this close to six hours old (a minute for the clocks of AWS and the gateway to differ).
 RESEND_SKEW = 60
+# The most a record's allocations may take in AWS's request (about: see allocation_bytes):
+# well under AWS's 1 MB, so that a SaaS call fits at least two such records.
+RECORD_BYTES_MAX = 400_000
 # Bounds the carry search; reaching it means a bug, not a busy hour.
 _MAX_CARRY_HOURS = 24 * 366
 _TOKEN_NAMESPACE = uuid.UUID("6f1d2a0e-8f5c-4c43-9a51-2f4f5d3e7b10")
 
-Key = tuple[str, str]  # (product_code, usage_dimension)
+Key = tuple[str, str, str]  # (product_code, customer, usage_dimension): what records are kept per
 
 
 def hour_of(seconds: float, span: int = HOUR) -> int:
@@ -51,14 +57,23 @@ def hour_of(seconds: float, span: int = HOUR) -> int:
     return whole - whole % span
 
 
-def earliest_hour(now: float, margin: float = SAFETY_MARGIN, span: int = HOUR) -> int:
+def window_start(now: float, saas: bool = False) -> float:
+    """The oldest timestamp AWS takes at ``now``: six hours back for MeterUsage; for SaaS
+    usage (BatchMeterUsage) 24 hours back, and not into the previous month after 06:00
+    UTC on the 1st (:func:`gateway.domain.validation.saas_oldest`)."""
+    if not saas:
+        return now - validation.MAX_AGE.total_seconds()
+    return validation.saas_oldest(datetime.fromtimestamp(now, UTC)).timestamp()
+
+
+def earliest_hour(now: float, margin: float = SAFETY_MARGIN, span: int = HOUR, *, saas: bool = False) -> int:
     """The first hour (bucket of ``span`` seconds) a record may still be planned for at ``now``.
 
-    AWS refuses timestamps older than six hours; records are sent with their
-    hour's start as timestamp, so that start must be newer than now − 6h, with
-    ``margin`` to spare for sending and retrying.
+    AWS refuses timestamps older than its window (:func:`window_start`); records are
+    sent with their hour's start as timestamp, so that start must still be inside the
+    window ``margin`` seconds from now, to leave time for sending and retrying.
     """
-    oldest = now - validation.MAX_AGE.total_seconds() + margin
+    oldest = window_start(now + margin, saas)
     start = hour_of(oldest, span)
     return start if start >= oldest else start + span
 
@@ -70,9 +85,45 @@ def too_old_goes_to(now: float, span: int) -> int | None:
     return None if span >= HOUR else hour_of(now, span)
 
 
-def still_accepted(hour: int, now: float) -> bool:
+def still_accepted(hour: int, now: float, *, saas: bool = False) -> bool:
     """Whether AWS still takes a record timestamped at ``hour``'s start at ``now``."""
-    return hour > now - validation.MAX_AGE.total_seconds() + RESEND_SKEW
+    return hour > window_start(now, saas) + RESEND_SKEW
+
+
+_COMPACT = json.JSONEncoder(separators=(",", ":"))  # one encoder: json.dumps with options makes one a call
+
+
+def customer_key(account_id: str, license_arn: str, identifier: str) -> str:
+    """A customer as canonical text, stored with events and records: "" for container
+    usage (no customer), else the compact JSON list ``[account, license, identifier]``.
+    One text per customer, so records are kept apart (and found) per customer."""
+    if not (account_id or license_arn or identifier):
+        return ""
+    return _COMPACT.encode([account_id, license_arn, identifier])
+
+
+def customer_of(key: str) -> tuple[str, str, str]:
+    """``(customer_aws_account_id, license_arn, customer_identifier)`` of a :func:`customer_key`."""
+    if not key:
+        return "", "", ""
+    account_id, license_arn, identifier = json.loads(key)
+    return str(account_id), str(license_arn), str(identifier)
+
+
+@functools.lru_cache(maxsize=4096)
+def keyed_product(product_code: str, customer: str) -> str:
+    """The product a record is kept under: for usage of a license, none (""), whatever
+    product the event named. AWS keeps one record per license's customer, dimension and
+    hour, so events with and without the product hint must share one record; the hint
+    only groups calls (:meth:`gateway.recording.spool.Spool.product_hints`)."""
+    return "" if customer and customer_of(customer)[1] else product_code
+
+
+def allocation_bytes(key: str) -> int:
+    """At least the bytes one allocation with tag set ``key`` (:func:`tags_key`) takes in
+    AWS's JSON: its tags as {"Key": ..., "Value": ...} objects and a quantity of up to 17
+    characters under its field name."""
+    return 2 * len(key) + 128
 
 
 def tags_key(tags: Iterable[tuple[str, str]]) -> str:
@@ -109,12 +160,20 @@ class Content:
         """Sent as whole quantities: every event was whole and the total fits."""
         return bool(self.whole) and self.total <= validation.QUANTITY_MAX
 
+    @property
+    def size(self) -> int:
+        """About the bytes its usage allocations take in AWS's request (an overestimate)."""
+        return sum(allocation_bytes(k) for k in self.allocations)
+
     def fits(self, other: Content) -> bool:
-        """Whether ``other`` can join this bucket without breaking AWS's limits."""
+        """Whether ``other`` can join this bucket without breaking AWS's limits: the total,
+        2500 tag sets, and a size that leaves the request under AWS's 1 MB."""
         if self.total + other.total > MAX_TOTAL:
             return False
         new_keys = other.allocations.keys() - self.allocations.keys()
-        return len(self.allocations) + len(new_keys) <= validation.ALLOCATIONS_MAX
+        if len(self.allocations) + len(new_keys) > validation.ALLOCATIONS_MAX:
+            return False
+        return not new_keys or self.size + sum(allocation_bytes(k) for k in new_keys) <= RECORD_BYTES_MAX
 
     def add(self, other: Content) -> None:
         for key, quantity in other.allocations.items():
@@ -141,20 +200,30 @@ class EventRow(NamedTuple):
     whole: bool
     digest: bytes  # event_digest(): tells an identical repeat from a reused event_id
     timestamp: str  # the caller's, as event_time() writes it; "" when the gateway stamped the event
+    customer: str = ""  # customer_key(): "" for container usage
 
 
 UNSET = "unset"  # an event's timestamp in its digest when the caller sent none
 
 
 def event_digest(
-    product_code: str, usage_dimension: str, seconds: int | None, nanos: int, quantity: str, tags: str
+    product_code: str,
+    usage_dimension: str,
+    seconds: int | None,
+    nanos: int,
+    quantity: str,
+    tags: str,
+    customer: str = "",
 ) -> bytes:
     """What an event says, in 16 bytes: product, dimension, exact timestamp (None:
     the caller sent none, so the time the gateway stamped is not part of it and an
     identical resend is a duplicate), the quantity's value (17 and 17.0 are one
-    quantity, as to AWS) and the tag set."""
+    quantity, as to AWS), the tag set, and the customer (:func:`customer_key`) when it
+    names one: only then, so a container event's digest is what older releases stored,
+    and their spools keep telling duplicates from conflicts."""
     when = UNSET if seconds is None else f"{seconds}.{nanos:09d}"
-    text = "\x1f".join((product_code, usage_dimension, when, format_decimal(Decimal(quantity)), tags))
+    parts = (product_code, usage_dimension, when, format_decimal(Decimal(quantity)), tags)
+    text = "\x1f".join((*parts, customer) if customer else parts)
     return hashlib.sha256(text.encode()).digest()[:16]
 
 
@@ -165,18 +234,28 @@ def event_time(seconds: int, nanos: int) -> str:
     return f"{text}.{fraction}Z" if fraction else f"{text}Z"
 
 
-# The fields of an event a conflict can name (EventRow's attributes, named as in UsageEvent).
-_COMPARED = ("product_code", "usage_dimension", "timestamp", "quantity", "tags")
+# The fields of an event a conflict can name (EventRow's attributes, named as in UsageEvent;
+# "customer" stands for the three fields that name one).
+_COMPARED = ("product_code", "customer", "usage_dimension", "timestamp", "quantity", "tags")
+_CUSTOMER_FIELDS = ("customer_aws_account_id", "license_arn", "customer_identifier")
 
 
 def differences(stored: EventRow, new: EventRow) -> list[tuple[str, str, str]]:
     """(field, stored value, new value) for each field two events with one event_id
     differ in, as a person would read them: an unset timestamp says so, quantities
-    compare by value, tags as their set. ``stored.timestamp`` is None for events kept
-    by a release that did not store it."""
-    out = []
+    compare by value, tags as their set, a customer as its three fields (the way it
+    was named). ``stored.timestamp`` is None for events kept by a release that did not
+    store it."""
+    out: list[tuple[str, str, str]] = []
     for name in _COMPARED:
         old, now = getattr(stored, name), getattr(new, name)
+        if name == "customer":
+            out += [
+                (field_name, _shown(field_name, a), _shown(field_name, b))
+                for field_name, a, b in zip(_CUSTOMER_FIELDS, customer_of(old), customer_of(now), strict=True)
+                if a != b
+            ]
+            continue
         if name == "timestamp" and old is None:
             continue  # not stored: named below if nothing else differs
         if name == "quantity":
@@ -200,35 +279,49 @@ def _shown(name: str, value: str | None) -> str:
 
 @dataclass
 class Piece:
-    """Usage of one product, dimension and own hour that moves as one unit."""
+    """Usage of one product, customer, dimension and own hour that moves as one unit."""
 
     product_code: str
     usage_dimension: str
     hour: int
     content: Content = field(default_factory=Content)
     ids: list[int] = field(default_factory=list)  # the events' row ids in the spool
+    customer: str = ""  # customer_key(): "" for container usage
+
+    @property
+    def key(self) -> Key:
+        """The record key this usage belongs to (its hour aside)."""
+        return self.product_code, self.customer, self.usage_dimension
 
 
-def group(rows: Iterable[tuple[int, str, str, int, str, str, bool]]) -> list[Piece]:
-    """Sum events ``(row_id, product, dimension, hour, tags, quantity, whole)`` into pieces.
+# An event as group() reads it, in the spool's column order (the key's order):
+# (row_id, product_code, customer, usage_dimension, hour, tags, quantity, whole).
+GroupRow = tuple[int, str, str, str, int, str, str, bool]
 
-    Usually one piece per product, dimension and hour; a piece is cut in two when
-    the next event would push it past what one record may carry (the total, or
-    2500 tag sets), so every piece fits in an empty record. Ordered by hour.
+
+def group(rows: Iterable[GroupRow]) -> list[Piece]:
+    """Sum events (:data:`GroupRow`) into pieces.
+
+    Usually one piece per product (none for a license's usage: :func:`keyed_product`),
+    customer, dimension and hour; a piece is cut in
+    two when the next event would push it past what one record may carry (the total,
+    or 2500 tag sets), so every piece fits in an empty record. Ordered by hour.
     """
-    open_pieces: dict[tuple[str, str, int], Piece] = {}
+    open_pieces: dict[tuple[str, str, str, int], Piece] = {}
     done: list[Piece] = []
-    for row_id, product, dimension, hour, tags, quantity, whole in rows:
+    for row_id, named, customer, dimension, hour, tags, quantity, whole in rows:
         event = Content({tags: Decimal(quantity)}, bool(whole))
-        piece = open_pieces.get((product, dimension, hour))
+        product = keyed_product(named, customer)
+        where = (product, customer, dimension, hour)
+        piece = open_pieces.get(where)
         if piece is None or not piece.content.fits(event):
             if piece is not None:
                 done.append(piece)
-            piece = open_pieces[(product, dimension, hour)] = Piece(product, dimension, hour)
+            piece = open_pieces[where] = Piece(product, dimension, hour, customer=customer)
         piece.content.add(event)
         piece.ids.append(row_id)
     done.extend(open_pieces.values())
-    return sorted(done, key=lambda p: (p.hour, p.product_code, p.usage_dimension))
+    return sorted(done, key=lambda p: (p.hour, p.product_code, p.customer, p.usage_dimension))
 
 
 def place(
@@ -252,14 +345,21 @@ def place(
     raise RuntimeError(f"no hour within {_MAX_CARRY_HOURS} hours after {own_hour} can take the usage")
 
 
-def client_token(product_code: str, usage_dimension: str, hour: int, content: Content, spool_id: str = "") -> str:
+def client_token(
+    product_code: str, usage_dimension: str, hour: int, content: Content, spool_id: str = "", customer: str = ""
+) -> str:
     """Derived from the bucket and its spool: the same bucket of the same spool always
     gets the same token (a resend is the same request), and two spools (two pods
     metering the same usage in the same hour) never share one, whatever AWS's scope
-    for tokens. ``spool_id`` "" is release 0.1.0's formula."""
-    parts = (product_code, usage_dimension, str(hour), content.to_json(), str(content.is_whole))
-    name = "\x1f".join((*parts, spool_id) if spool_id else parts)
-    return str(uuid.uuid5(_TOKEN_NAMESPACE, name))
+    for tokens. ``spool_id`` "" is release 0.1.0's formula. The customer
+    (:func:`customer_key`) is part of it only when there is one: a container
+    record's token is what older releases froze and resend."""
+    parts: tuple[str, ...] = (product_code, usage_dimension, str(hour), content.to_json(), str(content.is_whole))
+    if spool_id or customer:
+        parts = (*parts, spool_id)
+    if customer:
+        parts = (*parts, customer)
+    return str(uuid.uuid5(_TOKEN_NAMESPACE, "\x1f".join(parts)))
 
 
 def allocations(content: Content, *, decimal: bool = True) -> list[pb.UsageAllocation]:

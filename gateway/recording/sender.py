@@ -24,13 +24,23 @@ for reconciliation. It is never carried: that could bill it twice.
 
 A PENDING record whose hour is about to leave AWS's six-hour window (an outage)
 and whose outcome is known is carried forward before AWS refuses it.
+
+SaaS records (those naming a customer) go out in BatchMeterUsage calls of up to 25
+(:mod:`gateway.recording.batches`), through :func:`gateway.metering.batch.batch_meter`,
+and each is settled by its own status: Success → SENT; DuplicateRecord (another
+quantity holds the customer's hour) → carried; CustomerNotSubscribed → FAILED, for an
+operator to retry once the customer has an agreement; unprocessed → resent
+identically. A call refused whole for a reason a resend cannot cure is split until
+the bad record stands alone. Their window is AWS's SaaS window: 24 hours, and the
+previous month only until 06:00 UTC on the 1st.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -40,11 +50,12 @@ import structlog
 from gateway.aws.backend import Backend, RetryPolicy
 from gateway.aws.ratelimit import RateLimiter
 from gateway.domain import errors, validation
+from gateway.metering.batch import batch_meter
 from gateway.metering.meter import meter
 from gateway.observability import metrics
-from gateway.recording import placement
+from gateway.recording import batches, placement
 from gateway.recording.carried import log_carry, place_new_events
-from gateway.recording.spool import RecordRow, Spool, SpoolUnavailable
+from gateway.recording.spool import RecordRow, Requeue, Spool, SpoolUnavailable
 
 
 class Disposition(StrEnum):
@@ -70,7 +81,7 @@ _WAIT_FOR_FIX: frozenset[errors.Reason] = frozenset(
     }
 )
 _HOUR_UNUSABLE: frozenset[errors.Reason] = frozenset(
-    {errors.Reason.DUPLICATE_REQUEST, errors.Reason.TIMESTAMP_OUT_OF_BOUNDS}
+    {errors.Reason.DUPLICATE_REQUEST, errors.Reason.DUPLICATE_RECORD, errors.Reason.TIMESTAMP_OUT_OF_BOUNDS}
 )
 # What settle() records for each kind of answer (see Spool.settle).
 _SETTLE = {errors.REFUSED: None, errors.ABSENT: False, errors.UNKNOWN: True}
@@ -114,6 +125,13 @@ def _finished(thread: threading.Thread, deadline: float) -> bool:
 
 def _outcome_unknown(row: RecordRow, why: str) -> str:
     """``last_error`` of a record failed while AWS may hold it: what to reconcile."""
+    if row.saas:  # BatchMeterUsage has no ClientToken: AWS knows the record by customer, dimension and hour
+        who = row.customer_aws_account_id or row.customer_identifier
+        return (
+            f"outcome unknown after {row.attempts} attempt(s), {why}: AWS may hold {row.quantity} of "
+            f"{row.usage_dimension} for customer {who} at {_iso(row.hour)}; reconcile with the seller's AWS "
+            "usage reports, then `records retry ID --reconciled` if AWS does not hold it"
+        )
     return (
         f"outcome unknown after {row.attempts} attempt(s), {why}: AWS may hold {row.quantity} for "
         f"{_iso(row.hour)} (ClientToken {row.client_token}); reconcile with the seller's AWS usage reports"
@@ -245,27 +263,39 @@ class Sender:
             return result  # another replica sends this spool's records
         if self.zero_keys:  # after placing: an hour that got usage gets no zero
             self.fill_zero_hours(now)
-        for row in self.spool.due(now, self.grace, final=final):
+        due = self.spool.due(now, self.grace, final=final)
+        # Container records one MeterUsage each; SaaS records in BatchMeterUsage calls.
+        units: list[list[RecordRow]] = [[row] for row in due if not row.saas]
+        saas = [row for row in due if row.saas]
+        if saas:
+            hints = self.spool.product_hints([row.id for row in saas if not row.product_code])
+            units += batches.batches(saas, hints)
+        units.sort(key=lambda unit: (unit[0].hour, unit[0].id))
+        for unit in units:
             if budget is not None and time.monotonic() - started > budget:
                 log.warning("flush_budget_exhausted", budget_s=budget)
                 break
             if not final and self._stop.is_set():
                 break
-            if not self.spool.leads():  # checked before every record: a pass may outlast the lead
+            if not self.spool.leads():  # checked before every call: a pass may outlast the lead
                 metrics.set_leader(False)
                 break
             try:
-                self._handle(row, result)
+                if unit[0].saas:
+                    self._handle_batch(unit, result)
+                else:
+                    self._handle(unit[0], result)
             except SpoolUnavailable:
                 break  # logged by the spool; the record is resent identically once it can write
             except Exception:  # one bad record must not end the pass for the others
-                log.exception(
-                    "record_handling_failed",
-                    record_id=row.id,
-                    product_code=row.product_code,
-                    usage_dimension=row.usage_dimension,
-                    hour=_iso(row.hour),
-                )
+                for row in unit:
+                    log.exception(
+                        "record_handling_failed",
+                        record_id=row.id,
+                        product_code=row.product_code,
+                        usage_dimension=row.usage_dimension,
+                        hour=_iso(row.hour),
+                    )
         if not final:
             self.prune(now)
         self.log_stats()
@@ -319,14 +349,7 @@ class Sender:
             frozen.client_token,
             decimal=frozen.decimal,
         )
-        fields = {
-            "product_code": frozen.product_code,
-            "usage_dimension": frozen.usage_dimension,
-            "hour": _iso(frozen.hour),
-            "quantity": frozen.quantity,
-            "attempt": frozen.attempts,
-            "client_token": frozen.client_token,
-        }
+        fields = self._fields(frozen)
         try:
             structlog.contextvars.clear_contextvars()
             outcome = meter(
@@ -342,18 +365,181 @@ class Sender:
             return
         finally:
             structlog.contextvars.clear_contextvars()
-        # Counted once, by the sender whose answer made it SENT: two senders may hear one OK.
-        if self.spool.mark_sent(frozen.id, outcome.metering_record_id, self._now()):
+        self._sent(frozen, outcome.metering_record_id, outcome.aws_request_id, fields, result)
+
+    def _handle_batch(self, rows: list[RecordRow], result: TickResult) -> None:
+        """One BatchMeterUsage call for SaaS records of one product (or license): those
+        whose hour has left AWS's window are carried first, as in :meth:`_handle`."""
+        now = self._now()
+        earliest = placement.earliest_hour(now, self.margin, self.spool.span, saas=True)
+        sendable = []
+        for row in rows:
+            if row.hour < earliest and (
+                not row.outcome_unknown or not placement.still_accepted(row.hour, now, saas=True)
+            ):
+                self._carry(row, "saas_window", now, result)
+            else:
+                sendable.append(row)
+        if sendable:
+            self._send_batch(sendable, result)
+
+    def _send_batch(self, rows: list[RecordRow], result: TickResult) -> None:
+        """Send ``rows`` in one call and settle each by its status. A call AWS (or the
+        gateway's own check) refuses whole, for a reason a resend cannot cure, is split
+        in two and each half sent alone, so one bad record (an unknown license, say)
+        holds back no other: nothing of a refused call was recorded. The spool is
+        written once for the call's start, once for its sent records and once for those
+        to resend (the rest, rare, one by one)."""
+        self.limiter.acquire(self._sleep)  # the token first, as in _handle
+        frozen = self.spool.begin_attempts([row.id for row in rows])  # committed before AWS hears of them
+        if not frozen:
+            return
+        request = batches.build_batch(frozen)
+        now = self._now()
+        calls = 0
+
+        @contextmanager
+        def rate_limited() -> Iterator[None]:
+            """Resends of unprocessed records are calls too: each after the first takes a token."""
+            nonlocal calls
+            calls += 1
+            if calls > 1:
+                self.limiter.acquire(self._sleep)
+            yield
+
+        try:
+            structlog.contextvars.clear_contextvars()
+            outcome = batch_meter(
+                self.backend,
+                request,
+                validation.Window.for_saas(datetime.fromtimestamp(now, UTC), self.future_skew),
+                deadline=time.monotonic() + self.call_timeout,
+                what="hourly SaaS records",
+                guard=rate_limited,
+            )
+        except errors.GatewayError as exc:
+            if len(frozen) > 1 and disposition(exc) != RETRY and batches.record_caused(exc):
+                self._isolate(frozen, exc, result)
+            else:
+                self._settle_call([(row, exc) for row in frozen], result)
+            return
+        finally:
+            structlog.contextvars.clear_contextvars()
+        sent: list[tuple[RecordRow, str]] = []
+        refused: list[tuple[RecordRow, errors.GatewayError]] = []
+        for answer in outcome.results:
+            failure = batches.status_error(answer.status, outcome.aws_request_id)
+            if failure is None:
+                sent.append((frozen[answer.index], answer.metering_record_id))
+            else:
+                refused.append((frozen[answer.index], failure))
+        refused += [(frozen[i], batches.unprocessed(request_id=outcome.aws_request_id)) for i in outcome.unprocessed]
+        if sent:
+            made = self.spool.mark_all_sent([(row.id, record_id) for row, record_id in sent], self._now())
+            for (row, record_id), newly in zip(sent, made, strict=True):
+                self._count_sent(row, record_id, outcome.aws_request_id, newly, result)
+        self._settle_call(refused, result)
+
+    def _isolate(self, frozen: list[RecordRow], exc: errors.GatewayError, result: TickResult) -> None:
+        """A call refused whole: nothing of it was kept. Each half goes again on its own."""
+        for row in frozen:
+            self.spool.settle(row.id, uncertain=_SETTLE[exc.delivery])
+        log.warning(
+            "batch_refused_isolating",
+            reason=exc.reason,
+            error=exc.message,
+            records=len(frozen),
+            product_code=frozen[0].product_code or frozen[0].license_arn,
+        )
+        half = len(frozen) // 2
+        for part in (frozen[:half], frozen[half:]):
+            if self._stop.is_set() or not self.spool.leads():
+                return  # settled above: the records wait, PENDING, for the next pass (or leader)
+            fresh = [r for r in (self.spool.get(row.id) for row in part) if r is not None]
+            if fresh:
+                self._send_batch(fresh, result)
+
+    def _settle_call(self, refused: list[tuple[RecordRow, errors.GatewayError]], result: TickResult) -> None:
+        """The records of one call that AWS did not take: those a resend may settle go
+        back in the queue together (one transaction, one log line a reason); the others
+        (carried, failed) one by one."""
+        retries: list[Requeue] = []
+        reasons: dict[str, int] = {}
+        for row, exc in refused:
+            if disposition(exc) != RETRY:
+                self._refused(row, exc, self._fields(row), result)
+                continue
+            uncertain = _SETTLE[exc.delivery]
+            unknown = uncertain is True or (uncertain is None and bool(row.uncertain))
+            error = f"{exc.reason}: {exc.message}"
+            if unknown:  # say so where operators look: the listing
+                error = f"outcome unknown, resending identically: {error}"
+            delay = RetryPolicy(base=max(self.interval, 0.05), cap=BACKOFF_CAP).hint(row.attempts)
+            retries.append(Requeue(row.id, uncertain, error, self._now() + delay))
+            metrics.record_retried(exc.reason)
+            reasons[exc.reason] = reasons.get(exc.reason, 0) + 1
+        if not retries:
+            return
+        self.spool.requeue(retries)
+        result.retried += len(retries)
+        first = refused[0][0]
+        for reason, count in reasons.items():
+            log.warning(
+                "records_retry",
+                reason=reason,
+                records=count,
+                product_code=first.product_code or first.license_arn,
+                hour=_iso(first.hour),
+            )
+
+    @staticmethod
+    def _fields(row: RecordRow) -> dict[str, object]:
+        """A record's fields in its log lines (a customer's ids are no secret)."""
+        fields: dict[str, object] = {
+            "product_code": row.product_code,
+            "usage_dimension": row.usage_dimension,
+            "hour": _iso(row.hour),
+            "quantity": row.quantity,
+            "attempt": row.attempts,
+            "client_token": row.client_token,
+        }
+        if row.saas:
+            fields |= {
+                "customer_aws_account_id": row.customer_aws_account_id,
+                "license_arn": row.license_arn,
+                "customer_identifier": row.customer_identifier,
+            }
+        return fields
+
+    def _sent(
+        self,
+        row: RecordRow,
+        metering_record_id: str,
+        request_id: str | None,
+        fields: dict[str, object],
+        result: TickResult,
+    ) -> None:
+        newly = self.spool.mark_sent(row.id, metering_record_id, self._now())
+        self._count_sent(row, metering_record_id, request_id, newly, result, fields)
+
+    def _count_sent(
+        self,
+        row: RecordRow,
+        metering_record_id: str,
+        request_id: str | None,
+        newly: bool,
+        result: TickResult,
+        fields: dict[str, object] | None = None,
+    ) -> None:
+        """Counted once, by the sender whose answer made it SENT: two senders may hear one OK."""
+        fields = self._fields(row) if fields is None else fields
+        if newly:
             result.sent += 1
-            metrics.record_sent(frozen.product_code, frozen.usage_dimension, frozen.quantity)
+            # A license's record is kept under no product; never its license as a label (one a customer).
+            metrics.record_sent(row.product_code or "(license)", row.usage_dimension, row.quantity)
         else:
             fields["already"] = True
-        log.info(
-            "record_sent",
-            metering_record_id=outcome.metering_record_id,
-            aws_request_id=outcome.aws_request_id,
-            **fields,
-        )
+        log.info("record_sent", metering_record_id=metering_record_id, aws_request_id=request_id, **fields)
 
     def _refused(self, row: RecordRow, exc: errors.GatewayError, fields: dict[str, object], result: TickResult) -> None:
         error = f"{exc.reason}: {exc.message}"

@@ -3,7 +3,9 @@
 RecordUsage: validate the whole batch (every violation, named ``events[i].<field>``)
 → one spool transaction → OK, which means durable. A spool that cannot write
 answers UNAVAILABLE ``SPOOL_UNAVAILABLE`` (nothing was committed), and an
-event_id reused with another payload ALREADY_EXISTS ``EVENT_ID_CONFLICT``.
+event_id reused with another payload ALREADY_EXISTS ``EVENT_ID_CONFLICT``. An
+event that names a customer is SaaS usage: kept in records of that customer, and
+carried only once older than AWS's SaaS window (24 hours, the month-end cutoff).
 ListMeteringRecords only reads: the hourly records as the sender last placed
 them, newest hour first, filtered and paged. RetryMeteringRecord is an
 operator's: a FAILED record back in the queue, the identical request again, and
@@ -77,7 +79,9 @@ def event_row(event: pb.UsageEvent, stamp: float | None = None, span: int = HOUR
     """A validated event as the spool stores it. One without a timestamp is placed
     at ``stamp`` (when the gateway accepts it); its digest leaves the time out, so an
     identical resend, again without one, is a duplicate whenever it comes. Its own
-    "hour" is the start of the bucket of ``span`` seconds it falls in (:attr:`Spool.span`)."""
+    "hour" is the start of the bucket of ``span`` seconds it falls in (:attr:`Spool.span`).
+    Its customer (SaaS usage) is part of what it says: the same id for another
+    customer is a conflict, never a duplicate."""
     if event.WhichOneof("quantity") == "usage_quantity":
         quantity, whole = str(event.usage_quantity), True
     else:
@@ -91,10 +95,21 @@ def event_row(event: pb.UsageEvent, stamp: float | None = None, span: int = HOUR
         raise ValueError(f"event {event.event_id!r} has no timestamp, and no stamp was given")
     else:
         seconds, nanos, hour, shown = None, 0, placement.hour_of(stamp, span), ""
-    digest = placement.event_digest(event.product_code, event.usage_dimension, seconds, nanos, quantity, tags)
+    customer = placement.customer_key(event.customer_aws_account_id, event.license_arn, event.customer_identifier)
+    digest = placement.event_digest(event.product_code, event.usage_dimension, seconds, nanos, quantity, tags, customer)
     return EventRow(
-        event.event_id, event.product_code, event.usage_dimension, hour, tags, quantity, whole, digest, shown
+        event.event_id, event.product_code, event.usage_dimension, hour, tags, quantity, whole, digest, shown, customer
     )
+
+
+def product_label(row: EventRow) -> str:
+    """The product a metric counts usage under: for SaaS usage named by its license alone,
+    LICENSE_LABEL. Never the customer, nor the license (AWS gives each agreement its own):
+    a label per customer would grow without bound."""
+    return row.product_code or LICENSE_LABEL
+
+
+LICENSE_LABEL = "(license)"  # the product label of usage whose events named only a license
 
 
 def conflict(path: str, differences: list[tuple[str, str, str]], before: str) -> validation.Violation:
@@ -136,6 +151,7 @@ def repeats(rows: list[EventRow]) -> list[validation.Violation]:
 
 
 def record_message(row: RecordRow) -> pb.MeteringRecord:
+    """A stored record as ListMeteringRecords shows it, with its customer for SaaS usage."""
     content = row.content
     msg = pb.MeteringRecord(
         product_code=row.product_code,
@@ -149,6 +165,9 @@ def record_message(row: RecordRow) -> pb.MeteringRecord:
         client_token=row.client_token,
         record_id=str(row.id),
         outcome_unknown=row.outcome_unknown,
+        customer_aws_account_id=row.customer_aws_account_id,
+        license_arn=row.license_arn,
+        customer_identifier=row.customer_identifier,
     )
     msg.hour.FromDatetime(placement.timestamp_of(row.hour))
     for hour in row.carried_hours:
@@ -241,9 +260,11 @@ class RecorderServicer(pb_grpc.UsageRecorderServiceServicer):
         products: validation.Products | None = None,
         placer: Callable[[], None] | None = None,
         agentcore: bool = False,
+        saas: bool = False,
     ) -> None:
         self._spool = spool
         self._agentcore = agentcore  # --agentcore: events carry no tags (AgentCore Runtime takes none)
+        self._saas = saas  # --saas: every event names its customer (SaaS usage only)
         self._future_skew = future_skew
         self._now = now
         self._products = products  # --products: anything else is refused
@@ -254,7 +275,9 @@ class RecorderServicer(pb_grpc.UsageRecorderServiceServicer):
         structlog.contextvars.bind_contextvars(events=len(request.events))
         now = self._now()
         window = validation.Window(now, self._future_skew, self._max_age, validation.TOO_OLD_TO_DEDUPLICATE)
-        violations = validation.validate_record_usage(request.events, window, self._products, agentcore=self._agentcore)
+        violations = validation.validate_record_usage(
+            request.events, window, self._products, agentcore=self._agentcore, saas=self._saas
+        )
         if violations:
             raise errors.invalid(violations, "batch")
         rows = [event_row(e, now.timestamp(), self._spool.span) for e in request.events]
@@ -277,13 +300,16 @@ class RecorderServicer(pb_grpc.UsageRecorderServiceServicer):
             ) from None
         accepted, duplicates = recorded
         metrics.usage_recorded(
-            ((rows[i].product_code, rows[i].usage_dimension, rows[i].quantity) for i in recorded.new),
+            ((product_label(rows[i]), rows[i].usage_dimension, rows[i].quantity) for i in recorded.new),
             accepted,
             duplicates,
         )
-        # Usage AWS can no longer take under its own hour: recorded, and carried later.
-        earliest = placement.earliest_hour(now.timestamp(), span=self._spool.span)  # as the placer decides it
-        carried = sum(1 for i in recorded.new if rows[i].hour < earliest)
+        # Usage AWS can no longer take under its own hour: recorded, and carried later. The
+        # window is the usage's own (SaaS: 24 hours and the month-end cutoff), as the placer decides it.
+        earliest = {
+            saas: placement.earliest_hour(now.timestamp(), span=self._spool.span, saas=saas) for saas in (False, True)
+        }
+        carried = sum(1 for i in recorded.new if rows[i].hour < earliest[bool(rows[i].customer)])
         structlog.contextvars.bind_contextvars(accepted=accepted, duplicates=duplicates, carried=carried)
         if self._placer is not None:
             self._placer()

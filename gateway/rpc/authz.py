@@ -93,6 +93,14 @@ class Policy:
             if part is None:
                 continue
             at = f" ({path.rstrip('.')}); nothing in the batch was recorded" if path else ""
+            if part == "product" and not product:  # usage of a license: AWS, not the request, knows its product
+                raise _refusal(
+                    identity,
+                    name,
+                    f"caller {identity} may meter only some products, and usage of a license names none the "
+                    f"gateway can check{at}",
+                    field=f"{path}license_arn",
+                )
             if part == "product":
                 raise _refusal(
                     identity,
@@ -111,12 +119,21 @@ class Policy:
 
 
 def metered(request: object) -> Iterator[tuple[str, str, str]]:
-    """(field path prefix, product code, dimension) for each thing a request meters; none for other calls."""
+    """(field path prefix, product code, dimension) for each thing a request meters; none for
+    other calls. Usage of a license has no product code here (""): the license decides
+    what AWS bills, whatever product an event names, so only a grant of every product
+    covers it."""
     if isinstance(request, pb.MeterUsageRequest):
         yield "", request.product_code, request.usage_dimension
     elif isinstance(request, pb.RecordUsageRequest):
         for i, event in enumerate(request.events):
-            yield f"events[{i}].", event.product_code, event.usage_dimension
+            by_license = event.license_arn or event.customer_aws_account_id
+            yield f"events[{i}].", "" if by_license else event.product_code, event.usage_dimension
+    elif isinstance(request, pb.BatchMeterUsageRequest):
+        for i, record in enumerate(request.usage_records):
+            by_license = record.license_arn or record.customer_aws_account_id
+            product = "" if by_license else request.product_code
+            yield f"usage_records[{i}].", product, record.dimension
 
 
 def _refusal(identity: str, method: str, message: str, **metadata: str) -> GatewayError:

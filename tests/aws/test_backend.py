@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -156,3 +157,53 @@ def test_only_a_connection_never_made_rules_a_record_out(failure: Exception, may
         backend(client, clock, attempts=1).meter_usage({"ProductCode": "p"})
     assert caught.value.reason == "AWS_UNREACHABLE" and caught.value.retryable
     assert caught.value.delivery is (errors.UNKNOWN if maybe_recorded else errors.REFUSED)
+
+
+# -- BatchMeterUsage: AWS's results matched to the records sent ---------------------------
+
+
+class EchoClient:
+    """Answers BatchMeterUsage with each record echoed as ``echo`` rewrites it."""
+
+    def __init__(self, echo: Any) -> None:
+        self.echo = echo
+
+    def batch_meter_usage(self, **params: Any) -> dict[str, Any]:
+        return {
+            "Results": [
+                {"UsageRecord": self.echo(dict(r)), "MeteringRecordId": f"id-{i}", "Status": "Success"}
+                for i, r in enumerate(params["UsageRecords"])
+            ],
+            "UnprocessedRecords": [],
+        }
+
+
+def test_an_echo_that_aws_writes_otherwise_still_finds_its_record() -> None:
+    """AWS may fill in a legacy customer's account, write the quantity as a whole number or
+    cut the timestamp to the hour: each record still gets its own answer, none is left
+    unknown (which would resend it until its window closed, though AWS billed it)."""
+    when = datetime(2026, 11, 23, 9, 41, tzinfo=UTC)
+    sent = [
+        {"Timestamp": when, "Dimension": "requests", "CustomerIdentifier": "cust-a", "QuantityAsDecimal": "12"},
+        {"Timestamp": when, "Dimension": "requests", "CustomerIdentifier": "cust-b", "QuantityAsDecimal": "1.5"},
+    ]
+
+    def rewritten(record: dict[str, Any]) -> dict[str, Any]:
+        quantity = record.pop("QuantityAsDecimal")
+        out = {**record, "CustomerAWSAccountId": "111122223333", "Timestamp": when.replace(minute=0)}
+        return (
+            {**out, "Quantity": int(float(quantity))} if "." not in quantity else {**out, "QuantityAsDecimal": quantity}
+        )
+
+    outcome = Backend(EchoClient(rewritten), RetryPolicy(1)).batch_meter_usage(  # type: ignore[arg-type]
+        {"UsageRecords": sent, "ProductCode": "prod-a"}  # type: ignore[typeddict-item]
+    )
+    assert [(r.index, r.metering_record_id) for r in outcome.results] == [(0, "id-0"), (1, "id-1")]
+    assert outcome.unprocessed == ()
+
+
+def test_an_answer_that_names_no_record_sent_leaves_it_unprocessed() -> None:
+    sent = [{"Timestamp": datetime(2026, 11, 23, 9, tzinfo=UTC), "Dimension": "d", "CustomerIdentifier": "a"}]
+    stranger = Backend(EchoClient(lambda r: {**r, "CustomerIdentifier": "someone-else"}), RetryPolicy(1))
+    outcome = stranger.batch_meter_usage({"UsageRecords": sent, "ProductCode": "p"})  # type: ignore[arg-type, typeddict-item]
+    assert outcome.results == () and outcome.unprocessed == (0,)  # AWS may hold it: resent, never taken as sent

@@ -73,3 +73,21 @@ def test_agentcore_on_kubernetes_is_a_misconfiguration() -> None:
     assert "--agentcore is set, but this runs in a Kubernetes pod" in warning
     # Hourly mode on EKS names the node role instead, as before.
     assert "node's instance role" in diagnose(creds("iam-role", "t"), {"KUBERNETES_SERVICE_HOST": "10.0.0.1"})[0]
+
+
+# --- SaaS (--saas): the seller's account signs; any role or keys of it will do ---
+
+
+def test_saas_takes_any_credentials_of_the_sellers_account() -> None:
+    on_eks = {"KUBERNETES_SERVICE_HOST": "10.0.0.1"}
+    pod_identity = {**on_eks, "AWS_CONTAINER_CREDENTIALS_FULL_URI": "http://169.254.170.23/v1/credentials"}
+    # Each of these is refused for MeterUsage (the buyer's rules) and right for SaaS.
+    assert diagnose(creds("env"), {}) and diagnose(creds("env"), {}, saas=True) == []
+    assert diagnose(creds("container-role", "t"), pod_identity, saas=True) == []
+    assert diagnose(creds("iam-role", "t"), on_eks, saas=True) == []
+    assert diagnose(creds("assume-role-with-web-identity", "t"), on_eks, saas=True) == []
+
+
+def test_saas_without_credentials_says_whose_are_needed() -> None:
+    [missing] = diagnose(None, {}, saas=True)
+    assert "BatchMeterUsage and ResolveCustomer" in missing and "seller's account" in missing

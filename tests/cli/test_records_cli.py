@@ -19,7 +19,7 @@ import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from gateway import cli
-from gateway.cli import admin
+from gateway.cli import admin, records_output
 from gateway.cli.records_output import COLUMNS
 from gateway.local_aws import LocalAws
 from gateway.recording import placement
@@ -152,7 +152,18 @@ def test_list_as_csv_and_as_a_table_say_the_same(metered: Gateway) -> None:
 
     table = metered.records("list").stdout.splitlines()
     header, lines = table[0], table[1:]
-    headings = ["ID", "HOUR (UTC)", "PRODUCT", "DIMENSION", "QUANTITY", "STATE", "ATTEMPTS", "CARRIED FROM", "DETAIL"]
+    headings = [
+        "ID",
+        "HOUR (UTC)",
+        "PRODUCT",
+        "CUSTOMER",
+        "DIMENSION",
+        "QUANTITY",
+        "STATE",
+        "ATTEMPTS",
+        "CARRIED FROM",
+        "DETAIL",
+    ]
     starts = [header.index(h) for h in headings]
     assert starts == sorted(starts) and len(lines) == 3
     for line, record in zip(lines, listed, strict=True):  # every cell sits under its heading
@@ -161,6 +172,7 @@ def test_list_as_csv_and_as_a_table_say_the_same(metered: Gateway) -> None:
             record["record_id"],
             record["hour"],
             record["product_code"],
+            "",  # container usage: no customer
             "requests",
             record["quantity"],
             "SENT",
@@ -408,3 +420,69 @@ def test_records_over_mtls(tmp_path: Path) -> None:
         assert done.returncode == 0 and done.stdout == ",".join(COLUMNS) + "\r\n", done.stderr
         anonymous = gateway.records("list", "--tls-ca", str(ca.pem), "--timeout", "2s")
         assert anonymous.returncode == 1 and anonymous.stderr.startswith(f"{gateway.target}: UNAVAILABLE")
+
+
+# -- SaaS records: their customer ---------------------------------------------------------------
+
+ACCOUNT, LICENSE = "111122223333", "arn:aws:license-manager::123456789012:license:l-0123456789abcdef"
+
+
+def saas_records() -> list[pb.MeteringRecord]:
+    """A record of each kind of customer, and a container product's (newest first)."""
+    hour = Timestamp(seconds=NOV)
+    return [
+        pb.MeteringRecord(
+            record_id="3", hour=hour, usage_dimension="users", quantity="2", state=pb.MeteringRecord.STATE_PENDING,
+            customer_aws_account_id=ACCOUNT, license_arn=LICENSE,
+        ),
+        pb.MeteringRecord(
+            record_id="2", hour=hour, product_code="prod-s", usage_dimension="users", quantity="1",
+            state=pb.MeteringRecord.STATE_PENDING, customer_identifier="x" * 60,
+        ),
+        pb.MeteringRecord(
+            record_id="1", hour=hour, product_code="prod-a", usage_dimension="requests", quantity="5",
+            state=pb.MeteringRecord.STATE_PENDING,
+        ),
+    ]  # fmt: skip
+
+
+def test_json_and_csv_show_a_saas_records_customer_whole() -> None:
+    listed = json.loads(records_output.as_json(saas_records()))
+    assert [(r["customer_aws_account_id"], r["license_arn"], r["customer_identifier"]) for r in listed] == [
+        (ACCOUNT, LICENSE, ""),
+        ("", "", "x" * 60),
+        ("", "", ""),
+    ]
+    rows = list(csv.DictReader(io.StringIO(records_output.as_csv(saas_records()), newline="")))
+    assert [(r["customer_aws_account_id"], r["license_arn"], r["customer_identifier"]) for r in rows] == [
+        (ACCOUNT, LICENSE, ""),
+        ("", "", "x" * 60),
+        ("", "", ""),
+    ]
+    # The customer comes last: a script reading the columns by position reads what it did.
+    assert COLUMNS[:13] == (
+        "hour",
+        "product_code",
+        "usage_dimension",
+        "quantity",
+        "state",
+        "outcome_unknown",
+        "metering_record_id",
+        "client_token",
+        "attempts",
+        "carried_from",
+        "allocations",
+        "last_error",
+        "record_id",
+    )
+    assert COLUMNS[13:] == ("customer_aws_account_id", "license_arn", "customer_identifier")
+
+
+def test_the_table_shows_a_customer_in_one_short_column() -> None:
+    header, *lines = records_output.as_table(saas_records()).splitlines()
+    start, end = header.index("CUSTOMER"), header.index("DIMENSION")
+    assert [line[start:end].strip() for line in lines] == [
+        f"{ACCOUNT}/l-0123456789abcdef",  # the account and the license's id: the whole ARN is in JSON and CSV
+        "x" * 39 + "…",
+        "",
+    ]

@@ -12,7 +12,7 @@ import grpc
 import pytest
 
 from gateway.domain import errors as gateway_errors
-from gateway.local_aws import SLOW, LocalAws
+from gateway.local_aws import SLOW, UNPROCESSED, LocalAws
 from marketplace.metering.v1 import metering_pb2 as pb
 from marketplace.metering.v1 import metering_pb2_grpc as pb_grpc
 from metering_client import (
@@ -20,21 +20,32 @@ from metering_client import (
     AccessDenied,
     Allocation,
     AlreadyExists,
+    BatchMeterResult,
+    CredentialsRefused,
+    Customer,
     DeadlineExceeded,
     DuplicateRequest,
     EventIdConflict,
+    ExpiredRegistrationToken,
+    ExpiredToken,
     IdempotencyConflict,
     Internal,
     InvalidArgument,
+    InvalidCustomerIdentifier,
+    InvalidLicense,
     InvalidRequest,
+    InvalidToken,
     MeteringClient,
     MeteringError,
     PermissionDenied,
+    RecordStatus,
     RetryPolicy,
     Throttled,
     TimestampOutOfBounds,
     Unavailable,
     UsageEvent,
+    UsageRecord,
+    UsageRecordResult,
     convert,
 )
 from metering_client.client import RecordResult
@@ -43,6 +54,8 @@ from support import FIXED_NOW, Clock, running_gateway
 from support.recording import running_recorder, wait_for
 
 PRODUCT, DIMENSION = "prod-abc123", "requests"
+ACCOUNT, OTHER_ACCOUNT = "111122223333", "444455556666"
+LICENSE = "arn:aws:license-manager::123456789012:license:l-0123456789abcdef0"
 
 
 @pytest.fixture
@@ -393,3 +406,192 @@ def test_str_of_an_error_shows_a_few_violations_and_counts_the_rest() -> None:
         "is required; events[4].event_id: is required; and 3 more)"
     )
     assert len(err.field_violations) == 8  # every one is still there
+
+
+# -- SaaS: batch_meter_usage, resolve_customer, customers on events ----------------------------
+
+
+def saas(quantity: object = 1, **kw: object) -> UsageRecord:
+    """ACCOUNT's usage of DIMENSION under LICENSE, fields overridden."""
+    fields: dict = {"customer_aws_account_id": ACCOUNT, "license_arn": LICENSE, **kw}
+    return UsageRecord(fields.pop("dimension", DIMENSION), quantity, **fields)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def subscribed(local_aws: LocalAws) -> LocalAws:
+    local_aws.subscribe(customer_aws_account_id=ACCOUNT, license_arn=LICENSE, product_code=PRODUCT)
+    return local_aws
+
+
+def test_batch_meter_usage_returns_each_records_status(
+    client: MeteringClient, subscribed: LocalAws, clock: Clock
+) -> None:
+    first = client.batch_meter_usage(
+        [saas(Decimal("2.50"), allocations=[Allocation(2, {"team": "a"}), Allocation("0.50")])]
+    )
+    result = client.batch_meter_usage(
+        [saas(1, dimension="storage-gb"), saas(1, customer_aws_account_id=OTHER_ACCOUNT), saas(3)]
+    )
+    assert isinstance(result, BatchMeterResult) and result.unprocessed == ()
+    assert [r.status for r in result.results] == [
+        RecordStatus.SUCCESS,
+        RecordStatus.CUSTOMER_NOT_SUBSCRIBED,
+        RecordStatus.DUPLICATE_RECORD,
+    ]
+    assert [bool(r.metering_record_id) for r in result.results] == [True, False, False]
+    [kept] = first.results
+    # The record as sent, in the caller's types, stamped with the time of the call.
+    assert kept == UsageRecordResult(
+        UsageRecord(
+            DIMENSION,
+            Decimal("2.50"),
+            clock.datetime(),
+            customer_aws_account_id=ACCOUNT,
+            license_arn=LICENSE,
+            allocations=[Allocation(Decimal(2), {"team": "a"}), Allocation(Decimal("0.50"), {})],
+        ),
+        RecordStatus.SUCCESS,
+        kept.metering_record_id,
+    )
+    assert str(kept.record.quantity) == "2.50" and kept.status == "SUCCESS"
+    assert sorted(r.metering_record_id for r in subscribed.saas_records()) == sorted(
+        [kept.metering_record_id, result.results[0].metering_record_id]
+    )
+
+
+def test_records_sent_again_as_returned_are_the_same_records(client: MeteringClient, subscribed: LocalAws) -> None:
+    first = client.batch_meter_usage([saas(i, dimension=f"d{i}") for i in range(3)])
+    again = client.batch_meter_usage([r.record for r in first.results])
+    assert [r.metering_record_id for r in again.results] == [r.metering_record_id for r in first.results]
+    assert len(subscribed.saas_records()) == 3
+
+
+def test_a_legacy_customer_goes_with_the_product_code(client: MeteringClient, local_aws: LocalAws) -> None:
+    local_aws.subscribe_legacy(customer_identifier="cust-7", product_code=PRODUCT)
+    result = client.batch_meter_usage([UsageRecord(DIMENSION, 4, customer_identifier="cust-7")], product_code=PRODUCT)
+    [only] = result.results
+    assert only.status is RecordStatus.SUCCESS and only.record.customer_identifier == "cust-7"
+    [usage] = local_aws.saas_usage()
+    assert (usage["CustomerIdentifier"], usage["Quantity"]) == ("cust-7", "4")
+
+
+def test_records_left_unprocessed_come_back_ready_to_resend(subscribed: LocalAws, clock: Clock) -> None:
+    subscribed.inject(UNPROCESSED, count=10_000)
+    records = [saas(1, dimension=f"d{i}", timestamp=clock.datetime() - timedelta(minutes=i)) for i in range(4)]
+    with (
+        running_gateway(subscribed.endpoint_url, clock=clock, aws_backoff_base=0.05, aws_backoff_max=0.1) as target,
+        MeteringClient(target) as client,
+    ):
+        result = client.batch_meter_usage(records, timeout=1.0)
+        assert [r.record for r in result.results] == records[:3] and result.unprocessed == (records[3],)
+        subscribed.clear_faults()
+        resent = client.batch_meter_usage(result.unprocessed)
+    assert [r.status for r in resent.results] == [RecordStatus.SUCCESS] and len(subscribed.saas_records()) == 4
+
+
+def test_saas_refusals_are_typed(client: MeteringClient, subscribed: LocalAws, clock: Clock) -> None:
+    unknown = LICENSE.replace("abcdef0", "ffffff0")
+    with pytest.raises(InvalidLicense) as license_error:
+        client.batch_meter_usage([saas(), saas(license_arn=unknown)])
+    assert isinstance(license_error.value, InvalidArgument)
+    assert license_error.value.aws_error_code == "InvalidLicenseException" and license_error.value.aws_request_id
+
+    with pytest.raises(InvalidRequest) as invalid:
+        client.batch_meter_usage([saas(), saas(license_arn="")], product_code=PRODUCT)
+    assert [v.field for v in invalid.value.field_violations] == ["product_code", "usage_records[1].license_arn"]
+
+    subscribed.inject("InvalidCustomerIdentifierException", operation="BatchMeterUsage")
+    with pytest.raises(InvalidCustomerIdentifier):
+        client.batch_meter_usage([UsageRecord(DIMENSION, 1, customer_identifier="cust-x")], product_code=PRODUCT)
+
+    with pytest.raises(TimestampOutOfBounds):
+        client.batch_meter_usage([saas(timestamp=clock.datetime() - timedelta(hours=25))])
+
+
+def test_resolve_customer(client: MeteringClient, local_aws: LocalAws, clock: Clock) -> None:
+    token = local_aws.issue_token(
+        product_code=PRODUCT, customer_aws_account_id=ACCOUNT, license_arn=LICENSE, customer_identifier="cust-9", ttl=60
+    )
+    assert client.resolve_customer(token) == Customer("cust-9", PRODUCT, ACCOUNT, LICENSE)
+    with pytest.raises(InvalidToken) as invalid:
+        client.resolve_customer("not-a-token")
+    assert invalid.value.aws_error_code == "InvalidTokenException"
+    clock.advance(61)
+    with pytest.raises(ExpiredRegistrationToken) as expired:
+        client.resolve_customer(token)
+    # The buyer's token, not the gateway's credentials: the caller's to handle, not an operator's.
+    assert isinstance(expired.value, InvalidArgument) and not isinstance(expired.value, CredentialsRefused)
+    assert not isinstance(expired.value, ExpiredToken) and expired.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(InvalidRequest):
+        client.resolve_customer("")
+
+
+def test_saas_records_are_checked_locally_like_meter_usage() -> None:
+    with MeteringClient("127.0.0.1:1") as client:
+        with pytest.raises(TypeError):
+            client.batch_meter_usage([saas(1.5)])
+        with pytest.raises(ValueError, match="timezone-aware"):
+            client.batch_meter_usage([saas(timestamp=FIXED_NOW.replace(tzinfo=None))])
+
+
+def test_batch_conversions() -> None:
+    when = datetime(2026, 1, 1, 12, tzinfo=UTC)
+    ready = pb.UsageRecord(customer_identifier="c", dimension=DIMENSION, quantity=5)
+    req = convert.batch_meter_usage_request([saas(7), saas(Decimal("1E+2"), timestamp=when), ready], "", now=when)
+    first, second, third = req.usage_records
+    assert (first.WhichOneof("quantity_value"), first.quantity_as_decimal) == ("quantity_as_decimal", "7")
+    assert second.quantity_as_decimal == "100" and first.timestamp == second.timestamp
+    assert third is not ready and third == ready  # a ready-made message goes as it is
+    # Back: the whole (deprecated) field and an unset quantity read as Decimals.
+    assert convert.record_of(ready).quantity == Decimal(5)
+    assert convert.record_of(pb.UsageRecord(dimension="d")) == UsageRecord("d", Decimal(0))
+    reply = pb.BatchMeterUsageResponse(
+        results=[pb.UsageRecordResult(usage_record=first, status=99)], unprocessed_records=[second]
+    )
+    result = convert.batch_meter_result(reply)
+    assert result.results[0].status is RecordStatus.UNSPECIFIED  # a newer gateway's status
+    assert result.unprocessed == (UsageRecord(DIMENSION, Decimal(100), when, ACCOUNT, LICENSE),)
+
+
+def test_usage_events_carry_their_customer() -> None:
+    when = datetime(2026, 1, 1, 12, tzinfo=UTC)
+    by_license = convert.usage_event(
+        UsageEvent("e1", "", DIMENSION, 2, when, customer_aws_account_id=ACCOUNT, license_arn=LICENSE)
+    )
+    legacy = convert.usage_event(UsageEvent("e2", PRODUCT, DIMENSION, 1, customer_identifier="cust-1"))
+    container = convert.usage_event(UsageEvent("e3", PRODUCT, DIMENSION, 1))
+    assert (by_license.product_code, by_license.customer_aws_account_id, by_license.license_arn) == (
+        "",
+        ACCOUNT,
+        LICENSE,
+    )
+    assert (legacy.customer_identifier, legacy.customer_aws_account_id, legacy.license_arn) == ("cust-1", "", "")
+    assert not (container.customer_identifier or container.customer_aws_account_id or container.license_arn)
+
+
+def test_recorded_saas_usage_names_its_customer(local_aws: LocalAws, tmp_path, clock: Clock) -> None:
+    with (
+        running_recorder(local_aws.endpoint_url, str(tmp_path / "s.db"), clock=clock) as (target, recording),
+        MeteringClient(target) as client,
+    ):
+        event = UsageEvent("order-1", "", DIMENSION, 3, customer_aws_account_id=ACCOUNT, license_arn=LICENSE)
+        assert client.record_usage([event]) == RecordResult(accepted=1, duplicates=0, carried=0)
+        assert client.record_usage([event]) == RecordResult(accepted=0, duplicates=1, carried=0)
+        wait_for(lambda: recording.spool.stats().unassigned_events == 0, what="the event placed")
+        [hour] = client.list_metering_records().records
+    assert (hour.customer_aws_account_id, hour.license_arn, hour.customer_identifier) == (ACCOUNT, LICENSE, "")
+    assert Decimal(hour.quantity) == 3
+
+
+def test_the_client_imports_no_gateway_code() -> None:
+    import ast
+    from pathlib import Path
+
+    import metering_client
+
+    for path in Path(metering_client.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            assert not any(n == "gateway" or n.startswith("gateway.") for n in names), path.name

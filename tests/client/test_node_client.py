@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import time
@@ -128,3 +129,123 @@ def test_node_retries_a_refusal_made_without_aws(
     assert out == {"ok": False, "code": "UNAVAILABLE", "reason": "SPOOL_UNAVAILABLE", "pushback": "20"}
     assert len(seen) == 4 and len(set(seen)) == 1  # meter.js's maxAttempts, one ClientToken
     assert local_aws.calls == 0
+
+
+# -- SaaS: saas.js ---------------------------------------------------------------------------
+
+ACCOUNT = "111122223333"
+LICENSE = "arn:aws:license-manager::123456789012:license:l-0123456789abcdef0"
+
+
+def saas(target: str, **env: str) -> list[dict[str, Any]]:
+    """saas.js's JSON lines against ``target``, with ``env`` for the customer."""
+    run = subprocess.run(
+        [str(NODE), "saas.js", target],
+        cwd=NODE_DIR,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **env},
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    return [json.loads(line) for line in run.stdout.splitlines()]
+
+
+def test_node_meters_saas_usage(node_modules: None, gateway_target: str, local_aws: LocalAws) -> None:
+    local_aws.subscribe(customer_aws_account_id=ACCOUNT, license_arn=LICENSE, product_code="prod-abc123")
+    metered, too_old = saas(gateway_target, CUSTOMER_AWS_ACCOUNT_ID=ACCOUNT, LICENSE_ARN=LICENSE)
+
+    kept = {r.dimension: r for r in local_aws.saas_records()}
+    assert metered == {
+        "call": "batch",
+        "ok": True,
+        "round": 1,
+        "unprocessed": 0,
+        "results": [
+            {
+                "dimension": d,
+                "quantity": q,
+                "status": "STATUS_SUCCESS",
+                "metering_record_id": kept[d].metering_record_id,
+            }
+            for d, q in [("requests", "12.5"), ("storage-gb", "3")]
+        ],
+    }
+    requests = kept["requests"]
+    assert (requests.customer_aws_account_id, requests.license_arn, requests.quantity) == (
+        ACCOUNT,
+        LICENSE,
+        Decimal("12.5"),
+    )
+    assert {tuple(sorted(tags)): q for tags, q in requests.allocations} == {
+        (("team", "search"),): Decimal(10),
+        (): Decimal("2.5"),
+    }
+    assert (too_old["ok"], too_old["code"], too_old["reason"], too_old["domain"]) == (
+        False,
+        "OUT_OF_RANGE",
+        "TIMESTAMP_OUT_OF_BOUNDS",
+        "metering-gateway",
+    )
+    assert [v["field"] for v in too_old["fieldViolations"]] == ["usage_records[0].timestamp"]
+    assert local_aws.calls == 1  # the refused record never reached AWS
+
+
+def test_node_resolves_a_registration_token_then_meters(
+    node_modules: None, gateway_target: str, local_aws: LocalAws
+) -> None:
+    token = local_aws.issue_token(product_code="prod-abc123", customer_aws_account_id=ACCOUNT, license_arn=LICENSE)
+    resolved, metered, _ = saas(gateway_target, REGISTRATION_TOKEN=token)
+    assert resolved == {
+        "call": "resolve",
+        "ok": True,
+        "customer_identifier": "",
+        "product_code": "prod-abc123",
+        "customer_aws_account_id": ACCOUNT,
+        "license_arn": LICENSE,
+    }
+    assert [r["status"] for r in metered["results"]] == ["STATUS_SUCCESS"] * 2
+    assert {(u["CustomerAWSAccountId"], u["Dimension"]) for u in local_aws.saas_usage()} == {
+        (ACCOUNT, "requests"),
+        (ACCOUNT, "storage-gb"),
+    }
+
+
+def test_node_meters_a_legacy_customer(node_modules: None, gateway_target: str, local_aws: LocalAws) -> None:
+    local_aws.subscribe_legacy(customer_identifier="cust-legacy-1", product_code="prod-abc123")
+    metered, _ = saas(gateway_target, CUSTOMER_IDENTIFIER="cust-legacy-1", PRODUCT_CODE="prod-abc123")
+    assert [r["status"] for r in metered["results"]] == ["STATUS_SUCCESS"] * 2
+    assert {u["CustomerIdentifier"] for u in local_aws.saas_usage()} == {"cust-legacy-1"}
+
+
+def test_node_resends_unprocessed_records_as_they_were(
+    node_modules: None, local_aws: LocalAws, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A gateway that hands the last record back unprocessed once: saas.js sends it again,
+    the identical record (the same timestamp, quantity and customer)."""
+    seen: list[pb.BatchMeterUsageRequest] = []
+
+    def batch_meter_usage(
+        self: MeteringServicer, req: pb.BatchMeterUsageRequest, context: grpc.ServicerContext
+    ) -> pb.BatchMeterUsageResponse:
+        seen.append(req)
+        held = 1 if len(seen) == 1 else 0
+        done = req.usage_records[: len(req.usage_records) - held]
+        return pb.BatchMeterUsageResponse(
+            results=[
+                pb.UsageRecordResult(usage_record=r, metering_record_id=f"id-{r.dimension}", status=1) for r in done
+            ],
+            unprocessed_records=req.usage_records[len(done) :],
+        )
+
+    monkeypatch.setattr(MeteringServicer, "BatchMeterUsage", batch_meter_usage)
+    with running_gateway(local_aws.endpoint_url) as target:
+        first, second, _ = saas(target, CUSTOMER_AWS_ACCOUNT_ID=ACCOUNT, LICENSE_ARN=LICENSE)
+    assert (first["round"], first["unprocessed"], [r["dimension"] for r in first["results"]]) == (1, 1, ["requests"])
+    assert (second["round"], second["unprocessed"], [r["dimension"] for r in second["results"]]) == (
+        2,
+        0,
+        ["storage-gb"],
+    )
+    assert list(seen[1].usage_records) == [seen[0].usage_records[1]]  # identical, field for field
+    assert seen[1].product_code == ""

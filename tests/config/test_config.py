@@ -389,6 +389,15 @@ def test_each_bad_tls_file_is_named(pair: tuple, tmp_path) -> None:
             ["--spool", "x.db", "--agentcore", "--zero-usage-hours", "prod-abc123=requests"],
             "--zero-usage-hours: AgentCore Runtime mode meters per --flush-interval",
         ),
+        (["--saas", "--agentcore"], "--agentcore: it is for software in the buyer's account, and --saas runs"),
+        (
+            ["--saas", "--register-usage", "prod-abc123", "--register-usage-key-version", "1"],
+            "--register-usage: it is for software in the buyer's account",
+        ),
+        (
+            ["--saas", "--spool", "x.db", "--zero-usage-hours", "prod-abc123=requests"],
+            "--zero-usage-hours: it is for software in the buyer's account",
+        ),
     ],
 )
 def test_container_seller_settings_that_cannot_work_stop_start_up_in_one_line(argv: list[str], said: str) -> None:
@@ -402,3 +411,4 @@ def test_container_seller_settings_that_work() -> None:
     )  # fmt: skip
     assert got.zero_hours == {"prod-abc123": frozenset({"requests"})} and got.register_usage == "prod-abc123"
     assert settings("--agentcore", env={"METERING_GATEWAY_FLUSH_INTERVAL": "1m"}).agentcore is True
+    assert settings(env={"METERING_GATEWAY_SAAS": "true"}).saas is True and settings().saas is False

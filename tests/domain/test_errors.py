@@ -10,7 +10,7 @@ from google.rpc import error_details_pb2
 
 from gateway.domain import errors
 from gateway.domain.validation import TIMESTAMP_OUT_OF_BOUNDS, Violation
-from support.contract import CONTRACT_ROWS
+from support.contract import CONTRACT_ROWS, SAAS_CONTRACT_ROWS
 
 C = grpc.StatusCode
 
@@ -94,7 +94,10 @@ REASON_FORM = re.compile(r"^[A-Z][A-Z0-9_]*[A-Z0-9]$")
 
 
 @pytest.mark.parametrize(
-    "aws_code", [c for c, _, _ in CONTRACT_ROWS] + ["503", "RequestTimeout", "com.x#FooBarException", "KMSThing"]
+    "aws_code",
+    [c for c, _, _ in CONTRACT_ROWS]
+    + [c for _, c, _, _, _ in SAAS_CONTRACT_ROWS]
+    + ["503", "RequestTimeout", "com.x#FooBarException", "KMSThing"],
 )
 def test_every_reason_built_from_aws_is_aip193_form(aws_code: str) -> None:
     assert REASON_FORM.match(errors.reason_for_aws(aws_code)), errors.reason_for_aws(aws_code)
@@ -229,3 +232,91 @@ def test_aws_codes_become_members_and_unmodelled_ones_stay_derived_strings() -> 
     assert unmodelled.reason == "QUOTA_REDESIGN" and not isinstance(unmodelled.reason, errors.Reason)
     assert unmodelled.code == C.INTERNAL and errors.reason_for_aws("501") == "HTTP_501"
     assert errors.reason_for_aws("503") is errors.Reason.HTTP_503
+
+
+# -- SaaS (BatchMeterUsage, ResolveCustomer) ---------------------------------------------------
+
+
+@pytest.mark.parametrize(("operation", "aws_code", "message", "code", "reason"), SAAS_CONTRACT_ROWS)
+def test_saas_exception_row(operation: str, aws_code: str, message: str, code: grpc.StatusCode, reason: str) -> None:
+    err = errors.from_aws(aws_code, message, "req-9", retry_delay=0.25, operation=operation)
+    assert (err.code, err.reason, err.domain) == (code, reason, errors.AWS_DOMAIN)
+    assert isinstance(err.reason, errors.Reason), "every SaaS row is one of the table's own"
+    [info] = unpack(err.to_status_proto(), error_details_pb2.ErrorInfo)
+    assert (info.reason, dict(info.metadata)) == (reason, {"awsErrorCode": aws_code, "awsRequestId": "req-9"})
+    assert err.retryable is (code in (C.RESOURCE_EXHAUSTED, C.UNAVAILABLE))
+
+
+SECURITY_TOKEN_EXPIRED = "The security token included in the request is expired"
+
+EXPIRED_TOKEN_ROWS = [
+    # (operation, AWS code, message, reason): one name, two conditions.
+    ("ResolveCustomer", "ExpiredTokenException", "Registration token has expired", "EXPIRED_REGISTRATION_TOKEN"),
+    ("ResolveCustomer", "ExpiredTokenException", "", "EXPIRED_REGISTRATION_TOKEN"),
+    ("ResolveCustomer", "com.amazonaws.marketplace#ExpiredTokenException", "expired", "EXPIRED_REGISTRATION_TOKEN"),
+    ("ResolveCustomer", "ExpiredTokenException", SECURITY_TOKEN_EXPIRED, "EXPIRED_TOKEN"),
+    ("ResolveCustomer", "ExpiredTokenException", SECURITY_TOKEN_EXPIRED.upper(), "EXPIRED_TOKEN"),
+    ("ResolveCustomer", "ExpiredToken", "Registration token has expired", "EXPIRED_TOKEN"),  # STS's name: credentials
+    ("MeterUsage", "ExpiredTokenException", "Registration token has expired", "EXPIRED_TOKEN"),
+    ("MeterUsage", "ExpiredTokenException", SECURITY_TOKEN_EXPIRED, "EXPIRED_TOKEN"),
+    ("MeterUsage", "ExpiredToken", SECURITY_TOKEN_EXPIRED, "EXPIRED_TOKEN"),
+    ("BatchMeterUsage", "ExpiredTokenException", SECURITY_TOKEN_EXPIRED, "EXPIRED_TOKEN"),
+    ("BatchMeterUsage", "ExpiredTokenException", "", "EXPIRED_TOKEN"),
+    (None, "ExpiredTokenException", "", "EXPIRED_TOKEN"),
+]
+
+
+@pytest.mark.parametrize(("operation", "aws_code", "message", "reason"), EXPIRED_TOKEN_ROWS)
+def test_an_expired_registration_token_is_not_expired_credentials(
+    operation: str | None, aws_code: str, message: str, reason: str
+) -> None:
+    """ResolveCustomer's ExpiredTokenException is the buyer's token (the caller's input:
+    INVALID_ARGUMENT); the same name anywhere else, or naming the security token, is the
+    gateway's own credentials (an operator's problem: FAILED_PRECONDITION)."""
+    assert errors.reason_for_aws(aws_code, operation, message) == reason
+    err = errors.from_aws(aws_code, message, "rid", operation=operation)
+    expected = C.INVALID_ARGUMENT if reason == "EXPIRED_REGISTRATION_TOKEN" else C.FAILED_PRECONDITION
+    assert (err.reason, err.code, err.retryable) == (reason, expected, False)
+    assert (errors.Reason(reason) in errors.CREDENTIALS_REFUSED) is (reason == "EXPIRED_TOKEN")
+
+
+RECORD_STATUS_REASONS = [
+    # (reason, code, retryable, delivery): how the recorded-usage sender settles a record by its status.
+    (errors.Reason.DUPLICATE_RECORD, C.ALREADY_EXISTS, False, errors.ABSENT),
+    (errors.Reason.CUSTOMER_NOT_SUBSCRIBED, C.FAILED_PRECONDITION, False, errors.REFUSED),
+    (errors.Reason.UNPROCESSED_RECORD, C.UNAVAILABLE, True, errors.UNKNOWN),
+]
+
+
+@pytest.mark.parametrize(("reason", "code", "retryable", "delivery"), RECORD_STATUS_REASONS)
+def test_a_record_status_has_its_row(
+    reason: errors.Reason, code: grpc.StatusCode, retryable: bool, delivery: errors.Delivery
+) -> None:
+    err = errors.GatewayError(reason, "a record's status", retry_delay=0.5)
+    assert (err.code, err.retryable, err.delivery) == (code, retryable, delivery)
+    assert (err.retry_delay is not None) is retryable
+
+
+@pytest.mark.parametrize(
+    ("aws_code", "status", "delivery"),
+    [
+        ("InvalidLicenseException", 400, errors.REFUSED),
+        ("InvalidCustomerIdentifierException", 400, errors.REFUSED),
+        ("InvalidTokenException", 400, errors.REFUSED),
+    ],
+)
+def test_a_refused_saas_call_recorded_nothing(aws_code: str, status: int, delivery: errors.Delivery) -> None:
+    assert errors.from_aws(aws_code, "", None, http_status=status, operation="BatchMeterUsage").delivery is delivery
+
+
+def test_every_modelled_saas_exception_has_a_contract_row() -> None:
+    """Each exception botocore's model gives BatchMeterUsage and ResolveCustomer is a row of
+    SAAS_CONTRACT_ROWS (driven end to end in tests/metering/test_saas.py), with a reason of the table."""
+    import botocore.session
+
+    model = botocore.session.get_session().get_service_model("meteringmarketplace")
+    rows = {(operation, aws_code) for operation, aws_code, *_ in SAAS_CONTRACT_ROWS}
+    for operation in ("BatchMeterUsage", "ResolveCustomer"):
+        for shape in model.operation_model(operation).error_shapes:
+            assert (operation, shape.name) in rows, (operation, shape.name)
+            assert errors.reason_for_aws(shape.name, operation) in errors.RULES, shape.name

@@ -178,7 +178,7 @@ def test_faults_scoped_to_meter_usage_pass_other_operations(aws: LocalAws) -> No
     aws.inject("InternalServiceErrorException", operation="MeterUsage")
     with pytest.raises(ClientError) as caught:
         metering.resolve_customer(RegistrationToken="x")
-    assert caught.value.response["Error"]["Code"] == "UnknownOperationException"
+    assert caught.value.response["Error"]["Code"] == "InvalidTokenException"  # answered, not faulted
     assert len(aws.faults) == 1  # still waiting for a MeterUsage call
     with pytest.raises(ClientError) as caught:
         metering.meter_usage(**params())

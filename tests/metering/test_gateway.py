@@ -35,9 +35,9 @@ def seen(local_aws: LocalAws) -> list[tuple[float, dict[str, Any]]]:
     calls: list[tuple[float, dict[str, Any]]] = []
     original = local_aws.handle
 
-    def spy(target: str, body: Any, identity: str) -> Any:
+    def spy(target: str, body: Any, identity: str, size: int | None = None) -> Any:
         calls.append((time.monotonic(), dict(body)))
-        return original(target, body, identity)
+        return original(target, body, identity, size=size)
 
     local_aws.handle = spy  # type: ignore[method-assign]
     return calls

@@ -482,7 +482,12 @@ def test_method_labels_are_go_grpc_prometheus_ones() -> None:
         }
     finally:
         uninstall()
-    assert started == {("unary", METERING, "MeterUsage"): 1, ("unary", "unknown.Service", "Call"): 1}
+    assert started == {
+        ("unary", METERING, "MeterUsage"): 1,
+        ("unary", METERING, "BatchMeterUsage"): 0,  # every method of the service, from 0
+        ("unary", METERING, "ResolveCustomer"): 0,
+        ("unary", "unknown.Service", "Call"): 1,
+    }
 
 
 class _Client:

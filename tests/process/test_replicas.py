@@ -12,7 +12,9 @@ recorded, when the leader dies; the other replica must take the lead and resend
 that record identically. SIGTERM with --flush-on-shutdown meters the open hour.
 Then LocalAws must hold exactly the sum of the unique events, per product and
 dimension, no product, dimension and hour twice, each the spool's own record
-(its ClientToken and id), and the spool nothing FAILED, PENDING or unplaced.
+(its ClientToken and id), and the spool nothing FAILED, PENDING or unplaced. About
+half the callers' events are SaaS usage (customers over two licenses, metered with
+BatchMeterUsage): for them the same holds per customer, dimension and hour.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 
 import grpc
@@ -41,7 +44,17 @@ from support.processes import (
     spooled_gateway,
     sums_of_local_records,
 )
-from support.recording import CRASH_BATCH, event, make_batch, record_usage, send, sums_of_events, wait_for
+from support.recording import (
+    CRASH_BATCH,
+    event,
+    make_batch,
+    record_usage,
+    saas_subscriptions,
+    send,
+    sums_of_events,
+    sums_of_saas_events,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 HOUR = 3600
@@ -101,6 +114,8 @@ def test_replicas_killed_mid_stream_and_mid_send_meter_every_acknowledged_event_
     tmp_path: Path, local_aws_url: str, postgres_dsn: str, launched: list[GatewayProcess], rng: random.Random
 ) -> None:
     started = time.monotonic()
+    for subscription in saas_subscriptions():
+        http_json(local_aws_url + "/_local/subscriptions", "POST", subscription)
 
     def start(name: str) -> GatewayProcess:
         replica = spooled_gateway(tmp_path, name, local_aws_url, postgres_dsn, *READ_TIMEOUT)
@@ -131,7 +146,7 @@ def test_replicas_killed_mid_stream_and_mid_send_meter_every_acknowledged_event_
         n = 0
         try:
             while not stop.is_set():
-                batch = make_batch(crng, c, n)
+                batch = make_batch(crng, c, n, saas=True)
                 n += 1
                 replica = pick(crng) or live[0]
                 reply = to(replica, batch)
@@ -279,9 +294,19 @@ def test_replicas_killed_mid_stream_and_mid_send_meter_every_acknowledged_event_
     metered = sums_of_local_records(records)
     unique = {ev.event_id: ev for batch in [s.batch for s in sent] + [late] + more for ev in batch}
     assert len(unique) == CRASH_BATCH * (len(sent) + 1 + len(more))
-    assert metered == sums_of_events(unique.values())
+    container = [ev for ev in unique.values() if not ev.customer_aws_account_id]
+    assert metered == sums_of_events(container)
     hours = [(r["ProductCode"], r["UsageDimension"], r["Hour"]) for r in records]
     assert len(hours) == len(set(hours))
+    saas_records = http_json(local_aws_url + "/_local/saas-records")
+    assert isinstance(saas_records, list) and saas_records
+    billed: dict[tuple[str, str, str], Decimal] = {}
+    for r in saas_records:
+        key = (r["CustomerAWSAccountId"], r["LicenseArn"], r["Dimension"])
+        billed[key] = billed.get(key, Decimal(0)) + Decimal(r["Quantity"])
+    assert billed == sums_of_saas_events(unique.values())
+    saas_hours = [(r["CustomerAWSAccountId"], r["LicenseArn"], r["Dimension"], r["Hour"]) for r in saas_records]
+    assert len(saas_hours) == len(set(saas_hours)), "a customer's hour was billed twice"
     never = {(r.name, name): len(r.lines(name)) for r in launched for name in NEVER}
     assert not any(never.values()), never
     # Not asserted (a killed replica may leave a reason), but said: every error or traceback a replica logged.
@@ -295,14 +320,20 @@ def test_replicas_killed_mid_stream_and_mid_send_meter_every_acknowledged_event_
     assert set(states) == {"SENT"}, states
     assert query(postgres_dsn, "SELECT count(*) FROM events WHERE record_id IS NULL") == [(0,)]
     # Each hour AWS holds is the spool's own record: the ClientToken it froze, the id AWS answered.
-    ours = {(t, m) for t, m in query(postgres_dsn, "SELECT client_token, metering_record_id FROM records")}
+    ours = {
+        (t, m)
+        for t, m in query(postgres_dsn, "SELECT client_token, metering_record_id FROM records WHERE customer = ''")
+    }
     assert ours == {(r["ClientToken"], r["MeteringRecordId"]) for r in records}
+    ours_saas = {m for (m,) in query(postgres_dsn, "SELECT metering_record_id FROM records WHERE customer <> ''")}
+    assert ours_saas == {r["MeteringRecordId"] for r in saas_records}
     led = [name for _, name in sorted((x["timestamp"], r.name) for r in launched for x in r.lines("sender_leading"))]
     print(
         f"batches {len(sent)} (+{1 + len(more)}), without OK at first {without_ok}, resends {resends}, "
         f"resent batches found stored {known}, cross-replica duplicates {duplicates}; killed mid-stream {victim.name} "
         f"({'leader' if victim_led else 'follower'}), mid-send {leader.name} (attempt {attempts} in flight, "
         f"{killed - faulted:.2f} s after the slow fault); led {'>'.join(led)}, lead taken {took_lead:.2f} s and "
-        f"resent {resend_after:.2f} s after the kill; records {len(records)}; errors logged {dict(errors) or 0}; "
+        f"resent {resend_after:.2f} s after the kill; records {len(records)} (+{len(saas_records)} SaaS); "
+        f"errors logged {dict(errors) or 0}; "
         f"{time.monotonic() - started:.1f} s"
     )

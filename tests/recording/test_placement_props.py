@@ -45,9 +45,19 @@ decimal = st.builds(
     st.integers(0, 999_999),
 )
 tag_keys = st.sampled_from(["", '[["t","1"]]', '[["t","2"]]', '[["a","x"],["t","1"]]'])
+LICENSE = "arn:aws:license-manager::123456789012:license:l-0123456789abcdef0"
+customers = st.sampled_from(
+    [
+        "",  # container usage
+        placement.customer_key("111122223333", LICENSE, ""),
+        placement.customer_key("444455556666", LICENSE, ""),
+        placement.customer_key("", "", "legacy-1"),
+    ]
+)
 rows = st.lists(
     st.tuples(
         st.sampled_from(["p1", "p2"]),
+        customers,
         st.sampled_from(["d1", "d2"]),
         st.integers(0, 8),
         tag_keys,
@@ -57,33 +67,34 @@ rows = st.lists(
 )
 
 
-def as_rows(generated: list) -> list[tuple[int, str, str, int, str, str, bool]]:
-    return [(i, p, d, int(NOW) - h * HOUR, t, q, w) for i, (p, d, h, t, (q, w)) in enumerate(generated)]
+def as_rows(generated: list) -> list[placement.GroupRow]:
+    return [(i, p, c, d, int(NOW) - h * HOUR, t, q, w) for i, (p, c, d, h, t, (q, w)) in enumerate(generated)]
 
 
 @given(rows)
 def test_grouping_keeps_every_unit_and_respects_aws_limits(generated: list) -> None:
     data = as_rows(generated)
     pieces = placement.group(data)
-    expected: dict[tuple[str, str], Decimal] = {}
-    for _, p, d, _, _, q, _ in data:
-        expected[(p, d)] = expected.get((p, d), Decimal(0)) + Decimal(q)
-    totals: dict[tuple[str, str], Decimal] = {}
-    for p in pieces:
-        totals[(p.product_code, p.usage_dimension)] = (
-            totals.get((p.product_code, p.usage_dimension), Decimal(0)) + p.content.total
-        )
+    expected: dict[tuple[str, str, str, int], Decimal] = {}
+    for _, p, c, d, h, _, q, _ in data:
+        k = (placement.keyed_product(p, c), c, d, h)  # a license's usage is kept under no product
+        expected[k] = expected.get(k, Decimal(0)) + Decimal(q)
+    totals: dict[tuple[str, str, str, int], Decimal] = {}
+    for p in pieces:  # every piece is one customer's: container and SaaS usage, customers, never mixed
+        where = (*p.key, p.hour)
+        totals[where] = totals.get(where, Decimal(0)) + p.content.total
     assert totals == expected
     assert sorted(i for piece in pieces for i in piece.ids) == list(range(len(data)))
     for piece in pieces:
         assert piece.content.total <= placement.MAX_TOTAL
         assert len(piece.content.allocations) <= validation.ALLOCATIONS_MAX
+        product = piece.product_code or "prod-of-the-license"  # the limits checked are the same for SaaS
         request = placement.build_request(
-            piece.product_code,
+            product,
             piece.usage_dimension,
             int(NOW) // HOUR * HOUR,
             piece.content,
-            placement.client_token(piece.product_code, piece.usage_dimension, 0, piece.content),
+            placement.client_token(product, piece.usage_dimension, 0, piece.content),
         )
         window = validation.Window(placement.timestamp_of(int(NOW)))
         assert validation.validate_meter_usage(request, window) == []  # sums, kinds, unique tag sets, limits
@@ -127,6 +138,21 @@ def test_the_same_bucket_always_gets_the_same_token(hour: int, tags: str, quanti
     assert placement.client_token("p", "d", hour, a) == placement.client_token("p", "d", hour, b)
     assert placement.client_token("p", "d", hour + HOUR, a) != placement.client_token("p", "d", hour, a)
     assert len(placement.client_token("p", "d", hour, a)) <= validation.CLIENT_TOKEN_MAX
+    # A customer makes its own token, and the same one each time; none is a container bucket's.
+    saas = placement.customer_key("111122223333", LICENSE, "")
+    other = placement.customer_key("444455556666", LICENSE, "")
+    tokens = {placement.client_token("p", "d", hour, a, spool, c) for spool in ("", "s1") for c in ("", saas, other)}
+    assert len(tokens) == 6
+    assert placement.client_token("p", "d", hour, a, "s1", saas) == placement.client_token(
+        "p", "d", hour, b, "s1", saas
+    )
+
+
+@given(st.text(max_size=20), st.text(max_size=300), st.text(max_size=30))
+def test_a_customer_key_names_its_customer_and_nothing_else(account: str, license_arn: str, identifier: str) -> None:
+    key = placement.customer_key(account, license_arn, identifier)
+    assert placement.customer_of(key) == (account, license_arn, identifier)
+    assert (key == "") == (not (account or license_arn or identifier))
 
 
 step = st.one_of(

@@ -22,14 +22,24 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from test_spool_sqlite import BrokenReads
 
 from gateway.local_aws import DROP, LocalAws
-from gateway.recording import placement
+from gateway.recording import placement, servicer
 from gateway.recording.lifecycle import Recording
+from gateway.recording.spool import RecordRow
 from gateway.rpc.server import RECORDER_SERVICE
 from marketplace.metering.v1 import metering_pb2 as pb
 from marketplace.metering.v1 import metering_pb2_grpc as pb_grpc
 from support import FIXED_NOW, Clock, Details, details, local_session, using_clock
 from support.postgres import PostgresServer
-from support.recording import event, running_recorder, sums_of_events, sums_of_records, wait_for
+from support.recording import (
+    ACCOUNT,
+    LICENSE,
+    event,
+    running_recorder,
+    saas_event,
+    sums_of_events,
+    sums_of_records,
+    wait_for,
+)
 
 HOUR = 3600
 State = pb.MeteringRecord.State
@@ -788,3 +798,127 @@ def test_a_spool_that_fails_to_read_answers_spool_unavailable(recorder: tuple) -
         listed(stub)
     got = details(refused.value)
     assert (got.code, got.info.reason) == (grpc.StatusCode.UNAVAILABLE, "SPOOL_UNAVAILABLE")
+
+
+# --- SaaS usage: events that name a customer ------------------------------------------------
+
+OTHER = "444455556666"
+
+
+@pytest.fixture
+def unsent(local_aws: LocalAws, tmp_path: Path) -> Iterator[tuple[pb_grpc.UsageRecorderServiceStub, Recording]]:
+    """A recorder whose sender never runs: what RecordUsage stored, placed by the test."""
+    with (
+        running_recorder(local_aws.endpoint_url, str(tmp_path / "s.db"), clock=CLOCK, start_sender=False) as (
+            target,
+            recording,
+        ),
+        grpc.insecure_channel(target) as channel,
+    ):
+        yield pb_grpc.UsageRecorderServiceStub(channel), recording
+
+
+def test_an_events_customer_is_stored_and_only_a_customer_changes_its_digest() -> None:
+    container = event("c", hours_ago(1), 3)
+    row = servicer.event_row(container)
+    assert row.customer == "" and row.digest == placement.event_digest(
+        "prod-a", "requests", container.timestamp.seconds, 0, "3", ""
+    )  # what older releases stored: their spools still tell a resend from a reused id
+    saas = servicer.event_row(saas_event("s", hours_ago(1), 3))
+    assert placement.customer_of(saas.customer) == (ACCOUNT, LICENSE, "")
+    assert saas.digest != servicer.event_row(saas_event("s", hours_ago(1), 3, account=OTHER)).digest
+    legacy = servicer.event_row(saas_event("l", hours_ago(1), 3, identifier="cust-a", product="prod-a"))
+    assert placement.customer_of(legacy.customer) == ("", "", "cust-a") and legacy.digest != row.digest
+
+
+def test_a_record_shows_its_customer() -> None:
+    customer = placement.customer_key(ACCOUNT, LICENSE, "")
+    stored = RecordRow(
+        7, "", "requests", 0, "PENDING", '{"":"2"}', True, "2", "t", "", 0, "", "[]", 0, customer=customer
+    )
+    message = servicer.record_message(stored)
+    assert (message.customer_aws_account_id, message.license_arn, message.customer_identifier) == (ACCOUNT, LICENSE, "")
+    container = servicer.record_message(RecordRow(8, "p", "d", 0, "SENT", "{}", True, "0", "t", "m", 1, "", "[]", 0))
+    assert (container.customer_aws_account_id, container.license_arn, container.customer_identifier) == ("", "", "")
+
+
+def test_saas_events_are_kept_per_customer_and_counted_per_product_or_license(
+    unsent: tuple, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stub, recording = unsent
+    counted: list[tuple[str, str, str]] = []
+    monkeypatch.setattr(servicer.metrics, "usage_recorded", lambda accepted, *_: counted.extend(accepted))
+    events = [
+        saas_event("s1", hours_ago(1), "2"),
+        saas_event("s2", hours_ago(1), "3", account=OTHER),
+        saas_event("s3", hours_ago(1), 1, identifier="cust-a", product="prod-a"),
+        event("c", hours_ago(1), 4),
+    ]
+    assert record(stub, *events) == pb.RecordUsageResponse(accepted=4)
+    # A metric's product is the product code, or "(license)" for usage named by its license alone:
+    # never the license (one per agreement) nor the customer.
+    assert sorted(counted) == [
+        ("(license)", "requests", "2"),
+        ("(license)", "requests", "3"),
+        ("prod-a", "requests", "1"),
+        ("prod-a", "requests", "4"),
+    ]
+    recording.spool.assign(now())
+    assert {
+        (r.product_code, r.customer_aws_account_id, r.license_arn, r.customer_identifier): r.quantity
+        for r in listed(stub)
+    } == {
+        ("", ACCOUNT, LICENSE, ""): "2",
+        ("", OTHER, LICENSE, ""): "3",
+        ("prod-a", "", "", "cust-a"): "1",
+        ("prod-a", "", "", ""): "4",
+    }
+    assert sorted(r.customer_identifier for r in listed(stub, product_code="prod-a")) == ["", "cust-a"]
+
+
+def test_saas_usage_counts_as_carried_only_past_its_own_window(unsent: tuple) -> None:
+    """SaaS usage goes back 24 hours (container usage six), less the half hour's margin."""
+    stub, _ = unsent
+    got = record(
+        stub,
+        saas_event("s8", hours_ago(8)),
+        event("c8", hours_ago(8)),
+        saas_event("s23", hours_ago(23)),
+        saas_event("s25", hours_ago(25)),
+    )
+    assert got == pb.RecordUsageResponse(accepted=4, carried=2)  # c8 and s25
+
+
+def test_an_event_id_reused_for_another_customer_names_the_customer(unsent: tuple) -> None:
+    stub, _ = unsent
+    assert record(stub, saas_event("e", hours_ago(1), 2)).accepted == 1
+    assert record(stub, saas_event("e", hours_ago(1), 2)) == pb.RecordUsageResponse(duplicates=1)
+    with pytest.raises(grpc.RpcError) as refused:
+        record(stub, saas_event("e", hours_ago(1), 2, account=OTHER))
+    got = details(refused.value)
+    assert (got.code, got.info.reason) == (grpc.StatusCode.ALREADY_EXISTS, "EVENT_ID_CONFLICT")
+    assert got.violations == [
+        (
+            "events[0].event_id",
+            f"was accepted before with a different payload: customer_aws_account_id {ACCOUNT} then, {OTHER} now",
+        )
+    ]
+
+
+def test_in_saas_mode_an_event_without_a_customer_is_refused_naming_the_field(
+    local_aws: LocalAws, tmp_path: Path
+) -> None:
+    """--saas signs with the seller's account, which MeterUsage refuses: container usage
+    acknowledged there could never be billed, so it is refused before it is stored."""
+    with (
+        running_recorder(local_aws.endpoint_url, str(tmp_path / "s.db"), clock=CLOCK, saas=True) as (target, _),
+        grpc.insecure_channel(target) as channel,
+    ):
+        stub = pb_grpc.UsageRecorderServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as err:
+            record(stub, saas_event("s", now(), 1), event("c", now(), 1))
+        got = details(err.value)
+        assert (got.code, got.info.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_REQUEST")
+        [(field, why)] = got.violations
+        assert field == "events[1].customer_aws_account_id" and "--saas" in why
+        assert record(stub, saas_event("s", now(), 1)).accepted == 1  # nothing of the refused batch was kept

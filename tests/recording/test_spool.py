@@ -515,8 +515,157 @@ def test_schema_versions_are_kept_and_a_newer_one_is_refused(store: Store) -> No
     assert "\n" not in message and f"schema version {SQLITE_SCHEMA + 1}" in message and "newer" in message
 
 
-# What each schema version added, undone: (version before it, SQL).
-_UNDO = {
+# Schema version 4 as its release made it, before SaaS usage: written out here, never
+# derived from today's code, so a migration is tested from what such a spool really holds.
+SQLITE_V4_TABLES = {
+    "events": """CREATE TABLE events (
+    event_id TEXT PRIMARY KEY,
+    product_code TEXT NOT NULL,
+    usage_dimension TEXT NOT NULL,
+    hour INTEGER NOT NULL,
+    tags TEXT NOT NULL,
+    quantity TEXT NOT NULL,
+    whole INTEGER NOT NULL,
+    record_id INTEGER,
+    digest BLOB,
+    timestamp TEXT
+)""",
+    "records": """CREATE TABLE records (
+    id INTEGER PRIMARY KEY,
+    product_code TEXT NOT NULL,
+    usage_dimension TEXT NOT NULL,
+    hour INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    allocations TEXT NOT NULL,
+    whole INTEGER NOT NULL,
+    quantity TEXT NOT NULL,
+    client_token TEXT NOT NULL,
+    metering_record_id TEXT NOT NULL DEFAULT '',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT NOT NULL DEFAULT '',
+    carried_from TEXT NOT NULL DEFAULT '[]',
+    next_attempt REAL NOT NULL DEFAULT 0,
+    in_flight INTEGER NOT NULL DEFAULT 0,
+    uncertain INTEGER NOT NULL DEFAULT 0,
+    wire TEXT NOT NULL DEFAULT 'decimal',
+    closed_at REAL NOT NULL DEFAULT 0,
+    UNIQUE (product_code, usage_dimension, hour)
+)""",
+    "taken": """CREATE TABLE taken (
+    product_code TEXT NOT NULL,
+    usage_dimension TEXT NOT NULL,
+    hour INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    PRIMARY KEY (product_code, usage_dimension, hour)
+)""",
+    "meta": "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    "probe": "CREATE TABLE probe (data BLOB)",
+    "zero_hours": """CREATE TABLE zero_hours (
+    product_code TEXT NOT NULL,
+    usage_dimension TEXT NOT NULL,
+    next_hour BIGINT NOT NULL,
+    PRIMARY KEY (product_code, usage_dimension)
+)""",
+}
+SQLITE_V4_INDEXES = {
+    "events": ("CREATE INDEX events_by_record ON events(record_id)",),
+    "records": (
+        "CREATE INDEX records_by_state ON records(state, hour)",
+        "CREATE INDEX records_by_closing ON records(state, closed_at)",
+    ),
+}
+POSTGRES_V4 = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE events (
+    event_id TEXT PRIMARY KEY,
+    seq BIGINT GENERATED ALWAYS AS IDENTITY UNIQUE,
+    product_code TEXT NOT NULL,
+    usage_dimension TEXT NOT NULL,
+    hour BIGINT NOT NULL,
+    tags TEXT NOT NULL,
+    quantity TEXT NOT NULL,
+    whole INTEGER NOT NULL,
+    digest BYTEA,
+    record_id BIGINT,
+    timestamp TEXT
+);
+CREATE INDEX events_unassigned ON events (seq) WHERE record_id IS NULL;
+CREATE INDEX events_by_record ON events (record_id);
+CREATE TABLE records (
+    id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    product_code TEXT NOT NULL,
+    usage_dimension TEXT NOT NULL,
+    hour BIGINT NOT NULL,
+    state TEXT NOT NULL,
+    allocations TEXT NOT NULL,
+    whole INTEGER NOT NULL,
+    quantity TEXT NOT NULL,
+    client_token TEXT NOT NULL,
+    metering_record_id TEXT NOT NULL DEFAULT '',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT NOT NULL DEFAULT '',
+    carried_from TEXT NOT NULL DEFAULT '[]',
+    next_attempt DOUBLE PRECISION NOT NULL DEFAULT 0,
+    in_flight INTEGER NOT NULL DEFAULT 0,
+    uncertain INTEGER NOT NULL DEFAULT 0,
+    wire TEXT NOT NULL DEFAULT 'decimal',
+    closed_at DOUBLE PRECISION NOT NULL DEFAULT 0,
+    UNIQUE (product_code, usage_dimension, hour)
+);
+CREATE INDEX records_by_state ON records (state, hour);
+CREATE INDEX records_by_closing ON records (state, closed_at);
+CREATE TABLE taken (
+    product_code TEXT NOT NULL,
+    usage_dimension TEXT NOT NULL,
+    hour BIGINT NOT NULL,
+    reason TEXT NOT NULL,
+    PRIMARY KEY (product_code, usage_dimension, hour)
+);
+CREATE TABLE probe (data BYTEA);
+CREATE TABLE zero_hours (
+    product_code TEXT NOT NULL,
+    usage_dimension TEXT NOT NULL,
+    next_hour BIGINT NOT NULL,
+    PRIMARY KEY (product_code, usage_dimension)
+);
+"""
+
+
+def v4_columns(table: str) -> list[str]:
+    """The columns of a version-4 SQLite table, in order."""
+    scratch = sqlite3.connect(":memory:")
+    try:
+        scratch.execute(SQLITE_V4_TABLES[table])
+        return [column[1] for column in scratch.execute(f"PRAGMA table_info({table})")]
+    finally:
+        scratch.close()
+
+
+def _without_customers_sqlite(db: sqlite3.Connection) -> None:
+    """Version 5 undone in an SQLite file: records and taken hours made again as version 4
+    made them (SQLite drops no column of a constraint), every row copied but its customer."""
+    db.execute("ALTER TABLE events DROP COLUMN customer")
+    for table in ("records", "taken"):
+        columns = ", ".join(v4_columns(table))
+        db.execute(f"ALTER TABLE {table} RENAME TO {table}_v5")
+        db.execute(SQLITE_V4_TABLES[table])
+        db.execute(f"INSERT INTO {table} ({columns}) SELECT {columns} FROM {table}_v5")
+        db.execute(f"DROP TABLE {table}_v5")
+        for index in SQLITE_V4_INDEXES.get(table, ()):
+            db.execute(index)
+
+
+def _without_customers_postgres(conn: psycopg.Connection[Any]) -> None:
+    """Version 5 undone in a PostgreSQL spool: no customer column, version 4's constraints."""
+    for table in ("events", "records", "taken"):
+        conn.execute(f"ALTER TABLE {table} DROP COLUMN customer")  # its constraints go with it
+    conn.execute("ALTER TABLE records ADD UNIQUE (product_code, usage_dimension, hour)")
+    conn.execute("ALTER TABLE taken ADD PRIMARY KEY (product_code, usage_dimension, hour)")
+
+
+# What each schema version added, undone: (version before it, SQL, or a step per database).
+_UNDO: dict[int, tuple[str, ...]] = {
+    4: (),  # customers: _without_customers_*
     3: ("DROP TABLE zero_hours", "DELETE FROM meta WHERE key = 'span'"),
     2: ("ALTER TABLE events DROP COLUMN timestamp",),
 }
@@ -527,10 +676,14 @@ def downgrade(location: str, version: int) -> None:
     statements = [sql for v in sorted(_UNDO, reverse=True) if v >= version for sql in _UNDO[v]]
     if location.startswith("postgresql://"):
         with psycopg.connect(location) as conn:
+            if version <= 4:
+                _without_customers_postgres(conn)
             for sql in statements:
                 conn.execute(sql)
     else:
         db = sqlite3.connect(location)
+        if version <= 4:
+            _without_customers_sqlite(db)
         for sql in statements:
             db.execute(sql)
         db.commit()

@@ -153,3 +153,29 @@ def test_abuse_reports_memory_and_health_for_each_attack() -> None:
     assert result["tag bomb MeterUsage"]["answer"] == "INVALID_ARGUMENT"
     assert result["idle connections"]["still_open"] >= 0
     assert "peak RSS" in out
+
+
+@pytest.mark.slow
+def test_saas_quick_run_reports_every_figure() -> None:
+    result, stdout = quick_run("saas.py", timeout=120)
+
+    assert result["benchmark"] == "saas"
+    throughput = result["throughput"]
+    assert throughput["failures"] == 0, throughput["failure_examples"]
+    rounds = result["config"]["rounds"]
+    for size in (100, 1000):
+        run = throughput[f"batch_{size}"]
+        assert all(positive(run[k]) for k in ("container_events_per_s", "saas_events_per_s", "ratio")), run
+        for kind in ("container", "saas"):
+            assert len(run[f"{kind}_rounds"]) == rounds and all(positive(r) for r in run[f"{kind}_rounds"]), run
+        assert any(line.split()[:1] == [str(size)] for line in stdout.splitlines()), size  # its table row
+    calls = result["calls"]
+    for case in ("no_fault", "unprocessed_fault"):
+        entry = calls[case]
+        assert all(positive(entry[k]) for k in ("events", "records", "calls", "calls_per_1000", "fewest_calls")), entry
+        assert entry["exactly_once"] is True and entry["problems"] == [], entry["problems"]
+        assert entry["billed_total"] == entry["recorded_total"]
+    assert calls["no_fault"]["target"] in ("PASS", "MISS")
+    assert calls["no_fault"]["calls_per_1000"] <= 40  # a count, not a timing: every call carries 25 records
+    assert calls["unprocessed_fault"]["calls"] > calls["no_fault"]["calls"]  # the fault was met, and cost calls
+    assert "SaaS / container" in stdout and "calls per 1,000 records" in stdout  # the tables came too

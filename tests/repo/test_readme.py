@@ -11,6 +11,7 @@ import re
 import shlex
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 from gateway.domain import errors
@@ -173,11 +174,19 @@ def test_the_examples_meter_what_make_serve_knows() -> None:
     assert "PRODUCTS ?= prod-abc123=requests,storage-gb" in (ROOT / "Makefile").read_text()
 
 
-def make_serve_argv(listen: str, state: Path) -> list[str]:
+def make_serve_argv(listen: str, state: Path, local_port: int = 0) -> list[str]:
     """The command `make serve` runs, as `make -n` prints it (nothing is run, nothing made)."""
     env = {k: v for k, v in tool_env().items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
     done = subprocess.run(
-        ["make", "--no-print-directory", "-n", "serve", f"LISTEN={listen}", f"STATE={state}"],
+        [
+            "make",
+            "--no-print-directory",
+            "-n",
+            "serve",
+            f"LISTEN={listen}",
+            f"STATE={state}",
+            f"LOCAL_PORT={local_port}",
+        ],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -239,3 +248,52 @@ def test_make_serve_records_usage_as_the_readme_says(tmp_path: Path) -> None:
         row = wait_for(pending_row, timeout=5, what="records list to show the PENDING record of prod-abc123/requests")
         assert "3" in row, row
     assert os.listdir(state) and "spool.sqlite" in os.listdir(state)
+
+
+def test_make_serve_meters_saas_as_the_readme_says(tmp_path: Path) -> None:
+    """The README's SaaS example, end to end against the gateway exactly as `make serve`
+    starts it: the local backend issues a registration token (the README's curl), and
+    the Python caller resolves it, meters the customer with BatchMeterUsage and records
+    an event of theirs; `records list` then shows the customer's pending record."""
+    state = tmp_path / "state"
+    port, local_port = free_port(), free_port()
+    argv = make_serve_argv(f"127.0.0.1:{port}", state, local_port)
+    assert "--local-port" in argv and str(local_port) in argv, argv
+    state.mkdir()
+
+    text = section(README.read_text(), "## SaaS products")
+    [shell] = blocks(text, "sh")
+    curl = re.search(r"curl -s (\S+) -d '(.*?)'", shell, re.S)
+    assert curl is not None and curl.group(1) == "127.0.0.1:50052/_local/tokens", shell
+    body = json.loads(curl.group(2))
+    assert "python3 -c" in shell and '["registration_token"]' in shell  # no tool beyond python3 and curl
+    [example] = blocks(text, "python")
+    shown = [line[2:] for line in example.splitlines() if line.startswith("# ")]
+
+    with GatewayProcess([*GATEWAY, *argv[1:]], tool_env()) as gateway:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{local_port}/_local/tokens", data=json.dumps(body).encode(), method="POST"
+        )
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            token = json.load(answer)["registration_token"]
+        run = subprocess.run(
+            [sys.executable, "-c", example.replace("127.0.0.1:50051", gateway.target)],
+            cwd=tmp_path,
+            env={**tool_env(), "TOKEN": token},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert run.returncode == 0, run.stderr
+        assert run.stdout.splitlines() == shown, f"the README says it prints {shown!r}; it printed {run.stdout!r}"
+
+        command = [*GATEWAY, "records", "list", "--target", gateway.target, "--output", "json"]
+
+        def pending_saas() -> dict[str, str] | None:
+            done = subprocess.run(command, cwd=tmp_path, env=tool_env(), capture_output=True, text=True, timeout=30)
+            assert done.returncode == 0, done.stderr
+            rows = json.loads(done.stdout or "[]")
+            return next((r for r in rows if r.get("customer_aws_account_id") == body["customer_aws_account_id"]), None)
+
+        row = wait_for(pending_saas, timeout=5, what="records list to show the customer's PENDING record")
+        assert row["license_arn"] == body["license_arn"] and row["state"] == "PENDING", row

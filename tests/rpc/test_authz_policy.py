@@ -161,7 +161,7 @@ callers:
     refusal(policy, None, LIST, pb.ListMeteringRecordsRequest())  # "*" is any identity, never none
 
 
-@pytest.mark.parametrize("doc", ["docs/authorization.md", "README.md"])
+@pytest.mark.parametrize("doc", ["docs/authorization.md"])
 def test_the_examples_in_the_docs_are_valid_policies(doc: str) -> None:
     text = (ROOT / doc).read_text()
     examples = [e for e in re.findall(r"```yaml\n(.*?)```", text, re.S) if e.lstrip().startswith(("callers:", "#"))]
@@ -305,3 +305,50 @@ def test_refusal_metadata_joins_the_error_info() -> None:
         "ACCESS_DENIED", "m", aws_code="AccessDeniedException", extra_metadata={"awsErrorCode": "x", "k": "v"}
     )
     assert aws.metadata() == {"awsErrorCode": "AccessDeniedException", "k": "v"}
+
+
+SAAS_POLICY = f"""
+callers:
+  - identity: {REPORTER}
+    methods:
+      - marketplace.metering.v1.MeteringService/*
+      - marketplace.metering.v1.UsageRecorderService/RecordUsage
+    products:
+      prod-1234: [requests]
+  - identity: {OPS}
+    methods: ["marketplace.metering.v1.MeteringService/*", "marketplace.metering.v1.UsageRecorderService/*"]
+    products: {{"*": "*"}}
+"""
+BATCH = "/marketplace.metering.v1.MeteringService/BatchMeterUsage"
+LICENSE = "arn:aws:license-manager::123456789012:license:l-0123456789abcdef0"
+
+
+def test_saas_usage_is_held_to_the_products_a_caller_may_meter() -> None:
+    """A legacy record names its product (the request's); usage of a license names none the
+    gateway can check, whatever product an event says, so only a grant of every product
+    covers it."""
+    policy = parse_policy(SAAS_POLICY, "policy.yaml")
+    legacy = pb.BatchMeterUsageRequest(
+        product_code="prod-1234", usage_records=[pb.UsageRecord(dimension="requests", customer_identifier="c")]
+    )
+    policy.check(REPORTER, BATCH, legacy)
+    other = pb.BatchMeterUsageRequest(
+        product_code="prod-else", usage_records=[pb.UsageRecord(dimension="requests", customer_identifier="c")]
+    )
+    assert refusal(policy, REPORTER, BATCH, other).extra_metadata["productCode"] == "prod-else"
+    by_license = pb.BatchMeterUsageRequest(
+        usage_records=[pb.UsageRecord(dimension="requests", customer_aws_account_id="1", license_arn=LICENSE)]
+    )
+    refused = refusal(policy, REPORTER, BATCH, by_license)
+    assert refused.extra_metadata["field"] == "usage_records[0].license_arn" and "license" in refused.message
+    event = pb.UsageEvent(
+        event_id="e",
+        product_code="prod-1234",
+        usage_dimension="requests",
+        customer_aws_account_id="1",
+        license_arn=LICENSE,
+    )
+    refused = refusal(policy, REPORTER, RECORD, pb.RecordUsageRequest(events=[event]))
+    assert refused.extra_metadata["field"] == "events[0].license_arn"  # the product it names is no grant
+    policy.check(OPS, BATCH, by_license)  # every product
+    policy.check(OPS, RECORD, pb.RecordUsageRequest(events=[event]))

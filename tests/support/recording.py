@@ -58,6 +58,33 @@ def event(
     return ev
 
 
+# A buyer's license (AWS License Manager's ARN shape) and accounts, for SaaS usage.
+LICENSE = "arn:aws:license-manager::123456789012:license:l-0123456789abcdef0123456789abcdef"
+ACCOUNT = "111122223333"
+
+
+def saas_event(
+    event_id: str,
+    when: float,
+    quantity: int | str = 1,
+    *,
+    account: str = ACCOUNT,
+    license_arn: str = LICENSE,
+    identifier: str = "",
+    product: str = "",
+    dimension: str = "requests",
+    **tags: str,
+) -> pb.UsageEvent:
+    """An event of SaaS usage: by default of ``account`` under ``license_arn`` (no product
+    code: the license names it); with ``identifier``, the legacy way (give ``product``)."""
+    ev = event(event_id, when, quantity, product=product, dimension=dimension, **tags)
+    if identifier:
+        ev.customer_identifier = identifier
+    else:
+        ev.customer_aws_account_id, ev.license_arn = account, license_arn
+    return ev
+
+
 def event_value(ev: pb.UsageEvent) -> Decimal:
     return (
         Decimal(ev.usage_quantity_as_decimal)
@@ -196,9 +223,31 @@ def wait_for(condition: Callable[[], Any], timeout: float = 20.0, what: str = "c
         time.sleep(0.05)
 
 
-def make_batch(rng: random.Random, caller: int, n: int) -> list[pb.UsageEvent]:
+# SaaS usage of the process tests: customers over two licenses (of two products).
+SAAS_LICENSES = (
+    ("prod-saas-0", "arn:aws:license-manager::123456789012:license:l-5aa5000000000000000000000000000a"),
+    ("prod-saas-1", "arn:aws:license-manager::123456789012:license:l-5aa5000000000000000000000000000b"),
+)
+SAAS_CUSTOMERS = 20  # a license
+
+
+def saas_customer(i: int) -> str:
+    return str(300000000000 + i)
+
+
+def saas_subscriptions() -> list[dict[str, str]]:
+    """Every customer of SAAS_LICENSES, as ``POST /_local/subscriptions`` bodies."""
+    return [
+        {"customer_aws_account_id": saas_customer(i), "license_arn": license_arn, "product_code": product}
+        for product, license_arn in SAAS_LICENSES
+        for i in range(SAAS_CUSTOMERS)
+    ]
+
+
+def make_batch(rng: random.Random, caller: int, n: int, *, saas: bool = False) -> list[pb.UsageEvent]:
     """``CRASH_BATCH`` events over the open hour and the three before it, timed by the wall
-    clock (the crash tests run real processes)."""
+    clock (the crash tests run real processes); with ``saas``, about half of them SaaS
+    usage of SAAS_CUSTOMERS customers over SAAS_LICENSES."""
     now = time.time()
     current = placement.hour_of(now)
     out = []
@@ -209,17 +258,44 @@ def make_batch(rng: random.Random, caller: int, n: int) -> list[pb.UsageEvent]:
             rng.randint(0, 1000) if rng.random() < 0.7 else f"{rng.randint(0, 99)}.{rng.randint(0, 999999):06d}"
         )
         tags = {"tenant": f"t{rng.randint(0, 2)}"} if rng.random() < 0.5 else {}
+        dimension = rng.choice(("requests", "gb"))
+        if saas and rng.random() < 0.5:
+            _, license_arn = rng.choice(SAAS_LICENSES)
+            account = saas_customer(rng.randrange(SAAS_CUSTOMERS))
+            out.append(
+                saas_event(
+                    f"c{caller}-b{n}-e{i}",
+                    when,
+                    quantity,
+                    account=account,
+                    license_arn=license_arn,
+                    dimension=dimension,
+                    **tags,
+                )
+            )
+            continue
         out.append(
             event(
                 f"c{caller}-b{n}-e{i}",
                 when,
                 quantity,
                 product=f"prod-{rng.randint(0, 1)}",
-                dimension=rng.choice(("requests", "gb")),
+                dimension=dimension,
                 **tags,
             )
         )
     return out
+
+
+def sums_of_saas_events(events: Iterable[pb.UsageEvent]) -> dict[tuple[str, str, str], Decimal]:
+    """Quantity per (customer, license, dimension) of the SaaS events among ``events``."""
+    out: dict[tuple[str, str, str], Decimal] = defaultdict(Decimal)
+    for ev in events:
+        if ev.customer_aws_account_id or ev.customer_identifier:
+            out[(ev.customer_aws_account_id or ev.customer_identifier, ev.license_arn, ev.usage_dimension)] += (
+                event_value(ev)
+            )
+    return dict(out)
 
 
 def record_usage(channel: grpc.Channel, batch: list[pb.UsageEvent]) -> pb.RecordUsageResponse | None:

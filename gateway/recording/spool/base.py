@@ -13,8 +13,10 @@ Life of usage (every implementation):
 1. :meth:`Spool.record` stores a batch in one transaction. A repeated
    ``event_id`` with the same digest is a duplicate; with another digest it
    refuses the whole batch (:class:`EventIdConflict`).
-2. :meth:`Spool.assign` sums unassigned events into *records* (one per product,
-   dimension and hour; :func:`gateway.recording.placement.place` picks the hour).
+2. :meth:`Spool.assign` sums unassigned events into *records* (one per product or
+   license, customer, dimension and hour; container usage names no customer, SaaS
+   usage one each; :func:`gateway.recording.placement.place` picks the hour, inside
+   the window AWS keeps for that kind of usage).
    A record takes more usage only while no request has gone out for it. Safe
    while several processes place at once: each event goes into one record.
 3. :meth:`Spool.begin_attempt` freezes a record *before* the sender calls AWS,
@@ -50,8 +52,9 @@ NEW_SPOOL = (
     "looking at it: see --spool-create)"
 )
 # Both databases' schemas are numbered alike (version 2 is the first PostgreSQL has);
-# each backend migrates up to this one.
-SCHEMA_VERSION = 4
+# each backend migrates up to this one. Version 5: each event, record and taken hour
+# names its customer (SaaS usage).
+SCHEMA_VERSION = 5
 LATE = "late_or_too_old"  # why assign() carries: the own hour is taken or too old
 
 
@@ -115,9 +118,18 @@ class OutcomeUnknown(RetryRefused):
         self.row = row
 
 
+def customer_fields(customer: str) -> dict[str, str]:
+    """A customer (placement.customer_key) as a log line's fields: none for container
+    usage, so its lines stay as they were. Never a metric label: customers are unbounded."""
+    if not customer:
+        return {}
+    account_id, license_arn, identifier = placement.customer_of(customer)
+    return {"customer_aws_account_id": account_id, "license_arn": license_arn, "customer_identifier": identifier}
+
+
 @dataclass(frozen=True)
 class RecordRow:
-    """One hourly record as stored."""
+    """One hourly record as stored: of one product (or license), customer, dimension and hour."""
 
     id: int
     product_code: str
@@ -137,6 +149,7 @@ class RecordRow:
     uncertain: int = 0
     wire: str = DECIMAL_WIRE
     closed_at: float = 0.0
+    customer: str = ""  # placement.customer_key(): "" for container usage
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "state", RecordState(self.state))  # a state no release writes fails here
@@ -147,6 +160,28 @@ class RecordRow:
         its usage to another hour could bill it twice; only resending the same
         request (which AWS answers idempotently) can settle it."""
         return bool(self.uncertain or self.in_flight)
+
+    @property
+    def saas(self) -> bool:
+        """SaaS usage (it names a customer): metered with BatchMeterUsage, not MeterUsage."""
+        return self.customer != ""
+
+    @property
+    def customer_aws_account_id(self) -> str:
+        return placement.customer_of(self.customer)[0]
+
+    @property
+    def license_arn(self) -> str:
+        return placement.customer_of(self.customer)[1]
+
+    @property
+    def customer_identifier(self) -> str:
+        return placement.customer_of(self.customer)[2]
+
+    @property
+    def key(self) -> placement.Key:
+        """(product_code, customer, usage_dimension): what records are kept per, with the hour."""
+        return self.product_code, self.customer, self.usage_dimension
 
     @property
     def content(self) -> Content:
@@ -169,13 +204,15 @@ class RecordRow:
 
 @dataclass(frozen=True)
 class Carry:
-    """Usage that went to another hour than its own (logged by the sender)."""
+    """Usage that went to another hour than its own (logged by the sender), within
+    its customer's records (``customer`` "" for container usage)."""
 
     product_code: str
     usage_dimension: str
     from_hour: int
     to_hour: int
     quantity: str
+    customer: str = ""
 
 
 @dataclass(frozen=True)
@@ -223,6 +260,17 @@ class ZeroHours:
 
     made: tuple[tuple[str, str, int], ...] = ()
     missed: tuple[tuple[str, str, int], ...] = ()  # (product, dimension, hours missed)
+
+
+@dataclass(frozen=True)
+class Requeue:
+    """One record of a call to try again later (:meth:`Spool.requeue`): what the attempt's
+    answer says about delivery (as :meth:`Spool.settle`'s ``uncertain``), and the error."""
+
+    record_id: int
+    uncertain: bool | None
+    error: str
+    next_attempt: float
 
 
 @dataclass(frozen=True)
@@ -276,13 +324,26 @@ class Spool(Protocol):
         self, keys: Collection[tuple[str, str]], now: float, margin: float = placement.SAFETY_MARGIN
     ) -> ZeroHours:
         """A zero record for each closed hour of each (product, dimension) of ``keys``
-        that has none, from the hour the key was first seen, each hour once ever."""
+        that has none, from the hour the key was first seen, each hour once ever.
+        Container usage only: the zero records name no customer."""
 
     def due(self, now: float, grace: float, *, final: bool = False) -> list[RecordRow]:
         """PENDING records whose hour closed ``grace`` ago and whose backoff is over."""
 
     def begin_attempt(self, record_id: int) -> RecordRow | None:
         """Freeze the record and count the attempt, committed before AWS is called."""
+
+    def product_hints(self, record_ids: Sequence[int]) -> dict[int, str]:
+        """The product some event of each record named, for records kept under none (a license's)."""
+
+    def begin_attempts(self, record_ids: Sequence[int]) -> list[RecordRow]:
+        """:meth:`begin_attempt` for the records of one BatchMeterUsage call, in one transaction."""
+
+    def mark_all_sent(self, sent: Sequence[tuple[int, str]], now: float) -> list[bool]:
+        """:meth:`mark_sent` for each (record id, AWS's record id) of one call, in one transaction."""
+
+    def requeue(self, retries: Sequence[Requeue]) -> None:
+        """:meth:`settle` then :meth:`retry_later` for records of one call, in one transaction."""
 
     def mark_sent(self, record_id: int, metering_record_id: str, now: float) -> bool:
         """Store AWS's OK (over a FAILED another sender stored). True when this call
@@ -298,7 +359,8 @@ class Spool(Protocol):
         no longer PENDING, another sender settled it): count it then only."""
 
     def carry(self, record_id: int, reason: str, now: float, margin: float = placement.SAFETY_MARGIN) -> list[Carry]:
-        """Mark the record's hour unusable and place its events again."""
+        """Mark the record's hour unusable (for its product, customer and dimension)
+        and place its events again, in later hours of the same customer."""
 
     def prune(self, now: float, *, event_retention: float, record_retention: float) -> Pruned: ...
 
@@ -320,9 +382,13 @@ class Spool(Protocol):
         limit: int = 100,
         since: int | None = None,
         until: int | None = None,
+        customer_aws_account_id: str | None = None,
+        license_arn: str | None = None,
     ) -> list[RecordRow]:
         """Records newest hour first; ``after`` is the (hour, id) of the last one seen;
-        ``since``/``until``: only hours starting at or after ``since``, before ``until``."""
+        ``since``/``until``: only hours starting at or after ``since``, before ``until``;
+        ``customer_aws_account_id``, ``license_arn``: only SaaS records of that account,
+        of that license."""
 
     def stats(self) -> Stats: ...
 

@@ -11,8 +11,8 @@ How replicas share it safely:
   and each event is stored once.
 - **Placement** may run in every replica at once: a pass claims unassigned
   events with ``FOR UPDATE SKIP LOCKED`` (no event is placed by two passes), and
-  holds a transaction-scoped advisory lock per product and dimension while it
-  reads and changes that key's records (no hour gets two records, no frozen
+  holds a transaction-scoped advisory lock per product, customer and dimension
+  while it reads and changes that key's records (no hour gets two records, no frozen
   record grows). Keys are locked in one order, so passes never deadlock.
 - **Sending** is done by one replica at a time: the *leader*, which holds a
   session-level advisory lock on a connection of its own (:meth:`leads`). Why a
@@ -88,7 +88,8 @@ CREATE TABLE events (
     whole INTEGER NOT NULL,
     digest BYTEA,
     record_id BIGINT,
-    timestamp TEXT
+    timestamp TEXT,
+    customer TEXT NOT NULL
 );
 CREATE INDEX events_unassigned ON events (seq) WHERE record_id IS NULL;
 CREATE INDEX events_by_record ON events (record_id);
@@ -111,7 +112,8 @@ CREATE TABLE records (
     uncertain INTEGER NOT NULL DEFAULT 0,
     wire TEXT NOT NULL DEFAULT 'decimal',
     closed_at DOUBLE PRECISION NOT NULL DEFAULT 0,
-    UNIQUE (product_code, usage_dimension, hour)
+    customer TEXT NOT NULL,
+    UNIQUE (product_code, customer, usage_dimension, hour)
 );
 CREATE INDEX records_by_state ON records (state, hour);
 CREATE INDEX records_by_closing ON records (state, closed_at);
@@ -120,7 +122,8 @@ CREATE TABLE taken (
     usage_dimension TEXT NOT NULL,
     hour BIGINT NOT NULL,
     reason TEXT NOT NULL,
-    PRIMARY KEY (product_code, usage_dimension, hour)
+    customer TEXT NOT NULL,
+    PRIMARY KEY (product_code, customer, usage_dimension, hour)
 );
 CREATE TABLE probe (data BYTEA);
 """
@@ -140,7 +143,27 @@ def _migrate_3_to_4(db: Any, now: float) -> None:
     db.conn.execute(ZERO_HOURS_TABLE)
 
 
-MIGRATIONS: dict[int, Callable[[Any, float], None]] = {2: _migrate_2_to_3, 3: _migrate_3_to_4}
+def _migrate_4_to_5(db: Any, now: float) -> None:
+    """SaaS usage: each event, record and taken hour names its customer ('' for container
+    usage, which every row kept is), and records and taken hours are unique per product,
+    customer, dimension and hour (as SQLite's version 5). The columns go last, as in a
+    new spool's tables; adding a column with a constant default rewrites no row."""
+    for table in ("events", "records", "taken"):
+        db.execute(f"ALTER TABLE {table} ADD COLUMN customer TEXT NOT NULL DEFAULT ''")
+        # No default from now on: a replica of an older release, which names no customer,
+        # fails to write (and acknowledges nothing) instead of placing SaaS usage as a container's.
+        db.execute(f"ALTER TABLE {table} ALTER COLUMN customer DROP DEFAULT")
+    # records' one unique constraint, named by PostgreSQL when version 2 made the table
+    for (name,) in db.execute(
+        "SELECT conname FROM pg_constraint WHERE conrelid = 'records'::regclass AND contype = 'u'"
+    ).fetchall():
+        db.execute(f'ALTER TABLE records DROP CONSTRAINT "{name}"')
+    db.execute("ALTER TABLE records ADD UNIQUE (product_code, customer, usage_dimension, hour)")
+    db.execute("ALTER TABLE taken DROP CONSTRAINT taken_pkey")
+    db.execute("ALTER TABLE taken ADD PRIMARY KEY (product_code, customer, usage_dimension, hour)")
+
+
+MIGRATIONS: dict[int, Callable[[Any, float], None]] = {2: _migrate_2_to_3, 3: _migrate_3_to_4, 4: _migrate_4_to_5}
 assert sorted(MIGRATIONS) == list(range(2, SCHEMA_VERSION))
 
 _INSERT_EVENTS = (
@@ -148,9 +171,9 @@ _INSERT_EVENTS = (
     # the same order, so they never deadlock. A repeated id is skipped, not an error.
     # Binary parameters (%b): psycopg's text quoting of the arrays cost 40% of a
     # process's time at 1000-event batches (benchmarks/record_usage.py --only spools).
-    "INSERT INTO events (event_id, product_code, usage_dimension, hour, tags, quantity, whole, digest, timestamp) "
-    "SELECT * FROM unnest(%b::text[], %b::text[], %b::text[], %b::bigint[], %b::text[], %b::text[], %b::int[], "
-    "%b::bytea[], %b::text[]) ORDER BY 1 ON CONFLICT (event_id) DO NOTHING"
+    "INSERT INTO events (event_id, product_code, usage_dimension, hour, tags, quantity, whole, digest, timestamp, "
+    "customer) SELECT * FROM unnest(%b::text[], %b::text[], %b::text[], %b::bigint[], %b::text[], %b::text[], "
+    "%b::int[], %b::bytea[], %b::text[], %b::text[]) ORDER BY 1 ON CONFLICT (event_id) DO NOTHING"
 )
 # Errors that say the database, not our SQL, is the problem: the call answers SPOOL_UNAVAILABLE.
 _UNAVAILABLE = (psycopg.OperationalError, psycopg.InterfaceError, errors.ReadOnlySqlTransaction)
@@ -394,13 +417,15 @@ class PostgresSpool(SqlSpool):
                 self._set_writable(True)
         return True
 
-    def _lock_key(self, db: Any, product_code: str, usage_dimension: str) -> None:
+    FIND = "strpos"
+
+    def _lock_key(self, db: Any, product_code: str, customer: str, usage_dimension: str) -> None:
         # One 64-bit lock per key: placers lock keys in sorted order, and a collision of
-        # two keys' hashes (about 2**-64) would only serialise them more.
-        db.execute(
-            "SELECT pg_advisory_xact_lock(hashtextextended(?, ?))",
-            (f"{product_code}\x1f{usage_dimension}", _LOCKS + _KEY_LOCKS),
-        )
+        # two keys' hashes (about 2**-64) would only serialise them more. A container
+        # key's lock is the one older releases take, so a replica not yet upgraded and
+        # an upgraded one still serialise on it.
+        name = f"{product_code}\x1f{usage_dimension}" + (f"\x1f{customer}" if customer else "")
+        db.execute("SELECT pg_advisory_xact_lock(hashtextextended(?, ?))", (name, _LOCKS + _KEY_LOCKS))
 
     def _assign_events(self, db: Any, record_id: int, ids: Sequence[int]) -> None:
         db.execute("UPDATE events SET record_id = ? WHERE seq = ANY(?)", (record_id, list(ids)))
@@ -413,11 +438,11 @@ class PostgresSpool(SqlSpool):
         Raises EventIdConflict (and stores nothing) when an event id was accepted
         before, or earlier in the batch, with another digest.
         """
-        columns = list(zip(*events, strict=True)) if events else [()] * 9
+        columns = list(zip(*events, strict=True)) if events else [()] * len(EventRow._fields)
         with self._transaction(writer=True) as db:
             cur = db.conn.execute(
                 _INSERT_EVENTS,
-                [list(c) for c in columns[:6]] + [[int(w) for w in columns[6]], list(columns[7]), list(columns[8])],
+                [list(c) for c in columns[:6]] + [[int(w) for w in columns[6]], *(list(c) for c in columns[7:])],
             )
             accepted = max(cur.rowcount, 0)
             self._check_conflicts(db, events, accepted)

@@ -4,8 +4,12 @@
 freezing, outcomes, carrying, pruning and reading. Its SQL is written with
 ``?`` placeholders and the subset SQLite and PostgreSQL both speak. A subclass
 supplies transactions, the schema, the bulk insert of :meth:`record`, and a few
-dialect hooks: how rows are locked (PostgreSQL serialises placement per product
-and dimension, so replicas can place at once; SQLite has one writer anyway).
+dialect hooks: how rows are locked (PostgreSQL serialises placement per product,
+customer and dimension, so replicas can place at once; SQLite has one writer anyway).
+
+Records are kept per product (or license), customer, dimension and hour: container
+usage has the customer "" (:func:`gateway.recording.placement.customer_key`), so
+every row an older release wrote is container usage, keyed as it always was.
 """
 
 from __future__ import annotations
@@ -33,21 +37,28 @@ from gateway.recording.spool.base import (
     RecordNotFailed,
     RecordNotFound,
     RecordRow,
+    Requeue,
     SpoolError,
     SpoolUnavailable,
     Stats,
     ZeroHours,
+    customer_fields,
 )
 
 # Events placed per transaction: a writer waits at most about one chunk's work.
 ASSIGN_CHUNK = 1000
 PRUNE_CHUNK = 500  # rows deleted per pruning transaction
+HINTS_CHUNK = 500  # records asked about per query by product_hints()
 PROBE_SIZE = 262_144  # bytes a health probe writes: about one large batch
 
 RECORD_COLUMNS = (
     "id, product_code, usage_dimension, hour, state, allocations, whole, quantity, client_token, "
-    "metering_record_id, attempts, last_error, carried_from, next_attempt, in_flight, uncertain, wire, closed_at"
+    "metering_record_id, attempts, last_error, carried_from, next_attempt, in_flight, uncertain, wire, closed_at, "
+    "customer"
 )
+# An event as placement.group() reads it (placement.GroupRow).
+_GROUP_COLUMNS = "product_code, customer, usage_dimension, hour, tags, quantity, whole"
+CONTAINER = ""  # the customer of container usage (placement.customer_key of nothing)
 
 # Zero-usage hours (schema version 4): per product and dimension, the next hour to look
 # at. One statement for both databases (SQLite takes BIGINT as an integer).
@@ -60,6 +71,12 @@ CREATE TABLE zero_hours (
 )"""
 
 log = structlog.get_logger("gateway.spool")
+
+
+def _token(key: placement.Key, hour: int, content: Content, spool_id: str) -> str:
+    """The ClientToken of the record of ``key`` (product, customer, dimension) and ``hour``."""
+    product_code, customer, usage_dimension = key
+    return placement.client_token(product_code, usage_dimension, hour, content, spool_id, customer)
 
 
 class Cursor(Protocol):
@@ -106,8 +123,12 @@ class SqlSpool(ABC):
     def _reading(self) -> AbstractContextManager[Db]:
         """A connection for one consistent read."""
 
-    def _lock_key(self, db: Db, product_code: str, usage_dimension: str) -> None:  # noqa: B027 - a hook that SQLite needs not, PostgreSQL overrides
-        """Hold placement of this product and dimension for the transaction."""
+    # The dialect's plain substring search, (text, part) → 1-based position, 0 when absent
+    # (no wildcards, unlike LIKE, and case-sensitive in both): instr, or PostgreSQL's strpos.
+    FIND = "instr"
+
+    def _lock_key(self, db: Db, product_code: str, customer: str, usage_dimension: str) -> None:  # noqa: B027 - a hook that SQLite needs not, PostgreSQL overrides
+        """Hold placement of this product, customer and dimension for the transaction."""
 
     def _step_aside(self) -> None:  # noqa: B027 - a hook that only SQLite overrides
         """Between two chunks of background work: let waiting writers go first."""
@@ -187,14 +208,23 @@ class SqlSpool(ABC):
         for start in range(0, len(ids), 500):
             part = ids[start : start + 500]
             marks = ",".join("?" * len(part))
-            for event_id, product, dimension, hour, tags, quantity, whole, digest, timestamp in db.execute(
-                f"SELECT event_id, product_code, usage_dimension, hour, tags, quantity, whole, digest, timestamp "
-                f"FROM events WHERE event_id IN ({marks})",
+            for event_id, product, dimension, hour, tags, quantity, whole, digest, timestamp, customer in db.execute(
+                f"SELECT event_id, product_code, usage_dimension, hour, tags, quantity, whole, digest, timestamp, "
+                f"customer FROM events WHERE event_id IN ({marks})",
                 part,
             ):
                 if digest is not None:  # without one (schema version 1) it cannot be compared: a duplicate
                     stored[event_id] = EventRow(
-                        event_id, product, dimension, hour, tags, quantity, bool(whole), bytes(digest), timestamp
+                        event_id,
+                        product,
+                        dimension,
+                        hour,
+                        tags,
+                        quantity,
+                        bool(whole),
+                        bytes(digest),
+                        timestamp,
+                        customer,
                     )
         return [
             (i, stored[e.event_id])
@@ -230,9 +260,9 @@ class SqlSpool(ABC):
             # placing (and carrying) at once never wait on each other in a circle.
             keys = sorted(
                 {
-                    (p, d)
-                    for p, d in db.execute(
-                        f"SELECT product_code, usage_dimension FROM events WHERE {unassigned} ORDER BY "
+                    (p, c, d)
+                    for p, c, d in db.execute(
+                        f"SELECT product_code, customer, usage_dimension FROM events WHERE {unassigned} ORDER BY "
                         f"{self.SEQ} LIMIT ?",
                         (last, ASSIGN_CHUNK),
                     )
@@ -240,19 +270,19 @@ class SqlSpool(ABC):
             )
             if not keys:
                 return 0
-            for key in keys:
+            # Locked as records are kept: a license's usage under no product (placement.keyed_product).
+            for key in sorted({(placement.keyed_product(p, c), c, d) for p, c, d in keys}):
                 self._lock_key(db, *key)
             rows = db.execute(
-                f"SELECT {self.SEQ}, product_code, usage_dimension, hour, tags, quantity, whole FROM events "
-                f"WHERE {unassigned} AND (product_code, usage_dimension) IN (VALUES "
-                f"{', '.join(['(?, ?)'] * len(keys))}) "
+                f"SELECT {self.SEQ}, {_GROUP_COLUMNS} FROM events "
+                f"WHERE {unassigned} AND (product_code, customer, usage_dimension) IN (VALUES "
+                f"{', '.join(['(?, ?, ?)'] * len(keys))}) "
                 f"ORDER BY {self.SEQ} LIMIT ?{self.CLAIM_ROWS}",
                 (last, *[part for key in keys for part in key], ASSIGN_CHUNK),
             ).fetchall()
-            earliest = placement.earliest_hour(now, margin, self.span)
             fallback = placement.too_old_goes_to(now, self.span)
             for piece in placement.group(rows):
-                carry = self._place(db, piece, earliest, fallback)
+                carry = self._place(db, piece, self._earliest(piece, now, margin), fallback)
                 if carry is not None:
                     carries.append(carry)
             return len(rows)
@@ -273,21 +303,17 @@ class SqlSpool(ABC):
                 return total
             self._step_aside()
 
+    def _earliest(self, piece: Piece, now: float, margin: float) -> int:
+        """The first hour ``piece`` may be placed in: AWS's window is the piece's own,
+        six hours for container usage, 24 hours and the month-end cutoff for SaaS usage."""
+        return placement.earliest_hour(now, margin, self.span, saas=bool(piece.customer))
+
     def _place(self, db: Db, piece: Piece, earliest: int, fallback: int | None = None) -> Carry | None:
         """Put one piece into the first hour that can take it (the key is locked)."""
-        key = (piece.product_code, piece.usage_dimension)
-        taken = {
-            h
-            for (h,) in db.execute(
-                "SELECT hour FROM taken WHERE product_code = ? AND usage_dimension = ? AND hour >= ?", (*key, earliest)
-            )
-        }
-        existing = {
-            r.hour: r
-            for r in self._records(
-                db, "product_code = ? AND usage_dimension = ? AND hour >= ?", (*key, earliest), lock=True
-            )
-        }
+        key = piece.key
+        of_key = "product_code = ? AND customer = ? AND usage_dimension = ? AND hour >= ?"
+        taken = {h for (h,) in db.execute(f"SELECT hour FROM taken WHERE {of_key}", (*key, earliest))}
+        existing = {r.hour: r for r in self._records(db, of_key, (*key, earliest), lock=True)}
 
         def can_take(hour: int) -> bool:
             if hour in taken:
@@ -313,7 +339,7 @@ class SqlSpool(ABC):
                     content.to_json(),
                     int(content.whole),
                     placement.format_decimal(content.total),
-                    placement.client_token(*key, hour, content, self.spool_id),
+                    _token(key, hour, content, self.spool_id),
                     json.dumps(carried),
                     record_id,
                 ),
@@ -321,13 +347,20 @@ class SqlSpool(ABC):
         self._assign_events(db, record_id, piece.ids)
         if hour == piece.hour:
             return None
-        return Carry(*key, piece.hour, hour, placement.format_decimal(piece.content.total))
+        return Carry(
+            piece.product_code,
+            piece.usage_dimension,
+            piece.hour,
+            hour,
+            placement.format_decimal(piece.content.total),
+            piece.customer,
+        )
 
     def _new_record(self, db: Db, key: placement.Key, hour: int, content: Content, carried: list[int]) -> int:
         """Insert a PENDING record (the key is locked); its id."""
         (record_id,) = db.execute(
-            "INSERT INTO records (product_code, usage_dimension, hour, state, allocations, whole, quantity, "
-            "client_token, carried_from) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+            "INSERT INTO records (product_code, customer, usage_dimension, hour, state, allocations, whole, "
+            "quantity, client_token, carried_from) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
             (
                 *key,
                 hour,
@@ -335,7 +368,7 @@ class SqlSpool(ABC):
                 content.to_json(),
                 int(content.whole),
                 placement.format_decimal(content.total),
-                placement.client_token(*key, hour, content, self.spool_id),
+                _token(key, hour, content, self.spool_id),
                 json.dumps(carried),
             ),
         ).fetchone()
@@ -344,7 +377,7 @@ class SqlSpool(ABC):
     # -- zero-usage hours ------------------------------------------------------------
 
     def fill_zero_hours(
-        self, keys: Collection[placement.Key], now: float, margin: float = placement.SAFETY_MARGIN
+        self, keys: Collection[tuple[str, str]], now: float, margin: float = placement.SAFETY_MARGIN
     ) -> ZeroHours:
         """A zero record for each closed hour without one, per key, from the hour the key
         was first seen here (``zero_hours.next_hour``, which then moves to the open hour).
@@ -356,6 +389,8 @@ class SqlSpool(ABC):
         restarts and replicas. Never the open hour: AWS keeps an hour's first record,
         so an early zero would take the hour from its real usage. An hour that AWS's
         window has left meanwhile (the gateway was down) is missed, and said so.
+        Container usage only: ``keys`` are (product, dimension) pairs, and their
+        records name no customer (a SaaS customer's hours are never filled).
         """
         made: list[tuple[str, str, int]] = []
         missed: list[tuple[str, str, int]] = []
@@ -365,7 +400,8 @@ class SqlSpool(ABC):
         earliest = placement.earliest_hour(now, margin)
         with self._transaction() as db:
             for key in sorted(set(keys)):
-                self._lock_key(db, *key)
+                product, dimension = key
+                self._lock_key(db, product, CONTAINER, dimension)
                 row = db.execute(
                     "SELECT next_hour FROM zero_hours WHERE product_code = ? AND usage_dimension = ?", key
                 ).fetchone()
@@ -381,19 +417,19 @@ class SqlSpool(ABC):
                 first = min(max(start, earliest), open_hour)
                 if first > start:
                     missed.append((*key, (first - start) // HOUR))
-                between = (*key, first, open_hour)
+                between = (product, CONTAINER, dimension, first, open_hour)
                 busy = {
                     int(h)
                     for table in ("records", "taken")
                     for (h,) in db.execute(
-                        f"SELECT hour FROM {table} WHERE product_code = ? AND usage_dimension = ? AND hour >= ? "
-                        "AND hour < ?",
+                        f"SELECT hour FROM {table} WHERE product_code = ? AND customer = ? AND usage_dimension = ? "
+                        "AND hour >= ? AND hour < ?",
                         between,
                     )
                 }
                 for hour in range(first, open_hour, HOUR):
                     if hour not in busy:
-                        self._new_record(db, key, hour, Content({"": Decimal(0)}), [])
+                        self._new_record(db, (product, CONTAINER, dimension), hour, Content({"": Decimal(0)}), [])
                         made.append((*key, hour))
                 db.execute(
                     "UPDATE zero_hours SET next_hour = ? WHERE product_code = ? AND usage_dimension = ?",
@@ -436,6 +472,93 @@ class SqlSpool(ABC):
             )
             rows = self._records(db, "id = ? AND state = ?", (record_id, PENDING))
         return rows[0] if rows else None
+
+    def product_hints(self, record_ids: Sequence[int]) -> dict[int, str]:
+        """The product some event of each record named (records of a license are kept
+        under no product): what lets the sender put many customers' licenses of one
+        product in one call. Records none of whose events named one are left out."""
+        out: dict[int, str] = {}
+        with self._reading() as db:
+            for start in range(0, len(record_ids), HINTS_CHUNK):
+                chunk = list(record_ids[start : start + HINTS_CHUNK])
+                marks = ", ".join("?" * len(chunk))
+                rows = db.execute(
+                    f"SELECT record_id, MIN(product_code) FROM events WHERE record_id IN ({marks}) "
+                    "AND product_code <> '' GROUP BY record_id",
+                    chunk,
+                ).fetchall()
+                out.update((int(record_id), str(product)) for record_id, product in rows)
+        return out
+
+    def _lock_keys_of(self, db: Db, record_ids: Sequence[int]) -> None:
+        """The keys of records about to be written together, locked first and in the
+        placer's order (sorted): a transaction that writes many records then never holds
+        one record a placer waits for while it waits for another the placer holds."""
+        keys: set[tuple[str, str, str]] = set()
+        for start in range(0, len(record_ids), HINTS_CHUNK):
+            chunk = list(record_ids[start : start + HINTS_CHUNK])
+            marks = ", ".join("?" * len(chunk))
+            keys.update(
+                (str(p), str(c), str(d))
+                for p, c, d in db.execute(
+                    f"SELECT product_code, customer, usage_dimension FROM records WHERE id IN ({marks})", chunk
+                ).fetchall()
+            )
+        for key in sorted(keys):
+            self._lock_key(db, *key)
+
+    def begin_attempts(self, record_ids: Sequence[int]) -> list[RecordRow]:
+        """:meth:`begin_attempt` for the records of one BatchMeterUsage call, in one
+        transaction: the call's records are frozen together, before AWS hears of any.
+        In id order, as every transaction that locks several records takes them (so two
+        never wait on each other); the rows come back in that order."""
+        with self._transaction() as db:
+            self._lock_keys_of(db, record_ids)
+            out = []
+            for record_id in sorted(record_ids):
+                db.execute(
+                    "UPDATE records SET attempts = attempts + 1, "
+                    "uncertain = CASE WHEN in_flight = 1 THEN 1 ELSE uncertain END, in_flight = 1 "
+                    "WHERE id = ? AND state = ?",
+                    (record_id, PENDING),
+                )
+                out += self._records(db, "id = ? AND state = ?", (record_id, PENDING))
+        return out
+
+    def mark_all_sent(self, sent: Sequence[tuple[int, str]], now: float) -> list[bool]:
+        """:meth:`mark_sent` for each (record id, AWS's record id) of one call, in one transaction
+        (in id order, as :meth:`begin_attempts`); the flags in the order given."""
+        made: dict[int, bool] = {}
+        with self._transaction() as db:
+            self._lock_keys_of(db, [record_id for record_id, _ in sent])
+            for record_id, metering_record_id in sorted(sent):
+                made[record_id] = (
+                    db.execute(
+                        "UPDATE records SET state = ?, metering_record_id = ?, last_error = '', in_flight = 0, "
+                        "uncertain = 0, closed_at = ? WHERE id = ? AND state <> ?",
+                        (SENT, metering_record_id, now, record_id, SENT),
+                    ).rowcount
+                    > 0
+                )
+        return [made[record_id] for record_id, _ in sent]
+
+    def requeue(self, retries: Sequence[Requeue]) -> None:
+        """:meth:`settle`, then :meth:`retry_later`, for each record of one call, in one
+        transaction (in id order, as :meth:`begin_attempts`)."""
+        with self._transaction() as db:
+            self._lock_keys_of(db, [r.record_id for r in retries])
+            for r in sorted(retries, key=lambda r: r.record_id):
+                if r.uncertain is None:
+                    db.execute(
+                        "UPDATE records SET in_flight = 0, last_error = ?, next_attempt = ? WHERE id = ? AND state = ?",
+                        (r.error, r.next_attempt, r.record_id, PENDING),
+                    )
+                else:
+                    db.execute(
+                        "UPDATE records SET in_flight = 0, uncertain = ?, last_error = ?, next_attempt = ? "
+                        "WHERE id = ? AND state = ?",
+                        (int(r.uncertain), r.error, r.next_attempt, r.record_id, PENDING),
+                    )
 
     def mark_sent(self, record_id: int, metering_record_id: str, now: float) -> bool:
         """AWS's answer is the truth, whatever another sender stored meanwhile (a
@@ -525,17 +648,18 @@ class SqlSpool(ABC):
             attempts=row.attempts,
             reconciled=row.outcome_unknown,
             previous_error=row.last_error,
+            **customer_fields(row.customer),
         )
         return retried
 
     def carry(self, record_id: int, reason: str, now: float, margin: float = placement.SAFETY_MARGIN) -> list[Carry]:
         """The record's hour cannot take its usage: mark the hour unusable for this
-        product and dimension, and place its events again, in one transaction."""
+        product, customer and dimension, and place its events again, in one transaction."""
         with self._transaction() as db:
             found = self._records(db, "id = ?", (record_id,))
             if not found:
                 return []
-            self._lock_key(db, found[0].product_code, found[0].usage_dimension)
+            self._lock_key(db, *found[0].key)
             # Never a record whose outcome is unknown: AWS may hold it (the sender checks too).
             rows = self._records(
                 db, "id = ? AND state = ? AND in_flight = 0 AND uncertain = 0", (record_id, PENDING), lock=True
@@ -544,21 +668,19 @@ class SqlSpool(ABC):
                 return []
             record = rows[0]
             db.execute(
-                "INSERT INTO taken (product_code, usage_dimension, hour, reason) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT (product_code, usage_dimension, hour) DO UPDATE SET reason = excluded.reason",
-                (record.product_code, record.usage_dimension, record.hour, reason),
+                "INSERT INTO taken (product_code, customer, usage_dimension, hour, reason) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (product_code, customer, usage_dimension, hour) DO UPDATE SET reason = excluded.reason",
+                (*record.key, record.hour, reason),
             )
             events = db.execute(
-                f"SELECT {self.SEQ}, product_code, usage_dimension, hour, tags, quantity, whole FROM events "
-                f"WHERE record_id = ? ORDER BY {self.SEQ}",
+                f"SELECT {self.SEQ}, {_GROUP_COLUMNS} FROM events WHERE record_id = ? ORDER BY {self.SEQ}",
                 (record_id,),
             ).fetchall()
             db.execute("DELETE FROM records WHERE id = ?", (record_id,))
-            earliest = placement.earliest_hour(now, margin, self.span)
             fallback = placement.too_old_goes_to(now, self.span)
             carries = []
             for piece in placement.group(events):
-                placed = self._place(db, piece, earliest, fallback)
+                placed = self._place(db, piece, self._earliest(piece, now, margin), fallback)
                 # A carry out of a record is a carry even when the event's own hour is its new home.
                 carries.append(
                     placed
@@ -568,6 +690,7 @@ class SqlSpool(ABC):
                         record.hour,
                         piece.hour,
                         placement.format_decimal(piece.content.total),
+                        piece.customer,
                     )
                 )
             return carries
@@ -582,7 +705,7 @@ class SqlSpool(ABC):
         - SENT and FAILED records closed more than ``record_retention`` ago, with
           any events they still hold;
         - hours marked taken that placement can no longer choose (older than AWS's
-          window, with a day to spare).
+          window, the wider SaaS one included, with a day to spare).
         """
 
         def delete(sql: str, *args: Any) -> Callable[[Db], int]:
@@ -624,11 +747,13 @@ class SqlSpool(ABC):
             PRUNE_CHUNK,
         )
         records = self._in_chunks(delete_old_records, PRUNE_CHUNK)
-        horizon = placement.earliest_hour(now, 0) - 24 * HOUR
+        # SaaS usage goes back 24 hours (container usage six): the older of the two windows.
+        oldest = min(placement.earliest_hour(now, 0, self.span, saas=saas) for saas in (False, True))
+        horizon = oldest - 24 * HOUR
         taken = self._in_chunks(
             delete(
-                "DELETE FROM taken WHERE (product_code, usage_dimension, hour) IN "
-                "(SELECT product_code, usage_dimension, hour FROM taken WHERE hour < ? LIMIT ?)",
+                "DELETE FROM taken WHERE (product_code, customer, usage_dimension, hour) IN "
+                "(SELECT product_code, customer, usage_dimension, hour FROM taken WHERE hour < ? LIMIT ?)",
                 horizon,
             ),
             PRUNE_CHUNK,
@@ -651,9 +776,15 @@ class SqlSpool(ABC):
         limit: int = 100,
         since: int | None = None,
         until: int | None = None,
+        customer_aws_account_id: str | None = None,
+        license_arn: str | None = None,
     ) -> list[RecordRow]:
         """Records newest hour first; ``after`` is the (hour, id) of the last one seen;
-        ``since``/``until``: only hours starting at or after ``since``, before ``until``."""
+        ``since``/``until``: only hours starting at or after ``since``, before ``until``;
+        ``customer_aws_account_id``/``license_arn``: only SaaS records of that account
+        or license. The customer is stored as one canonical text (placement.customer_key):
+        the account is its first element, the license its second, each found as the
+        exact JSON text it is stored as (FIND: no wildcards, case-sensitive)."""
         where: list[str] = ["1 = 1"]
         args: list[Any] = []
         if state:
@@ -662,6 +793,12 @@ class SqlSpool(ABC):
         if product_code:
             where.append("product_code = ?")
             args.append(product_code)
+        if customer_aws_account_id:  # '["<account>",' opens the key
+            where.append(f"{self.FIND}(customer, ?) = 1")
+            args.append(json.dumps([customer_aws_account_id])[:-1] + ",")
+        if license_arn:  # ',"<license>",' only at the second element: a JSON string escapes every quote in it
+            where.append(f"{self.FIND}(customer, ?) > 0")
+            args.append("," + json.dumps(license_arn) + ",")
         if since is not None:
             where.append("hour >= ?")
             args.append(int(since))

@@ -152,18 +152,79 @@ def _migrate_3_to_4(db: sqlite3.Connection, now: float) -> None:
     db.execute(ZERO_HOURS_TABLE)
 
 
+# Version 5's records and taken hours: unique per product, customer, dimension and hour.
+_RECORDS_V5 = f"""
+CREATE TABLE records (
+    id INTEGER PRIMARY KEY,
+    product_code TEXT NOT NULL,
+    customer TEXT NOT NULL DEFAULT '',
+    usage_dimension TEXT NOT NULL,
+    hour INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    allocations TEXT NOT NULL,
+    whole INTEGER NOT NULL,
+    quantity TEXT NOT NULL,
+    client_token TEXT NOT NULL,
+    metering_record_id TEXT NOT NULL DEFAULT '',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT NOT NULL DEFAULT '',
+    carried_from TEXT NOT NULL DEFAULT '[]',
+    next_attempt REAL NOT NULL DEFAULT 0,
+    in_flight INTEGER NOT NULL DEFAULT 0,
+    uncertain INTEGER NOT NULL DEFAULT 0,
+    wire TEXT NOT NULL DEFAULT '{DECIMAL_WIRE}',
+    closed_at REAL NOT NULL DEFAULT 0,
+    UNIQUE (product_code, customer, usage_dimension, hour)
+)"""
+_TAKEN_V5 = """
+CREATE TABLE taken (
+    product_code TEXT NOT NULL,
+    customer TEXT NOT NULL DEFAULT '',
+    usage_dimension TEXT NOT NULL,
+    hour INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    PRIMARY KEY (product_code, customer, usage_dimension, hour)
+)"""
+# The columns version 4 had, copied as they are (every row's customer is '': container usage).
+_RECORDS_V4_COLUMNS = (
+    "id, product_code, usage_dimension, hour, state, allocations, whole, quantity, client_token, "
+    "metering_record_id, attempts, last_error, carried_from, next_attempt, in_flight, uncertain, wire, closed_at"
+)
+_TAKEN_V4_COLUMNS = "product_code, usage_dimension, hour, reason"
+
+
+def _migrate_4_to_5(db: sqlite3.Connection, now: float) -> None:
+    """SaaS usage: each event, record and taken hour names its customer ('' for container
+    usage, which every row kept is), and records and taken hours are unique per
+    product, customer, dimension and hour. SQLite cannot change a table's constraints,
+    so records and taken are made anew and every row copied, ids and all (events
+    point at their records by id)."""
+    db.execute("ALTER TABLE events ADD COLUMN customer TEXT NOT NULL DEFAULT ''")
+    for table, create, columns in (
+        ("records", _RECORDS_V5, _RECORDS_V4_COLUMNS),
+        ("taken", _TAKEN_V5, _TAKEN_V4_COLUMNS),
+    ):
+        db.execute(f"ALTER TABLE {table} RENAME TO {table}_v4")
+        db.execute(create)
+        db.execute(f"INSERT INTO {table} ({columns}) SELECT {columns} FROM {table}_v4")
+        db.execute(f"DROP TABLE {table}_v4")  # its indexes go with it
+    db.execute("CREATE INDEX records_by_state ON records(state, hour)")
+    db.execute("CREATE INDEX records_by_closing ON records(state, closed_at)")
+
+
 # MIGRATIONS[v] takes a file from version v to v + 1, inside one transaction.
 MIGRATIONS: dict[int, Callable[[sqlite3.Connection, float], None]] = {
     1: _migrate_1_to_2,
     2: _migrate_2_to_3,
     3: _migrate_3_to_4,
+    4: _migrate_4_to_5,
 }
 assert sorted(MIGRATIONS) == list(range(1, SCHEMA_VERSION))
 
 _INSERT_EVENT = (
     # Only a repeated event_id is skipped; any other constraint fails the whole batch.
-    "INSERT INTO events (event_id, product_code, usage_dimension, hour, tags, quantity, whole, digest, timestamp) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (event_id) DO NOTHING"
+    "INSERT INTO events (event_id, product_code, usage_dimension, hour, tags, quantity, whole, digest, timestamp, "
+    "customer) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (event_id) DO NOTHING"
 )
 _RECORD_COLUMNS_V1 = "id, product_code, usage_dimension, hour, allocations, whole"
 # Errors of our own making, not of the disk: raised as they are.

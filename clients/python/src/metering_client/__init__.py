@@ -1,13 +1,24 @@
 """Python client for the metering gateway.
 
-from metering_client import MeteringClient, DuplicateRequest
+from metering_client import MeteringClient, DuplicateRequest, UsageRecord
 
 with MeteringClient("127.0.0.1:50051") as client:
     result = client.meter_usage(product_code="prod-abc123", usage_dimension="requests", quantity=3)
+    saas = client.batch_meter_usage(
+        [UsageRecord("requests", 3, customer_aws_account_id="111122223333", license_arn="arn:aws:license-manager::...")]
+    )
 """
 
 from metering_client.client import MeteringClient, MeterResult, RecordResult, RetryPolicy
-from metering_client.convert import Allocation, UsageEvent
+from metering_client.convert import (
+    Allocation,
+    BatchMeterResult,
+    Customer,
+    RecordStatus,
+    UsageEvent,
+    UsageRecord,
+    UsageRecordResult,
+)
 from metering_client.errors import (
     REASONS,
     AccessDenied,
@@ -18,10 +29,13 @@ from metering_client.errors import (
     ConcurrencyLimitExceeded,
     CredentialsRefused,
     CustomerNotEntitled,
+    CustomerNotSubscribed,
     DeadlineExceeded,
     DisabledApi,
+    DuplicateRecord,
     DuplicateRequest,
     EventIdConflict,
+    ExpiredRegistrationToken,
     ExpiredToken,
     FailedPrecondition,
     FieldViolation,
@@ -32,11 +46,14 @@ from metering_client.errors import (
     InternalServiceError,
     InvalidArgument,
     InvalidClientTokenId,
+    InvalidCustomerIdentifier,
     InvalidEndpointRegion,
+    InvalidLicense,
     InvalidProductCode,
     InvalidRequest,
     InvalidSignature,
     InvalidTag,
+    InvalidToken,
     InvalidUsageAllocations,
     InvalidUsageDimension,
     MeteringError,
@@ -58,6 +75,7 @@ from metering_client.errors import (
     Unauthenticated,
     Unauthorized,
     Unavailable,
+    UnprocessedRecord,
     UnrecognizedClient,
 )
 
@@ -67,6 +85,7 @@ __all__ = [
     "Allocation",
     "AlreadyExists",
     "AwsUnreachable",
+    "BatchMeterResult",
     "CallerNotAllowed",
     "Cancelled",
     "ConcurrencyLimitExceeded",
@@ -82,20 +101,27 @@ __all__ = [
     "IncompleteSignature",
     "MissingAuthenticationToken",
     "RequestExpired",
+    "Customer",
     "CustomerNotEntitled",
+    "CustomerNotSubscribed",
     "DeadlineExceeded",
     "DisabledApi",
+    "DuplicateRecord",
     "DuplicateRequest",
+    "ExpiredRegistrationToken",
     "FailedPrecondition",
     "FieldViolation",
     "IdempotencyConflict",
     "Internal",
     "InternalServiceError",
     "InvalidArgument",
+    "InvalidCustomerIdentifier",
     "InvalidEndpointRegion",
+    "InvalidLicense",
     "InvalidProductCode",
     "InvalidRequest",
     "InvalidTag",
+    "InvalidToken",
     "InvalidUsageAllocations",
     "InvalidUsageDimension",
     "MeterResult",
@@ -109,6 +135,7 @@ __all__ = [
     "RecordNotFailed",
     "RecordNotFound",
     "RecordResult",
+    "RecordStatus",
     "RecordingNotEnabled",
     "ResourceExhausted",
     "RetryPolicy",
@@ -117,5 +144,8 @@ __all__ = [
     "Unauthenticated",
     "Unauthorized",
     "Unavailable",
+    "UnprocessedRecord",
     "UsageEvent",
+    "UsageRecord",
+    "UsageRecordResult",
 ]

@@ -16,7 +16,14 @@ import grpc
 from marketplace.metering.v1 import metering_pb2 as pb
 from marketplace.metering.v1 import metering_pb2_grpc as pb_grpc
 from metering_client import convert
-from metering_client.convert import Allocation, Quantity, UsageEvent
+from metering_client.convert import (
+    Allocation,
+    BatchMeterResult,
+    Customer,
+    Quantity,
+    UsageEvent,
+    UsageRecord,
+)
 from metering_client.errors import from_rpc_error
 
 METERING_SERVICE = pb.DESCRIPTOR.services_by_name["MeteringService"].full_name
@@ -33,8 +40,10 @@ class RetryPolicy:
 
     gRPC itself retries, with exponential backoff and jitter, inside the call's
     deadline. Retrying is safe because every MeterUsage call carries a ClientToken
-    (this client makes one when the caller gives none) and every recorded event an
-    event_id: a retried request is the same request. gRPC caps attempts at 5.
+    (this client makes one when the caller gives none), every recorded event an
+    event_id, and a BatchMeterUsage retry sends the identical records (AWS answers them
+    with the records it kept): a retried request is the same request. gRPC caps
+    attempts at 5.
 
     gRPC also honours the gateway's ``grpc-retry-pushback-ms`` trailer (server
     pushback): negative once the gateway has called AWS, which it already retried
@@ -175,6 +184,36 @@ class MeteringClient:
         )
         reply = self._call(self._metering.MeterUsage, request, timeout)
         return MeterResult(reply.metering_record_id, reply.dry_run, token)
+
+    def batch_meter_usage(
+        self,
+        records: Iterable[UsageRecord | pb.UsageRecord],
+        *,
+        product_code: str = "",
+        timeout: float | None = None,
+    ) -> BatchMeterResult:
+        """Meter SaaS usage: 1-25 records of one product, each naming its customer (BatchMeterUsage).
+
+        Leave ``product_code`` empty when the records carry ``license_arn`` (the license
+        names the product); give it with the legacy ``customer_identifier``. Records
+        without a ``timestamp`` are stamped with the time of this call, all alike.
+
+        A call AWS answered returns normally, whatever each record's status: check
+        ``result.results`` (SUCCESS, CUSTOMER_NOT_SUBSCRIBED, DUPLICATE_RECORD). The
+        gateway resends records AWS left unprocessed within the deadline; those still
+        unprocessed are in ``result.unprocessed``, with their timestamps: send them again
+        as they are (the identical record is the same record to AWS, never a second one).
+        """
+        request = convert.batch_meter_usage_request(records, product_code)
+        reply = self._call(self._metering.BatchMeterUsage, request, timeout)
+        return convert.batch_meter_result(reply)
+
+    def resolve_customer(self, registration_token: str, *, timeout: float | None = None) -> Customer:
+        """The customer a buyer's registration token (the ``x-amzn-marketplace-token`` form field
+        of the sign-up page) names (ResolveCustomer). Refused with :class:`InvalidToken`, or
+        :class:`ExpiredRegistrationToken` when the buyer took too long."""
+        request = pb.ResolveCustomerRequest(registration_token=registration_token)
+        return convert.customer(self._call(self._metering.ResolveCustomer, request, timeout))
 
     def record_usage(
         self, events: Iterable[UsageEvent | pb.UsageEvent], *, timeout: float | None = None

@@ -132,6 +132,25 @@ class InvalidUsageAllocations(InvalidArgument): ...
 class TimestampOutOfBounds(OutOfRange): ...
 
 
+class InvalidCustomerIdentifier(InvalidArgument):
+    """BatchMeterUsage: AWS knows no such legacy customer_identifier; nothing of the call was recorded."""
+
+
+class InvalidLicense(InvalidArgument):
+    """BatchMeterUsage: a license_arn AWS never issued, or licenses of two products in one call;
+    nothing of the call was recorded."""
+
+
+class InvalidToken(InvalidArgument):
+    """ResolveCustomer: the registration token is not one AWS issued (mangled, or for another seller)."""
+
+
+class ExpiredRegistrationToken(InvalidArgument):
+    """ResolveCustomer: the buyer's registration token has expired; the buyer must come through
+    AWS Marketplace again for a new one. Not :class:`ExpiredToken`, which is the gateway's own
+    credentials expiring (an operator's problem)."""
+
+
 class DuplicateRequest(AlreadyExists):
     """The hour already has a record for this dimension, with another quantity."""
 
@@ -220,6 +239,21 @@ class HttpError(Unavailable):
     """AWS's front door answered a bare HTTP 5xx (no error type); ``reason`` is HTTP_500, HTTP_503, ..."""
 
 
+# A SaaS record's status, as a reason (the recorded-usage sender settles records by them, and
+# ListMeteringRecords' last_error names them). A BatchMeterUsage call never fails with one: its
+# results carry each record's status (metering_client.RecordStatus) instead.
+class DuplicateRecord(AlreadyExists):
+    """A SaaS record: the customer's hour of this dimension holds another quantity, which stays billed."""
+
+
+class CustomerNotSubscribed(FailedPrecondition):
+    """A SaaS record: the customer has no subscription (agreement) for the product; nothing was kept."""
+
+
+class UnprocessedRecord(Unavailable):
+    """A SaaS record AWS did not process (it may hold it anyway): only the identical record again settles it."""
+
+
 class EventIdConflict(AlreadyExists):
     """RecordUsage: an event_id was accepted before with another payload; ``field_violations`` name them."""
 
@@ -243,6 +277,13 @@ REASONS: Mapping[str, type[MeteringError]] = {
     "TIMESTAMP_OUT_OF_BOUNDS": TimestampOutOfBounds,
     "DUPLICATE_REQUEST": DuplicateRequest,
     "IDEMPOTENCY_CONFLICT": IdempotencyConflict,
+    "INVALID_CUSTOMER_IDENTIFIER": InvalidCustomerIdentifier,
+    "INVALID_LICENSE": InvalidLicense,
+    "INVALID_TOKEN": InvalidToken,
+    "EXPIRED_REGISTRATION_TOKEN": ExpiredRegistrationToken,
+    "DUPLICATE_RECORD": DuplicateRecord,
+    "CUSTOMER_NOT_SUBSCRIBED": CustomerNotSubscribed,
+    "UNPROCESSED_RECORD": UnprocessedRecord,
     "CUSTOMER_NOT_ENTITLED": CustomerNotEntitled,
     "INVALID_ENDPOINT_REGION": InvalidEndpointRegion,
     "DISABLED_API": DisabledApi,

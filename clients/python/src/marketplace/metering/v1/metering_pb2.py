@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&marketplace/metering/v1/metering.proto\x12\x17marketplace.metering.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"!\n\x03Tag\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"\xa0\x01\n\x0fUsageAllocation\x12&\n\x18\x61llocated_usage_quantity\x18\x01 \x01(\x03\x42\x02\x18\x01H\x00\x12-\n#allocated_usage_quantity_as_decimal\x18\x03 \x01(\tH\x00\x12*\n\x04tags\x18\x02 \x03(\x0b\x32\x1c.marketplace.metering.v1.TagB\n\n\x08quantity\"\xac\x02\n\x11MeterUsageRequest\x12\x14\n\x0cproduct_code\x18\x01 \x01(\t\x12-\n\ttimestamp\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0fusage_dimension\x18\x03 \x01(\t\x12\x1c\n\x0eusage_quantity\x18\x04 \x01(\x03\x42\x02\x18\x01H\x00\x12#\n\x19usage_quantity_as_decimal\x18\x08 \x01(\tH\x00\x12\x0f\n\x07\x64ry_run\x18\x05 \x01(\x08\x12\x43\n\x11usage_allocations\x18\x06 \x03(\x0b\x32(.marketplace.metering.v1.UsageAllocation\x12\x14\n\x0c\x63lient_token\x18\x07 \x01(\tB\n\n\x08quantity\"A\n\x12MeterUsageResponse\x12\x1a\n\x12metering_record_id\x18\x01 \x01(\t\x12\x0f\n\x07\x64ry_run\x18\x02 \x01(\x08\"\xf7\x01\n\nUsageEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x14\n\x0cproduct_code\x18\x02 \x01(\t\x12\x17\n\x0fusage_dimension\x18\x03 \x01(\t\x12-\n\ttimestamp\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1c\n\x0eusage_quantity\x18\x05 \x01(\x03\x42\x02\x18\x01H\x00\x12#\n\x19usage_quantity_as_decimal\x18\x06 \x01(\tH\x00\x12*\n\x04tags\x18\x07 \x03(\x0b\x32\x1c.marketplace.metering.v1.TagB\n\n\x08quantity\"I\n\x12RecordUsageRequest\x12\x33\n\x06\x65vents\x18\x01 \x03(\x0b\x32#.marketplace.metering.v1.UsageEvent\"L\n\x13RecordUsageResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x05\x12\x12\n\nduplicates\x18\x02 \x01(\x05\x12\x0f\n\x07\x63\x61rried\x18\x03 \x01(\x05\"\x83\x04\n\x0eMeteringRecord\x12\x14\n\x0cproduct_code\x18\x01 \x01(\t\x12\x17\n\x0fusage_dimension\x18\x02 \x01(\t\x12(\n\x04hour\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08quantity\x18\x04 \x01(\t\x12=\n\x0b\x61llocations\x18\x05 \x03(\x0b\x32(.marketplace.metering.v1.UsageAllocation\x12<\n\x05state\x18\x06 \x01(\x0e\x32-.marketplace.metering.v1.MeteringRecord.State\x12\x1a\n\x12metering_record_id\x18\x07 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x08 \x01(\x05\x12\x12\n\nlast_error\x18\t \x01(\t\x12\x30\n\x0c\x63\x61rried_from\x18\n \x03(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0c\x63lient_token\x18\x0b \x01(\t\x12\x11\n\trecord_id\x18\x0c \x01(\t\x12\x17\n\x0foutcome_unknown\x18\r \x01(\x08\"S\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x11\n\rSTATE_PENDING\x10\x01\x12\x0e\n\nSTATE_SENT\x10\x02\x12\x10\n\x0cSTATE_FAILED\x10\x03\"\xf5\x01\n\x1aListMeteringRecordsRequest\x12<\n\x05state\x18\x01 \x01(\x0e\x32-.marketplace.metering.v1.MeteringRecord.State\x12\x14\n\x0cproduct_code\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\x12.\n\nstart_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"p\n\x1bListMeteringRecordsResponse\x12\x38\n\x07records\x18\x01 \x03(\x0b\x32\'.marketplace.metering.v1.MeteringRecord\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"C\n\x1aRetryMeteringRecordRequest\x12\x11\n\trecord_id\x18\x01 \x01(\t\x12\x12\n\nreconciled\x18\x02 \x01(\x08\"V\n\x1bRetryMeteringRecordResponse\x12\x37\n\x06record\x18\x01 \x01(\x0b\x32\'.marketplace.metering.v1.MeteringRecord2x\n\x0fMeteringService\x12\x65\n\nMeterUsage\x12*.marketplace.metering.v1.MeterUsageRequest\x1a+.marketplace.metering.v1.MeterUsageResponse2\x86\x03\n\x14UsageRecorderService\x12h\n\x0bRecordUsage\x12+.marketplace.metering.v1.RecordUsageRequest\x1a,.marketplace.metering.v1.RecordUsageResponse\x12\x80\x01\n\x13ListMeteringRecords\x12\x33.marketplace.metering.v1.ListMeteringRecordsRequest\x1a\x34.marketplace.metering.v1.ListMeteringRecordsResponse\x12\x80\x01\n\x13RetryMeteringRecord\x12\x33.marketplace.metering.v1.RetryMeteringRecordRequest\x1a\x34.marketplace.metering.v1.RetryMeteringRecordResponseB\xa0\x01\n\x1b\x63om.marketplace.metering.v1B\rMeteringProtoP\x01ZVgithub.com/metering-gateway/metering-gateway/gen/go/marketplace/metering/v1;meteringv1\xaa\x02\x17Marketplace.Metering.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&marketplace/metering/v1/metering.proto\x12\x17marketplace.metering.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"!\n\x03Tag\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"\xa0\x01\n\x0fUsageAllocation\x12&\n\x18\x61llocated_usage_quantity\x18\x01 \x01(\x03\x42\x02\x18\x01H\x00\x12-\n#allocated_usage_quantity_as_decimal\x18\x03 \x01(\tH\x00\x12*\n\x04tags\x18\x02 \x03(\x0b\x32\x1c.marketplace.metering.v1.TagB\n\n\x08quantity\"\xac\x02\n\x11MeterUsageRequest\x12\x14\n\x0cproduct_code\x18\x01 \x01(\t\x12-\n\ttimestamp\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0fusage_dimension\x18\x03 \x01(\t\x12\x1c\n\x0eusage_quantity\x18\x04 \x01(\x03\x42\x02\x18\x01H\x00\x12#\n\x19usage_quantity_as_decimal\x18\x08 \x01(\tH\x00\x12\x0f\n\x07\x64ry_run\x18\x05 \x01(\x08\x12\x43\n\x11usage_allocations\x18\x06 \x03(\x0b\x32(.marketplace.metering.v1.UsageAllocation\x12\x14\n\x0c\x63lient_token\x18\x07 \x01(\tB\n\n\x08quantity\"A\n\x12MeterUsageResponse\x12\x1a\n\x12metering_record_id\x18\x01 \x01(\t\x12\x0f\n\x07\x64ry_run\x18\x02 \x01(\x08\"\xb0\x02\n\x0bUsageRecord\x12-\n\ttimestamp\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1b\n\x13\x63ustomer_identifier\x18\x02 \x01(\t\x12\x11\n\tdimension\x18\x03 \x01(\t\x12\x16\n\x08quantity\x18\x04 \x01(\x03\x42\x02\x18\x01H\x00\x12\x1d\n\x13quantity_as_decimal\x18\x05 \x01(\tH\x00\x12\x43\n\x11usage_allocations\x18\x06 \x03(\x0b\x32(.marketplace.metering.v1.UsageAllocation\x12\x1f\n\x17\x63ustomer_aws_account_id\x18\x07 \x01(\t\x12\x13\n\x0blicense_arn\x18\x08 \x01(\tB\x10\n\x0equantity_value\"k\n\x16\x42\x61tchMeterUsageRequest\x12;\n\rusage_records\x18\x01 \x03(\x0b\x32$.marketplace.metering.v1.UsageRecord\x12\x14\n\x0cproduct_code\x18\x02 \x01(\t\"\xa5\x02\n\x11UsageRecordResult\x12:\n\x0cusage_record\x18\x01 \x01(\x0b\x32$.marketplace.metering.v1.UsageRecord\x12\x1a\n\x12metering_record_id\x18\x02 \x01(\t\x12\x41\n\x06status\x18\x03 \x01(\x0e\x32\x31.marketplace.metering.v1.UsageRecordResult.Status\"u\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x12\n\x0eSTATUS_SUCCESS\x10\x01\x12\"\n\x1eSTATUS_CUSTOMER_NOT_SUBSCRIBED\x10\x02\x12\x1b\n\x17STATUS_DUPLICATE_RECORD\x10\x03\"\x99\x01\n\x17\x42\x61tchMeterUsageResponse\x12;\n\x07results\x18\x01 \x03(\x0b\x32*.marketplace.metering.v1.UsageRecordResult\x12\x41\n\x13unprocessed_records\x18\x02 \x03(\x0b\x32$.marketplace.metering.v1.UsageRecord\"4\n\x16ResolveCustomerRequest\x12\x1a\n\x12registration_token\x18\x01 \x01(\t\"\x82\x01\n\x17ResolveCustomerResponse\x12\x1b\n\x13\x63ustomer_identifier\x18\x01 \x01(\t\x12\x14\n\x0cproduct_code\x18\x02 \x01(\t\x12\x1f\n\x17\x63ustomer_aws_account_id\x18\x03 \x01(\t\x12\x13\n\x0blicense_arn\x18\x04 \x01(\t\"\xca\x02\n\nUsageEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x14\n\x0cproduct_code\x18\x02 \x01(\t\x12\x17\n\x0fusage_dimension\x18\x03 \x01(\t\x12-\n\ttimestamp\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1c\n\x0eusage_quantity\x18\x05 \x01(\x03\x42\x02\x18\x01H\x00\x12#\n\x19usage_quantity_as_decimal\x18\x06 \x01(\tH\x00\x12*\n\x04tags\x18\x07 \x03(\x0b\x32\x1c.marketplace.metering.v1.Tag\x12\x1f\n\x17\x63ustomer_aws_account_id\x18\x08 \x01(\t\x12\x13\n\x0blicense_arn\x18\t \x01(\t\x12\x1b\n\x13\x63ustomer_identifier\x18\n \x01(\tB\n\n\x08quantity\"I\n\x12RecordUsageRequest\x12\x33\n\x06\x65vents\x18\x01 \x03(\x0b\x32#.marketplace.metering.v1.UsageEvent\"L\n\x13RecordUsageResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x05\x12\x12\n\nduplicates\x18\x02 \x01(\x05\x12\x0f\n\x07\x63\x61rried\x18\x03 \x01(\x05\"\xd6\x04\n\x0eMeteringRecord\x12\x14\n\x0cproduct_code\x18\x01 \x01(\t\x12\x17\n\x0fusage_dimension\x18\x02 \x01(\t\x12(\n\x04hour\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08quantity\x18\x04 \x01(\t\x12=\n\x0b\x61llocations\x18\x05 \x03(\x0b\x32(.marketplace.metering.v1.UsageAllocation\x12<\n\x05state\x18\x06 \x01(\x0e\x32-.marketplace.metering.v1.MeteringRecord.State\x12\x1a\n\x12metering_record_id\x18\x07 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x08 \x01(\x05\x12\x12\n\nlast_error\x18\t \x01(\t\x12\x30\n\x0c\x63\x61rried_from\x18\n \x03(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0c\x63lient_token\x18\x0b \x01(\t\x12\x11\n\trecord_id\x18\x0c \x01(\t\x12\x17\n\x0foutcome_unknown\x18\r \x01(\x08\x12\x1f\n\x17\x63ustomer_aws_account_id\x18\x0e \x01(\t\x12\x13\n\x0blicense_arn\x18\x0f \x01(\t\x12\x1b\n\x13\x63ustomer_identifier\x18\x10 \x01(\t\"S\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x11\n\rSTATE_PENDING\x10\x01\x12\x0e\n\nSTATE_SENT\x10\x02\x12\x10\n\x0cSTATE_FAILED\x10\x03\"\xf5\x01\n\x1aListMeteringRecordsRequest\x12<\n\x05state\x18\x01 \x01(\x0e\x32-.marketplace.metering.v1.MeteringRecord.State\x12\x14\n\x0cproduct_code\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\x12.\n\nstart_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"p\n\x1bListMeteringRecordsResponse\x12\x38\n\x07records\x18\x01 \x03(\x0b\x32\'.marketplace.metering.v1.MeteringRecord\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"C\n\x1aRetryMeteringRecordRequest\x12\x11\n\trecord_id\x18\x01 \x01(\t\x12\x12\n\nreconciled\x18\x02 \x01(\x08\"V\n\x1bRetryMeteringRecordResponse\x12\x37\n\x06record\x18\x01 \x01(\x0b\x32\'.marketplace.metering.v1.MeteringRecord2\xe4\x02\n\x0fMeteringService\x12\x65\n\nMeterUsage\x12*.marketplace.metering.v1.MeterUsageRequest\x1a+.marketplace.metering.v1.MeterUsageResponse\x12t\n\x0f\x42\x61tchMeterUsage\x12/.marketplace.metering.v1.BatchMeterUsageRequest\x1a\x30.marketplace.metering.v1.BatchMeterUsageResponse\x12t\n\x0fResolveCustomer\x12/.marketplace.metering.v1.ResolveCustomerRequest\x1a\x30.marketplace.metering.v1.ResolveCustomerResponse2\x86\x03\n\x14UsageRecorderService\x12h\n\x0bRecordUsage\x12+.marketplace.metering.v1.RecordUsageRequest\x1a,.marketplace.metering.v1.RecordUsageResponse\x12\x80\x01\n\x13ListMeteringRecords\x12\x33.marketplace.metering.v1.ListMeteringRecordsRequest\x1a\x34.marketplace.metering.v1.ListMeteringRecordsResponse\x12\x80\x01\n\x13RetryMeteringRecord\x12\x33.marketplace.metering.v1.RetryMeteringRecordRequest\x1a\x34.marketplace.metering.v1.RetryMeteringRecordResponseB\xa0\x01\n\x1b\x63om.marketplace.metering.v1B\rMeteringProtoP\x01ZVgithub.com/metering-gateway/metering-gateway/gen/go/marketplace/metering/v1;meteringv1\xaa\x02\x17Marketplace.Metering.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,6 +37,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_USAGEALLOCATION'].fields_by_name['allocated_usage_quantity']._serialized_options = b'\030\001'
   _globals['_METERUSAGEREQUEST'].fields_by_name['usage_quantity']._loaded_options = None
   _globals['_METERUSAGEREQUEST'].fields_by_name['usage_quantity']._serialized_options = b'\030\001'
+  _globals['_USAGERECORD'].fields_by_name['quantity']._loaded_options = None
+  _globals['_USAGERECORD'].fields_by_name['quantity']._serialized_options = b'\030\001'
   _globals['_USAGEEVENT'].fields_by_name['usage_quantity']._loaded_options = None
   _globals['_USAGEEVENT'].fields_by_name['usage_quantity']._serialized_options = b'\030\001'
   _globals['_TAG']._serialized_start=100
@@ -47,26 +49,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_METERUSAGEREQUEST']._serialized_end=599
   _globals['_METERUSAGERESPONSE']._serialized_start=601
   _globals['_METERUSAGERESPONSE']._serialized_end=666
-  _globals['_USAGEEVENT']._serialized_start=669
-  _globals['_USAGEEVENT']._serialized_end=916
-  _globals['_RECORDUSAGEREQUEST']._serialized_start=918
-  _globals['_RECORDUSAGEREQUEST']._serialized_end=991
-  _globals['_RECORDUSAGERESPONSE']._serialized_start=993
-  _globals['_RECORDUSAGERESPONSE']._serialized_end=1069
-  _globals['_METERINGRECORD']._serialized_start=1072
-  _globals['_METERINGRECORD']._serialized_end=1587
-  _globals['_METERINGRECORD_STATE']._serialized_start=1504
-  _globals['_METERINGRECORD_STATE']._serialized_end=1587
-  _globals['_LISTMETERINGRECORDSREQUEST']._serialized_start=1590
-  _globals['_LISTMETERINGRECORDSREQUEST']._serialized_end=1835
-  _globals['_LISTMETERINGRECORDSRESPONSE']._serialized_start=1837
-  _globals['_LISTMETERINGRECORDSRESPONSE']._serialized_end=1949
-  _globals['_RETRYMETERINGRECORDREQUEST']._serialized_start=1951
-  _globals['_RETRYMETERINGRECORDREQUEST']._serialized_end=2018
-  _globals['_RETRYMETERINGRECORDRESPONSE']._serialized_start=2020
-  _globals['_RETRYMETERINGRECORDRESPONSE']._serialized_end=2106
-  _globals['_METERINGSERVICE']._serialized_start=2108
-  _globals['_METERINGSERVICE']._serialized_end=2228
-  _globals['_USAGERECORDERSERVICE']._serialized_start=2231
-  _globals['_USAGERECORDERSERVICE']._serialized_end=2621
+  _globals['_USAGERECORD']._serialized_start=669
+  _globals['_USAGERECORD']._serialized_end=973
+  _globals['_BATCHMETERUSAGEREQUEST']._serialized_start=975
+  _globals['_BATCHMETERUSAGEREQUEST']._serialized_end=1082
+  _globals['_USAGERECORDRESULT']._serialized_start=1085
+  _globals['_USAGERECORDRESULT']._serialized_end=1378
+  _globals['_USAGERECORDRESULT_STATUS']._serialized_start=1261
+  _globals['_USAGERECORDRESULT_STATUS']._serialized_end=1378
+  _globals['_BATCHMETERUSAGERESPONSE']._serialized_start=1381
+  _globals['_BATCHMETERUSAGERESPONSE']._serialized_end=1534
+  _globals['_RESOLVECUSTOMERREQUEST']._serialized_start=1536
+  _globals['_RESOLVECUSTOMERREQUEST']._serialized_end=1588
+  _globals['_RESOLVECUSTOMERRESPONSE']._serialized_start=1591
+  _globals['_RESOLVECUSTOMERRESPONSE']._serialized_end=1721
+  _globals['_USAGEEVENT']._serialized_start=1724
+  _globals['_USAGEEVENT']._serialized_end=2054
+  _globals['_RECORDUSAGEREQUEST']._serialized_start=2056
+  _globals['_RECORDUSAGEREQUEST']._serialized_end=2129
+  _globals['_RECORDUSAGERESPONSE']._serialized_start=2131
+  _globals['_RECORDUSAGERESPONSE']._serialized_end=2207
+  _globals['_METERINGRECORD']._serialized_start=2210
+  _globals['_METERINGRECORD']._serialized_end=2808
+  _globals['_METERINGRECORD_STATE']._serialized_start=2725
+  _globals['_METERINGRECORD_STATE']._serialized_end=2808
+  _globals['_LISTMETERINGRECORDSREQUEST']._serialized_start=2811
+  _globals['_LISTMETERINGRECORDSREQUEST']._serialized_end=3056
+  _globals['_LISTMETERINGRECORDSRESPONSE']._serialized_start=3058
+  _globals['_LISTMETERINGRECORDSRESPONSE']._serialized_end=3170
+  _globals['_RETRYMETERINGRECORDREQUEST']._serialized_start=3172
+  _globals['_RETRYMETERINGRECORDREQUEST']._serialized_end=3239
+  _globals['_RETRYMETERINGRECORDRESPONSE']._serialized_start=3241
+  _globals['_RETRYMETERINGRECORDRESPONSE']._serialized_end=3327
+  _globals['_METERINGSERVICE']._serialized_start=3330
+  _globals['_METERINGSERVICE']._serialized_end=3686
+  _globals['_USAGERECORDERSERVICE']._serialized_start=3689
+  _globals['_USAGERECORDERSERVICE']._serialized_end=4079
 # @@protoc_insertion_point(module_scope)

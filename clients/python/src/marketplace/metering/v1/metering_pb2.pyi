@@ -3,10 +3,12 @@
 isort:skip_file
 The metering gateway's public API.
 
-MeteringService mirrors the AWS Marketplace Metering MeterUsage API field for
-field, so that a service in any language can report billable usage through one
-gateway that validates the call, signs it with the buyer's credentials and maps
-every AWS error to a gRPC status with machine-readable details.
+MeteringService mirrors the AWS Marketplace Metering API field for field
+(MeterUsage for software in the buyer's account; BatchMeterUsage and
+ResolveCustomer for SaaS, signed by the seller's account), so that a service
+in any language can report billable usage through one gateway that validates
+the call, signs it with the right credentials and maps every AWS error to a
+gRPC status with machine-readable details.
 
 UsageRecorderService is for callers that report many small increments: it
 durably records usage events and meters one record per product, dimension and
@@ -240,6 +242,277 @@ class MeterUsageResponse(_message.Message):
 Global___MeterUsageResponse: _TypeAlias = MeterUsageResponse  # noqa: Y015
 
 @_typing.final
+class UsageRecord(_message.Message):
+    """One customer's usage of one dimension, as in AWS's UsageRecord. The customer
+    is named one way: customer_aws_account_id with license_arn (AWS's
+    Concurrent Agreements model, required for products listed since 1 June
+    2026), or the legacy customer_identifier (with the request's product_code).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TIMESTAMP_FIELD_NUMBER: _builtins.int
+    CUSTOMER_IDENTIFIER_FIELD_NUMBER: _builtins.int
+    DIMENSION_FIELD_NUMBER: _builtins.int
+    QUANTITY_FIELD_NUMBER: _builtins.int
+    QUANTITY_AS_DECIMAL_FIELD_NUMBER: _builtins.int
+    USAGE_ALLOCATIONS_FIELD_NUMBER: _builtins.int
+    CUSTOMER_AWS_ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    LICENSE_ARN_FIELD_NUMBER: _builtins.int
+    customer_identifier: _builtins.str
+    """The legacy customer id from ResolveCustomer: at most 255 characters. Not
+    with customer_aws_account_id or license_arn.
+    """
+    dimension: _builtins.str
+    """One of the product's dimension names: 1-255 characters. Required."""
+    @_builtins.property
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def quantity(self) -> _builtins.int:
+        """A whole quantity, 0 to 2147483647. Deprecated by AWS: use
+        quantity_as_decimal. The gateway still passes it through.
+        """
+
+    @quantity.setter
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def quantity(self, value: _builtins.int) -> None:
+        """A whole quantity, 0 to 2147483647. Deprecated by AWS: use
+        quantity_as_decimal. The gateway still passes it through.
+        """
+
+    quantity_as_decimal: _builtins.str
+    """A decimal quantity as a string, e.g. "17.42", as in MeterUsageRequest."""
+    customer_aws_account_id: _builtins.str
+    """The buyer's AWS account id (digits), from ResolveCustomer or the
+    Agreements data feed. Goes with license_arn.
+    """
+    license_arn: _builtins.str
+    """The buyer's license (agreement) ARN, from ResolveCustomer or the
+    Agreements data feed. It names the product: leave the request's
+    product_code empty.
+    """
+    @_builtins.property
+    def timestamp(self) -> _timestamp_pb2.Timestamp:
+        """When the usage happened, in UTC. Required. AWS counts by the hour and takes
+        records up to 24 hours old; usage of the previous month only until 06:00
+        UTC on the 1st (otherwise OUT_OF_RANGE, reason TIMESTAMP_OUT_OF_BOUNDS).
+        """
+
+    @_builtins.property
+    def usage_allocations(self) -> _containers.RepeatedCompositeFieldContainer[Global___UsageAllocation]:
+        """Splits the quantity into buckets by tags, as in MeterUsageRequest."""
+
+    def __init__(
+        self,
+        *,
+        timestamp: _timestamp_pb2.Timestamp | None = ...,
+        customer_identifier: _builtins.str = ...,
+        dimension: _builtins.str = ...,
+        quantity: _builtins.int = ...,
+        quantity_as_decimal: _builtins.str = ...,
+        usage_allocations: _abc.Iterable[Global___UsageAllocation] | None = ...,
+        customer_aws_account_id: _builtins.str = ...,
+        license_arn: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["quantity", b"quantity", "quantity_as_decimal", b"quantity_as_decimal", "quantity_value", b"quantity_value", "timestamp", b"timestamp"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["customer_aws_account_id", b"customer_aws_account_id", "customer_identifier", b"customer_identifier", "dimension", b"dimension", "license_arn", b"license_arn", "quantity", b"quantity", "quantity_as_decimal", b"quantity_as_decimal", "quantity_value", b"quantity_value", "timestamp", b"timestamp", "usage_allocations", b"usage_allocations"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_quantity_value: _TypeAlias = _typing.Literal["quantity", "quantity_as_decimal"]  # noqa: Y015
+    _WhichOneofArgType_quantity_value: _TypeAlias = _typing.Literal["quantity_value", b"quantity_value"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_quantity_value) -> _WhichOneofReturnType_quantity_value | None: ...
+
+Global___UsageRecord: _TypeAlias = UsageRecord  # noqa: Y015
+
+@_typing.final
+class BatchMeterUsageRequest(_message.Message):
+    """Mirrors the AWS BatchMeterUsage request."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USAGE_RECORDS_FIELD_NUMBER: _builtins.int
+    PRODUCT_CODE_FIELD_NUMBER: _builtins.int
+    product_code: _builtins.str
+    """The product code, only with the legacy customer_identifier (required
+    then); empty when the records carry license_arn.
+    """
+    @_builtins.property
+    def usage_records(self) -> _containers.RepeatedCompositeFieldContainer[Global___UsageRecord]:
+        """1-25 records of one product, each naming its customer the same way."""
+
+    def __init__(
+        self,
+        *,
+        usage_records: _abc.Iterable[Global___UsageRecord] | None = ...,
+        product_code: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["product_code", b"product_code", "usage_records", b"usage_records"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchMeterUsageRequest: _TypeAlias = BatchMeterUsageRequest  # noqa: Y015
+
+@_typing.final
+class UsageRecordResult(_message.Message):
+    """What AWS did with one record."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _Status:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _StatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[UsageRecordResult._Status.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        STATUS_UNSPECIFIED: UsageRecordResult._Status.ValueType  # 0
+        """Never used."""
+        STATUS_SUCCESS: UsageRecordResult._Status.ValueType  # 1
+        """AWS accepted and kept the record (or an identical one sent before)."""
+        STATUS_CUSTOMER_NOT_SUBSCRIBED: UsageRecordResult._Status.ValueType  # 2
+        """The customer has no active subscription or agreement for the product;
+        the record was not kept.
+        """
+        STATUS_DUPLICATE_RECORD: UsageRecordResult._Status.ValueType  # 3
+        """A record of the same customer, dimension and hour with another quantity
+        was kept before; that one stays billed, this one was not kept.
+        """
+
+    class Status(_Status, metaclass=_StatusEnumTypeWrapper):
+        """The record's status."""
+
+    STATUS_UNSPECIFIED: UsageRecordResult.Status.ValueType  # 0
+    """Never used."""
+    STATUS_SUCCESS: UsageRecordResult.Status.ValueType  # 1
+    """AWS accepted and kept the record (or an identical one sent before)."""
+    STATUS_CUSTOMER_NOT_SUBSCRIBED: UsageRecordResult.Status.ValueType  # 2
+    """The customer has no active subscription or agreement for the product;
+    the record was not kept.
+    """
+    STATUS_DUPLICATE_RECORD: UsageRecordResult.Status.ValueType  # 3
+    """A record of the same customer, dimension and hour with another quantity
+    was kept before; that one stays billed, this one was not kept.
+    """
+
+    USAGE_RECORD_FIELD_NUMBER: _builtins.int
+    METERING_RECORD_ID_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    metering_record_id: _builtins.str
+    """AWS's id of the kept record; empty unless STATUS_SUCCESS."""
+    status: Global___UsageRecordResult.Status.ValueType
+    """What AWS did with it."""
+    @_builtins.property
+    def usage_record(self) -> Global___UsageRecord:
+        """The record as sent."""
+
+    def __init__(
+        self,
+        *,
+        usage_record: Global___UsageRecord | None = ...,
+        metering_record_id: _builtins.str = ...,
+        status: Global___UsageRecordResult.Status.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["usage_record", b"usage_record"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["metering_record_id", b"metering_record_id", "status", b"status", "usage_record", b"usage_record"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UsageRecordResult: _TypeAlias = UsageRecordResult  # noqa: Y015
+
+@_typing.final
+class BatchMeterUsageResponse(_message.Message):
+    """Mirrors the AWS BatchMeterUsage result."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    UNPROCESSED_RECORDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___UsageRecordResult]:
+        """The processed records, with their status."""
+
+    @_builtins.property
+    def unprocessed_records(self) -> _containers.RepeatedCompositeFieldContainer[Global___UsageRecord]:
+        """Records AWS failed to process even after the gateway's own resends within
+        the deadline: resend them as they are.
+        """
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___UsageRecordResult] | None = ...,
+        unprocessed_records: _abc.Iterable[Global___UsageRecord] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results", "unprocessed_records", b"unprocessed_records"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchMeterUsageResponse: _TypeAlias = BatchMeterUsageResponse  # noqa: Y015
+
+@_typing.final
+class ResolveCustomerRequest(_message.Message):
+    """Mirrors the AWS ResolveCustomer request."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REGISTRATION_TOKEN_FIELD_NUMBER: _builtins.int
+    registration_token: _builtins.str
+    """The token the buyer's browser posted to the seller's registration page
+    (the x-amzn-marketplace-token form field). Required.
+    """
+    def __init__(
+        self,
+        *,
+        registration_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["registration_token", b"registration_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResolveCustomerRequest: _TypeAlias = ResolveCustomerRequest  # noqa: Y015
+
+@_typing.final
+class ResolveCustomerResponse(_message.Message):
+    """Mirrors the AWS ResolveCustomer result. Store customer_aws_account_id and
+    license_arn: BatchMeterUsage needs them for every record.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CUSTOMER_IDENTIFIER_FIELD_NUMBER: _builtins.int
+    PRODUCT_CODE_FIELD_NUMBER: _builtins.int
+    CUSTOMER_AWS_ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    LICENSE_ARN_FIELD_NUMBER: _builtins.int
+    customer_identifier: _builtins.str
+    """The legacy customer id; empty for products listed since 1 June 2026."""
+    product_code: _builtins.str
+    """The product the buyer subscribed to."""
+    customer_aws_account_id: _builtins.str
+    """The buyer's AWS account id."""
+    license_arn: _builtins.str
+    """The buyer's license (agreement) ARN."""
+    def __init__(
+        self,
+        *,
+        customer_identifier: _builtins.str = ...,
+        product_code: _builtins.str = ...,
+        customer_aws_account_id: _builtins.str = ...,
+        license_arn: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["customer_aws_account_id", b"customer_aws_account_id", "customer_identifier", b"customer_identifier", "license_arn", b"license_arn", "product_code", b"product_code"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResolveCustomerResponse: _TypeAlias = ResolveCustomerResponse  # noqa: Y015
+
+@_typing.final
 class UsageEvent(_message.Message):
     """One unit of usage as it happened."""
 
@@ -252,6 +525,9 @@ class UsageEvent(_message.Message):
     USAGE_QUANTITY_FIELD_NUMBER: _builtins.int
     USAGE_QUANTITY_AS_DECIMAL_FIELD_NUMBER: _builtins.int
     TAGS_FIELD_NUMBER: _builtins.int
+    CUSTOMER_AWS_ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    LICENSE_ARN_FIELD_NUMBER: _builtins.int
+    CUSTOMER_IDENTIFIER_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     """The caller's idempotency key for this event: 1-128 characters, required.
     Resending an event with the same id adds nothing.
@@ -278,6 +554,19 @@ class UsageEvent(_message.Message):
 
     usage_quantity_as_decimal: _builtins.str
     """A decimal quantity, as in MeterUsageRequest."""
+    customer_aws_account_id: _builtins.str
+    """SaaS usage: the buyer's AWS account id, with license_arn. An event that
+    names a customer (this, or customer_identifier) is metered with
+    BatchMeterUsage, per customer; one that names none with MeterUsage.
+    """
+    license_arn: _builtins.str
+    """SaaS usage: the buyer's license ARN, with customer_aws_account_id. It
+    names the product, so product_code may be left empty.
+    """
+    customer_identifier: _builtins.str
+    """SaaS usage, legacy: the customer id from ResolveCustomer, with
+    product_code; not with the two fields above.
+    """
     @_builtins.property
     def timestamp(self) -> _timestamp_pb2.Timestamp:
         """When the usage happened. Optional: an event without one is stamped with
@@ -301,10 +590,13 @@ class UsageEvent(_message.Message):
         usage_quantity: _builtins.int = ...,
         usage_quantity_as_decimal: _builtins.str = ...,
         tags: _abc.Iterable[Global___Tag] | None = ...,
+        customer_aws_account_id: _builtins.str = ...,
+        license_arn: _builtins.str = ...,
+        customer_identifier: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["quantity", b"quantity", "timestamp", b"timestamp", "usage_quantity", b"usage_quantity", "usage_quantity_as_decimal", b"usage_quantity_as_decimal"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_id", b"event_id", "product_code", b"product_code", "quantity", b"quantity", "tags", b"tags", "timestamp", b"timestamp", "usage_dimension", b"usage_dimension", "usage_quantity", b"usage_quantity", "usage_quantity_as_decimal", b"usage_quantity_as_decimal"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["customer_aws_account_id", b"customer_aws_account_id", "customer_identifier", b"customer_identifier", "event_id", b"event_id", "license_arn", b"license_arn", "product_code", b"product_code", "quantity", b"quantity", "tags", b"tags", "timestamp", b"timestamp", "usage_dimension", b"usage_dimension", "usage_quantity", b"usage_quantity", "usage_quantity_as_decimal", b"usage_quantity_as_decimal"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_quantity: _TypeAlias = _typing.Literal["usage_quantity", "usage_quantity_as_decimal"]  # noqa: Y015
     _WhichOneofArgType_quantity: _TypeAlias = _typing.Literal["quantity", b"quantity"]  # noqa: Y015
@@ -351,8 +643,9 @@ class RecordUsageResponse(_message.Message):
     """Events whose event_id had been recorded before; they add nothing."""
     carried: _builtins.int
     """Of the accepted events, those too old for their own hour: AWS takes no
-    record more than six hours old, and the gateway plans none within half an
-    hour of that. They are recorded, and metered in the next hour that can
+    record more than six hours old (24 hours, and the previous month only
+    until 06:00 UTC on the 1st, for SaaS usage), and the gateway plans none
+    within half an hour of that. They are recorded, and metered in the next hour that can
     take them, never dropped; ListMeteringRecords shows where they went
     (MeteringRecord.carried_from).
     """
@@ -373,7 +666,9 @@ Global___RecordUsageResponse: _TypeAlias = RecordUsageResponse  # noqa: Y015
 
 @_typing.final
 class MeteringRecord(_message.Message):
-    """One hourly record: the sum of the events of one product, dimension and hour."""
+    """One hourly record: the sum of the events of one product (or license),
+    customer (for SaaS usage), dimension and hour.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -421,6 +716,9 @@ class MeteringRecord(_message.Message):
     CLIENT_TOKEN_FIELD_NUMBER: _builtins.int
     RECORD_ID_FIELD_NUMBER: _builtins.int
     OUTCOME_UNKNOWN_FIELD_NUMBER: _builtins.int
+    CUSTOMER_AWS_ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    LICENSE_ARN_FIELD_NUMBER: _builtins.int
+    CUSTOMER_IDENTIFIER_FIELD_NUMBER: _builtins.int
     product_code: _builtins.str
     """As in MeterUsageRequest."""
     usage_dimension: _builtins.str
@@ -445,6 +743,14 @@ class MeteringRecord(_message.Message):
     is only ever resent identically; a FAILED one must be reconciled against
     AWS's seller reports before it is retried.
     """
+    customer_aws_account_id: _builtins.str
+    """For SaaS usage, the customer the record meters (as in UsageEvent); all
+    three empty for a container product's record.
+    """
+    license_arn: _builtins.str
+    """As in UsageEvent."""
+    customer_identifier: _builtins.str
+    """As in UsageEvent."""
     @_builtins.property
     def hour(self) -> _timestamp_pb2.Timestamp:
         """The start of the hour the record is metered under."""
@@ -457,7 +763,7 @@ class MeteringRecord(_message.Message):
     def carried_from(self) -> _containers.RepeatedCompositeFieldContainer[_timestamp_pb2.Timestamp]:
         """The hours whose usage was carried into this record because it could no
         longer go out under its own hour (late events, an hour already taken, the
-        six-hour limit during an outage).
+        limit of AWS's window during an outage).
         """
 
     def __init__(
@@ -476,10 +782,13 @@ class MeteringRecord(_message.Message):
         client_token: _builtins.str = ...,
         record_id: _builtins.str = ...,
         outcome_unknown: _builtins.bool = ...,
+        customer_aws_account_id: _builtins.str = ...,
+        license_arn: _builtins.str = ...,
+        customer_identifier: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["hour", b"hour"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocations", b"allocations", "attempts", b"attempts", "carried_from", b"carried_from", "client_token", b"client_token", "hour", b"hour", "last_error", b"last_error", "metering_record_id", b"metering_record_id", "outcome_unknown", b"outcome_unknown", "product_code", b"product_code", "quantity", b"quantity", "record_id", b"record_id", "state", b"state", "usage_dimension", b"usage_dimension"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocations", b"allocations", "attempts", b"attempts", "carried_from", b"carried_from", "client_token", b"client_token", "customer_aws_account_id", b"customer_aws_account_id", "customer_identifier", b"customer_identifier", "hour", b"hour", "last_error", b"last_error", "license_arn", b"license_arn", "metering_record_id", b"metering_record_id", "outcome_unknown", b"outcome_unknown", "product_code", b"product_code", "quantity", b"quantity", "record_id", b"record_id", "state", b"state", "usage_dimension", b"usage_dimension"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

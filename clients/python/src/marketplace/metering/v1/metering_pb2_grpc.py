@@ -40,6 +40,16 @@ class MeteringServiceStub:
                 request_serializer=marketplace_dot_metering_dot_v1_dot_metering__pb2.MeterUsageRequest.SerializeToString,
                 response_deserializer=marketplace_dot_metering_dot_v1_dot_metering__pb2.MeterUsageResponse.FromString,
                 _registered_method=True)
+        self.BatchMeterUsage = channel.unary_unary(
+                '/marketplace.metering.v1.MeteringService/BatchMeterUsage',
+                request_serializer=marketplace_dot_metering_dot_v1_dot_metering__pb2.BatchMeterUsageRequest.SerializeToString,
+                response_deserializer=marketplace_dot_metering_dot_v1_dot_metering__pb2.BatchMeterUsageResponse.FromString,
+                _registered_method=True)
+        self.ResolveCustomer = channel.unary_unary(
+                '/marketplace.metering.v1.MeteringService/ResolveCustomer',
+                request_serializer=marketplace_dot_metering_dot_v1_dot_metering__pb2.ResolveCustomerRequest.SerializeToString,
+                response_deserializer=marketplace_dot_metering_dot_v1_dot_metering__pb2.ResolveCustomerResponse.FromString,
+                _registered_method=True)
 
 
 class MeteringServiceServicer:
@@ -60,6 +70,30 @@ class MeteringServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def BatchMeterUsage(self, request, context):
+        """Meters SaaS usage for up to 25 customers' records of one product, as AWS
+        BatchMeterUsage does (signed by the seller's account).
+
+        AWS keeps one record per customer, dimension and hour. Resending identical
+        records (or a subset) returns the same metering_record_ids; a record for an
+        hour that holds another quantity comes back STATUS_DUPLICATE_RECORD and the
+        first quantity stays billed. Records AWS could not process are retried by
+        the gateway, identically, within the caller's deadline; those still
+        unprocessed at the end come back in unprocessed_records, to be resent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResolveCustomer(self, request, context):
+        """Resolves the registration token a buyer's browser brings to the seller's
+        sign-up page into the customer's account and license, as AWS
+        ResolveCustomer does (signed by the seller's account).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MeteringServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -67,6 +101,16 @@ def add_MeteringServiceServicer_to_server(servicer, server):
                     servicer.MeterUsage,
                     request_deserializer=marketplace_dot_metering_dot_v1_dot_metering__pb2.MeterUsageRequest.FromString,
                     response_serializer=marketplace_dot_metering_dot_v1_dot_metering__pb2.MeterUsageResponse.SerializeToString,
+            ),
+            'BatchMeterUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.BatchMeterUsage,
+                    request_deserializer=marketplace_dot_metering_dot_v1_dot_metering__pb2.BatchMeterUsageRequest.FromString,
+                    response_serializer=marketplace_dot_metering_dot_v1_dot_metering__pb2.BatchMeterUsageResponse.SerializeToString,
+            ),
+            'ResolveCustomer': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResolveCustomer,
+                    request_deserializer=marketplace_dot_metering_dot_v1_dot_metering__pb2.ResolveCustomerRequest.FromString,
+                    response_serializer=marketplace_dot_metering_dot_v1_dot_metering__pb2.ResolveCustomerResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -97,6 +141,60 @@ class MeteringService:
             '/marketplace.metering.v1.MeteringService/MeterUsage',
             marketplace_dot_metering_dot_v1_dot_metering__pb2.MeterUsageRequest.SerializeToString,
             marketplace_dot_metering_dot_v1_dot_metering__pb2.MeterUsageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BatchMeterUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/marketplace.metering.v1.MeteringService/BatchMeterUsage',
+            marketplace_dot_metering_dot_v1_dot_metering__pb2.BatchMeterUsageRequest.SerializeToString,
+            marketplace_dot_metering_dot_v1_dot_metering__pb2.BatchMeterUsageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResolveCustomer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/marketplace.metering.v1.MeteringService/ResolveCustomer',
+            marketplace_dot_metering_dot_v1_dot_metering__pb2.ResolveCustomerRequest.SerializeToString,
+            marketplace_dot_metering_dot_v1_dot_metering__pb2.ResolveCustomerResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -167,7 +265,8 @@ class UsageRecorderServiceServicer:
         """Puts a FAILED record back in the queue (STATE_PENDING) once its cause is
         fixed (a customer entitled again, say). The sender then resends it exactly
         as before, with the same ClientToken, or carries its usage to a later hour
-        if its own hour has left AWS's six-hour window. A record whose outcome is
+        if its own hour has left AWS's window (six hours; 24 hours and the
+        month-end cutoff for SaaS usage). A record whose outcome is
         unknown (AWS may hold it) is refused with FAILED_PRECONDITION, reason
         OUTCOME_UNKNOWN, unless the request says it was reconciled. An operator's
         call: keep it behind the authorization policy.

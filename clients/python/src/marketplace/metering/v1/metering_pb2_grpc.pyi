@@ -3,10 +3,12 @@
 isort:skip_file
 The metering gateway's public API.
 
-MeteringService mirrors the AWS Marketplace Metering MeterUsage API field for
-field, so that a service in any language can report billable usage through one
-gateway that validates the call, signs it with the buyer's credentials and maps
-every AWS error to a gRPC status with machine-readable details.
+MeteringService mirrors the AWS Marketplace Metering API field for field
+(MeterUsage for software in the buyer's account; BatchMeterUsage and
+ResolveCustomer for SaaS, signed by the seller's account), so that a service
+in any language can report billable usage through one gateway that validates
+the call, signs it with the right credentials and maps every AWS error to a
+gRPC status with machine-readable details.
 
 UsageRecorderService is for callers that report many small increments: it
 durably records usage events and meters one record per product, dimension and
@@ -65,6 +67,22 @@ class MeteringServiceStub:
     (reason DUPLICATE_REQUEST). Set client_token to make retries of the same
     request safe; the gateway never changes it between its own retries.
     """
+    BatchMeterUsage: _grpc.UnaryUnaryMultiCallable[_metering_pb2.BatchMeterUsageRequest, _metering_pb2.BatchMeterUsageResponse]
+    """Meters SaaS usage for up to 25 customers' records of one product, as AWS
+    BatchMeterUsage does (signed by the seller's account).
+
+    AWS keeps one record per customer, dimension and hour. Resending identical
+    records (or a subset) returns the same metering_record_ids; a record for an
+    hour that holds another quantity comes back STATUS_DUPLICATE_RECORD and the
+    first quantity stays billed. Records AWS could not process are retried by
+    the gateway, identically, within the caller's deadline; those still
+    unprocessed at the end come back in unprocessed_records, to be resent.
+    """
+    ResolveCustomer: _grpc.UnaryUnaryMultiCallable[_metering_pb2.ResolveCustomerRequest, _metering_pb2.ResolveCustomerResponse]
+    """Resolves the registration token a buyer's browser brings to the seller's
+    sign-up page into the customer's account and license, as AWS
+    ResolveCustomer does (signed by the seller's account).
+    """
 
 @_typing.type_check_only
 class MeteringServiceAsyncStub(MeteringServiceStub):
@@ -80,6 +98,22 @@ class MeteringServiceAsyncStub(MeteringServiceStub):
     quantity for an hour that already has a record fails with ALREADY_EXISTS
     (reason DUPLICATE_REQUEST). Set client_token to make retries of the same
     request safe; the gateway never changes it between its own retries.
+    """
+    BatchMeterUsage: _aio.UnaryUnaryMultiCallable[_metering_pb2.BatchMeterUsageRequest, _metering_pb2.BatchMeterUsageResponse]  # type: ignore[assignment]
+    """Meters SaaS usage for up to 25 customers' records of one product, as AWS
+    BatchMeterUsage does (signed by the seller's account).
+
+    AWS keeps one record per customer, dimension and hour. Resending identical
+    records (or a subset) returns the same metering_record_ids; a record for an
+    hour that holds another quantity comes back STATUS_DUPLICATE_RECORD and the
+    first quantity stays billed. Records AWS could not process are retried by
+    the gateway, identically, within the caller's deadline; those still
+    unprocessed at the end come back in unprocessed_records, to be resent.
+    """
+    ResolveCustomer: _aio.UnaryUnaryMultiCallable[_metering_pb2.ResolveCustomerRequest, _metering_pb2.ResolveCustomerResponse]  # type: ignore[assignment]
+    """Resolves the registration token a buyer's browser brings to the seller's
+    sign-up page into the customer's account and license, as AWS
+    ResolveCustomer does (signed by the seller's account).
     """
 
 class MeteringServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -99,6 +133,34 @@ class MeteringServiceServicer(metaclass=_abc_1.ABCMeta):
         quantity for an hour that already has a record fails with ALREADY_EXISTS
         (reason DUPLICATE_REQUEST). Set client_token to make retries of the same
         request safe; the gateway never changes it between its own retries.
+        """
+
+    @_abc_1.abstractmethod
+    def BatchMeterUsage(
+        self,
+        request: _metering_pb2.BatchMeterUsageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_metering_pb2.BatchMeterUsageResponse, _abc.Awaitable[_metering_pb2.BatchMeterUsageResponse]]:
+        """Meters SaaS usage for up to 25 customers' records of one product, as AWS
+        BatchMeterUsage does (signed by the seller's account).
+
+        AWS keeps one record per customer, dimension and hour. Resending identical
+        records (or a subset) returns the same metering_record_ids; a record for an
+        hour that holds another quantity comes back STATUS_DUPLICATE_RECORD and the
+        first quantity stays billed. Records AWS could not process are retried by
+        the gateway, identically, within the caller's deadline; those still
+        unprocessed at the end come back in unprocessed_records, to be resent.
+        """
+
+    @_abc_1.abstractmethod
+    def ResolveCustomer(
+        self,
+        request: _metering_pb2.ResolveCustomerRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_metering_pb2.ResolveCustomerResponse, _abc.Awaitable[_metering_pb2.ResolveCustomerResponse]]:
+        """Resolves the registration token a buyer's browser brings to the seller's
+        sign-up page into the customer's account and license, as AWS
+        ResolveCustomer does (signed by the seller's account).
         """
 
 def add_MeteringServiceServicer_to_server(servicer: MeteringServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
@@ -127,7 +189,8 @@ class UsageRecorderServiceStub:
     """Puts a FAILED record back in the queue (STATE_PENDING) once its cause is
     fixed (a customer entitled again, say). The sender then resends it exactly
     as before, with the same ClientToken, or carries its usage to a later hour
-    if its own hour has left AWS's six-hour window. A record whose outcome is
+    if its own hour has left AWS's window (six hours; 24 hours and the
+    month-end cutoff for SaaS usage). A record whose outcome is
     unknown (AWS may hold it) is refused with FAILED_PRECONDITION, reason
     OUTCOME_UNKNOWN, unless the request says it was reconciled. An operator's
     call: keep it behind the authorization policy.
@@ -155,7 +218,8 @@ class UsageRecorderServiceAsyncStub(UsageRecorderServiceStub):
     """Puts a FAILED record back in the queue (STATE_PENDING) once its cause is
     fixed (a customer entitled again, say). The sender then resends it exactly
     as before, with the same ClientToken, or carries its usage to a later hour
-    if its own hour has left AWS's six-hour window. A record whose outcome is
+    if its own hour has left AWS's window (six hours; 24 hours and the
+    month-end cutoff for SaaS usage). A record whose outcome is
     unknown (AWS may hold it) is refused with FAILED_PRECONDITION, reason
     OUTCOME_UNKNOWN, unless the request says it was reconciled. An operator's
     call: keep it behind the authorization policy.
@@ -198,7 +262,8 @@ class UsageRecorderServiceServicer(metaclass=_abc_1.ABCMeta):
         """Puts a FAILED record back in the queue (STATE_PENDING) once its cause is
         fixed (a customer entitled again, say). The sender then resends it exactly
         as before, with the same ClientToken, or carries its usage to a later hour
-        if its own hour has left AWS's six-hour window. A record whose outcome is
+        if its own hour has left AWS's window (six hours; 24 hours and the
+        month-end cutoff for SaaS usage). A record whose outcome is
         unknown (AWS may hold it) is refused with FAILED_PRECONDITION, reason
         OUTCOME_UNKNOWN, unless the request says it was reconciled. An operator's
         call: keep it behind the authorization policy.

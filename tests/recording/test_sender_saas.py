@@ -24,7 +24,7 @@ from gateway.observability import metrics
 from gateway.recording.placement import HOUR, hour_of
 from gateway.recording.sender import Sender
 from gateway.recording.servicer import event_row
-from gateway.recording.spool import FAILED, PENDING, SENT
+from gateway.recording.spool import FAILED, PENDING, SENT, RecordRow
 from gateway.recording.spool.sqlite import SqliteSpool
 from marketplace.metering.v1 import metering_pb2 as pb
 from support import FIXED_NOW, Clock, local_session
@@ -255,8 +255,9 @@ def test_saas_usage_20_hours_old_still_goes_out_under_its_own_hour(rig: Rig) -> 
     assert rig.billed() == {(account(5), LICENSES[0], "requests"): Decimal(3)}
 
 
-def test_after_0600_on_the_first_last_months_usage_is_carried_into_the_new_month(tmp_path: Path) -> None:
-    clock = Clock(datetime(2026, 4, 1, 6, 10, tzinfo=UTC))
+def late_march_usage_sent_at(when: datetime, tmp_path: Path) -> tuple[RecordRow, list[dict[str, str]]]:
+    """Usage of 31 March 23:30 recorded and sent at ``when`` (1 April): its record and what AWS bills."""
+    clock = Clock(when)
     with LocalAws(quiet=True, clock=clock) as aws:
         aws.subscribe(customer_aws_account_id=account(1), license_arn=LICENSES[0], product_code=PRODUCTS[0])
         client = make_client(Settings(), endpoint_url=aws.endpoint_url, session=local_session())
@@ -268,28 +269,21 @@ def test_after_0600_on_the_first_last_months_usage_is_carried_into_the_new_month
         spool.record([event_row(saas_event("late-march", march, 9, account=account(1), license_arn=LICENSES[0]))])
         sender.tick()
         [record] = spool.list_records()
-        assert record.hour == datetime(2026, 4, 1, tzinfo=UTC).timestamp()  # the new month's first hour
-        assert record.state == SENT and record.carried_hours == [int(datetime(2026, 3, 31, 23, tzinfo=UTC).timestamp())]
-        [billed] = aws.saas_usage()
-        assert billed["Hour"].startswith("2026-04-01T00:00") and Decimal(billed["Quantity"]) == 9
         spool.close()
+        return record, aws.saas_usage()
+
+
+def test_after_0600_on_the_first_last_months_usage_is_carried_into_the_new_month(tmp_path: Path) -> None:
+    record, [billed] = late_march_usage_sent_at(datetime(2026, 4, 1, 6, 10, tzinfo=UTC), tmp_path)
+    assert record.hour == datetime(2026, 4, 1, tzinfo=UTC).timestamp()  # the new month's first hour
+    assert record.state == SENT and record.carried_hours == [int(datetime(2026, 3, 31, 23, tzinfo=UTC).timestamp())]
+    assert billed["Hour"].startswith("2026-04-01T00:00") and Decimal(billed["Quantity"]) == 9
 
 
 def test_before_0600_on_the_first_last_months_usage_keeps_its_own_hour(tmp_path: Path) -> None:
-    clock = Clock(datetime(2026, 4, 1, 4, 0, tzinfo=UTC))
-    with LocalAws(quiet=True, clock=clock) as aws:
-        aws.subscribe(customer_aws_account_id=account(1), license_arn=LICENSES[0], product_code=PRODUCTS[0])
-        client = make_client(Settings(), endpoint_url=aws.endpoint_url, session=local_session())
-        spool = SqliteSpool(str(tmp_path / "spool.db"), now=clock)
-        sender = Sender(
-            spool, Backend(client, RetryPolicy(1)), interval=60, grace=0, max_rps=1e9, now=clock, **RETENTION
-        )
-        march = datetime(2026, 3, 31, 23, 30, tzinfo=UTC).timestamp()
-        spool.record([event_row(saas_event("late-march", march, 9, account=account(1), license_arn=LICENSES[0]))])
-        sender.tick()
-        [record] = spool.list_records()
-        assert record.hour == datetime(2026, 3, 31, 23, tzinfo=UTC).timestamp() and record.state == SENT
-        spool.close()
+    record, [billed] = late_march_usage_sent_at(datetime(2026, 4, 1, 4, 0, tzinfo=UTC), tmp_path)
+    assert record.hour == datetime(2026, 3, 31, 23, tzinfo=UTC).timestamp() and record.state == SENT
+    assert billed["Hour"].startswith("2026-03-31T23:00")
 
 
 def test_legacy_customer_identifiers_go_out_with_the_product_code(rig: Rig) -> None:

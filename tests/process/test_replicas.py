@@ -224,14 +224,19 @@ def test_replicas_killed_mid_stream_and_mid_send_meter_every_acknowledged_event_
         duplicates += reply.duplicates
 
     # -- 3. kill -9 the leader while its MeterUsage call is in flight -----------------------------
-    def settled() -> bool:  # every closed hour sent, nothing in flight: the next call is the one we slow down
-        return query(
+    def settled() -> bool:
+        """Every event placed, every closed hour sent, nothing in flight: the next call is the
+        one we slow down. (The callers leave a backlog to place: SaaS usage is a record per
+        customer, dimension and hour, so placing it costs far more than container usage.)"""
+        return query(postgres_dsn, "SELECT count(*) FROM events WHERE record_id IS NULL") == [(0,)] and query(
             postgres_dsn,
             "SELECT count(*) FROM records WHERE state = 'PENDING' AND (hour < %s OR in_flight = 1)",
             placement.hour_of(time.time()),
         ) == [(0,)]
 
-    wait_for(settled, timeout=20, what="every closed hour to be sent")
+    backlog = time.monotonic()
+    wait_for(settled, timeout=120, what="every event placed and every closed hour sent")
+    backlog = time.monotonic() - backlog
     wait_for(lambda: sum(map(leading, live)) == 1, timeout=10, what="one leader among the live replicas")
     assert sender_locks(postgres_dsn) == 1
     (leader,) = [r for r in live if leading(r)]
@@ -252,9 +257,13 @@ def test_replicas_killed_mid_stream_and_mid_send_meter_every_acknowledged_event_
     assert send(follower.target, late) == pb.RecordUsageResponse(accepted=CRASH_BATCH)
 
     def in_flight() -> tuple[int, str, int] | None:
-        """The record whose attempt AWS has taken (and recorded) but not yet answered."""
+        """The record whose attempt AWS has taken (and recorded) but not yet answered: a
+        MeterUsage one (SaaS records go out 25 a call, and an hour that closes meanwhile
+        sends many: they are not the call the fault slows)."""
         rows = query(
-            postgres_dsn, "SELECT id, client_token, attempts FROM records WHERE state = 'PENDING' AND in_flight = 1"
+            postgres_dsn,
+            "SELECT id, client_token, attempts FROM records WHERE state = 'PENDING' AND in_flight = 1 "
+            "AND customer = ''",
         )
         if len(rows) != 1 or http_json(local_aws_url + "/_local/faults"):  # the fault not yet taken
             return None
@@ -333,7 +342,8 @@ def test_replicas_killed_mid_stream_and_mid_send_meter_every_acknowledged_event_
         f"resent batches found stored {known}, cross-replica duplicates {duplicates}; killed mid-stream {victim.name} "
         f"({'leader' if victim_led else 'follower'}), mid-send {leader.name} (attempt {attempts} in flight, "
         f"{killed - faulted:.2f} s after the slow fault); led {'>'.join(led)}, lead taken {took_lead:.2f} s and "
-        f"resent {resend_after:.2f} s after the kill; records {len(records)} (+{len(saas_records)} SaaS); "
+        f"resent {resend_after:.2f} s after the kill; backlog placed and sent in {backlog:.1f} s; "
+        f"records {len(records)} (+{len(saas_records)} SaaS); "
         f"errors logged {dict(errors) or 0}; "
         f"{time.monotonic() - started:.1f} s"
     )

@@ -57,7 +57,7 @@ START = FIXED_NOW.timestamp()  # 10:02:30; any minute would do
 # The gateway's read timeout: long enough that a busy machine never times out an answer
 # the local backend gave in time (that would be an unknown outcome the test did not plan),
 # short enough that the late answer below is lost.
-READ_TIMEOUT = 1.0
+READ_TIMEOUT = 3.0
 STEP = 20 * 60
 State = pb.MeteringRecord.State
 
@@ -82,7 +82,7 @@ FAULTS = [
     Fault("bare-502-after-record", "", 502),
     Fault("bare-504-after-record", "", 504),
     Fault("drop-after-record", DROP),
-    Fault("late-answer-after-record", SLOW, delay=READ_TIMEOUT * 2.5),
+    Fault("late-answer-after-record", SLOW, delay=READ_TIMEOUT * 1.5),
     Fault("500-nothing-recorded", "InternalServiceErrorException", 500, record=False),
     Fault("bare-503", "", 503, record=False, settles=True),
     Fault("throttling", "ThrottlingException", record=False, settles=True),

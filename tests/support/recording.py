@@ -228,7 +228,7 @@ SAAS_LICENSES = (
     ("prod-saas-0", "arn:aws:license-manager::123456789012:license:l-5aa5000000000000000000000000000a"),
     ("prod-saas-1", "arn:aws:license-manager::123456789012:license:l-5aa5000000000000000000000000000b"),
 )
-SAAS_CUSTOMERS = 20  # a license
+SAAS_CUSTOMERS = 5  # a license (each customer-hour is a record to place: the replicas test places its backlog)
 
 
 def saas_customer(i: int) -> str:

@@ -69,7 +69,7 @@ def row_bytes(row: RecordRow) -> int:
     """About the bytes (an overestimate) a record takes in AWS's request: its customer and
     dimension, and its allocations (:func:`gateway.recording.placement.allocation_bytes`)."""
     fixed = 200 + len(row.usage_dimension) + len(row.customer)
-    return fixed + sum(placement.allocation_bytes(k) for k in row.content.allocations)
+    return fixed + row.content.size
 
 
 def usage_record(row: RecordRow) -> pb.UsageRecord:

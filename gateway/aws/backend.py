@@ -150,6 +150,16 @@ def _request_id(response: Mapping[str, Any]) -> str | None:
     return meta.get("RequestId") or (meta.get("HTTPHeaders") or {}).get("x-amzn-requestid")
 
 
+@dataclass(frozen=True)
+class _Answer:
+    """What one call's attempts ended with: AWS's answer (for an accepted dry run, the
+    DryRunOperation error's, which carries the request id), and how many attempts it took."""
+
+    response: Mapping[str, Any]
+    attempts: int
+    dry_run: bool = False
+
+
 class Backend:
     """Calls AWS Marketplace Metering and turns every failure into a GatewayError."""
 
@@ -180,24 +190,22 @@ class Backend:
         params = params.copy()
         params.setdefault("ClientToken", str(uuid.uuid4()))
         # The stubs' MeterUsageRequestTypeDef has no decimal quantities (params.py).
-        response, attempts = self._counted(
+        answer = self._counted(
             METER_USAGE, lambda: self.client.meter_usage(**cast("MeterUsageRequestTypeDef", params)), deadline
         )
-        if response is None:  # AWS accepted the dry run
-            return Outcome("", True, attempts, self._last_request_id(), "")
-        return Outcome(
-            response.get("MeteringRecordId", ""), False, attempts, _request_id(response), params["ClientToken"]
-        )
+        request_id = _request_id(answer.response)
+        if answer.dry_run:
+            return Outcome("", True, answer.attempts, request_id, "")
+        record_id = str(answer.response.get("MeteringRecordId") or "")
+        return Outcome(record_id, False, answer.attempts, request_id, params["ClientToken"])
 
     def batch_meter_usage(self, params: BatchMeterUsageParams, *, deadline: float | None = None) -> BatchOutcome:
         """One BatchMeterUsage call, retried whole while it can help and the deadline allows
         (BatchMeterUsage has no ClientToken: AWS keeps one record per customer, dimension
         and hour, so the identical records again are the same records). Each record sent
         comes back once: in ``results`` with its status, or in ``unprocessed``."""
-        response, attempts = self._counted(
-            BATCH_METER_USAGE, lambda: self.client.batch_meter_usage(**cast(Any, params)), deadline
-        )
-        assert response is not None  # no dry run in BatchMeterUsage
+        answer = self._counted(BATCH_METER_USAGE, lambda: self.client.batch_meter_usage(**cast(Any, params)), deadline)
+        response, attempts = answer.response, answer.attempts  # no dry run in BatchMeterUsage
         sent = params["UsageRecords"]
         waiting: dict[RecordKey, list[int]] = {}
         for i, record in enumerate(sent):
@@ -234,10 +242,9 @@ class Backend:
 
     def resolve_customer(self, token: str, *, deadline: float | None = None) -> Customer:
         """ResolveCustomer: a registration token → the customer it names."""
-        response, _ = self._counted(
+        response = self._counted(
             RESOLVE_CUSTOMER, lambda: self.client.resolve_customer(RegistrationToken=token), deadline
-        )
-        assert response is not None
+        ).response
         return Customer(
             customer_identifier=str(response.get("CustomerIdentifier") or ""),
             product_code=str(response.get("ProductCode") or ""),
@@ -245,30 +252,22 @@ class Backend:
             license_arn=str(response.get("LicenseArn") or ""),
         )
 
-    def _last_request_id(self) -> str | None:
-        value = structlog.contextvars.get_contextvars().get("aws_request_id")
-        return None if value is None else str(value)
-
-    def _counted(
-        self, operation: str, send: Callable[[], Mapping[str, Any]], deadline: float | None
-    ) -> tuple[Mapping[str, Any] | None, int]:
+    def _counted(self, operation: str, send: Callable[[], Mapping[str, Any]], deadline: float | None) -> _Answer:
         """:meth:`_attempts`, with the call counted by its outcome."""
         try:
-            response, attempts = self._attempts(operation, send, deadline)
+            answer = self._attempts(operation, send, deadline)
         except errors.GatewayError as exc:
             metrics.aws_call(self.source, exc.reason, operation)
             raise
         except Exception:
             metrics.aws_call(self.source, errors.Reason.INTERNAL, operation)  # what the interceptor will answer
             raise
-        metrics.aws_call(self.source, metrics.DRY_RUN if response is None else metrics.OK, operation)
-        return response, attempts
+        metrics.aws_call(self.source, metrics.DRY_RUN if answer.dry_run else metrics.OK, operation)
+        return answer
 
-    def _attempts(
-        self, operation: str, send: Callable[[], Mapping[str, Any]], deadline: float | None
-    ) -> tuple[Mapping[str, Any] | None, int]:
-        """(AWS's answer, attempts made), retrying what the error table marks retryable
-        within ``deadline``; the answer is None for an accepted dry run."""
+    def _attempts(self, operation: str, send: Callable[[], Mapping[str, Any]], deadline: float | None) -> _Answer:
+        """AWS's answer and the attempts it took, retrying what the error table marks
+        retryable within ``deadline``."""
         if deadline is not None and deadline - self._clock() < MIN_ATTEMPT_SECONDS:
             raise errors.GatewayError(
                 errors.Reason.DEADLINE_EXCEEDED, "the caller's deadline ran out before AWS could be called"
@@ -284,7 +283,7 @@ class Backend:
                 failure = self._from_client_error(exc, attempt, operation)
                 if failure is None:
                     metrics.aws_attempt(self.source, metrics.DRY_RUN, time.perf_counter() - started, operation)
-                    return None, attempt
+                    return _Answer(exc.response, attempt, dry_run=True)
             except _TRANSPORT_ERRORS as exc:
                 failure = errors.GatewayError(
                     errors.Reason.AWS_UNREACHABLE,
@@ -305,7 +304,7 @@ class Backend:
             else:
                 metrics.aws_attempt(self.source, metrics.OK, time.perf_counter() - started, operation)
                 structlog.contextvars.bind_contextvars(aws_request_id=_request_id(response))
-                return response, attempt
+                return _Answer(response, attempt)
 
             # Every answer is an attempt (missing credentials and botocore's own checks,
             # raised above, sent nothing and count only as the call's reason).

@@ -132,6 +132,7 @@ def test_aws_attempts_count_only_calls_that_were_sent() -> None:
 def test_dry_run_operation_is_success() -> None:
     out = backend(FakeClient(aws_error("DryRunOperation")), FakeClock()).meter_usage({"DryRun": True})
     assert out.dry_run and out.metering_record_id == ""
+    assert out.aws_request_id == "rid"  # AWS's id for the dry run, from its DryRunOperation answer
 
 
 def test_backoff_is_full_jitter_and_capped() -> None:

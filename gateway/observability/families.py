@@ -63,6 +63,10 @@ class _Spec:
 # Product and dimension pairs one process labels quantities with; past them, "other".
 MAX_SERIES = 1000
 OTHER, RECORDED, METERED = "other", "recorded", "metered"
+# The product label of SaaS usage named by its license alone (kept under no product).
+# Never the license, nor the customer: AWS gives each agreement its own license, so a
+# label per license would grow with the customers.
+LICENSE_LABEL = "(license)"
 
 _SPECS = (
     # gRPC server metrics, named, labelled and described as go-grpc-prometheus does.
@@ -238,8 +242,9 @@ class Families:
 
     def usage_labels(self, family: str, product_code: str, usage_dimension: str) -> tuple[str, str]:
         """The labels of a product and dimension: their own while this process has fewer than
-        ``max_series`` pairs (callers choose them, so they must be bounded), else ("other", "other")."""
-        key = (product_code, usage_dimension)
+        ``max_series`` pairs (callers choose them, so they must be bounded), else ("other", "other").
+        Usage kept under no product (a license's) is LICENSE_LABEL."""
+        key = (product_code or LICENSE_LABEL, usage_dimension)
         if key in self._keys:
             return key
         with self._keys_lock:

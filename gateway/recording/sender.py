@@ -535,8 +535,7 @@ class Sender:
         fields = self._fields(row) if fields is None else fields
         if newly:
             result.sent += 1
-            # A license's record is kept under no product; never its license as a label (one a customer).
-            metrics.record_sent(row.product_code or "(license)", row.usage_dimension, row.quantity)
+            metrics.record_sent(row.product_code, row.usage_dimension, row.quantity)
         else:
             fields["already"] = True
         log.info("record_sent", metering_record_id=metering_record_id, aws_request_id=request_id, **fields)

@@ -102,16 +102,6 @@ def event_row(event: pb.UsageEvent, stamp: float | None = None, span: int = HOUR
     )
 
 
-def product_label(row: EventRow) -> str:
-    """The product a metric counts usage under: for SaaS usage named by its license alone,
-    LICENSE_LABEL. Never the customer, nor the license (AWS gives each agreement its own):
-    a label per customer would grow without bound."""
-    return row.product_code or LICENSE_LABEL
-
-
-LICENSE_LABEL = "(license)"  # the product label of usage whose events named only a license
-
-
 def conflict(path: str, differences: list[tuple[str, str, str]], before: str) -> validation.Violation:
     """``events[i].event_id`` refused, saying which fields differ from ``before`` and how."""
     said = "; ".join(f"{name} {old} then, {new} now" for name, old, new in differences)
@@ -300,7 +290,7 @@ class RecorderServicer(pb_grpc.UsageRecorderServiceServicer):
             ) from None
         accepted, duplicates = recorded
         metrics.usage_recorded(
-            ((product_label(rows[i]), rows[i].usage_dimension, rows[i].quantity) for i in recorded.new),
+            ((rows[i].product_code, rows[i].usage_dimension, rows[i].quantity) for i in recorded.new),
             accepted,
             duplicates,
         )

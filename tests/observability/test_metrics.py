@@ -597,6 +597,29 @@ def test_a_record_failed_while_in_flight_stays_outcome_unknown(tmp_path: Path) -
         spool.close()
 
 
+def test_usage_kept_under_no_product_is_labelled_license() -> None:
+    """A license's SaaS usage is kept under no product: recorded and metered, its product
+    label is "(license)" (never the license: one a customer), and it shares no series with
+    a product's usage."""
+    from prometheus_client import generate_latest
+
+    registry = metrics.install()
+    try:
+        metrics.usage_recorded([("", "requests", "2"), ("prod-a", "requests", "1")], 2, 0)
+        metrics.record_sent("", "requests", "2")
+        families = {f.name: f for f in text_string_to_metric_families(generate_latest(registry).decode())}
+    finally:
+        uninstall()
+    for family in ("metering_gateway_usage_recorded_quantity", "metering_gateway_usage_metered_quantity"):
+        labels = {
+            (s.labels["product_code"], s.labels["usage_dimension"]): s.value
+            for s in families[family].samples
+            if s.name.endswith("_total")
+        }
+        assert labels[("(license)", "requests")] == 2, family
+        assert ("", "requests") not in labels, family
+
+
 def test_caller_chosen_labels_are_bounded_by_metrics_max_series() -> None:
     """40,000 dimensions recorded and metered: the first --metrics-max-series pairs keep their
     labels, the rest are summed under "other", counted by the overflow counter, and the scrape

@@ -19,6 +19,8 @@ import grpc
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 from test_spool_sqlite import BrokenReads
 
 from gateway.local_aws import DROP, LocalAws
@@ -29,6 +31,7 @@ from gateway.rpc.server import RECORDER_SERVICE
 from marketplace.metering.v1 import metering_pb2 as pb
 from marketplace.metering.v1 import metering_pb2_grpc as pb_grpc
 from support import FIXED_NOW, Clock, Details, details, local_session, using_clock
+from support.metrics import uninstall
 from support.postgres import PostgresServer
 from support.recording import (
     ACCOUNT,
@@ -842,27 +845,31 @@ def test_a_record_shows_its_customer() -> None:
     assert (container.customer_aws_account_id, container.license_arn, container.customer_identifier) == ("", "", "")
 
 
-def test_saas_events_are_kept_per_customer_and_counted_per_product_or_license(
-    unsent: tuple, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_saas_events_are_kept_per_customer_and_counted_per_product_or_license(unsent: tuple) -> None:
     stub, recording = unsent
-    counted: list[tuple[str, str, str]] = []
-    monkeypatch.setattr(servicer.metrics, "usage_recorded", lambda accepted, *_: counted.extend(accepted))
-    events = [
-        saas_event("s1", hours_ago(1), "2"),
-        saas_event("s2", hours_ago(1), "3", account=OTHER),
-        saas_event("s3", hours_ago(1), 1, identifier="cust-a", product="prod-a"),
-        event("c", hours_ago(1), 4),
-    ]
-    assert record(stub, *events) == pb.RecordUsageResponse(accepted=4)
+    registry = servicer.metrics.install()
+    try:
+        events = [
+            saas_event("s1", hours_ago(1), "2"),
+            saas_event("s2", hours_ago(1), "3", account=OTHER),
+            saas_event("s3", hours_ago(1), 1, identifier="cust-a", product="prod-a"),
+            event("c", hours_ago(1), 4),
+        ]
+        assert record(stub, *events) == pb.RecordUsageResponse(accepted=4)
+        scrape = generate_latest(registry).decode()
+    finally:
+        uninstall()
     # A metric's product is the product code, or "(license)" for usage named by its license alone:
     # never the license (one per agreement) nor the customer.
-    assert sorted(counted) == [
-        ("(license)", "requests", "2"),
-        ("(license)", "requests", "3"),
-        ("prod-a", "requests", "1"),
-        ("prod-a", "requests", "4"),
-    ]
+    counted = {
+        (s.labels["product_code"], s.labels["usage_dimension"]): s.value
+        for family in text_string_to_metric_families(scrape)
+        if family.name == "metering_gateway_usage_recorded_quantity"
+        for s in family.samples
+        if s.name.endswith("_total")
+    }
+    assert counted == {("(license)", "requests"): 5, ("prod-a", "requests"): 5}
+    assert not any(who in scrape for who in (LICENSE, ACCOUNT, OTHER, "cust-a"))
     recording.spool.assign(now())
     assert {
         (r.product_code, r.customer_aws_account_id, r.license_arn, r.customer_identifier): r.quantity

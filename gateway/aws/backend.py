@@ -47,7 +47,7 @@ SERVICE: Final = "meteringmarketplace"
 # The operations, as AWS names them (and the metrics' ``operation`` label).
 METER_USAGE: Final = "MeterUsage"
 BATCH_METER_USAGE: Final = "BatchMeterUsage"
-RESOLVE_CUSTOMER: Final = "ResolveCustomer"
+RESOLVE_CUSTOMER: Final = errors.REGISTRATION_OPERATION  # the error table tells its ExpiredTokenException apart
 # What NO_CREDENTIALS tells the operator the gateway needs (credentials.py diagnoses more).
 BUYER_CREDENTIALS = "it needs the EC2 instance role, the ECS task role or, on EKS, IRSA"
 SELLER_CREDENTIALS = "SaaS calls are signed by the seller's account: a role or keys of that account"

@@ -103,10 +103,8 @@ def month_cutoff(now: datetime) -> datetime | None:
 
 def saas_oldest(now: datetime) -> datetime:
     """The oldest timestamp BatchMeterUsage takes at ``now``: 24 hours back, and not into
-    the previous month after 06:00 UTC on the 1st. The one place of both rules."""
-    oldest = now - SAAS_MAX_AGE
-    cutoff = month_cutoff(now)
-    return oldest if cutoff is None else max(oldest, cutoff)
+    the previous month after 06:00 UTC on the 1st (:meth:`Window.for_saas`)."""
+    return Window.for_saas(now).earliest
 
 
 @dataclass(frozen=True)
@@ -126,6 +124,7 @@ class Window:
 
     @property
     def earliest(self) -> datetime:
+        """The oldest timestamp taken: the one place of the month-end cutoff's rule."""
         oldest = self.now - self.max_age
         cutoff = month_cutoff(self.now) if self.saas else None
         return oldest if cutoff is None else max(oldest, cutoff)
@@ -453,7 +452,8 @@ def check_usage_event(
     if not 1 <= len(event.event_id) <= EVENT_ID_MAX:
         out.append(Violation(f"{path}.event_id", f"must be 1-{EVENT_ID_MAX} characters, got {len(event.event_id)}"))
     out += check_event_customer(event, path, agentcore=agentcore)
-    if saas and customer_way(event.customer_aws_account_id, event.license_arn, event.customer_identifier) == NOT_SAAS:
+    way = customer_way(event.customer_aws_account_id, event.license_arn, event.customer_identifier)
+    if saas and way == NOT_SAAS:
         out.append(
             Violation(
                 f"{path}.customer_aws_account_id",
@@ -462,7 +462,7 @@ def check_usage_event(
             )
         )
     # SaaS usage with a license may leave product_code empty: the license names the product.
-    by_license = not event.product_code and (event.license_arn or event.customer_aws_account_id)
+    by_license = not event.product_code and way == ACCOUNT
     named = [] if by_license else check_product_code(event.product_code, f"{path}.product_code")
     named += check_usage_dimension(event.usage_dimension, f"{path}.usage_dimension")
     if products is not None and not named and event.product_code:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import datetime, timedelta
 
 import grpc
@@ -34,8 +34,9 @@ def deadline_of(context: grpc.ServicerContext, clock: Callable[[], float] = time
 class CallSlots:
     """At most ``limit`` calls at once; one more is refused at once, never queued.
 
-    MeterUsage takes a slot for as long as it waits on AWS, so a slow AWS can hold
-    ``limit`` of the server's threads and no more: health, RecordUsage and the rest
+    MeterUsage, BatchMeterUsage (through its resends' pauses) and ResolveCustomer take a
+    slot for as long as they wait on AWS, so a slow AWS can hold ``limit`` of the
+    server's threads and no more: health, RecordUsage and the rest
     keep the others (``--max-aws-calls``).
     """
 
@@ -73,7 +74,8 @@ class MeteringServicer(pb_grpc.MeteringServiceServicer):
         self._backend = backend
         self._future_skew = future_skew
         self._now = now
-        self._slots = slots
+        # Held around each call to AWS (--max-aws-calls): a slow AWS takes that many threads, no more.
+        self._slot: Callable[[], AbstractContextManager[object]] = slots.taken if slots is not None else nullcontext
         self._products = products  # --products: anything else is refused before AWS
         self._agentcore = agentcore  # --agentcore: a client_token required, no allocations
 
@@ -89,7 +91,7 @@ class MeteringServicer(pb_grpc.MeteringServiceServicer):
             validation.Window(self._now(), self._future_skew),
             deadline=deadline_of(context),
             products=self._products,
-            guard=self._slots.taken if self._slots is not None else nullcontext,
+            guard=self._slot,
             agentcore=self._agentcore,
         )
         return pb.MeterUsageResponse(metering_record_id=outcome.metering_record_id, dry_run=outcome.dry_run)
@@ -106,7 +108,7 @@ class MeteringServicer(pb_grpc.MeteringServiceServicer):
             validation.Window.for_saas(self._now(), self._future_skew),
             deadline=deadline_of(context),
             products=self._products,
-            hold=self._slots.taken if self._slots is not None else nullcontext,  # through the resends' pauses
+            hold=self._slot,  # through the resends' pauses
         )
         structlog.contextvars.bind_contextvars(unprocessed=len(result.unprocessed), aws_calls=result.calls)
         return pb.BatchMeterUsageResponse(
@@ -127,8 +129,7 @@ class MeteringServicer(pb_grpc.MeteringServiceServicer):
         violations = validation.check_registration_token(request.registration_token)
         if violations:
             raise errors.invalid(violations)
-        guard = self._slots.taken() if self._slots is not None else nullcontext()
-        with guard:
+        with self._slot():
             customer = self._backend.resolve_customer(request.registration_token, deadline=deadline_of(context))
         structlog.contextvars.bind_contextvars(product_code=customer.product_code)
         return pb.ResolveCustomerResponse(

@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from gateway.config import ConfigError
+from gateway.domain import validation
 from gateway.domain.errors import GatewayError, Reason
 from marketplace.metering.v1 import metering_pb2 as pb
 
@@ -127,13 +128,18 @@ def metered(request: object) -> Iterator[tuple[str, str, str]]:
         yield "", request.product_code, request.usage_dimension
     elif isinstance(request, pb.RecordUsageRequest):
         for i, event in enumerate(request.events):
-            by_license = event.license_arn or event.customer_aws_account_id
-            yield f"events[{i}].", "" if by_license else event.product_code, event.usage_dimension
+            product = "" if _by_license(event) else event.product_code
+            yield f"events[{i}].", product, event.usage_dimension
     elif isinstance(request, pb.BatchMeterUsageRequest):
         for i, record in enumerate(request.usage_records):
-            by_license = record.license_arn or record.customer_aws_account_id
-            product = "" if by_license else request.product_code
+            product = "" if _by_license(record) else request.product_code
             yield f"usage_records[{i}].", product, record.dimension
+
+
+def _by_license(usage: pb.UsageEvent | pb.UsageRecord) -> bool:
+    """Whether usage names its customer by account and license (validation's one rule of it)."""
+    way = validation.customer_way(usage.customer_aws_account_id, usage.license_arn, usage.customer_identifier)
+    return way == validation.ACCOUNT
 
 
 def _refusal(identity: str, method: str, message: str, **metadata: str) -> GatewayError:

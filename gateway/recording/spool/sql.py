@@ -48,7 +48,7 @@ from gateway.recording.spool.base import (
 # Events placed per transaction: a writer waits at most about one chunk's work.
 ASSIGN_CHUNK = 1000
 PRUNE_CHUNK = 500  # rows deleted per pruning transaction
-HINTS_CHUNK = 500  # records asked about per query by product_hints()
+IN_CHUNK = 500  # values a query's IN list takes (_select_in): far under any database's limit on parameters
 PROBE_SIZE = 262_144  # bytes a health probe writes: about one large batch
 
 RECORD_COLUMNS = (
@@ -96,6 +96,14 @@ class Db(Protocol):
     def execute(self, sql: str, args: Sequence[Any] = (), /) -> Cursor: ...
 
     def executemany(self, sql: str, args: Sequence[Sequence[Any]], /) -> Any: ...
+
+
+def _select_in(db: Db, query: str, values: Sequence[object]) -> Iterator[Any]:
+    """The rows of ``query`` (whose ``{marks}`` is its IN list) for every one of
+    ``values``, asked IN_CHUNK at a time."""
+    for start in range(0, len(values), IN_CHUNK):
+        chunk = list(values[start : start + IN_CHUNK])
+        yield from db.execute(query.format(marks=", ".join("?" * len(chunk))), chunk).fetchall()
 
 
 class SqlSpool(ABC):
@@ -205,27 +213,16 @@ class SqlSpool(ABC):
         """Events whose id is stored with another digest: (index, the stored event)."""
         stored: dict[str, EventRow] = {}
         ids = list(dict.fromkeys(e.event_id for e in events))
-        for start in range(0, len(ids), 500):
-            part = ids[start : start + 500]
-            marks = ",".join("?" * len(part))
-            for event_id, product, dimension, hour, tags, quantity, whole, digest, timestamp, customer in db.execute(
-                f"SELECT event_id, product_code, usage_dimension, hour, tags, quantity, whole, digest, timestamp, "
-                f"customer FROM events WHERE event_id IN ({marks})",
-                part,
-            ):
-                if digest is not None:  # without one (schema version 1) it cannot be compared: a duplicate
-                    stored[event_id] = EventRow(
-                        event_id,
-                        product,
-                        dimension,
-                        hour,
-                        tags,
-                        quantity,
-                        bool(whole),
-                        bytes(digest),
-                        timestamp,
-                        customer,
-                    )
+        for event_id, product, dimension, hour, tags, quantity, whole, digest, timestamp, customer in _select_in(
+            db,
+            "SELECT event_id, product_code, usage_dimension, hour, tags, quantity, whole, digest, timestamp, "
+            "customer FROM events WHERE event_id IN ({marks})",
+            ids,
+        ):
+            if digest is not None:  # without one (schema version 1) it cannot be compared: a duplicate
+                stored[event_id] = EventRow(
+                    event_id, product, dimension, hour, tags, quantity, bool(whole), bytes(digest), timestamp, customer
+                )
         return [
             (i, stored[e.event_id])
             for i, e in enumerate(events)
@@ -477,33 +474,27 @@ class SqlSpool(ABC):
         """The product some event of each record named (records of a license are kept
         under no product): what lets the sender put many customers' licenses of one
         product in one call. Records none of whose events named one are left out."""
-        out: dict[int, str] = {}
         with self._reading() as db:
-            for start in range(0, len(record_ids), HINTS_CHUNK):
-                chunk = list(record_ids[start : start + HINTS_CHUNK])
-                marks = ", ".join("?" * len(chunk))
-                rows = db.execute(
-                    f"SELECT record_id, MIN(product_code) FROM events WHERE record_id IN ({marks}) "
+            return {
+                int(record_id): str(product)
+                for record_id, product in _select_in(
+                    db,
+                    "SELECT record_id, MIN(product_code) FROM events WHERE record_id IN ({marks}) "
                     "AND product_code <> '' GROUP BY record_id",
-                    chunk,
-                ).fetchall()
-                out.update((int(record_id), str(product)) for record_id, product in rows)
-        return out
+                    record_ids,
+                )
+            }
 
     def _lock_keys_of(self, db: Db, record_ids: Sequence[int]) -> None:
         """The keys of records about to be written together, locked first and in the
         placer's order (sorted): a transaction that writes many records then never holds
         one record a placer waits for while it waits for another the placer holds."""
-        keys: set[tuple[str, str, str]] = set()
-        for start in range(0, len(record_ids), HINTS_CHUNK):
-            chunk = list(record_ids[start : start + HINTS_CHUNK])
-            marks = ", ".join("?" * len(chunk))
-            keys.update(
-                (str(p), str(c), str(d))
-                for p, c, d in db.execute(
-                    f"SELECT product_code, customer, usage_dimension FROM records WHERE id IN ({marks})", chunk
-                ).fetchall()
+        keys = {
+            (str(p), str(c), str(d))
+            for p, c, d in _select_in(
+                db, "SELECT product_code, customer, usage_dimension FROM records WHERE id IN ({marks})", record_ids
             )
+        }
         for key in sorted(keys):
             self._lock_key(db, *key)
 

@@ -1,10 +1,10 @@
 """Each attack of the hostile-callers review, against one real gateway process.
 
-The process serves MeterUsage and RecordUsage (an SQLite spool, the embedded local
-AWS) with metrics on. The tests run in file order, each an attack; a watcher asks
-health every 100 ms throughout. The last test checks what every attack must leave:
-the process alive, its peak memory (VmHWM) under 200 MiB, health answered every
-time and quickly, and every event a RecordUsage acknowledged in the spool, once.
+The process serves MeterUsage, BatchMeterUsage and RecordUsage (an SQLite spool, the
+embedded local AWS) with metrics on. The tests run in file order, each an attack; a
+watcher asks health every 100 ms throughout. The last test checks what every attack
+must leave: the process alive, its peak memory (VmHWM) under 200 MiB, health answered
+every time and quickly, and every event a RecordUsage acknowledged in the spool, once.
 benchmarks/abuse.py is the longer version, with figures.
 """
 
@@ -26,6 +26,8 @@ import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from gateway.config import Settings
+from gateway.domain.validation import BATCH_BYTES_MAX, BATCH_RECORDS_MAX
 from gateway.rpc.server import METERING_SERVICE, RECORDER_SERVICE
 from marketplace.metering.v1 import metering_pb2 as pb
 from marketplace.metering.v1 import metering_pb2_grpc as pb_grpc
@@ -39,14 +41,17 @@ from support import (
     h2_frame,
     h2_frames_until_closed,
 )
-from support.hostile import IdleStream, tag_bomb
+from support.hostile import ACCOUNT_ID, LICENSE_ARN, IdleStream, tag_bomb, trailer_bytes
 from support.processes import SERVE, GatewayProcess, free_port, gateway_process, http_json, tool_env
 from support.recording import event, wait_for
 
 pytestmark = pytest.mark.slow
 PEAK_RSS_MAX = 200 * 1024 * 1024
+TRAILERS_MAX = 16 * 1024  # a refusal's trailers, however hostile the request
+MAX_MESSAGE = Settings().max_message_size  # the gateway's (default) largest request
 MAX_CONNECTIONS = 100
 METER_USAGE = "/marketplace.metering.v1.MeteringService/MeterUsage"
+BATCH_METER_USAGE = "/marketplace.metering.v1.MeteringService/BatchMeterUsage"
 RECORD_USAGE = "/marketplace.metering.v1.UsageRecorderService/RecordUsage"
 
 
@@ -141,9 +146,13 @@ def invalid(error: grpc.RpcError) -> list[str]:
 
 
 def test_a_tag_bomb_gets_invalid_argument(target: Target) -> None:
-    """262,144 empty tags on one allocation (512 KiB), and as many on one event."""
+    """262,144 empty tags on one allocation (512 KiB), as many on one event, and on one
+    allocation of a BatchMeterUsage's record."""
     assert "usage_allocations[0].tags" in invalid(target.raw(METER_USAGE, tag_bomb(262_144, record=False)))
     assert "events[0].tags" in invalid(target.raw(RECORD_USAGE, tag_bomb(262_144, record=True)))
+    error = target.raw(BATCH_METER_USAGE, tag_bomb(262_144, batch=True))
+    assert "usage_records[0].usage_allocations[0].tags" in invalid(error)
+    assert trailer_bytes(error) < TRAILERS_MAX
 
 
 def test_a_request_larger_than_the_limit_is_refused(target: Target) -> None:
@@ -164,6 +173,70 @@ def test_a_batch_of_invalid_events_gets_invalid_argument_with_its_details(target
     fields = invalid(refused.value)
     assert 0 < len(fields) <= 100
     assert int(details(refused.value).info.metadata["violations"]) > len(fields)
+
+
+def test_a_batch_meter_usage_of_invalid_records_gets_invalid_argument_with_small_trailers(target: Target) -> None:
+    """25 records wrong in every field: at most 100 fields named, every violation counted,
+    and trailers a caller takes."""
+    bad = pb.UsageRecord(
+        dimension="",
+        quantity_as_decimal="-1",
+        customer_aws_account_id="12ab",
+        license_arn="not-an-arn",
+        usage_allocations=[
+            pb.UsageAllocation(allocated_usage_quantity_as_decimal="-1", tags=[pb.Tag(key="", value="\x01" * 100)] * 5)
+        ],
+    )
+    with pytest.raises(grpc.RpcError) as refused:
+        target.meter.BatchMeterUsage(pb.BatchMeterUsageRequest(usage_records=[bad] * BATCH_RECORDS_MAX), timeout=30)
+    fields = invalid(refused.value)
+    assert 0 < len(fields) <= 100
+    assert int(details(refused.value).info.metadata["violations"]) > len(fields)
+    assert trailer_bytes(refused.value) < TRAILERS_MAX
+
+
+def _saas_batch(allocations: int) -> pb.BatchMeterUsageRequest:
+    """25 valid records of as many customers, each of ``allocations`` allocations with four
+    tags of 253 characters: about 26 KB per allocation over the batch."""
+    now = Timestamp(seconds=int(time.time()))
+    return pb.BatchMeterUsageRequest(
+        usage_records=[
+            pb.UsageRecord(
+                timestamp=now,
+                customer_aws_account_id=str(int(ACCOUNT_ID) + r),
+                license_arn=LICENSE_ARN,
+                dimension="d",
+                quantity_as_decimal=str(allocations),
+                usage_allocations=[
+                    pb.UsageAllocation(
+                        allocated_usage_quantity_as_decimal="1",
+                        tags=[pb.Tag(key=f"k{t}", value=f"{a:>3}" + "v" * 250) for t in range(4)],
+                    )
+                    for a in range(allocations)
+                ],
+            )
+            for r in range(BATCH_RECORDS_MAX)
+        ]
+    )
+
+
+@pytest.mark.parametrize(
+    ("allocations", "wire_over"), [pytest.param(38, True, id="request"), pytest.param(37, False, id="aws-json")]
+)
+def test_a_batch_meter_usage_over_aws_1_mb_is_refused_before_aws(
+    target: Target, allocations: int, wire_over: bool
+) -> None:
+    """Over AWS's 1 MB, under the gateway's largest message: the request's bytes, or only the
+    JSON body AWS would get (the records are valid). INVALID_ARGUMENT naming usage_records."""
+    request = _saas_batch(allocations)
+    if wire_over:
+        assert BATCH_BYTES_MAX <= request.ByteSize() < MAX_MESSAGE
+    else:
+        assert request.ByteSize() < BATCH_BYTES_MAX
+    error = target.raw(BATCH_METER_USAGE, request.SerializeToString())
+    assert invalid(error) == ["usage_records"]
+    assert "AWS takes under 1000000 (1 MB)" in details(error).violations[0][1]
+    assert trailer_bytes(error) < TRAILERS_MAX
 
 
 def test_idle_reflection_streams_starve_nothing(target: Target) -> None:
@@ -257,7 +330,7 @@ def test_bad_arguments_get_invalid_argument(target: Target) -> None:
         assert invalid(refused.value) == ["page_token"]
     for request in (
         pb.ListMeteringRecordsRequest(start_time=Timestamp(seconds=2**63 - 1, nanos=1)),
-        pb.ListMeteringRecordsRequest(state=99),
+        pb.ListMeteringRecordsRequest(state=99),  # type: ignore[arg-type]  # no such state, on purpose
     ):
         with pytest.raises(grpc.RpcError) as refused:
             target.recorder.ListMeteringRecords(request, timeout=10)

@@ -484,6 +484,20 @@ def check_usage_event(
     return out
 
 
+# The requests that cap their one repeated field: message name → (field, most, what one is).
+CAPPED: Mapping[str, tuple[str, int, str]] = {
+    "RecordUsageRequest": ("events", RECORD_BATCH_MAX, "events"),
+    "BatchMeterUsageRequest": ("usage_records", BATCH_RECORDS_MAX, "records"),
+}
+
+
+def count_violation(message: str, count: int | None) -> Violation:
+    """A :data:`CAPPED` request with ``count`` elements, outside 1 to the cap; None: more
+    than the cap, counted on the wire before decoding (which stops counting there)."""
+    name, most, noun = CAPPED[message]
+    return Violation(name, f"must hold 1-{most} {noun}, got {f'more than {most}' if count is None else count}")
+
+
 def validate_record_usage(
     events: Sequence[Any],
     window: Window,
@@ -496,7 +510,7 @@ def validate_record_usage(
     ``agentcore`` (--agentcore) refuses tags and customers, ``saas`` (--saas) events
     without a customer."""
     if not 1 <= len(events) <= RECORD_BATCH_MAX:
-        return [Violation("events", f"must hold 1-{RECORD_BATCH_MAX} events, got {len(events)}")]
+        return [count_violation("RecordUsageRequest", len(events))]
     inside = (int(window.earliest.timestamp()) + 1, int(window.latest.timestamp()) - 1)
     out: list[Violation] = []
     for i, event in enumerate(events):
@@ -602,7 +616,7 @@ def validate_batch_meter_usage(request: Any, window: Window, products: Products 
     """
     records = request.usage_records
     if not 1 <= len(records) <= BATCH_RECORDS_MAX:
-        return [Violation("usage_records", f"must hold 1-{BATCH_RECORDS_MAX} records, got {len(records)}")]
+        return [count_violation("BatchMeterUsageRequest", len(records))]
     ways = [customer_way(r.customer_aws_account_id, r.license_arn, r.customer_identifier) for r in records]
     way = next((w for w in ways if w != NOT_SAAS), NOT_SAAS)
     out: list[Violation] = []

@@ -22,7 +22,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import DecodeError, Message
 from google.protobuf.message_factory import GetMessageClass
 
-from gateway.domain import errors
+from gateway.domain import errors, validation
 from gateway.domain.validation import Violation
 from gateway.rpc.identity import caller_identity
 
@@ -39,7 +39,9 @@ _MAX_REQUEST_ID = 128
 # Decoding builds an object per element, up to about 25 bytes of memory per byte of the
 # request (a 1 MiB message of empty tags: 25 MB). Requests larger than LARGE_REQUEST are
 # decoded LARGE_AT_ONCE at a time, so that the threads together cannot hold more than a
-# few such decodings; the rest are small whatever they hold.
+# few such decodings; the rest are small whatever they hold. Before that, a large request
+# whose capped field (events, usage_records) holds more than validation takes is refused
+# unread (over_cap): an empty event or record costs about 130 bytes decoded.
 LARGE_REQUEST = 64 * 1024
 LARGE_AT_ONCE = 4
 LARGE_WAIT = 10.0  # seconds a large request waits for a place at most (less when its deadline is nearer)
@@ -218,14 +220,59 @@ def invalid_utf8_field(message: Descriptor, data: bytes, max_fields: int = WALK_
         return None
 
 
+def over_cap(message: Descriptor, data: bytes, max_fields: int = WALK_FIELDS) -> errors.GatewayError | None:
+    """INVALID_REQUEST for the wire bytes of a :data:`validation.CAPPED` ``message`` that
+    hold more elements of its capped field than validation takes, counted before decoding;
+    None otherwise (or when the bytes cannot be read: the decoder says why).
+
+    Decoding makes an object of every element, and an empty one (2 bytes on the wire) costs
+    about 130 bytes of memory: a request of a million empty events must never become them.
+    The count stops one past the cap, and after ``max_fields`` fields of any kind.
+    """
+    capped = validation.CAPPED.get(message.name)
+    if capped is None:
+        return None
+    name, most, _ = capped
+    number = message.fields_by_name[name].number
+    count, pos, end = 0, 0, len(data)
+    try:
+        for _ in range(max_fields):
+            if pos >= end:
+                return None
+            key, pos = _varint(data, pos, end)
+            wire_type = key & 7
+            if wire_type == 2:  # length-delimited: an element, or another field to skip
+                length, pos = _varint(data, pos, end)
+                pos += length
+                if key >> 3 == number:
+                    count += 1
+                    if count > most:
+                        return errors.invalid([validation.count_violation(message.name, None)])
+            elif wire_type == 0:
+                _, pos = _varint(data, pos, end)
+            elif wire_type in (1, 5):
+                pos += 8 if wire_type == 1 else 4
+            else:
+                return None  # groups: nothing a valid request holds
+    except _Unreadable:
+        return None
+    return None
+
+
+def _input_of(method: str) -> Descriptor | None:
+    """The request message of ``method`` ("/package.Service/Method"), when the default pool has it."""
+    service, _, name = method[1:].partition("/")
+    try:
+        return descriptor_pool.Default().FindMethodByName(f"{service}.{name}").input_type
+    except KeyError:  # a service whose descriptors are not in the default pool
+        return None
+
+
 def _undecodable(method: str, raw: bytes, exc: Exception) -> errors.GatewayError:
     """INVALID_REQUEST for request bytes that do not decode, naming the bad string's field
     when that is the cause, else the request message as a whole (never an empty field)."""
-    service, _, name = method[1:].partition("/")
-    try:
-        message: Descriptor | None = descriptor_pool.Default().FindMethodByName(f"{service}.{name}").input_type
-    except KeyError:  # a service whose descriptors are not in the default pool
-        message = None
+    name = method.rpartition("/")[2]
+    message = _input_of(method)
     path = invalid_utf8_field(message, raw) if message is not None else None
     if path is not None:
         return errors.GatewayError(
@@ -283,6 +330,7 @@ class GatewayInterceptor(_ServerInterceptor):
             return _refused(method, handler)
         behavior = handler.unary_unary
         deserialize = handler.request_deserializer
+        message = _input_of(method)
 
         def parse(raw: bytes) -> Any:
             """The request, or INVALID_REQUEST naming what is wrong; found within the decoding's place."""
@@ -305,6 +353,10 @@ class GatewayInterceptor(_ServerInterceptor):
             if self._observer is not None:
                 self._observer.started(method)
             try:
+                if message is not None and len(raw) > LARGE_REQUEST:  # never decode a hostile count of elements
+                    refused = over_cap(message, raw)
+                    if refused is not None:
+                        raise refused
                 request = self._decode(parse, raw, context) if deserialize else raw
                 # Trailers, on success as on failure: they travel with the status, so the
                 # id costs no extra send and never commits a call before its outcome.

@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from gateway.config import Settings
 from gateway.domain import errors, validation
 from gateway.domain.validation import Violation
-from gateway.rpc.interceptors import LARGE_AT_ONCE, LARGE_REQUEST, GatewayInterceptor
+from gateway.rpc.interceptors import LARGE_AT_ONCE, LARGE_REQUEST, GatewayInterceptor, over_cap
 from marketplace.metering.v1 import metering_pb2 as pb
 from support.hostile import tag_bomb
 from support.recording import wait_for
@@ -60,8 +60,12 @@ def trailer_bytes(error: errors.GatewayError) -> int:
 
 
 def refusal(request_type: Any, raw: bytes) -> errors.GatewayError | None:
-    """What the gateway answers a request of these bytes, before AWS or the spool: decoding,
-    then validation (the servicers' first step)."""
+    """What the gateway answers a request of these bytes, before AWS or the spool: a large
+    one's count of capped elements, decoding, then validation (the servicers' first step)."""
+    if len(raw) > LARGE_REQUEST:
+        refused = over_cap(request_type.DESCRIPTOR, raw)
+        if refused is not None:
+            return refused
     request = request_type.FromString(raw)
     if request_type is pb.MeterUsageRequest:
         found = validation.validate_meter_usage(request, WINDOW)

@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 import grpc
 import pytest
 
-from gateway.rpc.interceptors import LARGE_REQUEST, WALK_FIELDS
+from gateway.rpc.interceptors import LARGE_REQUEST, WALK_FIELDS, over_cap
 from marketplace.metering.v1 import metering_pb2 as pb
 from marketplace.metering.v1 import metering_pb2_grpc as pb_grpc
 from support import Details, details, request
@@ -103,6 +103,46 @@ def test_a_bad_string_past_the_search_budget_names_the_request_message(gateway: 
     """The search gives up after WALK_FIELDS fields, as only a hostile request has: the refusal stays."""
     raw = pb.RecordUsageRequest(events=[pb.UsageEvent()] * (WALK_FIELDS + 1) + [event(MARK)]).SerializeToString()
     assert refusal(gateway, RECORD_USAGE, raw.replace(MARK.encode(), BAD)).fields == ["RecordUsageRequest"]
+
+
+BATCH_METER_USAGE = "/marketplace.metering.v1.MeteringService/BatchMeterUsage"
+
+
+@pytest.mark.parametrize(
+    ("method", "raw", "field", "cap"),
+    [
+        (RECORD_USAGE, pb.RecordUsageRequest(events=[pb.UsageEvent()] * 500_000).SerializeToString(), "events", 1000),
+        (
+            BATCH_METER_USAGE,
+            pb.BatchMeterUsageRequest(usage_records=[pb.UsageRecord()] * 40_000).SerializeToString(),
+            "usage_records",
+            25,
+        ),
+    ],
+    ids=["events", "usage_records"],
+)
+def test_a_large_request_over_its_cap_is_refused_before_decoding(
+    gateway: GatewayProcess, method: str, raw: bytes, field: str, cap: int
+) -> None:
+    """Empty elements, 2 bytes each on the wire and about 130 in memory decoded: a large
+    request holding more than validation takes is counted on the wire and refused unread."""
+    assert len(raw) > LARGE_REQUEST
+    got = refusal(gateway, method, raw)
+    assert got.fields == [field]
+    assert got.bad_request is not None
+    assert got.bad_request.field_violations[0].description.endswith(f"got more than {cap}")
+
+
+def test_the_count_before_decoding_takes_what_validation_takes() -> None:
+    """Exactly the cap passes to decoding (and validation); past it, or any other message,
+    or bytes it cannot read, the count says nothing and the decoder decides."""
+    full = pb.RecordUsageRequest(events=[event(f"e{n}", tags=5) for n in range(1000)]).SerializeToString()
+    assert len(full) > LARGE_REQUEST and over_cap(pb.RecordUsageRequest.DESCRIPTOR, full) is None
+    over = full + pb.RecordUsageRequest(events=[pb.UsageEvent()]).SerializeToString()
+    refused = over_cap(pb.RecordUsageRequest.DESCRIPTOR, over)
+    assert refused is not None and [v.field for v in refused.violations] == ["events"]
+    assert over_cap(pb.MeterUsageRequest.DESCRIPTOR, over) is None  # no cap of its own
+    assert over_cap(pb.RecordUsageRequest.DESCRIPTOR, b"\x0a\xff\xff\xff") is None
 
 
 def test_the_gateway_serves_on_after_bad_bytes(gateway: GatewayProcess) -> None:
